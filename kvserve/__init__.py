@@ -1,0 +1,1 @@
+"""kvserve: an LLM inference engine whose center is the KV cache."""

@@ -1,0 +1,1 @@
+"""The model: loaders (GGUF, Hugging Face folders), tokenizer, and the Llama-family transformer."""
