@@ -70,7 +70,7 @@ class ModelSpec:
         return self.num_kv_heads * self.head_dim
 
     def kv_bytes_per_token(self, bytes_per_element: int) -> int:
-        """K and V, every layer, only the KV heads (GQA): 2 x layers x kv_heads x head_dim x bytes."""
+        """K and V, every layer, KV heads only (GQA): 2 x layers x kv_heads x head_dim x bytes."""
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * bytes_per_element
 
 
@@ -100,7 +100,8 @@ class SchedulerConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_num_seqs, int) or self.max_num_seqs <= 0:
-            raise ConfigError(f"max_num_seqs must be a positive integer, got {self.max_num_seqs!r}")
+            raise ConfigError(
+                f"max_num_seqs must be a positive integer, got {self.max_num_seqs!r}")
         if self.max_model_len is not None and (
                 not isinstance(self.max_model_len, int) or self.max_model_len <= 0):
             raise ConfigError(

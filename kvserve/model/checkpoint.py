@@ -4,7 +4,8 @@ Loaders (gguf.py, hf.py) produce a Checkpoint; llama.py builds the transformer f
 follow Hugging Face's Llama naming so both loaders meet in one place:
   model.embed_tokens.weight                      [vocab, hidden]
   model.layers.{i}.input_layernorm.weight        [hidden]
-  model.layers.{i}.self_attn.{q,k,v,o}_proj.weight   q: [heads*head_dim, hidden], k/v: [kv_heads*head_dim, hidden]
+  model.layers.{i}.self_attn.{q,k,v,o}_proj.weight
+      q: [heads * head_dim, hidden], k/v: [kv_heads * head_dim, hidden], o: [hidden, q]
   model.layers.{i}.post_attention_layernorm.weight   [hidden]
   model.layers.{i}.mlp.{gate,up,down}_proj.weight    gate/up: [inter, hidden], down: [hidden, inter]
   model.norm.weight                              [hidden]

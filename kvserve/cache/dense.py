@@ -1,0 +1,111 @@
+"""The two unpaged attention backends: no cache at all, and one growing K/V tensor per sequence.
+
+`NoCache` keeps nothing: the runner feeds every token of a sequence at every step, so K/V for the
+whole prefix are recomputed each time (the quadratic baseline). `ContiguousCache` keeps, per
+sequence, one tensor [num_layers, 2, num_kv_heads, capacity, head_dim] that doubles when full.
+Both implement model.attention.AttentionBackend; paged storage arrives as a third backend.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvserve.config import ModelSpec
+from kvserve.model.attention import StepBatch, attention_sdpa
+
+MIN_CAPACITY_TOKENS = 64
+
+
+class NoCache:
+    """Attention over the step's own tokens only: each sequence is fed whole, from position 0."""
+
+    retains_kv = False
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+        self.batch: StepBatch | None = None
+
+    def begin_step(self, batch: StepBatch) -> None:
+        assert all(s.start_position == 0 for s in batch.seqs), "no-cache steps start at 0"
+        self.batch = batch
+
+    def forward(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor,
+                v: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(q)
+        for s in self.batch.seqs:
+            rows = slice(s.row_start, s.row_start + s.num_new_tokens)
+            # [n, kv, d] -> [kv, n, d]: the head-major layout attention_sdpa takes
+            out[rows] = attention_sdpa(q[rows], k[rows].transpose(0, 1), v[rows].transpose(0, 1))
+        return out
+
+    def free(self, seq_id: str) -> None:
+        """Nothing is held."""
+
+    def num_bytes_allocated(self) -> int:
+        return 0
+
+    def num_tokens_stored(self) -> int:
+        return 0
+
+
+class ContiguousCache:
+    """One K/V tensor per sequence; capacity doubles (copying) when a step would overflow it."""
+
+    retains_kv = True
+
+    def __init__(self, spec: ModelSpec, dtype: torch.dtype, device: torch.device) -> None:
+        self.spec = spec
+        self.dtype = dtype
+        self.device = device
+        self.store: dict[str, torch.Tensor] = {}
+        self.lengths: dict[str, int] = {}
+        self.batch: StepBatch | None = None
+
+    def _ensure_capacity(self, seq_id: str, num_tokens: int) -> torch.Tensor:
+        kv = self.store.get(seq_id)
+        capacity = 0 if kv is None else kv.shape[3]
+        if num_tokens <= capacity:
+            return kv
+        new_capacity = max(MIN_CAPACITY_TOKENS, capacity * 2, num_tokens)
+        s = self.spec
+        grown = torch.empty(  # [num_layers, 2, num_kv_heads, capacity, head_dim]
+            (s.num_layers, 2, s.num_kv_heads, new_capacity, s.head_dim),
+            dtype=self.dtype, device=self.device)
+        if kv is not None:
+            grown[:, :, :, :capacity] = kv
+        self.store[seq_id] = grown
+        return grown
+
+    def begin_step(self, batch: StepBatch) -> None:
+        for s in batch.seqs:
+            if self.lengths.get(s.seq_id, 0) != s.start_position:
+                raise RuntimeError(f"sequence {s.seq_id} has {self.lengths.get(s.seq_id, 0)} "
+                                   f"cached tokens, step starts at {s.start_position}")
+            self._ensure_capacity(s.seq_id, s.context_len)
+        self.batch = batch
+
+    def forward(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor,
+                v: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(q)
+        last_layer = layer_idx == self.spec.num_layers - 1
+        for s in self.batch.seqs:
+            rows = slice(s.row_start, s.row_start + s.num_new_tokens)
+            kv = self.store[s.seq_id][layer_idx]  # [2, num_kv_heads, capacity, head_dim]
+            # [0, start_position) cached | [start_position, context_len) written now
+            new = slice(s.start_position, s.context_len)
+            kv[0, :, new] = k[rows].transpose(0, 1)
+            kv[1, :, new] = v[rows].transpose(0, 1)
+            out[rows] = attention_sdpa(q[rows], kv[0, :, :s.context_len], kv[1, :, :s.context_len])
+            if last_layer:
+                self.lengths[s.seq_id] = s.context_len
+        return out
+
+    def free(self, seq_id: str) -> None:
+        self.store.pop(seq_id, None)
+        self.lengths.pop(seq_id, None)
+
+    def num_bytes_allocated(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.store.values())
+
+    def num_tokens_stored(self) -> int:
+        return sum(self.lengths.values())

@@ -1,0 +1,128 @@
+"""The `kvserve` console command. Bad input ends with one line on stderr and a non-zero exit.
+
+Subcommands parse flags and call the Python API; they hold no engine logic of their own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from kvserve.config import CACHE_MODES, DTYPES, KV_CACHE_DTYPES
+from kvserve.errors import KVServeError
+
+EXIT_ERROR = 1
+
+
+def add_engine_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", default=None,
+                   help="GGUF file or Hugging Face folder "
+                   "(default: the embedded SmolLM2-135M-Instruct)")
+    g.add_argument("--dtype", default="float32", choices=DTYPES)
+    g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    g.add_argument("--cache-mode", default="contiguous", choices=CACHE_MODES)
+    g.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES)
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--max-num-seqs", type=int, default=8)
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    return dict(model=args.model, dtype=args.dtype, device=args.device,
+                cache_mode=args.cache_mode, kv_cache_dtype=args.kv_cache_dtype,
+                block_size=args.block_size, max_model_len=args.max_model_len,
+                max_num_seqs=args.max_num_seqs, seed=args.seed if args.seed is not None else 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvserve", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate text for one prompt, streamed to stdout")
+    gen.add_argument("prompt")
+    gen.add_argument("--chat", action="store_true", help="apply the model's chat template")
+    gen.add_argument("--system", default=None, help="system message (with --chat)")
+    gen.add_argument("--max-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--min-p", type=float, default=0.0)
+    gen.add_argument("--repetition-penalty", type=float, default=1.0)
+    gen.add_argument("--presence-penalty", type=float, default=0.0)
+    gen.add_argument("--frequency-penalty", type=float, default=0.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--stats", action="store_true",
+                     help="print TTFT, decode tokens/s and KV-cache bytes to stderr")
+    add_engine_flags(gen)
+    return parser
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from kvserve import LLM, SamplingParams
+
+    params = SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+        top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+        seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
+    llm = LLM(**engine_kwargs(args))
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        messages.append({"role": "user", "content": args.prompt})
+        prompt = {"prompt_token_ids": llm.encode_chat(messages)}
+    else:
+        prompt = args.prompt
+    t0 = time.perf_counter()
+    for piece in llm.stream(prompt, params):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if args.stats:
+        print_stats(llm, time.perf_counter() - t0)
+    return 0
+
+
+def print_stats(llm, wall_s: float) -> None:
+    out = llm.last_output
+    m = out.metrics
+    kv = llm.engine.kv_cache_stats()
+    lines = [
+        f"model: {llm.engine.model_name} ({llm.engine.config.dtype}, {llm.engine.device}, "
+        f"cache {llm.engine.config.cache.cache_mode}), loaded in {llm.engine.load_time_s:.2f} s",
+        f"prompt tokens: {out.num_prompt_tokens}, generated tokens: {len(out.token_ids)}, "
+        f"finish: {out.finish_reason}",
+        f"TTFT: {m.get('ttft_s', float('nan')) * 1e3:.1f} ms, "
+        f"decode: {m.get('decode_tokens_per_s', float('nan')):.1f} tokens/s, "
+        f"wall: {wall_s:.2f} s",
+        f"KV cache: {kv['kv_bytes_per_token']:,} bytes/token, "
+        f"peak allocated {kv['kv_bytes_peak']:,} bytes "
+        f"({(out.num_prompt_tokens + len(out.token_ids)) * kv['kv_bytes_per_token']:,} "
+        f"bytes for this sequence's tokens)",
+        f"K/V projections computed: {llm.engine.model.num_kv_projections:,}",
+    ]
+    for line in lines:
+        print(line, file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="kvserve: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "generate":
+            return cmd_generate(args)
+    except KVServeError as err:
+        print(f"kvserve: error: {err}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("kvserve: interrupted", file=sys.stderr)
+        return 130
+    return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

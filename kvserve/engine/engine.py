@@ -1,0 +1,182 @@
+"""The engine loop: requests in, one scheduled step at a time, RequestOutputs out.
+
+step() = scheduler.schedule() -> runner.execute(plan) -> scheduler.update() -> detokenize and stop
+strings -> outputs. The engine owns that loop and the validation of what enters it; it leaves
+batching decisions to the scheduler and every tensor to the runner.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from kvserve.cache.dense import ContiguousCache, NoCache
+from kvserve.config import EngineConfig
+from kvserve.engine.detokenizer import Detokenizer
+from kvserve.errors import ConfigError, InvalidRequestError
+from kvserve.model.llama import LlamaModel
+from kvserve.model.loader import load_checkpoint
+from kvserve.request import (
+    CompletionOutput,
+    FinishReason,
+    Request,
+    RequestOutput,
+    SamplingParams,
+)
+from kvserve.runner.model_runner import ModelRunner
+from kvserve.scheduler.scheduler import Scheduler
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class RequestDelta:
+    """What one step added to one request: for streaming front ends."""
+
+    request_id: str
+    new_text: str
+    new_token_ids: tuple[int, ...]
+    finished: bool
+
+
+def resolve_device(name: str) -> torch.device:
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"device '{name}' requested but CUDA is not available in this torch build")
+    return torch.device(name)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = TORCH_DTYPES[config.dtype]
+        torch.manual_seed(config.seed)  # the stream unseeded requests sample from
+        t0 = time.perf_counter()
+        ckpt = load_checkpoint(config.model)
+        self.model_name = ckpt.spec.name
+        self.spec = ckpt.spec
+        self.tokenizer = ckpt.tokenizer
+        self.model = LlamaModel.from_checkpoint(ckpt, self.dtype, self.device)
+        del ckpt
+        self.load_time_s = time.perf_counter() - t0
+        context = self.spec.max_position_embeddings
+        self.max_model_len = min(config.scheduler.max_model_len or context, context)
+        if config.cache.cache_mode == "none":
+            self.cache = NoCache(self.spec)
+        else:
+            self.cache = ContiguousCache(self.spec, self.dtype, self.device)
+        self.runner = ModelRunner(self.model, self.cache, self.tokenizer.eos_token_ids)
+        self.scheduler = Scheduler(config.scheduler, self.max_model_len, self.cache.retains_kv,
+                                   self.tokenizer.eos_token_ids)
+        self.detokenizer = Detokenizer(self.tokenizer)
+        self.requests: dict[str, Request] = {}
+        self.peak_kv_bytes = 0
+
+    # -- requests in -------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt is empty")
+            token_ids = self.tokenizer.encode(prompt)
+        else:
+            token_ids = list(prompt)
+            vocab = self.spec.vocab_size
+            if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab
+                   for t in token_ids):
+                raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})")
+        if not token_ids:
+            raise InvalidRequestError("prompt is empty")
+        if len(token_ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt has {len(token_ids)} tokens but the context length (max_model_len) is "
+                f"{self.max_model_len}: nothing left to generate")
+        return token_ids
+
+    def add_request(self, request_id: str, prompt: str | Sequence[int],
+                    params: SamplingParams, prompt_text: str | None = None) -> Request:
+        """Validate and queue one sequence (n > 1 is expanded by the caller into n requests)."""
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id '{request_id}' is already in use")
+        token_ids = self.encode_prompt(prompt)
+        text = prompt if isinstance(prompt, str) else prompt_text
+        r = Request(request_id, token_ids, params, prompt=text, arrival_time=time.monotonic())
+        self.requests[request_id] = r
+        self.scheduler.add(r)
+        return r
+
+    def abort_request(self, request_id: str) -> None:
+        r = self.requests.pop(request_id, None)
+        if r is not None and not r.status.finished:
+            self.scheduler.finish(r, FinishReason.ABORT)
+        self.runner.free(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- the loop ----------------------------------------------------------------------------
+    def step(self) -> list[RequestDelta]:
+        plan = self.scheduler.schedule()
+        if not plan.seqs:
+            return []
+        result = self.runner.execute(plan, self.requests)
+        self.peak_kv_bytes = max(self.peak_kv_bytes, self.cache.num_bytes_allocated())
+        finished = {r.request_id for r in self.scheduler.update(plan, result)}
+        deltas = []
+        for sampled in result.sampled:
+            r = self.requests[sampled.request_id]
+            detok = self.detokenizer.update(r, r.status.finished)
+            if detok.stop_string is not None and not r.status.finished:
+                self.scheduler.finish(r, FinishReason.STOP, detok.stop_string)
+                finished.add(r.request_id)
+            deltas.append(RequestDelta(r.request_id, detok.delta, (sampled.token_id,),
+                                       r.status.finished))
+        for request_id in finished:
+            self.runner.free(request_id)
+        return deltas
+
+    def pop_finished(self, request_id: str) -> Request:
+        """Hand a finished request to the caller and forget it."""
+        return self.requests.pop(request_id)
+
+    # -- outputs -----------------------------------------------------------------------------
+    def make_output(self, request_id: str, samples: Sequence[Request]) -> RequestOutput:
+        first = samples[0]
+        outputs = tuple(
+            CompletionOutput(
+                index=i, text=r.output_text, token_ids=tuple(r.output_token_ids),
+                finish_reason=r.finish_reason.value if r.finish_reason else None,
+                stop_reason=r.stop_reason,
+                logprobs=tuple(r.output_logprobs) if r.params.logprobs is not None else None)
+            for i, r in enumerate(samples))
+        return RequestOutput(
+            request_id=request_id, prompt=first.prompt,
+            prompt_token_ids=tuple(first.prompt_token_ids), outputs=outputs,
+            finished=all(r.status.finished for r in samples), num_cached_tokens=0,
+            metrics=request_metrics(first))
+
+    def kv_cache_stats(self) -> dict[str, int]:
+        bytes_per_token = self.spec.kv_bytes_per_token(torch.empty((), dtype=self.dtype)
+                                                       .element_size())
+        return {
+            "kv_bytes_per_token": bytes_per_token,
+            "kv_bytes_allocated": self.cache.num_bytes_allocated(),
+            "kv_bytes_used": self.cache.num_tokens_stored() * bytes_per_token,
+            "kv_bytes_peak": self.peak_kv_bytes,
+        }
+
+
+def request_metrics(r: Request) -> dict[str, float]:
+    """TTFT and decode speed of one request, in seconds and tokens per second."""
+    m: dict[str, float] = {}
+    if r.first_token_time is not None:
+        m["ttft_s"] = r.first_token_time - r.arrival_time
+    if r.finish_time is not None and r.first_token_time is not None:
+        decode_s = r.finish_time - r.first_token_time
+        m["decode_s"] = decode_s
+        if len(r.output_token_ids) > 1 and decode_s > 0:
+            m["decode_tokens_per_s"] = (len(r.output_token_ids) - 1) / decode_s
+    return m

@@ -1,0 +1,151 @@
+"""The offline Python API: LLM(...).generate / .chat / .stream, over one LLMEngine.
+
+Prompts are strings or vLLM-style dicts ({"prompt": ...} or {"prompt_token_ids": [...]});
+n > 1 fans out into n sequences whose outputs are gathered back into one RequestOutput.
+Results come back in input order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from tqdm import tqdm
+
+from kvserve.config import CacheConfig, EngineConfig, SchedulerConfig
+from kvserve.engine.engine import LLMEngine
+from kvserve.errors import InvalidRequestError
+from kvserve.request import Request, RequestOutput, SamplingParams
+
+PromptInput = str | dict[str, Any]
+
+
+def derive_seed(seed: int, sample_index: int) -> int:
+    """The seed of sample i of a seeded request with n > 1: sample 0 keeps the user's seed."""
+    if sample_index == 0:
+        return seed
+    digest = hashlib.sha256(f"{seed}:{sample_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _prompt_of(item: PromptInput) -> str | list[int]:
+    if isinstance(item, str):
+        return item
+    if isinstance(item, dict):
+        unknown = set(item) - {"prompt", "prompt_token_ids"}
+        if unknown:
+            raise InvalidRequestError(f"unknown prompt field(s): {', '.join(sorted(unknown))}")
+        if "prompt_token_ids" in item:
+            ids = item["prompt_token_ids"]
+            if not isinstance(ids, (list, tuple)):
+                raise InvalidRequestError("prompt_token_ids must be a list of integers")
+            return list(ids)
+        if isinstance(item.get("prompt"), str):
+            return item["prompt"]
+    raise InvalidRequestError(
+        "each prompt must be a string, {'prompt': str} or {'prompt_token_ids': [int, ...]}")
+
+
+class LLM:
+    """`LLM()` loads the embedded SmolLM2-135M-Instruct; `model=` takes a GGUF or HF folder."""
+
+    def __init__(self, model: str | None = None, dtype: str = "float32", device: str = "cpu",
+                 cache_mode: str = "contiguous", kv_cache_dtype: str = "auto",
+                 block_size: int = 16, max_model_len: int | None = None,
+                 max_num_seqs: int = 8, seed: int = 0):
+        config = EngineConfig(
+            model=model, dtype=dtype, device=device, seed=seed,
+            cache=CacheConfig(cache_mode=cache_mode, kv_cache_dtype=kv_cache_dtype,
+                              block_size=block_size),
+            scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_model_len=max_model_len))
+        self.engine = LLMEngine(config)
+        self.tokenizer = self.engine.tokenizer
+        self._ids = itertools.count()
+        self.last_output: RequestOutput | None = None
+
+    def _add(self, prompt: str | list[int], params: SamplingParams,
+             token_ids: list[int] | None = None) -> tuple[str, list[Request]]:
+        request_id = str(next(self._ids))
+        token_ids = token_ids if token_ids is not None else self.engine.encode_prompt(prompt)
+        text = prompt if isinstance(prompt, str) else None
+        samples = []
+        try:
+            for i in range(params.n):
+                p = params if params.seed is None or i == 0 else dataclasses.replace(
+                    params, seed=derive_seed(params.seed, i))
+                samples.append(self.engine.add_request(f"{request_id}-{i}", token_ids, p,
+                                                       prompt_text=text))
+        except Exception:
+            for r in samples:
+                self.engine.abort_request(r.request_id)
+            raise
+        return request_id, samples
+
+    def generate(self, prompts: PromptInput | Sequence[PromptInput],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        items = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        if isinstance(sampling_params, Sequence):
+            if len(sampling_params) != len(items):
+                raise InvalidRequestError(f"got {len(sampling_params)} sampling params for "
+                                          f"{len(items)} prompts")
+            params_list = list(sampling_params)
+        else:
+            params_list = [sampling_params or SamplingParams()] * len(items)
+        # Validate every prompt before queueing any: a bad one must not leave others half-run.
+        parsed = [_prompt_of(p) for p in items]
+        token_ids = [self.engine.encode_prompt(p) for p in parsed]
+        groups = [self._add(p, sp, ids) for p, sp, ids in zip(parsed, params_list, token_ids)]
+        self._run(sum(len(g[1]) for g in groups), use_tqdm)
+        outputs = []
+        for request_id, samples in groups:
+            for r in samples:
+                self.engine.pop_finished(r.request_id)
+            outputs.append(self.engine.make_output(request_id, samples))
+        return outputs
+
+    def _run(self, num_seqs: int, use_tqdm: bool) -> None:
+        bar = tqdm(total=num_seqs, desc="generating", unit="seq",
+                   disable=not use_tqdm or num_seqs < 2)
+        try:
+            while self.engine.has_unfinished_requests():
+                bar.update(sum(d.finished for d in self.engine.step()))
+        finally:
+            bar.close()
+
+    def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+             sampling_params: SamplingParams | None = None,
+             add_generation_prompt: bool = True, use_tqdm: bool = True) -> list[RequestOutput]:
+        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        prompts = [{"prompt_token_ids": self.encode_chat(c, add_generation_prompt)}
+                   for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def encode_chat(self, messages: list[dict[str, Any]],
+                    add_generation_prompt: bool = True) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt)
+        # The template writes its own special tokens; do not add a BOS on top of them.
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def stream(self, prompt: PromptInput, sampling_params: SamplingParams | None = None
+               ) -> Iterator[str]:
+        """Yield text pieces of one completion (n must be 1) as the engine produces them."""
+        params = sampling_params or SamplingParams()
+        if params.n != 1:
+            raise InvalidRequestError("stream() produces one completion: n must be 1")
+        _, (r,) = self._add(_prompt_of(prompt), params)
+        request_id = r.request_id
+        try:
+            while not r.status.finished:
+                for delta in self.engine.step():
+                    if delta.request_id == request_id and delta.new_text:
+                        yield delta.new_text
+        finally:
+            if not r.status.finished:
+                self.engine.abort_request(request_id)
+        self.engine.pop_finished(request_id)
+        # The whole output, with its metrics (TTFT, decode speed), for callers that want them.
+        self.last_output = self.engine.make_output(request_id, [r])

@@ -1,0 +1,73 @@
+"""Executes a StepPlan: builds the flat input tensors, runs the model over the cache, samples.
+
+The runner owns every tensor of a step and the per-request random generators (seeded from
+SamplingParams.seed, so a seeded request gives the same tokens whatever else shares its batch).
+It never decides who runs: that is the scheduler's plan.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvserve.model.attention import SeqSlice, StepBatch
+from kvserve.model.llama import LlamaModel
+from kvserve.request import Request
+from kvserve.runner.sampler import Sampler, SamplingBatch
+from kvserve.scheduler.plan import SampledToken, StepPlan, StepResult
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, cache, eos_token_ids: tuple[int, ...]):
+        self.model = model
+        self.cache = cache  # an AttentionBackend with begin_step / free (cache/dense.py)
+        self.device = model.device
+        self.eos_token_ids = eos_token_ids
+        self.sampler = Sampler()
+        self.generators: dict[str, torch.Generator | None] = {}
+
+    def _generator(self, r: Request) -> torch.Generator | None:
+        if r.request_id not in self.generators:
+            gen = None
+            if r.params.seed is not None:
+                gen = torch.Generator(device=self.device)
+                gen.manual_seed(r.params.seed)
+            self.generators[r.request_id] = gen
+        return self.generators[r.request_id]
+
+    def _build_inputs(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor, StepBatch]:
+        token_ids: list[int] = []
+        positions: list[int] = []
+        seqs = []
+        for s in plan.seqs:
+            seqs.append(SeqSlice(s.request_id, len(token_ids), len(s.token_ids), s.start_position))
+            token_ids.extend(s.token_ids)
+            positions.extend(range(s.start_position, s.start_position + len(s.token_ids)))
+        input_ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)  # [num_tokens]
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device)  # [num_tokens]
+        return input_ids, pos, StepBatch(tuple(seqs), len(token_ids))
+
+    def execute(self, plan: StepPlan, requests: dict[str, Request]) -> StepResult:
+        input_ids, positions, batch = self._build_inputs(plan)
+        sampling = [(s, sl) for s, sl in zip(plan.seqs, batch.seqs) if s.sample]
+        # The last row of each sampling sequence is the one whose logits pick its next token.
+        rows = torch.tensor([sl.row_start + sl.num_new_tokens - 1 for _, sl in sampling],
+                            dtype=torch.long, device=self.device)
+        self.cache.begin_step(batch)
+        logits = self.model.forward(input_ids, positions, self.cache, rows)  # [num_seqs, vocab]
+        if not sampling:
+            return StepResult(())
+        reqs = [requests[s.request_id] for s, _ in sampling]
+        sbatch = SamplingBatch.build(
+            [r.params for r in reqs], [r.prompt_token_ids for r in reqs],
+            [r.output_token_ids for r in reqs],
+            [self._generator(r) for r in reqs], self.device,
+            eos_token_ids=self.eos_token_ids)
+        out = self.sampler(logits, sbatch)
+        token_ids = out.token_ids.tolist()
+        logprobs = out.logprob_lists([r.params.logprobs for r in reqs])
+        return StepResult(tuple(SampledToken(r.request_id, tok, lp)
+                                for r, tok, lp in zip(reqs, token_ids, logprobs)))
+
+    def free(self, request_id: str) -> None:
+        self.cache.free(request_id)
+        self.generators.pop(request_id, None)

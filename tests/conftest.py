@@ -1,0 +1,37 @@
+"""Shared pytest fixtures: the tiny random-weight Llama in Hugging Face and GGUF form (see
+tests/fixtures.py), written once per session."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+for entry in (ROOT, ROOT / "tests"):  # kvserve without an install; `import fixtures` anywhere
+    if str(entry) not in sys.path:
+        sys.path.insert(0, str(entry))
+
+import fixtures  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory) -> Path:
+    """The tiny Llama (tied embeddings) as a Hugging Face folder."""
+    return fixtures.write_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf_path(tiny_hf_dir, tmp_path_factory) -> Path:
+    """The same model converted to an F32 GGUF, llama.cpp style."""
+    return fixtures.write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny-llama.F32.gguf",
+                                    tiny_hf_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf_quant_paths(tiny_hf_dir, tmp_path_factory) -> dict[str, Path]:
+    """Type name (F16, BF16, Q8_0, Q4_0, Q4_1) -> the same model with its 2-D weights in it."""
+    folder = tmp_path_factory.mktemp("gguf-quant")
+    return {q: fixtures.write_tiny_gguf(folder / f"tiny-llama.{q}.gguf", tiny_hf_dir, qtype=q)
+            for q in fixtures.QUANT_TYPES}

@@ -1,0 +1,45 @@
+"""Import boundaries: the control plane never imports torch (so it runs in fast unit tests and
+in the planner without a model); the core never imports test-only or server-only libraries."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parents[1] / "kvserve"
+NO_TORCH = ["config.py", "errors.py", "request.py", "scheduler"]
+TEST_ONLY = {"transformers", "accelerate", "pytest", "hypothesis"}
+
+
+def _imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def _files(entry: str) -> list[Path]:
+    p = PKG / entry
+    return sorted(p.rglob("*.py")) if p.is_dir() else [p]
+
+
+def test_control_plane_imports_no_torch():
+    for entry in NO_TORCH:
+        for f in _files(entry):
+            bad = _imports(f) & {"torch", "numpy"}
+            assert not bad, f"{f.relative_to(PKG)} imports {bad}"
+
+
+def test_package_imports_no_test_only_libraries():
+    for f in PKG.rglob("*.py"):
+        bad = _imports(f) & TEST_ONLY
+        assert not bad, f"{f.relative_to(PKG)} imports {bad}"
+
+
+def test_importing_the_control_plane_loads_no_torch():
+    code = ("import sys, kvserve, kvserve.scheduler.scheduler, kvserve.request, kvserve.config;"
+            "sys.exit(1 if 'torch' in sys.modules else 0)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -1,0 +1,41 @@
+"""The C decode kernels against their PyTorch reference (F.linear)."""
+
+import pytest
+import torch
+
+from kvserve.kernels import cpu
+
+pytestmark = pytest.mark.skipif(cpu.load() is None, reason="no C compiler: reference path only")
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 8])
+@pytest.mark.parametrize("n,k", [(1, 5), (7, 13), (96, 64), (130, 257)])
+def test_gemv_f32_matches_reference(m, n, k):
+    g = torch.Generator().manual_seed(m * 1000 + n + k)
+    x = torch.randn(m, k, generator=g)
+    w = torch.randn(n, k, generator=g)
+    torch.testing.assert_close(cpu.linear(x, w), cpu.reference_linear(x, w),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("m", [1, 4])
+@pytest.mark.parametrize("n,k", [(9, 31), (64, 5000)])
+def test_gemv_bf16_weights_match_widened_reference(m, n, k):
+    g = torch.Generator().manual_seed(n + k)
+    x = torch.randn(m, k, generator=g)
+    w = torch.randn(n, k, generator=g).bfloat16()
+    torch.testing.assert_close(cpu.linear(x, w), x @ w.float().t(), rtol=1e-4, atol=1e-4)
+
+
+def test_large_batches_take_the_reference_path():
+    x = torch.randn(64, 16)
+    w = torch.randn(8, 16)
+    assert torch.equal(cpu.linear(x, w), cpu.reference_linear(x, w))
+
+
+def test_bfloat16_activations_come_back_in_bfloat16():
+    x = torch.randn(1, 32).bfloat16()
+    w = torch.randn(8, 32).bfloat16()
+    y = cpu.linear(x, w)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), x.float() @ w.float().t(), rtol=2e-2, atol=2e-2)
