@@ -95,7 +95,10 @@ class ContiguousCache:
             new = slice(s.start_position, s.context_len)
             kv[0, :, new] = k[rows].transpose(0, 1)
             kv[1, :, new] = v[rows].transpose(0, 1)
-            out[rows] = attention_sdpa(q[rows], kv[0, :, :s.context_len], kv[1, :, :s.context_len])
+            # The store may hold a narrower dtype than the activations (bf16 K/V, fp32 compute).
+            keys = kv[0, :, :s.context_len].to(q.dtype)
+            values = kv[1, :, :s.context_len].to(q.dtype)
+            out[rows] = attention_sdpa(q[rows], keys, values)
             if last_layer:
                 self.lengths[s.seq_id] = s.context_len
         return out

@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("gemv.c")
 _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+MAX_M = 8  # rows of x the C kernel takes (MAX_M in gemv.c); larger batches are matmul-bound
 _lib: ctypes.CDLL | None = None
 _tried = False
 
@@ -91,30 +92,109 @@ def load() -> ctypes.CDLL | None:
     except OSError as err:
         logger.warning("kvserve: C kernels unavailable (%s); using PyTorch reference", err)
         return None
-    ptr, i32 = ctypes.c_void_p, ctypes.c_int
-    for fn in (lib.kv_gemv_f32, lib.kv_gemv_bf16):
-        fn.argtypes = [ptr, ptr, ptr, i32, i32, i32]
-        fn.restype = None
-    lib.kv_max_m.restype = i32
+    _declare(lib)
+    if lib.kv_max_m() != MAX_M:
+        logger.warning("kvserve: stale C kernel build; using PyTorch reference")
+        return None
     _lib = lib
     return _lib
 
 
-def _max_m(lib: ctypes.CDLL) -> int:
-    return lib.kv_max_m()
+def _declare(lib: ctypes.CDLL) -> None:
+    ptr, i32, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+    signatures = {
+        "kv_gemv_f32": [ptr, ptr, ptr, i32, i32, i32, i32],
+        "kv_gemv_bf16": [ptr, ptr, ptr, i32, i32, i32, i32],
+        "kv_rms_norm": [ptr, ptr, ptr, i32, i32, f32],
+        "kv_rope": [ptr, ptr, ptr, i32, i32, i32, i32],
+        "kv_swiglu": [ptr, ptr, i32, i32],
+        "kv_read_sum": [ptr, ctypes.c_size_t],
+    }
+    for name, argtypes in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes = argtypes
+        fn.restype = ctypes.c_double if name == "kv_read_sum" else None
+    lib.kv_max_m.restype = i32
+
+
+def available() -> bool:
+    return load() is not None
+
+
+def _gemv_for(weight: torch.Tensor):
+    lib = _lib if _tried else load()
+    if lib is None or not weight.is_contiguous():
+        return None
+    if weight.dtype == torch.float32:
+        return lib.kv_gemv_f32
+    if weight.dtype == torch.bfloat16:
+        return lib.kv_gemv_bf16
+    return None
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """y[m, n] = x[m, k] @ weight[n, k]^T, through gemv.c when m is small on CPU."""
-    lib = load() if x.device.type == "cpu" else None
-    if (lib is None or x.dim() != 2 or x.shape[0] > _max_m(lib)
-            or weight.dtype not in (torch.float32, torch.bfloat16)
-            or not weight.is_contiguous()):
+    fn = _gemv_for(weight) if x.device.type == "cpu" and x.dim() == 2 else None
+    if fn is None or x.shape[0] > MAX_M:
         return reference_linear(x, weight)
     m, k = x.shape
-    n = weight.shape[0]
-    xf = x.contiguous() if x.dtype == torch.float32 else x.float().contiguous()
-    y = torch.empty((m, n), dtype=torch.float32)  # [m, n]
-    fn = lib.kv_gemv_f32 if weight.dtype == torch.float32 else lib.kv_gemv_bf16
-    fn(weight.data_ptr(), xf.data_ptr(), y.data_ptr(), m, n, k)
+    xf = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
+    y = torch.empty((m, weight.shape[0]), dtype=torch.float32)  # [m, n]
+    fn(weight.data_ptr(), xf.data_ptr(), y.data_ptr(), m, weight.shape[0], k, 0)
     return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+# -- fused decode ops: float32 CPU tensors, contiguous, m <= MAX_M rows; callers check -------------
+def fast_path_ok(x: torch.Tensor) -> bool:
+    """Whether the fused decode ops below can take this activation tensor."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2
+            and x.shape[0] <= MAX_M and (_lib if _tried else load()) is not None)
+
+
+def linear_add_(y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> None:
+    """y[m, n] += x[m, k] @ weight[n, k]^T in place (the residual add fused into the product).
+    Reference: y += reference_linear(x, weight)."""
+    _gemv_for(weight)(weight.data_ptr(), x.data_ptr(), y.data_ptr(), x.shape[0],
+                      weight.shape[0], x.shape[1], 1)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Reference: model.layers.rms_norm_reference."""
+    out = torch.empty_like(x)
+    _lib.kv_rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1],
+                     eps)
+    return out
+
+
+def rope_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
+          head_dim: int) -> None:
+    """Rotate the first num_heads heads of each row of qkv [m, row] in place; cos/sin
+    [m, head_dim] contiguous. Reference: model.layers.apply_rope."""
+    _lib.kv_rope(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), qkv.shape[0], num_heads,
+                 head_dim, qkv.stride(0))
+
+
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """[m, 2 * inter] -> [m, inter]. Reference: model.layers.swiglu."""
+    m, inter = gate_up.shape[0], gate_up.shape[1] // 2
+    out = torch.empty((m, inter), dtype=torch.float32)
+    _lib.kv_swiglu(gate_up.data_ptr(), out.data_ptr(), m, inter)
+    return out
+
+
+def read_bandwidth_bytes_per_s(num_bytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Best-of-`repeats` read bandwidth over a buffer far larger than the caches: the roofline
+    a decode step (which reads every weight once) can reach. Falls back to torch.sum."""
+    import time
+
+    buf = torch.ones(num_bytes // 4, dtype=torch.float32)
+    lib = load()
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first pass warms pages and threads
+        t0 = time.perf_counter()
+        if lib is not None:
+            lib.kv_read_sum(buf.data_ptr(), buf.numel())
+        else:
+            buf.sum()
+        best = min(best, time.perf_counter() - t0)
+    return num_bytes / best

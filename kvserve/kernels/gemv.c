@@ -1,16 +1,21 @@
-/* Skinny matrix products for decode: Y[m, n] = X[m, k] @ W[n, k]^T with m small (1..8).
+/* CPU decode kernels: skinny matrix products and the small ops around them, for m <= MAX_M rows.
  *
- * Decode is bound by reading the weights once per step; torch's CPU GEMV path reaches well under
- * the machine's read bandwidth for these shapes, so this streams each weight row once and applies
- * it to all m rows of X. Rows of W are split across OpenMP threads (the OpenMP runtime torch
- * already loaded, so the two share one pool). W is float32 or bfloat16; X and Y are float32.
- * The reference is torch.nn.functional.linear (kvserve/kernels/cpu.py tests one against the other).
+ * Decode is bound by reading the weights once per step. torch's CPU GEMV path reaches well under
+ * the machine's read bandwidth for these shapes, and each of the ~40 small torch ops per layer
+ * costs several microseconds of dispatch; these kernels stream each weight row once (applied to
+ * all m rows of X) and fuse the norm, RoPE and SwiGLU around the products. Weight rows are split
+ * across OpenMP threads, in the OpenMP runtime torch already loaded (the two share one pool).
+ * Activations are float32; weights float32 or bfloat16. The PyTorch reference of each function
+ * is named in kvserve/kernels/cpu.py, and tests check one against the other.
  */
+#include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 
-#define ROWS_PER_TASK 8
 #define MAX_M 8
+
+int kv_max_m(void) { return MAX_M; }
 
 static inline float bf16_to_f32(uint16_t v) {
   uint32_t u = (uint32_t)v << 16;
@@ -19,55 +24,119 @@ static inline float bf16_to_f32(uint16_t v) {
   return f;
 }
 
-void kv_gemv_f32(const float *restrict W, const float *restrict X, float *restrict Y,
-                 int m, int n, int k) {
-#pragma omp parallel for schedule(static)
-  for (int r0 = 0; r0 < n; r0 += ROWS_PER_TASK) {
-    int r1 = r0 + ROWS_PER_TASK < n ? r0 + ROWS_PER_TASK : n;
-    for (int r = r0; r < r1; r++) {
-      const float *w = W + (size_t)r * k;
-      for (int i = 0; i < m; i++) {
-        const float *x = X + (size_t)i * k;
-        float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-        for (int j = 0; j < k; j++) acc += w[j] * x[j];
-        Y[(size_t)i * n + r] = acc;
-      }
-    }
-  }
-}
+/* Y[m, n] (=|+=) X[m, k] @ W[n, k]^T, one weight row at a time, rows split across threads.
+ * With AVX2+FMA each row is reduced in four independent 8-wide accumulators (one accumulator
+ * would stall on FMA latency: bf16 rows are short enough for that to bound the speed). Other
+ * CPUs get the portable loop, which the compiler vectorizes as it can. */
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
 
-void kv_gemv_bf16(const uint16_t *restrict W, const float *restrict X, float *restrict Y,
-                  int m, int n, int k) {
-#pragma omp parallel for schedule(static)
-  for (int r0 = 0; r0 < n; r0 += ROWS_PER_TASK) {
-    int r1 = r0 + ROWS_PER_TASK < n ? r0 + ROWS_PER_TASK : n;
-    float wf[4096];
-    for (int r = r0; r < r1; r++) {
-      const uint16_t *w = W + (size_t)r * k;
-      const float *wsrc;
-      if (k <= 4096) {
-        /* widen the row once, reuse it for every row of X */
+static inline float hsum256(__m256 v) {
+  __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  lo = _mm_hadd_ps(lo, lo);
+  return _mm_cvtss_f32(_mm_hadd_ps(lo, lo));
+}
+static inline __m256 load8_f32(const float *p) { return _mm256_loadu_ps(p); }
+static inline __m256 load8_bf16(const uint16_t *p) {
+  __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+#define ROW_DOT(WTYPE, LOAD8, LOAD1)                                                 \
+  static inline float row_dot_##WTYPE(const WTYPE *w, const float *x, int k) {       \
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                       \
+    int j = 0;                                                                        \
+    for (; j + 32 <= k; j += 32) {                                                    \
+      a0 = _mm256_fmadd_ps(LOAD8(w + j), _mm256_loadu_ps(x + j), a0);                 \
+      a1 = _mm256_fmadd_ps(LOAD8(w + j + 8), _mm256_loadu_ps(x + j + 8), a1);         \
+      a2 = _mm256_fmadd_ps(LOAD8(w + j + 16), _mm256_loadu_ps(x + j + 16), a2);       \
+      a3 = _mm256_fmadd_ps(LOAD8(w + j + 24), _mm256_loadu_ps(x + j + 24), a3);       \
+    }                                                                                 \
+    float acc = hsum256(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3))); \
+    for (; j < k; j++) acc += LOAD1(w[j]) * x[j];                                     \
+    return acc;                                                                       \
+  }
+#else
+#define ROW_DOT(WTYPE, LOAD8, LOAD1)                                                 \
+  static inline float row_dot_##WTYPE(const WTYPE *w, const float *x, int k) {       \
+    float acc = 0.f;                                                                  \
+    _Pragma("omp simd reduction(+ : acc)")                                            \
+    for (int j = 0; j < k; j++) acc += LOAD1(w[j]) * x[j];                            \
+    return acc;                                                                       \
+  }
+#endif
+
+#define LOAD1_F32(v) (v)
+#define LOAD1_BF16(v) bf16_to_f32(v)
+typedef uint16_t bf16_t;
+ROW_DOT(float, load8_f32, LOAD1_F32)
+ROW_DOT(bf16_t, load8_bf16, LOAD1_BF16)
+
+#define GEMV(NAME, WTYPE)                                                                \
+  void NAME(const WTYPE *restrict W, const float *restrict X, float *restrict Y, int m,  \
+            int n, int k, int accumulate) {                                               \
+    _Pragma("omp parallel for schedule(static)")                                          \
+    for (int r = 0; r < n; r++) {                                                         \
+      const WTYPE *w = W + (size_t)r * k;                                                 \
+      for (int i = 0; i < m; i++) {                                                       \
+        float acc = row_dot_##WTYPE(w, X + (size_t)i * k, k);                             \
+        float *y = Y + (size_t)i * n + r;                                                 \
+        *y = accumulate ? *y + acc : acc;                                                 \
+      }                                                                                   \
+    }                                                                                     \
+  }
+GEMV(kv_gemv_f32, float)
+GEMV(kv_gemv_bf16, bf16_t)
+
+/* out[m, k] = weight * (x * rsqrt(mean(x^2) + eps)), row by row (Hugging Face's LlamaRMSNorm) */
+void kv_rms_norm(const float *restrict X, const float *restrict weight, float *restrict out,
+                 int m, int k, float eps) {
+  for (int i = 0; i < m; i++) {
+    const float *x = X + (size_t)i * k;
+    float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+    for (int j = 0; j < k; j++) ss += x[j] * x[j];
+    float scale = 1.0f / sqrtf(ss / (float)k + eps);
+    float *o = out + (size_t)i * k;
 #pragma omp simd
-        for (int j = 0; j < k; j++) wf[j] = bf16_to_f32(w[j]);
-        wsrc = wf;
-      } else {
-        wsrc = 0;
-      }
-      for (int i = 0; i < m; i++) {
-        const float *x = X + (size_t)i * k;
-        float acc = 0.f;
-        if (wsrc) {
-#pragma omp simd reduction(+ : acc)
-          for (int j = 0; j < k; j++) acc += wsrc[j] * x[j];
-        } else {
-#pragma omp simd reduction(+ : acc)
-          for (int j = 0; j < k; j++) acc += bf16_to_f32(w[j]) * x[j];
-        }
-        Y[(size_t)i * n + r] = acc;
+    for (int j = 0; j < k; j++) o[j] = weight[j] * (x[j] * scale);
+  }
+}
+
+/* Rotate-half RoPE in place on the first num_heads heads of each row of QK.
+ * QK row i starts at QK + i * row_stride and holds heads of head_dim floats;
+ * cos/sin are [m, head_dim] (the table rows of each row's position). */
+void kv_rope(float *restrict QK, const float *restrict cos_t, const float *restrict sin_t,
+             int m, int num_heads, int head_dim, int row_stride) {
+  int half = head_dim / 2;
+  for (int i = 0; i < m; i++) {
+    const float *c = cos_t + (size_t)i * head_dim;
+    const float *s = sin_t + (size_t)i * head_dim;
+    for (int h = 0; h < num_heads; h++) {
+      float *x = QK + (size_t)i * row_stride + (size_t)h * head_dim;
+#pragma omp simd
+      for (int j = 0; j < half; j++) {
+        float a = x[j], b = x[j + half];
+        x[j] = a * c[j] - b * s[j];
+        x[j + half] = b * c[j + half] + a * s[j + half];
       }
     }
   }
 }
 
-int kv_max_m(void) { return MAX_M; }
+/* out[m, inter] = silu(gate) * up, with GU[m, 2 * inter] = [gate | up] */
+void kv_swiglu(const float *restrict GU, float *restrict out, int m, int inter) {
+  for (int i = 0; i < m; i++) {
+    const float *g = GU + (size_t)i * 2 * inter;
+    const float *u = g + inter;
+    float *o = out + (size_t)i * inter;
+    for (int j = 0; j < inter; j++) o[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
+  }
+}
+
+/* Sum of n floats read once, for measuring read bandwidth (the decode roofline). */
+double kv_read_sum(const float *restrict A, size_t n) {
+  float total = 0.f;
+#pragma omp parallel for simd reduction(+ : total) schedule(static)
+  for (size_t i = 0; i < n; i++) total += A[i];
+  return total;
+}

@@ -82,8 +82,12 @@ def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
     # Fold each KV head's query group into the query-length axis: [num_kv, group * n, d], so the
     # K/V heads are read as they are, never repeated.
     qg = q.reshape(n, num_kv, group, -1).permute(1, 2, 0, 3).reshape(num_kv, group * n, -1)
-    # One query needs no mask (it sees every key); otherwise causal with the queries at the end.
-    mask = None if n == 1 else causal_mask(n, length, q.device).repeat(group, 1)  # [group*n, L]
-    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask)
+    if n == 1:
+        # Decode: one query sees every key, no mask. Three plain ops beat SDPA's dispatch here.
+        scores = torch.bmm(qg, k.transpose(1, 2)) * qg.shape[-1] ** -0.5  # [num_kv, group, L]
+        out = torch.bmm(scores.softmax(-1), v)
+    else:
+        mask = causal_mask(n, length, q.device).repeat(group, 1)  # [group * n, L]
+        out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask)
     # [num_kv, group * n, d] -> [n, num_heads, d]
     return out.reshape(num_kv, group, n, -1).permute(2, 0, 1, 3).reshape(n, q.shape[1], -1)

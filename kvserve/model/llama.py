@@ -11,9 +11,16 @@ from dataclasses import dataclass
 import torch
 
 from kvserve.config import ModelSpec
+from kvserve.kernels import cpu as cpu_kernels
 from kvserve.model.attention import AttentionBackend
 from kvserve.model.checkpoint import Checkpoint
 from kvserve.model.layers import RotaryEmbedding, apply_rope, linear, rms_norm, swiglu
+
+
+def activation_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """Activations are float32 on CPU whatever the weight dtype: CPUs without native bf16/fp16
+    arithmetic would only widen them op by op. On CUDA they follow the weights."""
+    return torch.float32 if device.type == "cpu" else dtype
 
 
 @dataclass
@@ -35,10 +42,15 @@ class LlamaModel:
         self.embed = embed  # [vocab, hidden]
         self.norm = norm  # [hidden]
         self.lm_head = lm_head  # [vocab, hidden]; the same tensor as embed when tied
-        self.dtype = dtype
+        self.dtype = dtype  # weights and (by default) the KV cache
+        self.act_dtype = activation_dtype(dtype, device)
         self.device = device
         self.rope = RotaryEmbedding(spec.head_dim, spec.max_position_embeddings, spec.rope_theta,
-                                    spec.rope_scaling, dtype, device)
+                                    spec.rope_scaling, self.act_dtype, device)
+        # The fused C decode layer (kernels/gemv.c) serves decode-sized CPU batches when built;
+        # the PyTorch layer below is the reference it is tested against, and serves the rest.
+        self.use_fast_decode = (device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
+                                and cpu_kernels.available())
         # K/V projections computed (one per token per layer): the work the cache exists to save.
         self.num_kv_projections = 0
 
@@ -47,8 +59,13 @@ class LlamaModel:
                         device: torch.device) -> LlamaModel:
         t = ckpt.tensors
 
+        act = activation_dtype(dtype, device)
+
         def w(name: str) -> torch.Tensor:
             return t[name].to(dtype=dtype, device=device).contiguous()
+
+        def norm(name: str) -> torch.Tensor:
+            return t[name].to(dtype=act, device=device).contiguous()
 
         def cat(*names: str) -> torch.Tensor:
             return torch.cat([t[n] for n in names]).to(dtype=dtype, device=device).contiguous()
@@ -57,17 +74,17 @@ class LlamaModel:
         for i in range(ckpt.spec.num_layers):
             p = f"model.layers.{i}."
             layers.append(LayerWeights(
-                input_norm=w(p + "input_layernorm.weight"),
+                input_norm=norm(p + "input_layernorm.weight"),
                 qkv=cat(p + "self_attn.q_proj.weight", p + "self_attn.k_proj.weight",
                         p + "self_attn.v_proj.weight"),
                 o=w(p + "self_attn.o_proj.weight"),
-                post_norm=w(p + "post_attention_layernorm.weight"),
+                post_norm=norm(p + "post_attention_layernorm.weight"),
                 gate_up=cat(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
                 down=w(p + "mlp.down_proj.weight"),
             ))
         embed = w("model.embed_tokens.weight")
         lm_head = embed if "lm_head.weight" not in t else w("lm_head.weight")
-        return cls(ckpt.spec, layers, embed, w("model.norm.weight"), lm_head, dtype, device)
+        return cls(ckpt.spec, layers, embed, norm("model.norm.weight"), lm_head, dtype, device)
 
     def num_weight_bytes_per_token(self) -> int:
         """Bytes of weights a decode step reads: every layer, the final norm and the LM head
@@ -81,21 +98,47 @@ class LlamaModel:
         """input_ids, positions [num_tokens]; logits_rows [num_seqs] picks the rows to score.
         Returns float32 logits [num_seqs, vocab]."""
         s = self.spec
-        num_tokens = input_ids.shape[0]
-        h = self.embed[input_ids]  # [num_tokens, hidden]
-        cos, sin = self.rope.tables(positions)
+        h = self.embed[input_ids].to(self.act_dtype)  # [num_tokens, hidden]
+        cos, sin = self.rope.tables(positions)  # [num_tokens, head_dim] each
+        layer = (self._layer_fast if self.use_fast_decode and cpu_kernels.fast_path_ok(h)
+                 else self._layer_reference)
         for i, lw in enumerate(self.layers):
-            x = rms_norm(h, lw.input_norm, s.rms_norm_eps)
-            qkv = linear(x, lw.qkv)  # [num_tokens, q_size + 2 * kv_size]
-            q = qkv[:, :s.q_size].view(num_tokens, s.num_heads, s.head_dim)
-            k = qkv[:, s.q_size:s.q_size + s.kv_size].view(num_tokens, s.num_kv_heads, s.head_dim)
-            v = qkv[:, s.q_size + s.kv_size:].view(num_tokens, s.num_kv_heads, s.head_dim)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            o = attn.forward(i, q, k, v)  # [num_tokens, num_heads, head_dim]
-            h = h + linear(o.reshape(num_tokens, s.q_size), lw.o)
-            x = rms_norm(h, lw.post_norm, s.rms_norm_eps)
-            h = h + linear(swiglu(linear(x, lw.gate_up)), lw.down)
-        self.num_kv_projections += num_tokens * s.num_layers
+            h = layer(i, lw, h, cos, sin, attn)
+        self.num_kv_projections += input_ids.shape[0] * s.num_layers
         # Only the rows that sample need the final norm and the (large) LM head.
         x = rms_norm(h[logits_rows], self.norm, s.rms_norm_eps)
         return linear(x, self.lm_head).float()
+
+    def _layer_reference(self, i: int, lw: LayerWeights, h: torch.Tensor, cos: torch.Tensor,
+                         sin: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
+        s = self.spec
+        num_tokens = h.shape[0]
+        x = rms_norm(h, lw.input_norm, s.rms_norm_eps)
+        qkv = linear(x, lw.qkv)  # [num_tokens, q_size + 2 * kv_size]
+        # Q and K heads sit side by side in qkv: rotate them in one pass, then split.
+        qk = apply_rope(qkv[:, :s.q_size + s.kv_size].view(num_tokens, -1, s.head_dim),
+                        cos.unsqueeze(1), sin.unsqueeze(1))  # [num_tokens, heads + kv_heads, d]
+        q, k = qk[:, :s.num_heads], qk[:, s.num_heads:]
+        v = qkv[:, s.q_size + s.kv_size:].view(num_tokens, s.num_kv_heads, s.head_dim)
+        o = attn.forward(i, q, k, v)  # [num_tokens, num_heads, head_dim]
+        h = h + linear(o.reshape(num_tokens, s.q_size), lw.o)
+        x = rms_norm(h, lw.post_norm, s.rms_norm_eps)
+        return h + linear(swiglu(linear(x, lw.gate_up)), lw.down)
+
+    def _layer_fast(self, i: int, lw: LayerWeights, h: torch.Tensor, cos: torch.Tensor,
+                    sin: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
+        """The same layer in a handful of C calls (decode-sized float32 CPU batches)."""
+        s = self.spec
+        num_tokens = h.shape[0]
+        # h is updated in place: it is this forward's own tensor (the embedding gather's copy).
+        qkv = cpu_kernels.linear(cpu_kernels.rms_norm(h, lw.input_norm, s.rms_norm_eps), lw.qkv)
+        cpu_kernels.rope_(qkv, cos, sin, s.num_heads + s.num_kv_heads, s.head_dim)
+        q = qkv[:, :s.q_size].view(num_tokens, s.num_heads, s.head_dim)
+        k = qkv[:, s.q_size:s.q_size + s.kv_size].view(num_tokens, s.num_kv_heads, s.head_dim)
+        v = qkv[:, s.q_size + s.kv_size:].view(num_tokens, s.num_kv_heads, s.head_dim)
+        o = attn.forward(i, q, k, v).reshape(num_tokens, s.q_size).contiguous()
+        cpu_kernels.linear_add_(h, o, lw.o)  # h += o @ Wo^T
+        gate_up = cpu_kernels.linear(cpu_kernels.rms_norm(h, lw.post_norm, s.rms_norm_eps),
+                                     lw.gate_up)
+        cpu_kernels.linear_add_(h, cpu_kernels.swiglu(gate_up), lw.down)
+        return h
