@@ -71,23 +71,47 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> to
     return out.to(q.dtype)
 
 
-def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """The same as attention_reference through torch's fused SDPA kernel.
+PREFILL_CHUNK_QUERIES = 256
 
-    q [n, num_heads, d]; k, v [num_kv_heads, L, d] (head-major: the layout the caches keep).
+
+def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The same as attention_reference, fast: q [n, num_heads, d]; k, v [num_kv_heads, L, d]
+    (head-major: the layout the caches keep). Each KV head's query group is folded into one
+    batch entry so K/V heads are read as they are, never repeated.
+
+    On CPU torch's SDPA kernels were measured 4-8x slower than plain batched matmuls for causal
+    prefill here, so prefill runs in query chunks that each multiply only their causal prefix;
+    on CUDA SDPA's fused kernels are the fast path.
     """
-    n, num_kv = q.shape[0], k.shape[0]
-    length = k.shape[1]
-    group = q.shape[1] // num_kv
-    # Fold each KV head's query group into the query-length axis: [num_kv, group * n, d], so the
-    # K/V heads are read as they are, never repeated.
-    qg = q.reshape(n, num_kv, group, -1).permute(1, 2, 0, 3).reshape(num_kv, group * n, -1)
+    n, num_heads, d = q.shape
+    num_kv, length = k.shape[0], k.shape[1]
+    group = num_heads // num_kv
+    qg = q.reshape(n, num_kv, group, d).permute(1, 2, 0, 3)  # [num_kv, group, n, d]
     if n == 1:
         # Decode: one query sees every key, no mask. Three plain ops beat SDPA's dispatch here.
-        scores = torch.bmm(qg, k.transpose(1, 2)) * qg.shape[-1] ** -0.5  # [num_kv, group, L]
-        out = torch.bmm(scores.softmax(-1), v)
+        qg = qg.reshape(num_kv, group, d)
+        scores = torch.bmm(qg, k.transpose(1, 2)) * d ** -0.5  # [num_kv, group, L]
+        out = torch.bmm(scores.softmax(-1), v)  # [num_kv, group, d]
+        return out.reshape(num_heads, 1, d).transpose(0, 1)
+    if q.device.type == "cuda":
+        mask = causal_mask(n, length, q.device)  # [n, L]
+        out = F.scaled_dot_product_attention(qg, k.unsqueeze(1), v.unsqueeze(1), attn_mask=mask)
     else:
-        mask = causal_mask(n, length, q.device).repeat(group, 1)  # [group * n, L]
-        out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask)
-    # [num_kv, group * n, d] -> [n, num_heads, d]
-    return out.reshape(num_kv, group, n, -1).permute(2, 0, 1, 3).reshape(n, q.shape[1], -1)
+        out = _chunked_causal(qg, k.unsqueeze(1), v.unsqueeze(1), length - n)
+    return out.permute(2, 0, 1, 3).reshape(n, num_heads, d)  # [n, num_heads, d]
+
+
+def _chunked_causal(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    num_cached: int) -> torch.Tensor:
+    """qg [num_kv, group, n, d] at positions [num_cached, num_cached + n); k, v [num_kv, 1, L, d].
+    Query rows [start, end) see keys [0, num_cached + end) only: the causal triangle is skipped."""
+    n, d = qg.shape[2], qg.shape[3]
+    out = torch.empty_like(qg)
+    for start in range(0, n, PREFILL_CHUNK_QUERIES):
+        end = min(n, start + PREFILL_CHUNK_QUERIES)
+        num_keys = num_cached + end
+        scores = torch.matmul(qg[:, :, start:end], k[:, :, :num_keys].transpose(-1, -2))
+        scores.mul_(d ** -0.5)  # [num_kv, group, end - start, num_keys]
+        scores.masked_fill_(~causal_mask(end - start, num_keys, qg.device), float("-inf"))
+        out[:, :, start:end] = torch.matmul(scores.softmax(-1), v[:, :, :num_keys])
+    return out

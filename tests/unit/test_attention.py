@@ -68,3 +68,14 @@ def test_contiguous_cache_rejects_a_step_that_skips_tokens():
     cache = ContiguousCache(_spec(), torch.float32, torch.device("cpu"))
     with pytest.raises(RuntimeError, match="cached tokens"):
         cache.begin_step(StepBatch((SeqSlice("a", 0, 1, 5),), 1))
+
+
+def test_chunked_prefill_matches_reference_across_chunks():
+    """More queries than one prefill chunk, after a cached prefix (chunk edges and offsets)."""
+    g = torch.Generator().manual_seed(7)
+    n, length = 600, 700
+    q = torch.randn(n, 6, 8, generator=g)
+    k = torch.randn(length, 2, 8, generator=g)
+    v = torch.randn(length, 2, 8, generator=g)
+    fast = attention_sdpa(q, k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous())
+    torch.testing.assert_close(fast, attention_reference(q, k, v), rtol=1e-4, atol=1e-5)
