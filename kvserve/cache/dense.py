@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from kvserve.config import ModelSpec
+from kvserve.kernels import cpu as cpu_kernels
 from kvserve.model.attention import StepBatch, attention_sdpa
 
 MIN_CAPACITY_TOKENS = 64
@@ -52,6 +53,7 @@ class ContiguousCache:
     """One K/V tensor per sequence; capacity doubles (copying) when a step would overflow it."""
 
     retains_kv = True
+    use_fast_decode = True  # tests switch the C decode attention off to compare with PyTorch
 
     def __init__(self, spec: ModelSpec, dtype: torch.dtype, device: torch.device) -> None:
         self.spec = spec
@@ -60,6 +62,7 @@ class ContiguousCache:
         self.store: dict[str, torch.Tensor] = {}
         self.lengths: dict[str, int] = {}
         self.batch: StepBatch | None = None
+        self._scores = torch.empty(0, dtype=torch.float32)  # scratch of the C decode attention
 
     def _ensure_capacity(self, seq_id: str, num_tokens: int) -> torch.Tensor:
         kv = self.store.get(seq_id)
@@ -91,17 +94,35 @@ class ContiguousCache:
         for s in self.batch.seqs:
             rows = slice(s.row_start, s.row_start + s.num_new_tokens)
             kv = self.store[s.seq_id][layer_idx]  # [2, num_kv_heads, capacity, head_dim]
-            # [0, start_position) cached | [start_position, context_len) written now
-            new = slice(s.start_position, s.context_len)
-            kv[0, :, new] = k[rows].transpose(0, 1)
-            kv[1, :, new] = v[rows].transpose(0, 1)
-            # The store may hold a narrower dtype than the activations (bf16 K/V, fp32 compute).
-            keys = kv[0, :, :s.context_len].to(q.dtype)
-            values = kv[1, :, :s.context_len].to(q.dtype)
-            out[rows] = attention_sdpa(q[rows], keys, values)
+            if (self.use_fast_decode and s.num_new_tokens == 1
+                    and cpu_kernels.decode_attention_ok(q, kv)):
+                self._decode_fast(q, k, v, kv, s, out)
+            else:
+                self._attend(q, k, v, kv, s, out, rows)
             if last_layer:
                 self.lengths[s.seq_id] = s.context_len
         return out
+
+    def _decode_fast(self, q, k, v, kv, s, out) -> None:
+        """Write and attend in one C call (kernels/gemv.c), for one decode token on CPU."""
+        r = s.row_start
+        need = q.shape[1] * s.context_len
+        if self._scores.numel() < need:
+            self._scores = torch.empty(max(need, 2 * self._scores.numel()), dtype=torch.float32)
+        cpu_kernels.decode_attention_(q[r].contiguous(), k[r].contiguous(), v[r].contiguous(),
+                                      kv[0], kv[1], s.start_position, out[r], self._scores)
+
+    def _attend(self, q, k, v, kv, s, out, rows) -> None:
+        """The PyTorch path: any number of new tokens, any device (the reference of _decode_fast).
+        """
+        # [0, start_position) cached | [start_position, context_len) written now
+        new = slice(s.start_position, s.context_len)
+        kv[0, :, new] = k[rows].transpose(0, 1)
+        kv[1, :, new] = v[rows].transpose(0, 1)
+        # The store may hold a narrower dtype than the activations (bf16 K/V, fp32 compute).
+        keys = kv[0, :, :s.context_len].to(q.dtype)
+        values = kv[1, :, :s.context_len].to(q.dtype)
+        out[rows] = attention_sdpa(q[rows], keys, values)
 
     def free(self, seq_id: str) -> None:
         self.store.pop(seq_id, None)

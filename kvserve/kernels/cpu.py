@@ -109,6 +109,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         "kv_rope": [ptr, ptr, ptr, i32, i32, i32, i32],
         "kv_swiglu": [ptr, ptr, i32, i32],
         "kv_read_sum": [ptr, ctypes.c_size_t],
+        "kv_decode_attention_f32": [ptr, ptr, ptr, ptr, ptr] + [i32] * 5 + [ptr, ptr],
+        "kv_decode_attention_bf16": [ptr, ptr, ptr, ptr, ptr] + [i32] * 5 + [ptr, ptr],
     }
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)
@@ -180,6 +182,27 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     out = torch.empty((m, inter), dtype=torch.float32)
     _lib.kv_swiglu(gate_up.data_ptr(), out.data_ptr(), m, inter)
     return out
+
+
+def decode_attention_ok(q: torch.Tensor, store: torch.Tensor) -> bool:
+    """Whether decode_attention_ can serve float32 queries over this K/V store."""
+    return (q.device.type == "cpu" and q.dtype == torch.float32 and store.is_contiguous()
+            and store.dtype in (torch.float32, torch.bfloat16)
+            and (_lib if _tried else load()) is not None)
+
+
+def decode_attention_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor,
+                      values: torch.Tensor, position: int, out: torch.Tensor,
+                      scores: torch.Tensor) -> None:
+    """One decode token of one sequence: write k, v [num_kv, d] at `position` of the store
+    (keys/values [num_kv, capacity, d], contiguous), then out [num_heads, d] = causal GQA
+    attention of q [num_heads, d] over positions [0, position]. scores: float32 scratch of at
+    least num_heads * (position + 1). Reference: model.attention.attention_reference."""
+    num_heads, d = q.shape
+    fn = (_lib.kv_decode_attention_f32 if keys.dtype == torch.float32
+          else _lib.kv_decode_attention_bf16)
+    fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), keys.data_ptr(), values.data_ptr(), position,
+       keys.shape[1], num_heads, keys.shape[0], d, out.data_ptr(), scores.data_ptr())
 
 
 def read_bandwidth_bytes_per_s(num_bytes: int = 1 << 30, repeats: int = 5) -> float:

@@ -140,3 +140,59 @@ double kv_read_sum(const float *restrict A, size_t n) {
   for (size_t i = 0; i < n; i++) total += A[i];
   return total;
 }
+
+static inline uint16_t f32_to_bf16(float f) {
+  /* round to nearest even, as torch's float -> bfloat16 conversion does (NaN kept quiet) */
+  uint32_t u;
+  memcpy(&u, &f, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (uint16_t)(u >> 16);
+}
+
+/* One decode token of one sequence over a contiguous K/V store, for one layer:
+ * writes k_new/v_new (each [num_kv, d]) at position `pos` of K, V ([num_kv, capacity, d]),
+ * then out[h] = softmax(q[h] . K[kv(h), 0..pos] / sqrt(d)) @ V[kv(h), 0..pos] for every query
+ * head h, where kv(h) = h / (num_heads / num_kv) (grouped-query attention).
+ * `scores` is caller scratch of at least (pos + 1) floats per query head.
+ * Reference: kvserve.model.attention.attention_reference. */
+#define DECODE_ATTENTION(NAME, KTYPE, LOADK, STOREK)                                             \
+  void NAME(const float *restrict q, const float *restrict k_new, const float *restrict v_new,    \
+            KTYPE *restrict K, KTYPE *restrict V, int pos, int capacity, int num_heads,           \
+            int num_kv, int d, float *restrict out, float *restrict scores) {                     \
+    int group = num_heads / num_kv, len = pos + 1;                                                \
+    float scale = 1.0f / sqrtf((float)d);                                                         \
+    for (int g = 0; g < num_kv; g++)                                                              \
+      for (int j = 0; j < d; j++) {                                                               \
+        K[((size_t)g * capacity + pos) * d + j] = STOREK(k_new[g * d + j]);                       \
+        V[((size_t)g * capacity + pos) * d + j] = STOREK(v_new[g * d + j]);                       \
+      }                                                                                           \
+    for (int h = 0; h < num_heads; h++) {                                                         \
+      const KTYPE *kh = K + (size_t)(h / group) * capacity * d;                                   \
+      const KTYPE *vh = V + (size_t)(h / group) * capacity * d;                                   \
+      const float *qh = q + (size_t)h * d;                                                        \
+      float *s = scores + (size_t)h * len, mx = -INFINITY, total = 0.f;                           \
+      for (int t = 0; t < len; t++) {                                                             \
+        float acc = 0.f;                                                                          \
+        _Pragma("omp simd reduction(+ : acc)")                                                    \
+        for (int j = 0; j < d; j++) acc += qh[j] * LOADK(kh[(size_t)t * d + j]);                  \
+        s[t] = acc * scale;                                                                       \
+        mx = s[t] > mx ? s[t] : mx;                                                               \
+      }                                                                                           \
+      for (int t = 0; t < len; t++) {                                                             \
+        s[t] = expf(s[t] - mx);                                                                   \
+        total += s[t];                                                                            \
+      }                                                                                           \
+      float *o = out + (size_t)h * d;                                                             \
+      for (int j = 0; j < d; j++) o[j] = 0.f;                                                     \
+      for (int t = 0; t < len; t++) {                                                             \
+        float p = s[t] / total;                                                                   \
+        _Pragma("omp simd")                                                                       \
+        for (int j = 0; j < d; j++) o[j] += p * LOADK(vh[(size_t)t * d + j]);                     \
+      }                                                                                           \
+    }                                                                                             \
+  }
+#define STORE_F32(v) (v)
+#define STORE_BF16(v) f32_to_bf16(v)
+DECODE_ATTENTION(kv_decode_attention_f32, float, LOAD1_F32, STORE_F32)
+DECODE_ATTENTION(kv_decode_attention_bf16, bf16_t, LOAD1_BF16, STORE_BF16)
