@@ -62,13 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from kvserve import LLM, SamplingParams
+    from kvserve.request import SamplingParams
 
+    # Parameters are checked before torch loads: a typo fails in a fraction of a second.
     params = SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
         presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
         seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
+    from kvserve.engine.llm import LLM
+
     llm = LLM(**engine_kwargs(args))
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])

@@ -129,7 +129,9 @@ class LLMEngine:
         for sampled in result.sampled:
             r = self.requests[sampled.request_id]
             detok = self.detokenizer.update(r, r.status.finished)
-            if detok.stop_string is not None and not r.status.finished:
+            if detok.stop_string is not None:
+                # The text was cut at the stop string: that is why the request ended, even if
+                # EOS or max_tokens ended it in the same step (vLLM reports it the same way).
                 self.scheduler.finish(r, FinishReason.STOP, detok.stop_string)
                 finished.add(r.request_id)
             deltas.append(RequestDelta(r.request_id, detok.delta, (sampled.token_id,),

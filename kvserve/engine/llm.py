@@ -95,11 +95,25 @@ class LLM:
             params_list = list(sampling_params)
         else:
             params_list = [sampling_params or SamplingParams()] * len(items)
+        for sp in params_list:
+            if not isinstance(sp, SamplingParams):
+                raise InvalidRequestError(
+                    f"sampling_params must be SamplingParams, got {type(sp).__name__}")
         # Validate every prompt before queueing any: a bad one must not leave others half-run.
         parsed = [_prompt_of(p) for p in items]
         token_ids = [self.engine.encode_prompt(p) for p in parsed]
-        groups = [self._add(p, sp, ids) for p, sp, ids in zip(parsed, params_list, token_ids)]
-        self._run(sum(len(g[1]) for g in groups), use_tqdm)
+        groups: list[tuple[str, list[Request]]] = []
+        try:
+            for p, sp, ids in zip(parsed, params_list, token_ids):
+                groups.append(self._add(p, sp, ids))
+            self._run(sum(len(g[1]) for g in groups), use_tqdm)
+        except BaseException:
+            # A failure (or Ctrl-C) mid-run must not leave this call's requests in the engine,
+            # where the next generate() would run them and nobody would collect them.
+            for _, samples in groups:
+                for r in samples:
+                    self.engine.abort_request(r.request_id)
+            raise
         outputs = []
         for request_id, samples in groups:
             for r in samples:

@@ -1,0 +1,466 @@
+"""The engine end to end on the tiny random-weight Llama (tests/fixtures.py).
+
+Greedy output is checked against a dense reference (the whole sequence re-run through the model
+with the no-cache backend, argmax) in both cache modes; then batching, file formats, dtypes, the
+fused C decode layer against the PyTorch layer, every sampling option, streaming, the detokenizer,
+and the engine's accounting (KV bytes, K/V projections computed) with exact numbers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kvserve import LLM, SamplingParams
+from kvserve.cache.dense import NoCache
+from kvserve.engine.detokenizer import Detokenizer
+from kvserve.kernels import cpu as cpu_kernels
+from kvserve.model.attention import SeqSlice, StepBatch
+from kvserve.request import Request
+
+PROMPTS = [
+    "The",  # 1 token
+    "The KV cache keeps the keys",  # 9 tokens
+    "def forward(self, x):\n    return self.proj(x)",
+    # ~70 tokens: the prefill alone is past the contiguous cache's first 64-token capacity
+    "Numbers: 0 1 2 3 4 5 6 7 8 9 10 42 100 2024 65536 3.5e-3 0x1F and then the quick brown "
+    "fox jumps over the lazy dog. Unicode: héllo wörld",
+]
+NUM_TOKENS = 72  # short prompts cross the 64-token capacity while decoding
+GREEDY = SamplingParams(max_tokens=NUM_TOKENS, temperature=0.0, ignore_eos=True)
+SHORT_GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+SAMPLED = SamplingParams(max_tokens=16, temperature=1.0, seed=1234, ignore_eos=True)
+TEXT_PROMPT = "I'm sure you're right; it's what we've said and they'll agree."
+
+
+def greedy_tokens(llm: LLM, prompts, params=GREEDY) -> list[list[int]]:
+    return [list(o.token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
+
+
+def dense_greedy(model, prompt_ids: list[int], num_tokens: int) -> list[int]:
+    """The quadratic reference: the whole sequence through the model at every step, no cache."""
+    seq = list(prompt_ids)
+    for _ in range(num_tokens):
+        n = len(seq)
+        cache = NoCache(model.spec)
+        cache.begin_step(StepBatch((SeqSlice("ref", 0, n, 0),), n))
+        logits = model.forward(torch.tensor(seq), torch.arange(n), cache, torch.tensor([n - 1]))
+        seq.append(int(logits[0].argmax()))
+    return seq[len(prompt_ids):]
+
+
+def prompt_logits(model, prompt_ids: list[int]) -> torch.Tensor:
+    n = len(prompt_ids)
+    cache = NoCache(model.spec)
+    cache.begin_step(StepBatch((SeqSlice("ref", 0, n, 0),), n))
+    return model.forward(torch.tensor(prompt_ids), torch.arange(n), cache,
+                         torch.tensor([n - 1]))[0]
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_hf_dir) -> LLM:
+    return LLM(model=str(tiny_hf_dir))
+
+
+@pytest.fixture(scope="module")
+def llm_none(tiny_hf_dir) -> LLM:
+    return LLM(model=str(tiny_hf_dir), cache_mode="none")
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(llm) -> list[list[int]]:
+    ids = [llm.tokenizer.encode(p) for p in PROMPTS]
+    assert [len(i) for i in ids][:2] == [1, 9] and len(ids[3]) > 64
+    return ids
+
+
+@pytest.fixture(scope="module")
+def reference(llm, prompt_ids) -> list[list[int]]:
+    return [dense_greedy(llm.engine.model, ids, NUM_TOKENS) for ids in prompt_ids]
+
+
+@pytest.fixture(scope="module")
+def full_greedy(llm):
+    """A greedy run with no stop condition: the ground truth for stop strings and stop ids."""
+    return llm.generate(TEXT_PROMPT, SamplingParams(max_tokens=40, temperature=0.0,
+                                                    ignore_eos=True), use_tqdm=False)[0]
+
+
+# -- greedy fidelity -----------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["none", "contiguous"])
+def test_greedy_matches_dense_reference(mode, llm, llm_none, prompt_ids, reference):
+    engine_llm = llm_none if mode == "none" else llm
+    for ids, expected in zip(prompt_ids, reference):
+        out = engine_llm.generate({"prompt_token_ids": ids}, GREEDY, use_tqdm=False)[0]
+        assert list(out.token_ids) == expected
+        assert out.finish_reason == "length" and len(out.token_ids) == NUM_TOKENS
+
+
+def test_batched_equals_one_by_one(llm, llm_none, reference):
+    assert greedy_tokens(llm, PROMPTS) == reference
+    assert greedy_tokens(llm_none, PROMPTS[:3], SHORT_GREEDY) == [r[:24] for r in reference[:3]]
+
+
+def test_hf_folder_and_f32_gguf_give_identical_tokens(llm, tiny_gguf_path, reference):
+    gguf_llm = LLM(model=str(tiny_gguf_path))
+    assert [gguf_llm.tokenizer.encode(p) for p in PROMPTS] == \
+        [llm.tokenizer.encode(p) for p in PROMPTS]
+    assert greedy_tokens(gguf_llm, PROMPTS, SHORT_GREEDY) == [r[:24] for r in reference]
+
+
+def test_bfloat16_runs_and_mostly_agrees_with_float32(tiny_hf_dir, reference):
+    bf16 = LLM(model=str(tiny_hf_dir), dtype="bfloat16")
+    assert bf16.engine.model.dtype == torch.bfloat16
+    assert bf16.engine.kv_cache_stats()["kv_bytes_per_token"] == 256
+    got = greedy_tokens(bf16, PROMPTS, SHORT_GREEDY)
+    expected = [r[:24] for r in reference]
+    assert [g[0] for g in got] == [e[0] for e in expected]  # first tokens all agree
+    agree = sum(a == b for g, e in zip(got, expected) for a, b in zip(g, e))
+    assert agree >= 0.5 * sum(len(e) for e in expected), agree
+
+
+# -- the fused C decode layer against the PyTorch reference layer ----------------------------------
+def decode_logits(llm: LLM, prompt_ids: list[int],
+                  num_tokens: int) -> tuple[list[int], torch.Tensor]:
+    """Greedy decode straight through model.forward over the engine's own contiguous cache."""
+    model, cache = llm.engine.model, llm.engine.cache
+    feed, start, tokens, rows = list(prompt_ids), 0, [], []
+    try:
+        for _ in range(num_tokens):
+            n = len(feed)
+            cache.begin_step(StepBatch((SeqSlice("probe", 0, n, start),), n))
+            logits = model.forward(torch.tensor(feed), torch.arange(start, start + n), cache,
+                                   torch.tensor([n - 1]))[0]
+            start += n
+            feed = [int(logits.argmax())]
+            tokens.append(feed[0])
+            rows.append(logits)
+    finally:
+        cache.free("probe")
+    return tokens, torch.stack(rows)
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="C kernels not built (no compiler)")
+@pytest.mark.parametrize("dtype, tol", [("float32", 1e-4), ("bfloat16", 1e-3)])
+def test_fast_decode_matches_reference_layer(tiny_hf_dir, dtype, tol):
+    fast_llm = LLM(model=str(tiny_hf_dir), dtype=dtype)
+    model = fast_llm.engine.model
+    assert model.use_fast_decode  # the fused path is the default here
+    ids = fast_llm.tokenizer.encode("The KV cache")  # <= 8 tokens: prefill takes it too
+    runs, engine_runs = {}, {}
+    try:
+        for fast in (True, False):
+            model.use_fast_decode = fast
+            runs[fast] = decode_logits(fast_llm, ids, 40)
+            # through the engine as well, with several decode rows per step
+            engine_runs[fast] = greedy_tokens(fast_llm, PROMPTS[:3], SHORT_GREEDY)
+    finally:
+        model.use_fast_decode = True
+    assert runs[True][0] == runs[False][0]
+    assert (runs[True][1] - runs[False][1]).abs().max().item() < tol
+    assert engine_runs[True] == engine_runs[False]
+
+
+# -- sampling -----------------------------------------------------------------------------------
+def test_same_seed_same_tokens_different_seed_different(llm):
+    first = greedy_tokens(llm, [TEXT_PROMPT], SAMPLED)
+    assert greedy_tokens(llm, [TEXT_PROMPT], SAMPLED) == first
+    other = SamplingParams(max_tokens=16, temperature=1.0, seed=4321, ignore_eos=True)
+    assert greedy_tokens(llm, [TEXT_PROMPT], other) != first
+
+
+def test_seeded_request_same_alone_or_batched(llm):
+    alone = llm.generate(TEXT_PROMPT, SAMPLED, use_tqdm=False)[0]
+    prompts = ["The", TEXT_PROMPT, PROMPTS[3], "def forward"]
+    params = [SamplingParams(max_tokens=20, temperature=1.0, ignore_eos=True), SAMPLED,
+              SamplingParams(max_tokens=5, temperature=0.7, seed=7, top_k=50),
+              SamplingParams(max_tokens=12, temperature=0.0)]
+    batched = llm.generate(prompts, params, use_tqdm=False)[1]
+    assert batched.token_ids == alone.token_ids and batched.text == alone.text
+
+
+def test_n_samples_seeded(llm):
+    params = SamplingParams(n=3, max_tokens=12, temperature=1.0, seed=99, ignore_eos=True)
+    out = llm.generate(TEXT_PROMPT, params, use_tqdm=False)[0]
+    again = llm.generate(TEXT_PROMPT, params, use_tqdm=False)[0]
+    assert len(out.outputs) == 3 and [o.index for o in out.outputs] == [0, 1, 2]
+    assert [o.token_ids for o in out.outputs] == [o.token_ids for o in again.outputs]
+    assert len({o.token_ids for o in out.outputs}) > 1
+    assert all(len(o.token_ids) == 12 for o in out.outputs)
+    single = SamplingParams(max_tokens=12, temperature=1.0, seed=99, ignore_eos=True)
+    assert out.outputs[0].token_ids == llm.generate(TEXT_PROMPT, single,
+                                                    use_tqdm=False)[0].token_ids
+
+
+def _first_ascii_stop(text: str) -> tuple[int, str]:
+    """A 3-character printable ASCII substring at its first occurrence, not at the start."""
+    for i in range(1, len(text) - 3):
+        s = text[i:i + 3]
+        if s.isascii() and s.isprintable() and text.find(s) == i:
+            return i, s
+    raise AssertionError(f"no usable stop string in {text!r}")
+
+
+def test_stop_strings(llm, full_greedy):
+    full = full_greedy.text
+    index, stop = _first_ascii_stop(full)
+    base = dict(max_tokens=40, temperature=0.0, ignore_eos=True)
+    out = llm.generate(TEXT_PROMPT, SamplingParams(stop=[stop, "never-seen"], **base),
+                       use_tqdm=False)[0]
+    assert out.text == full[:index]
+    assert out.finish_reason == "stop" and out.outputs[0].stop_reason == stop
+    k = len(out.token_ids)
+    assert list(out.token_ids) == list(full_greedy.token_ids[:k]) and k < 40
+
+    kept = llm.generate(TEXT_PROMPT, SamplingParams(stop=stop, include_stop_str_in_output=True,
+                                                    **base), use_tqdm=False)[0]
+    assert kept.text == full[:index + len(stop)] and kept.finish_reason == "stop"
+
+    # The token that completes the stop string is also the last one max_tokens allows: the text
+    # is cut at the stop string, so that is the reason reported.
+    both = llm.generate(TEXT_PROMPT, SamplingParams(stop=stop, **{**base, "max_tokens": k}),
+                        use_tqdm=False)[0]
+    assert both.text == full[:index]
+    assert both.finish_reason == "stop" and both.outputs[0].stop_reason == stop
+
+    # Streaming never shows text past the cut.
+    pieces = list(llm.stream(TEXT_PROMPT, SamplingParams(stop=stop, **base)))
+    assert "".join(pieces) == full[:index]
+
+    # Stop strings count only after min_tokens tokens (vLLM): the early one is generated through.
+    late = llm.generate(TEXT_PROMPT, SamplingParams(stop=stop, min_tokens=k, **base),
+                        use_tqdm=False)[0]
+    assert late.text.startswith(full[:index + len(stop)]) and len(late.token_ids) > k
+
+
+def test_stop_token_ids_and_min_tokens(llm, full_greedy):
+    tokens = list(full_greedy.token_ids)
+    stop_id = tokens[6]
+    first = tokens.index(stop_id)
+    base = dict(max_tokens=40, temperature=0.0, ignore_eos=True)
+    out = llm.generate(TEXT_PROMPT, SamplingParams(stop_token_ids=[stop_id], **base),
+                       use_tqdm=False)[0]
+    assert list(out.token_ids) == tokens[:first + 1]
+    assert out.finish_reason == "stop" and out.outputs[0].stop_reason == stop_id
+
+    floor = first + 3
+    late = llm.generate(TEXT_PROMPT, SamplingParams(stop_token_ids=[stop_id], min_tokens=floor,
+                                                    **base), use_tqdm=False)[0]
+    assert len(late.token_ids) >= floor and stop_id not in late.token_ids[:floor]
+    assert list(late.token_ids[:first]) == tokens[:first]
+
+
+def test_max_tokens_finishes_with_length(llm):
+    out = llm.generate(TEXT_PROMPT, SamplingParams(max_tokens=7, temperature=0.0, ignore_eos=True),
+                       use_tqdm=False)[0]
+    assert len(out.token_ids) == 7
+    assert out.finish_reason == "length" and out.outputs[0].stop_reason is None
+
+
+def test_context_length_finishes_with_length(tiny_hf_dir):
+    short = LLM(model=str(tiny_hf_dir), max_model_len=24)
+    ids = short.tokenizer.encode(PROMPTS[1])
+    out = short.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=None,
+                                                                   temperature=0.0,
+                                                                   ignore_eos=True),
+                         use_tqdm=False)[0]
+    assert len(ids) + len(out.token_ids) == 24 and out.finish_reason == "length"
+
+
+@pytest.fixture(scope="module")
+def eos_case(llm):
+    """A seed whose sampled output ends in EOS after a few tokens (searched, in one batch)."""
+    params = [SamplingParams(max_tokens=24, temperature=1.0, seed=s) for s in range(64)]
+    outs = llm.generate([PROMPTS[1]] * len(params), params, use_tqdm=False)
+    for p, out in zip(params, outs):
+        if out.finish_reason == "stop" and 4 <= len(out.token_ids) <= 20:
+            return p, out
+    pytest.fail("no seed in 0..63 samples EOS within 24 tokens")
+
+
+def test_eos_ignore_eos_and_min_tokens(llm, eos_case):
+    params, out = eos_case
+    eos = set(llm.tokenizer.eos_token_ids)
+    k = len(out.token_ids)
+    assert out.token_ids[-1] in eos and out.outputs[0].stop_reason is None
+    assert not eos & set(out.token_ids[:-1])
+
+    ignored = llm.generate(PROMPTS[1], SamplingParams(max_tokens=24, temperature=1.0,
+                                                      seed=params.seed, ignore_eos=True),
+                           use_tqdm=False)[0]
+    assert ignored.token_ids[:k] == out.token_ids  # the same draws, then past the EOS
+    assert len(ignored.token_ids) == 24 and ignored.finish_reason == "length"
+
+    floor = k + 2
+    longer = llm.generate(PROMPTS[1], SamplingParams(max_tokens=24, temperature=1.0,
+                                                     seed=params.seed, min_tokens=floor),
+                          use_tqdm=False)[0]
+    assert len(longer.token_ids) >= floor
+    assert not eos & set(longer.token_ids[:floor])
+    assert longer.token_ids[:k - 1] == out.token_ids[:k - 1]
+
+
+def test_logprobs(llm, prompt_ids):
+    k = 5
+    out = llm.generate({"prompt_token_ids": prompt_ids[1]},
+                       SamplingParams(max_tokens=8, temperature=0.0, logprobs=k, ignore_eos=True),
+                       use_tqdm=False)[0]
+    logprobs = out.outputs[0].logprobs
+    assert len(logprobs) == len(out.token_ids) == 8
+    for token_id, (chosen, top) in zip(out.token_ids, logprobs):
+        assert len(top) == k
+        assert all(v <= 0.0 for v in top.values()) and chosen <= 0.0
+        assert sum(math.exp(v) for v in top.values()) <= 1.0 + 1e-5
+        best = max(top, key=top.get)
+        assert best == token_id and chosen == pytest.approx(top[best], abs=1e-6)
+    # The first position against log_softmax of the dense reference's logits.
+    ref = prompt_logits(llm.engine.model, prompt_ids[1]).log_softmax(-1).topk(k)
+    chosen, top = logprobs[0]
+    assert list(top) == ref.indices.tolist()
+    assert list(top.values()) == pytest.approx(ref.values.tolist(), abs=1e-4)
+
+    sampled = llm.generate(TEXT_PROMPT, SamplingParams(max_tokens=6, temperature=1.0, seed=5,
+                                                       logprobs=0, ignore_eos=True),
+                           use_tqdm=False)[0]
+    assert len(sampled.outputs[0].logprobs) == len(sampled.token_ids) == 6
+    for chosen, top in sampled.outputs[0].logprobs:
+        assert top == {} and chosen <= 0.0
+
+
+# -- streaming and the detokenizer ----------------------------------------------------------------
+def test_stream_concatenates_to_generate_text(llm):
+    for prompt in (TEXT_PROMPT, PROMPTS[3]):
+        params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+        pieces = list(llm.stream(prompt, params))
+        out = llm.generate(prompt, params, use_tqdm=False)[0]
+        assert "".join(pieces) == out.text
+        assert len(pieces) > 1 or prompt != TEXT_PROMPT
+        assert llm.last_output.token_ids == out.token_ids
+
+
+class ByteTokenizer:
+    """Tokens are byte strings; decode is UTF-8 with replacement, like a byte-level BPE: a
+    character cut between tokens decodes to a trailing U+FFFD until its last byte arrives."""
+
+    PIECES = {1: b"caf", 2: b"\xc3", 3: b"\xa9!", 4: b"abcST", 5: b"OPxyz", 6: b"xxSTOPyy",
+              7: b" end", 8: b"\xe2\x82"}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return b"".join(self.PIECES[i] for i in ids).decode("utf-8", errors="replace")
+
+
+def run_detokenizer(token_ids, params: SamplingParams, finish_at_end: bool = True):
+    detok = Detokenizer(ByteTokenizer())
+    r = Request("r", [1], params)
+    deltas, stop = [], None
+    for i, token_id in enumerate(token_ids):
+        r.output_token_ids.append(token_id)
+        result = detok.update(r, finish_at_end and i == len(token_ids) - 1)
+        deltas.append(result.delta)
+        if result.stop_string is not None:
+            stop = result.stop_string
+            break
+    return deltas, stop, r
+
+
+def test_detokenizer_holds_back_incomplete_utf8():
+    deltas, _, r = run_detokenizer([1, 2, 3, 7], SamplingParams())
+    assert deltas == ["caf", "", "é!", " end"] and r.output_text == "café! end"
+    # Finished on a cut character: the replacement character is the final text, not withheld.
+    deltas, _, r = run_detokenizer([1, 8], SamplingParams())
+    assert deltas == ["caf", "\ufffd"] and r.output_text == "caf\ufffd"
+    deltas, _, _ = run_detokenizer([1, 8], SamplingParams(), finish_at_end=False)
+    assert deltas == ["caf", ""]
+
+
+def test_detokenizer_never_emits_past_a_stop_string():
+    # The stop string spans two tokens: its first half must not have gone out already.
+    deltas, stop, r = run_detokenizer([4, 5, 7], SamplingParams(stop=["STOP"]),
+                                      finish_at_end=False)
+    assert stop == "STOP" and "".join(deltas) == "abc" == r.output_text
+    assert all("S" not in d for d in deltas)
+    deltas, stop, r = run_detokenizer([4, 5], SamplingParams(stop=["STOP"],
+                                                             include_stop_str_in_output=True),
+                                      finish_at_end=False)
+    assert "".join(deltas) == "abcSTOP" == r.output_text
+    # Inside one token, with text after it; the earliest of several stop strings wins.
+    deltas, stop, r = run_detokenizer([1, 6, 7], SamplingParams(stop=["yy", "STOP"]),
+                                      finish_at_end=False)
+    assert stop == "STOP" and "".join(deltas) == "cafxx" == r.output_text
+    # Before min_tokens tokens exist, a stop string is just text.
+    deltas, stop, r = run_detokenizer([6, 7], SamplingParams(stop=["STOP"], min_tokens=1))
+    assert stop is None and "".join(deltas) == "xxSTOPyy end" == r.output_text
+
+
+# -- prompts and ordering -----------------------------------------------------------------------
+def test_prompt_token_ids_and_prompt_dicts(llm, prompt_ids):
+    by_text = greedy_tokens(llm, [PROMPTS[2]], SHORT_GREEDY)
+    assert greedy_tokens(llm, [{"prompt_token_ids": prompt_ids[2]}], SHORT_GREEDY) == by_text
+    assert greedy_tokens(llm, [{"prompt": PROMPTS[2]}], SHORT_GREEDY) == by_text
+    out = llm.generate({"prompt_token_ids": prompt_ids[2]}, SHORT_GREEDY, use_tqdm=False)[0]
+    assert out.prompt is None and list(out.prompt_token_ids) == prompt_ids[2]
+
+
+def test_twenty_prompts_come_back_in_order_with_progress_bar(llm, capsys):
+    prompts = [f"{i} " + "The KV cache keeps the keys " * (i % 4) for i in range(20)]
+    # Later prompts stop sooner, so sequences finish far from input order.
+    params = [SamplingParams(max_tokens=21 - i, temperature=0.0, ignore_eos=True)
+              for i in range(20)]
+    outs = llm.generate(prompts, params, use_tqdm=True)
+    assert "20/20" in capsys.readouterr().err
+    assert [o.prompt for o in outs] == prompts
+    assert [list(o.prompt_token_ids) for o in outs] == [llm.tokenizer.encode(p) for p in prompts]
+    assert [len(o.token_ids) for o in outs] == [21 - i for i in range(20)]
+    assert not llm.engine.has_unfinished_requests() and not llm.engine.requests
+
+
+# -- accounting ---------------------------------------------------------------------------------
+def test_kv_bytes_per_token_and_contiguous_bytes_freed(tiny_hf_dir):
+    fresh = LLM(model=str(tiny_hf_dir))
+    engine, spec = fresh.engine, fresh.engine.spec
+    per_token = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * 4
+    assert per_token == 2 * 2 * 2 * 16 * 4
+    assert engine.kv_cache_stats()["kv_bytes_per_token"] == per_token
+    assert engine.kv_cache_stats()["kv_bytes_allocated"] == 0
+
+    ids = fresh.tokenizer.encode(PROMPTS[1])
+    engine.add_request("a", ids, SamplingParams(max_tokens=70, temperature=0.0, ignore_eos=True))
+    engine.step()
+    stats = engine.kv_cache_stats()
+    assert stats["kv_bytes_used"] == len(ids) * per_token
+    assert stats["kv_bytes_allocated"] >= stats["kv_bytes_used"] > 0
+    while engine.has_unfinished_requests():
+        engine.step()
+    engine.pop_finished("a")
+    stats = engine.kv_cache_stats()
+    assert stats["kv_bytes_allocated"] == 0 and stats["kv_bytes_used"] == 0
+    context = len(ids) + 70 - 1  # the last sampled token is never fed
+    assert context * per_token <= stats["kv_bytes_peak"] <= 2 * context * per_token
+
+    # A stream abandoned half-way frees its cache too.
+    pieces = fresh.stream(PROMPTS[1], SamplingParams(max_tokens=50, temperature=0.0,
+                                                     ignore_eos=True))
+    next(pieces)
+    assert engine.kv_cache_stats()["kv_bytes_allocated"] > 0
+    pieces.close()
+    assert engine.kv_cache_stats()["kv_bytes_allocated"] == 0
+    assert not engine.has_unfinished_requests() and not engine.requests
+
+
+@pytest.mark.parametrize("mode", ["none", "contiguous"])
+def test_kv_projections_counted_exactly(tiny_hf_dir, mode):
+    fresh = LLM(model=str(tiny_hf_dir), cache_mode=mode)
+    model = fresh.engine.model
+    num_layers = model.spec.num_layers
+    ids = fresh.tokenizer.encode(PROMPTS[1])
+    p, g = len(ids), 20
+    before = model.num_kv_projections
+    fresh.generate({"prompt_token_ids": ids},
+                   SamplingParams(max_tokens=g, temperature=0.0, ignore_eos=True), use_tqdm=False)
+    computed = model.num_kv_projections - before
+    if mode == "none":  # step t refeeds the whole sequence: prompt + t generated tokens
+        assert computed == sum(p + t for t in range(g)) * num_layers == 370 * 2
+    else:  # each token once; the last sampled one is never fed
+        assert computed == (p + g - 1) * num_layers == 28 * 2
