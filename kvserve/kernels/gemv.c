@@ -9,6 +9,7 @@
  * is named in kvserve/kernels/cpu.py, and tests check one against the other.
  */
 #include <math.h>
+#include <omp.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
@@ -16,6 +17,13 @@
 #define MAX_M 8
 
 int kv_max_m(void) { return MAX_M; }
+
+/* Threads for the weight-streaming loops. Set explicitly because during decode torch's own pool
+ * is cut to one thread (its tiny ops only lose time at barriers), which would otherwise also cut
+ * ours: both live in the one OpenMP runtime. 0 means the runtime's current default. */
+static int kv_threads = 0;
+void kv_set_num_threads(int n) { kv_threads = n; }
+static inline int kv_team(void) { return kv_threads > 0 ? kv_threads : omp_get_max_threads(); }
 
 static inline float bf16_to_f32(uint16_t v) {
   uint32_t u = (uint32_t)v << 16;
@@ -74,7 +82,7 @@ ROW_DOT(bf16_t, load8_bf16, LOAD1_BF16)
 #define GEMV(NAME, WTYPE)                                                                \
   void NAME(const WTYPE *restrict W, const float *restrict X, float *restrict Y, int m,  \
             int n, int k, int accumulate) {                                               \
-    _Pragma("omp parallel for schedule(static)")                                          \
+    _Pragma("omp parallel for schedule(static) num_threads(kv_team())")                                          \
     for (int r = 0; r < n; r++) {                                                         \
       const WTYPE *w = W + (size_t)r * k;                                                 \
       for (int i = 0; i < m; i++) {                                                       \
@@ -136,7 +144,7 @@ void kv_swiglu(const float *restrict GU, float *restrict out, int m, int inter) 
 /* Sum of n floats read once, for measuring read bandwidth (the decode roofline). */
 double kv_read_sum(const float *restrict A, size_t n) {
   float total = 0.f;
-#pragma omp parallel for simd reduction(+ : total) schedule(static)
+#pragma omp parallel for simd reduction(+ : total) schedule(static) num_threads(kv_team())
   for (size_t i = 0; i < n; i++) total += A[i];
   return total;
 }

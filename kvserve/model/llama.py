@@ -100,13 +100,21 @@ class LlamaModel:
         s = self.spec
         h = self.embed[input_ids].to(self.act_dtype)  # [num_tokens, hidden]
         cos, sin = self.rope.tables(positions)  # [num_tokens, head_dim] each
-        layer = (self._layer_fast if self.use_fast_decode and cpu_kernels.fast_path_ok(h)
-                 else self._layer_reference)
-        for i, lw in enumerate(self.layers):
-            h = layer(i, lw, h, cos, sin, attn)
+        if self.use_fast_decode and cpu_kernels.fast_path_ok(h):
+            with cpu_kernels.decode_threads():
+                for i, lw in enumerate(self.layers):
+                    h = self._layer_fast(i, lw, h, cos, sin, attn)
+                logits = self._logits(h, logits_rows)
+        else:
+            for i, lw in enumerate(self.layers):
+                h = self._layer_reference(i, lw, h, cos, sin, attn)
+            logits = self._logits(h, logits_rows)
         self.num_kv_projections += input_ids.shape[0] * s.num_layers
+        return logits
+
+    def _logits(self, h: torch.Tensor, logits_rows: torch.Tensor) -> torch.Tensor:
         # Only the rows that sample need the final norm and the (large) LM head.
-        x = rms_norm(h[logits_rows], self.norm, s.rms_norm_eps)
+        x = rms_norm(h[logits_rows], self.norm, self.spec.rms_norm_eps)
         return linear(x, self.lm_head).float()
 
     def _layer_reference(self, i: int, lw: LayerWeights, h: torch.Tensor, cos: torch.Tensor,
