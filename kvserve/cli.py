@@ -10,7 +10,7 @@ import logging
 import sys
 import time
 
-from kvserve.config import CACHE_MODES, DTYPES, KV_CACHE_DTYPES
+from kvserve.config import CACHE_MODES, DTYPES, KV_CACHE_DTYPES, PREEMPTION_MODES
 from kvserve.errors import KVServeError
 
 EXIT_ERROR = 1
@@ -23,18 +23,25 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
                    "(default: the embedded SmolLM2-135M-Instruct)")
     g.add_argument("--dtype", default="float32", choices=DTYPES)
     g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    g.add_argument("--cache-mode", default="contiguous", choices=CACHE_MODES)
+    g.add_argument("--cache-mode", default="paged", choices=CACHE_MODES)
     g.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES)
+    g.add_argument("--kv-cache-memory", default="1GiB",
+                   help="paged KV pool size, e.g. 2GiB, or a fraction of free memory (0.5)")
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--max-num-seqs", type=int, default=8)
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    g.add_argument("--preemption-mode", default="recompute", choices=PREEMPTION_MODES)
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(model=args.model, dtype=args.dtype, device=args.device,
                 cache_mode=args.cache_mode, kv_cache_dtype=args.kv_cache_dtype,
-                block_size=args.block_size, max_model_len=args.max_model_len,
-                max_num_seqs=args.max_num_seqs, seed=args.seed if args.seed is not None else 0)
+                kv_cache_memory=args.kv_cache_memory, block_size=args.block_size,
+                max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                max_num_batched_tokens=args.max_num_batched_tokens,
+                preemption_mode=args.preemption_mode,
+                seed=args.seed if args.seed is not None else 0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,9 +110,15 @@ def print_stats(llm, wall_s: float) -> None:
         f"decode: {m.get('decode_tokens_per_s', float('nan')):.1f} tokens/s, "
         f"wall: {wall_s:.2f} s",
         f"KV cache: {kv['kv_bytes_per_token']:,} bytes/token, "
-        f"peak allocated {kv['kv_bytes_peak']:,} bytes "
-        f"({(out.num_prompt_tokens + len(out.token_ids)) * kv['kv_bytes_per_token']:,} "
-        f"bytes for this sequence's tokens)",
+        f"{(out.num_prompt_tokens + len(out.token_ids)) * kv['kv_bytes_per_token']:,} bytes for "
+        f"this sequence's tokens, {kv['kv_bytes_allocated']:,} bytes allocated",
+    ]
+    if "num_blocks_total" in kv:
+        peak, total = kv["peak_blocks_used"], kv["num_blocks_total"]
+        lines.append(
+            f"KV pool: {total:,} blocks of {kv['block_size']} tokens, peak {peak:,} used "
+            f"({peak / total:.2%}), preemptions: {kv['num_preemptions']}")
+    lines += [
         f"K/V projections computed: {llm.engine.model.num_kv_projections:,}",
     ]
     for line in lines:

@@ -74,38 +74,79 @@ class ModelSpec:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * bytes_per_element
 
 
+MAX_BLOCK_SIZE = 256
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6,
+          "mib": 2**20, "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12,
+          "tib": 2**40}
+
+
+def parse_memory(value: str | int | float) -> int | float:
+    """'2GiB', '512MB', 1073741824 -> bytes (int); '0.5' or 0.5 -> a fraction of free memory."""
+    if isinstance(value, bool):
+        raise ConfigError(f"kv_cache_memory must be a size like 2GiB or a fraction, got {value!r}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number, unit = float(value), ""
+    else:
+        text = str(value).strip().lower().replace(" ", "")
+        digits = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+        number, unit = (float(digits) if digits else -1.0), text[len(digits):]
+    if unit not in _UNITS or number <= 0:
+        raise ConfigError(f"kv_cache_memory must be a size like 2GiB or 512MiB, or a fraction of "
+                          f"free memory in (0, 1], got {value!r}")
+    if unit == "" and number <= 1.0:
+        return number  # a fraction
+    return int(number * _UNITS[unit])
+
+
 @dataclass(frozen=True)
 class CacheConfig:
-    cache_mode: str = "contiguous"
+    cache_mode: str = "paged"
     kv_cache_dtype: str = "auto"  # "auto": same as the model's compute dtype
     block_size: int = 16
+    kv_cache_memory: str | int | float = "1GiB"  # paged pool size, or a fraction of free memory
 
     def __post_init__(self) -> None:
         if self.cache_mode not in CACHE_MODES:
             raise ConfigError(f"cache_mode must be one of {', '.join(CACHE_MODES)}, "
                               f"got {self.cache_mode!r}")
-        if self.cache_mode == "paged":
-            raise ConfigError("cache_mode 'paged' is not available yet: use 'contiguous' or 'none'")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ConfigError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
                               f"got {self.kv_cache_dtype!r}")
-        if not isinstance(self.block_size, int) or self.block_size <= 0:
-            raise ConfigError(f"block_size must be a positive integer, got {self.block_size!r}")
+        bs = self.block_size
+        if (not isinstance(bs, int) or isinstance(bs, bool) or bs <= 0 or bs & (bs - 1)
+                or bs > MAX_BLOCK_SIZE):
+            raise ConfigError(f"block_size must be a power of two from 1 to {MAX_BLOCK_SIZE}, "
+                              f"got {bs!r}")
+        parse_memory(self.kv_cache_memory)
+
+    @property
+    def kv_cache_memory_spec(self) -> int | float:
+        """Bytes (int) or a fraction of free device memory (float)."""
+        return parse_memory(self.kv_cache_memory)
+
+
+PREEMPTION_MODES = ("recompute", "swap")
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_num_seqs: int = 8
     max_model_len: int | None = None  # None: the model's own context length
+    max_num_batched_tokens: int = 2048  # token budget of one step (chunked prefill cuts to it)
+    preemption_mode: str = "recompute"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_num_seqs, int) or self.max_num_seqs <= 0:
-            raise ConfigError(
-                f"max_num_seqs must be a positive integer, got {self.max_num_seqs!r}")
+        for name in ("max_num_seqs", "max_num_batched_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.max_model_len is not None and (
                 not isinstance(self.max_model_len, int) or self.max_model_len <= 0):
             raise ConfigError(
                 f"max_model_len must be a positive integer, got {self.max_model_len!r}")
+        if self.preemption_mode not in PREEMPTION_MODES:
+            raise ConfigError(f"preemption_mode must be one of {', '.join(PREEMPTION_MODES)}, "
+                              f"got {self.preemption_mode!r}")
 
 
 @dataclass(frozen=True)

@@ -149,6 +149,7 @@ class Request:
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
     output_text: str = ""
+    num_preemptions: int = 0
     num_emitted_chars: int = 0  # output_text[:num_emitted_chars] has gone out as stream deltas
     first_token_time: float | None = None
     finish_time: float | None = None

@@ -7,13 +7,14 @@ batching decisions to the scheduler and every tensor to the runner.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from kvserve.cache.dense import ContiguousCache, NoCache
+from kvserve.cache.factory import build_cache
 from kvserve.config import EngineConfig
 from kvserve.engine.detokenizer import Detokenizer
 from kvserve.errors import ConfigError, InvalidRequestError
@@ -29,6 +30,7 @@ from kvserve.request import (
 from kvserve.runner.model_runner import ModelRunner
 from kvserve.scheduler.scheduler import Scheduler
 
+DEBUG = os.environ.get("KVSERVE_DEBUG") == "1"  # check block invariants after every step
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -65,16 +67,16 @@ class LLMEngine:
         self.load_time_s = time.perf_counter() - t0
         context = self.spec.max_position_embeddings
         self.max_model_len = min(config.scheduler.max_model_len or context, context)
-        if config.cache.cache_mode == "none":
-            self.cache = NoCache(self.spec)
-        else:
-            self.cache = ContiguousCache(self.spec, self.dtype, self.device)
+        built = build_cache(config.cache, self.spec, self.dtype, self.device, self.max_model_len)
+        self.cache, self.block_manager, self.kv_layout = (built.backend, built.block_manager,
+                                                          built.layout)
         self.runner = ModelRunner(self.model, self.cache, self.tokenizer.eos_token_ids)
         self.scheduler = Scheduler(config.scheduler, self.max_model_len, self.cache.retains_kv,
-                                   self.tokenizer.eos_token_ids)
+                                   self.tokenizer.eos_token_ids, self.block_manager)
         self.detokenizer = Detokenizer(self.tokenizer)
         self.requests: dict[str, Request] = {}
         self.peak_kv_bytes = 0
+        self.peak_blocks_used = 0
 
     # -- requests in -------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:
@@ -102,11 +104,28 @@ class LLMEngine:
         if request_id in self.requests:
             raise InvalidRequestError(f"request id '{request_id}' is already in use")
         token_ids = self.encode_prompt(prompt)
+        self._check_fits(len(token_ids), params)
         text = prompt if isinstance(prompt, str) else prompt_text
         r = Request(request_id, token_ids, params, prompt=text, arrival_time=time.monotonic())
         self.requests[request_id] = r
         self.scheduler.add(r)
         return r
+
+    def _check_fits(self, num_prompt_tokens: int, params: SamplingParams) -> None:
+        """Reject up front what could never finish: past the context, or bigger than the pool."""
+        if params.max_tokens is not None and (
+                num_prompt_tokens + params.max_tokens > self.max_model_len):
+            raise InvalidRequestError(
+                f"prompt ({num_prompt_tokens} tokens) + max_tokens ({params.max_tokens}) = "
+                f"{num_prompt_tokens + params.max_tokens} exceeds max_model_len "
+                f"({self.max_model_len})")
+        if self.block_manager is not None:
+            total = num_prompt_tokens + (params.max_tokens or self.max_model_len)
+            need = self.block_manager.num_blocks_for(min(total, self.max_model_len))
+            if need > self.block_manager.pool.num_blocks:
+                raise InvalidRequestError(
+                    f"request needs {need} KV blocks but the whole pool has "
+                    f"{self.block_manager.pool.num_blocks} (kv_cache_memory)")
 
     def abort_request(self, request_id: str) -> None:
         r = self.requests.pop(request_id, None)
@@ -121,9 +140,15 @@ class LLMEngine:
     def step(self) -> list[RequestDelta]:
         plan = self.scheduler.schedule()
         if not plan.seqs:
+            self.runner.apply_swaps(plan)  # a preemption can leave a step with nothing to run
             return []
         result = self.runner.execute(plan, self.requests)
         self.peak_kv_bytes = max(self.peak_kv_bytes, self.cache.num_bytes_allocated())
+        if self.block_manager is not None:
+            self.peak_blocks_used = max(self.peak_blocks_used,
+                                        self.block_manager.pool.num_used_blocks)
+            if DEBUG:
+                self.block_manager.check_invariants()
         finished = {r.request_id for r in self.scheduler.update(plan, result)}
         deltas = []
         for sampled in result.sampled:
@@ -160,15 +185,43 @@ class LLMEngine:
             finished=all(r.status.finished for r in samples), num_cached_tokens=0,
             metrics=request_metrics(first))
 
-    def kv_cache_stats(self) -> dict[str, int]:
+    def kv_cache_stats(self) -> dict[str, int | float]:
         bytes_per_token = self.spec.kv_bytes_per_token(torch.empty((), dtype=self.dtype)
                                                        .element_size())
-        return {
+        live = [r for r in self.requests.values() if not r.status.finished]
+        num_tokens = sum(r.num_computed_tokens for r in live)
+        stats: dict[str, int | float] = {
             "kv_bytes_per_token": bytes_per_token,
             "kv_bytes_allocated": self.cache.num_bytes_allocated(),
-            "kv_bytes_used": self.cache.num_tokens_stored() * bytes_per_token,
             "kv_bytes_peak": self.peak_kv_bytes,
+            "num_preemptions": self.scheduler.num_preemptions,
         }
+        if self.block_manager is None:
+            stats["kv_bytes_used"] = self.cache.num_tokens_stored() * bytes_per_token
+            return stats
+        pool, bs = self.block_manager.pool, self.block_manager.block_size
+        used_slots = pool.num_used_blocks * bs
+        waste_slots = max(0, used_slots - num_tokens)  # allocated slots holding no token
+        stats.update({
+            "block_size": bs,
+            "num_blocks_total": pool.num_blocks,
+            "num_blocks_used": pool.num_used_blocks,
+            "num_blocks_free": pool.num_free_blocks,
+            "kv_usage": pool.num_used_blocks / pool.num_blocks,
+            "kv_bytes_used": used_slots * bytes_per_token,
+            "kv_waste_bytes": waste_slots * bytes_per_token,
+            "kv_waste_fraction": waste_slots / used_slots if used_slots else 0.0,
+            "peak_blocks_used": self.peak_blocks_used,
+        })
+        return stats
+
+    def request_kv_stats(self, request_id: str) -> dict[str, int]:
+        """Blocks and bytes one request holds, and how often it was preempted."""
+        r = self.requests[request_id]
+        held = self.block_manager.num_blocks_held(request_id) if self.block_manager else 0
+        return {"num_blocks": held,
+                "kv_bytes": held * (self.kv_layout.bytes_per_block if self.kv_layout else 0),
+                "num_preemptions": r.num_preemptions}
 
 
 def request_metrics(r: Request) -> dict[str, float]:

@@ -53,14 +53,18 @@ class LLM:
     """`LLM()` loads the embedded SmolLM2-135M-Instruct; `model=` takes a GGUF or HF folder."""
 
     def __init__(self, model: str | None = None, dtype: str = "float32", device: str = "cpu",
-                 cache_mode: str = "contiguous", kv_cache_dtype: str = "auto",
-                 block_size: int = 16, max_model_len: int | None = None,
-                 max_num_seqs: int = 8, seed: int = 0):
+                 cache_mode: str = "paged", kv_cache_dtype: str = "auto",
+                 kv_cache_memory: str | int | float = "1GiB", block_size: int = 16,
+                 max_model_len: int | None = None, max_num_seqs: int = 8,
+                 max_num_batched_tokens: int = 2048, preemption_mode: str = "recompute",
+                 seed: int = 0):
         config = EngineConfig(
             model=model, dtype=dtype, device=device, seed=seed,
             cache=CacheConfig(cache_mode=cache_mode, kv_cache_dtype=kv_cache_dtype,
-                              block_size=block_size),
-            scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_model_len=max_model_len))
+                              block_size=block_size, kv_cache_memory=kv_cache_memory),
+            scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                                      max_num_batched_tokens=max_num_batched_tokens,
+                                      preemption_mode=preemption_mode))
         self.engine = LLMEngine(config)
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()

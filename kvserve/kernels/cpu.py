@@ -113,6 +113,10 @@ def _declare(lib: ctypes.CDLL) -> None:
         "kv_set_num_threads": [i32],
         "kv_decode_attention_f32": [ptr, ptr, ptr, ptr, ptr] + [i32] * 5 + [ptr, ptr],
         "kv_decode_attention_bf16": [ptr, ptr, ptr, ptr, ptr] + [i32] * 5 + [ptr, ptr],
+        "kv_paged_decode_attention_f32": [ptr, i32, ptr, ptr, ptr, i32, ptr] + [i32] * 6
+        + [ptr, ptr],
+        "kv_paged_decode_attention_bf16": [ptr, i32, ptr, ptr, ptr, i32, ptr] + [i32] * 6
+        + [ptr, ptr],
     }
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)
@@ -227,6 +231,25 @@ def decode_attention_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: t
           else _lib.kv_decode_attention_bf16)
     fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), keys.data_ptr(), values.data_ptr(), position,
        keys.shape[1], num_heads, keys.shape[0], d, out.data_ptr(), scores.data_ptr())
+
+
+def paged_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor,
+                           max_context: int, scores: torch.Tensor) -> torch.Tensor:
+    """Batched decode attention over a paged store, one query token per sequence.
+
+    q [batch, num_heads, d] (rows may be strided, heads contiguous); keys/values
+    [num_blocks, block_size, num_kv, d] contiguous; block_tables [batch, max_blocks] int32;
+    context_lens [batch] int32; scores: float32 scratch of batch * num_heads * max_context.
+    Returns [batch, num_heads, d]. Reference: attention_reference over the gathered blocks."""
+    batch, num_heads, d = q.shape
+    out = torch.empty((batch, num_heads, d), dtype=torch.float32)
+    fn = (_lib.kv_paged_decode_attention_f32 if keys.dtype == torch.float32
+          else _lib.kv_paged_decode_attention_bf16)
+    fn(q.data_ptr(), q.stride(0), keys.data_ptr(), values.data_ptr(), block_tables.data_ptr(),
+       block_tables.shape[1], context_lens.data_ptr(), batch, keys.shape[1], num_heads,
+       keys.shape[2], d, max_context, out.data_ptr(), scores.data_ptr())
+    return out
 
 
 def read_bandwidth_bytes_per_s(num_bytes: int = 1 << 30, repeats: int = 5) -> float:

@@ -204,3 +204,52 @@ static inline uint16_t f32_to_bf16(float f) {
 #define STORE_BF16(v) f32_to_bf16(v)
 DECODE_ATTENTION(kv_decode_attention_f32, float, LOAD1_F32, STORE_F32)
 DECODE_ATTENTION(kv_decode_attention_bf16, bf16_t, LOAD1_BF16, STORE_BF16)
+
+/* Decode attention of a batch of sequences over a paged K/V store, one query token each:
+ * K, V are [num_blocks, block_size, num_kv, d]; sequence b's token t lives in block
+ * block_tables[b * max_blocks + t / block_size], slot t % block_size, for t < context_lens[b]
+ * (its new K/V already written there). q rows are q_row_stride floats apart, heads d apart;
+ * out is [B, num_heads, d] contiguous. Blocks are read where they lie: nothing is gathered.
+ * `scores` is scratch of B * num_heads * max_context floats.
+ * Reference: kvserve.model.attention.attention_reference over the gathered blocks. */
+#define PAGED_DECODE(NAME, KTYPE, LOADK)                                                         \
+  void NAME(const float *restrict q, int q_row_stride, const KTYPE *restrict K,                  \
+            const KTYPE *restrict V, const int *restrict block_tables, int max_blocks,            \
+            const int *restrict context_lens, int batch, int block_size, int num_heads,           \
+            int num_kv, int d, int max_context, float *restrict out, float *restrict scores) {    \
+    int group = num_heads / num_kv;                                                               \
+    float scale = 1.0f / sqrtf((float)d);                                                         \
+    size_t row_elems = (size_t)num_kv * d, block_elems = (size_t)block_size * row_elems;          \
+    _Pragma("omp parallel for schedule(dynamic, 1) num_threads(kv_team())")                       \
+    for (int bh = 0; bh < batch * num_heads; bh++) {                                              \
+      int b = bh / num_heads, h = bh % num_heads, len = context_lens[b];                          \
+      const int *table = block_tables + (size_t)b * max_blocks;                                   \
+      size_t head_off = (size_t)(h / group) * d;                                                  \
+      const float *qh = q + (size_t)b * q_row_stride + (size_t)h * d;                             \
+      float *s = scores + (size_t)bh * max_context, mx = -INFINITY, total = 0.f;                  \
+      for (int t = 0; t < len; t++) {                                                             \
+        const KTYPE *k = K + table[t / block_size] * block_elems +                                \
+                         (size_t)(t % block_size) * row_elems + head_off;                         \
+        float acc = 0.f;                                                                          \
+        _Pragma("omp simd reduction(+ : acc)")                                                    \
+        for (int j = 0; j < d; j++) acc += qh[j] * LOADK(k[j]);                                   \
+        s[t] = acc * scale;                                                                       \
+        mx = s[t] > mx ? s[t] : mx;                                                               \
+      }                                                                                           \
+      for (int t = 0; t < len; t++) {                                                             \
+        s[t] = expf(s[t] - mx);                                                                   \
+        total += s[t];                                                                            \
+      }                                                                                           \
+      float *o = out + (size_t)bh * d;                                                            \
+      for (int j = 0; j < d; j++) o[j] = 0.f;                                                     \
+      for (int t = 0; t < len; t++) {                                                             \
+        const KTYPE *v = V + table[t / block_size] * block_elems +                                \
+                         (size_t)(t % block_size) * row_elems + head_off;                         \
+        float p = s[t] / total;                                                                   \
+        _Pragma("omp simd")                                                                       \
+        for (int j = 0; j < d; j++) o[j] += p * LOADK(v[j]);                                      \
+      }                                                                                           \
+    }                                                                                             \
+  }
+PAGED_DECODE(kv_paged_decode_attention_f32, float, LOAD1_F32)
+PAGED_DECODE(kv_paged_decode_attention_bf16, bf16_t, LOAD1_BF16)

@@ -28,6 +28,7 @@ class SeqSlice:
     row_start: int
     num_new_tokens: int
     start_position: int
+    block_ids: tuple[int, ...] = ()  # paged backends: where positions [0, context_len) live
 
     @property
     def context_len(self) -> int:
@@ -104,14 +105,18 @@ def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
 def _chunked_causal(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     num_cached: int) -> torch.Tensor:
     """qg [num_kv, group, n, d] at positions [num_cached, num_cached + n); k, v [num_kv, 1, L, d].
-    Query rows [start, end) see keys [0, num_cached + end) only: the causal triangle is skipped."""
+    Query rows [start, end) see keys [0, num_cached + end) only: the causal triangle is skipped,
+    and only the last (end - start) key columns need masking (the keys before them are visible
+    to every row of the chunk)."""
     n, d = qg.shape[2], qg.shape[3]
+    qg = qg * d ** -0.5  # scale the queries once instead of every score
     out = torch.empty_like(qg)
     for start in range(0, n, PREFILL_CHUNK_QUERIES):
         end = min(n, start + PREFILL_CHUNK_QUERIES)
         num_keys = num_cached + end
+        # [num_kv, group, end - start, num_keys]
         scores = torch.matmul(qg[:, :, start:end], k[:, :, :num_keys].transpose(-1, -2))
-        scores.mul_(d ** -0.5)  # [num_kv, group, end - start, num_keys]
-        scores.masked_fill_(~causal_mask(end - start, num_keys, qg.device), float("-inf"))
+        diagonal = scores[..., num_cached + start:]  # [.., end - start, end - start]
+        diagonal.masked_fill_(~causal_mask(end - start, end - start, qg.device), float("-inf"))
         out[:, :, start:end] = torch.matmul(scores.softmax(-1), v[:, :, :num_keys])
     return out

@@ -39,14 +39,23 @@ class ModelRunner:
         positions: list[int] = []
         seqs = []
         for s in plan.seqs:
-            seqs.append(SeqSlice(s.request_id, len(token_ids), len(s.token_ids), s.start_position))
+            seqs.append(SeqSlice(s.request_id, len(token_ids), len(s.token_ids), s.start_position,
+                                 s.block_ids))
             token_ids.extend(s.token_ids)
             positions.extend(range(s.start_position, s.start_position + len(s.token_ids)))
         input_ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)  # [num_tokens]
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)  # [num_tokens]
         return input_ids, pos, StepBatch(tuple(seqs), len(token_ids))
 
+    def apply_swaps(self, plan: StepPlan) -> None:
+        """Swap-outs first: the blocks they free may be handed to others in this same step."""
+        for swap in plan.swap_out:
+            self.cache.storage.swap_out(swap.request_id, swap.block_ids)
+        for swap in plan.swap_in:
+            self.cache.storage.swap_in(swap.request_id, swap.block_ids)
+
     def execute(self, plan: StepPlan, requests: dict[str, Request]) -> StepResult:
+        self.apply_swaps(plan)
         input_ids, positions, batch = self._build_inputs(plan)
         sampling = [(s, sl) for s, sl in zip(plan.seqs, batch.seqs) if s.sample]
         # The last row of each sampling sequence is the one whose logits pick its next token.

@@ -13,11 +13,32 @@ class ScheduledSeq:
     token_ids: tuple[int, ...]
     start_position: int
     sample: bool = True  # False for a prefill chunk that does not reach the prompt's end
+    # The request's whole block table after this step's allocation (paged cache only):
+    # position p lives in block_ids[p // block_size], slot p % block_size.
+    block_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class SwapOut:
+    """Copy these device blocks to host memory before the step (they are then reused)."""
+
+    request_id: str
+    block_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class SwapIn:
+    """Copy the request's host copy back into these freshly allocated device blocks."""
+
+    request_id: str
+    block_ids: tuple[int, ...]
 
 
 @dataclass(frozen=True)
 class StepPlan:
     seqs: tuple[ScheduledSeq, ...]
+    swap_out: tuple[SwapOut, ...] = ()
+    swap_in: tuple[SwapIn, ...] = ()
 
     @property
     def num_tokens(self) -> int:

@@ -1,10 +1,14 @@
-"""FCFS scheduler: admits waiting requests up to max_num_seqs and plans every running one's tokens.
+"""Continuous-batching FCFS scheduler: which requests run each step and how many tokens each feeds.
 
-One rule covers prefill and decode: a request feeds its tokens [num_computed_tokens, num_tokens).
-With a cache that keeps K/V, num_computed_tokens advances to num_tokens after each step; with no
-cache it stays 0, so every step refeeds the whole sequence. Token-level stops (EOS, stop ids,
-max_tokens, context length) are decided here; stop strings need text, so the engine decides those.
-Block budgets, chunked prefill and preemption arrive with the paged cache.
+One rule covers prefill, chunked prefill, decode and resume: a request feeds tokens
+[num_computed_tokens, num_tokens), cut to what is left of the step's token budget. Running requests
+are served first (oldest first), then waiting ones are admitted in arrival order while budget,
+sequence slots and blocks last; the head of the queue is never skipped, so nothing starves. When a
+running request needs a block and none is free, the newest running request is preempted: by
+recompute (its blocks are freed and it is requeued at the front with its generated tokens) or by
+swap (its blocks are copied to host memory and freed, then copied back on resume).
+With no cache (retains_kv False) every step refeeds whole sequences and nothing is chunked.
+Token-level stops are decided here; stop strings need text, so the engine decides those.
 """
 
 from __future__ import annotations
@@ -12,9 +16,10 @@ from __future__ import annotations
 import time
 from collections import deque
 
+from kvserve.cache.block_manager import BlockManager
 from kvserve.config import SchedulerConfig
 from kvserve.request import FinishReason, Request, RequestStatus
-from kvserve.scheduler.plan import ScheduledSeq, StepPlan, StepResult
+from kvserve.scheduler.plan import ScheduledSeq, StepPlan, StepResult, SwapIn, SwapOut
 
 _FINISH_STATUS = {
     FinishReason.STOP: RequestStatus.FINISHED_STOPPED,
@@ -25,13 +30,16 @@ _FINISH_STATUS = {
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, max_model_len: int, retains_kv: bool,
-                 eos_token_ids: tuple[int, ...]):
+                 eos_token_ids: tuple[int, ...], block_manager: BlockManager | None = None):
         self.config = config
         self.max_model_len = max_model_len
         self.retains_kv = retains_kv
         self.eos_token_ids = frozenset(eos_token_ids)
+        self.blocks = block_manager  # None: K/V memory is not managed in blocks
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.swapped: dict[str, int] = {}  # request id -> blocks it holds on the host
+        self.num_preemptions = 0
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -39,26 +47,100 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    # -- planning ----------------------------------------------------------------------------
     def schedule(self) -> StepPlan:
-        while self.waiting and len(self.running) < self.config.max_num_seqs:
-            request = self.waiting.popleft()
-            request.status = RequestStatus.RUNNING
-            self.running.append(request)
-        seqs = []
-        for r in self.running:
-            # [0, num_computed) cached | [num_computed, num_tokens) fed this step
-            start = r.num_computed_tokens
-            seqs.append(ScheduledSeq(r.request_id, tuple(r.all_token_ids[start:]), start))
-        return StepPlan(tuple(seqs))
+        budget = self.config.max_num_batched_tokens if self.retains_kv else None
+        seqs: list[ScheduledSeq] = []
+        swap_out: list[SwapOut] = []
+        swap_in: list[SwapIn] = []
+        preempted = False
+        for r in list(self.running):
+            if r not in self.running:  # preempted earlier in this loop
+                continue
+            num_new = self._num_new_tokens(r, budget)
+            if num_new == 0:
+                continue
+            while not self._allocate(r, num_new):
+                victim = self.running[-1]
+                self._preempt(victim, swap_out)
+                preempted = True
+                if victim is r:
+                    break
+            if r not in self.running:
+                continue
+            seqs.append(self._scheduled(r, num_new))
+            budget = None if budget is None else budget - num_new
+        # Admit only when nobody had to be preempted: a request just pushed out must not lose
+        # its blocks to one that arrived after it.
+        while (not preempted and self.waiting and len(self.running) < self.config.max_num_seqs
+               and (budget is None or budget > 0)):
+            r = self.waiting[0]
+            if r.request_id in self.swapped:
+                if not self._swap_in(r, swap_in):
+                    break
+            num_new = self._num_new_tokens(r, budget)
+            if not self._allocate(r, num_new):
+                break
+            self.waiting.popleft()
+            r.status = RequestStatus.RUNNING
+            self.running.append(r)
+            seqs.append(self._scheduled(r, num_new))
+            budget = None if budget is None else budget - num_new
+        return StepPlan(tuple(seqs), tuple(swap_out), tuple(swap_in))
 
+    def _num_new_tokens(self, r: Request, budget: int | None) -> int:
+        remaining = r.num_tokens - r.num_computed_tokens
+        return remaining if budget is None else min(remaining, budget)
+
+    def _allocate(self, r: Request, num_new: int) -> bool:
+        if self.blocks is None:
+            return True
+        return self.blocks.allocate_slots(r.request_id, r.num_computed_tokens + num_new)
+
+    def _scheduled(self, r: Request, num_new: int) -> ScheduledSeq:
+        # [0, num_computed) cached | [num_computed, num_computed + num_new) fed this step
+        start = r.num_computed_tokens
+        token_ids = tuple(r.all_token_ids[start:start + num_new])
+        block_ids = tuple(self.blocks.block_ids(r.request_id)) if self.blocks else ()
+        # Only a chunk that reaches the last known token produces the next one.
+        return ScheduledSeq(r.request_id, token_ids, start, start + num_new == r.num_tokens,
+                            block_ids)
+
+    def _preempt(self, r: Request, swap_out: list[SwapOut]) -> None:
+        self.running.remove(r)
+        r.status = RequestStatus.WAITING
+        r.num_preemptions += 1
+        self.num_preemptions += 1
+        if self.config.preemption_mode == "swap" and r.num_computed_tokens > 0:
+            block_ids = self.blocks.free(r.request_id)
+            swap_out.append(SwapOut(r.request_id, tuple(block_ids)))
+            self.swapped[r.request_id] = len(block_ids)
+        else:
+            self.blocks.free(r.request_id)
+            r.num_computed_tokens = 0  # recompute: its K/V will be rebuilt from its tokens
+        self.waiting.appendleft(r)
+
+    def _swap_in(self, r: Request, swap_in: list[SwapIn]) -> bool:
+        num_blocks = self.swapped[r.request_id]
+        if not self.blocks.pool.can_allocate(num_blocks):
+            return False
+        block_ids = self.blocks.pool.allocate(num_blocks)
+        self.blocks.adopt(r.request_id, block_ids)
+        del self.swapped[r.request_id]
+        swap_in.append(SwapIn(r.request_id, tuple(block_ids)))
+        return True
+
+    # -- results -----------------------------------------------------------------------------
     def update(self, plan: StepPlan, result: StepResult) -> list[Request]:
-        """Apply sampled tokens; returns the requests that finished this step (already removed)."""
+        """Advance computed counts, apply sampled tokens; returns requests finished this step."""
         by_id = {r.request_id: r for r in self.running}
+        for s in plan.seqs:
+            r = by_id[s.request_id]
+            r.num_computed_tokens = (s.start_position + len(s.token_ids)) if self.retains_kv else 0
         now = time.monotonic()
         finished = []
         for sampled in result.sampled:
             r = by_id[sampled.request_id]
-            r.num_computed_tokens = r.num_tokens if self.retains_kv else 0
             r.output_token_ids.append(sampled.token_id)
             if sampled.logprobs is not None:
                 r.output_logprobs.append(sampled.logprobs)
@@ -86,11 +168,14 @@ class Scheduler:
 
     def finish(self, r: Request, reason: FinishReason,
                stop_reason: str | int | None = None) -> None:
-        """Move a request out of the queues for good (stop, length or abort)."""
+        """Move a request out of the queues for good (stop, length or abort); free its blocks."""
         if r in self.running:
             self.running.remove(r)
         elif r in self.waiting:
             self.waiting.remove(r)
+        self.swapped.pop(r.request_id, None)
+        if self.blocks is not None:
+            self.blocks.free(r.request_id)
         r.status = _FINISH_STATUS[reason]
         r.finish_reason = reason
         r.stop_reason = stop_reason

@@ -72,7 +72,7 @@ def test_greedy_tokens_match_transformers_batched(llm, prompts, hf_greedy):
         assert list(out.token_ids) == expected
 
 
-@pytest.mark.parametrize("cache_mode", ["none", "contiguous"])
+@pytest.mark.parametrize("cache_mode", ["none", "contiguous", "paged"])
 def test_each_cache_mode_matches_transformers_one_by_one(prompts, hf_greedy, cache_mode):
     llm = LLM(cache_mode=cache_mode)
     for ids, expected in zip(prompts[::2], hf_greedy[::2]):  # every other prompt keeps CI short

@@ -61,7 +61,12 @@ def prompt_logits(model, prompt_ids: list[int]) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def llm(tiny_hf_dir) -> LLM:
-    return LLM(model=str(tiny_hf_dir))
+    return LLM(model=str(tiny_hf_dir), cache_mode="contiguous")
+
+
+@pytest.fixture(scope="module")
+def llm_paged(tiny_hf_dir) -> LLM:
+    return LLM(model=str(tiny_hf_dir), cache_mode="paged", block_size=4, kv_cache_memory="4MiB")
 
 
 @pytest.fixture(scope="module")
@@ -89,17 +94,18 @@ def full_greedy(llm):
 
 
 # -- greedy fidelity -----------------------------------------------------------------------------
-@pytest.mark.parametrize("mode", ["none", "contiguous"])
-def test_greedy_matches_dense_reference(mode, llm, llm_none, prompt_ids, reference):
-    engine_llm = llm_none if mode == "none" else llm
+@pytest.mark.parametrize("mode", ["none", "contiguous", "paged"])
+def test_greedy_matches_dense_reference(mode, llm, llm_none, llm_paged, prompt_ids, reference):
+    engine_llm = {"none": llm_none, "contiguous": llm, "paged": llm_paged}[mode]
     for ids, expected in zip(prompt_ids, reference):
         out = engine_llm.generate({"prompt_token_ids": ids}, GREEDY, use_tqdm=False)[0]
         assert list(out.token_ids) == expected
         assert out.finish_reason == "length" and len(out.token_ids) == NUM_TOKENS
 
 
-def test_batched_equals_one_by_one(llm, llm_none, reference):
+def test_batched_equals_one_by_one(llm, llm_none, llm_paged, reference):
     assert greedy_tokens(llm, PROMPTS) == reference
+    assert greedy_tokens(llm_paged, PROMPTS) == reference
     assert greedy_tokens(llm_none, PROMPTS[:3], SHORT_GREEDY) == [r[:24] for r in reference[:3]]
 
 
@@ -145,7 +151,7 @@ def decode_logits(llm: LLM, prompt_ids: list[int],
 @pytest.mark.skipif(not cpu_kernels.available(), reason="C kernels not built (no compiler)")
 @pytest.mark.parametrize("dtype, tol", [("float32", 1e-4), ("bfloat16", 1e-3)])
 def test_fast_decode_matches_reference_layer(tiny_hf_dir, dtype, tol):
-    fast_llm = LLM(model=str(tiny_hf_dir), dtype=dtype)
+    fast_llm = LLM(model=str(tiny_hf_dir), dtype=dtype, cache_mode="contiguous")
     model = fast_llm.engine.model
     assert model.use_fast_decode  # the fused path is the default here
     ids = fast_llm.tokenizer.encode("The KV cache")  # <= 8 tokens: prefill takes it too
@@ -418,7 +424,7 @@ def test_twenty_prompts_come_back_in_order_with_progress_bar(llm, capsys):
 
 # -- accounting ---------------------------------------------------------------------------------
 def test_kv_bytes_per_token_and_contiguous_bytes_freed(tiny_hf_dir):
-    fresh = LLM(model=str(tiny_hf_dir))
+    fresh = LLM(model=str(tiny_hf_dir), cache_mode="contiguous")
     engine, spec = fresh.engine, fresh.engine.spec
     per_token = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * 4
     assert per_token == 2 * 2 * 2 * 16 * 4
@@ -449,7 +455,7 @@ def test_kv_bytes_per_token_and_contiguous_bytes_freed(tiny_hf_dir):
     assert not engine.has_unfinished_requests() and not engine.requests
 
 
-@pytest.mark.parametrize("mode", ["none", "contiguous"])
+@pytest.mark.parametrize("mode", ["none", "contiguous", "paged"])
 def test_kv_projections_counted_exactly(tiny_hf_dir, mode):
     fresh = LLM(model=str(tiny_hf_dir), cache_mode=mode)
     model = fresh.engine.model
