@@ -75,11 +75,11 @@ class Scheduler:
         while (not preempted and self.waiting and len(self.running) < self.config.max_num_seqs
                and (budget is None or budget > 0)):
             r = self.waiting[0]
-            if r.request_id in self.swapped:
-                if not self._swap_in(r, swap_in):
-                    break
             num_new = self._num_new_tokens(r, budget)
-            if not self._allocate(r, num_new):
+            if r.request_id in self.swapped:
+                if not self._swap_in(r, num_new, swap_in):
+                    break
+            elif not self._allocate(r, num_new):
                 break
             self.waiting.popleft()
             r.status = RequestStatus.RUNNING
@@ -120,15 +120,18 @@ class Scheduler:
             r.num_computed_tokens = 0  # recompute: its K/V will be rebuilt from its tokens
         self.waiting.appendleft(r)
 
-    def _swap_in(self, r: Request, swap_in: list[SwapIn]) -> bool:
-        num_blocks = self.swapped[r.request_id]
-        if not self.blocks.pool.can_allocate(num_blocks):
+    def _swap_in(self, r: Request, num_new: int, swap_in: list[SwapIn]) -> bool:
+        """Bring a swapped request back with room for this step's tokens, or leave it out: a
+        waiting request never holds device blocks."""
+        num_held = self.swapped[r.request_id]
+        num_total = self.blocks.num_blocks_for(r.num_computed_tokens + num_new)
+        if not self.blocks.pool.can_allocate(max(num_held, num_total)):
             return False
-        block_ids = self.blocks.pool.allocate(num_blocks)
+        block_ids = self.blocks.pool.allocate(num_held)
         self.blocks.adopt(r.request_id, block_ids)
         del self.swapped[r.request_id]
         swap_in.append(SwapIn(r.request_id, tuple(block_ids)))
-        return True
+        return self._allocate(r, num_new)  # the rest is free: checked above
 
     # -- results -----------------------------------------------------------------------------
     def update(self, plan: StepPlan, result: StepResult) -> list[Request]:

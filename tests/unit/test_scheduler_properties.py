@@ -14,7 +14,7 @@ from kvserve.scheduler.plan import SampledToken, StepResult
 from kvserve.scheduler.scheduler import Scheduler
 
 BLOCK_SIZE = 4
-NUM_BLOCKS = 12
+NUM_BLOCKS = 8
 EOS = 0
 
 
@@ -26,6 +26,8 @@ def check_slots(scheduler, plan):
             slot = s.block_ids[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE
             assert owner.setdefault(slot, s.request_id) == s.request_id, "slot shared"
     tables = scheduler.blocks.tables
+    for r in scheduler.waiting:  # a waiting request never sits on device blocks
+        assert r.request_id not in tables, f"waiting {r.request_id} holds blocks"
     seen = {}
     for rid, table in tables.items():
         for b in table:
@@ -45,7 +47,7 @@ ops = st.lists(st.one_of(
 ), min_size=1, max_size=60)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(ops=ops, mode=st.sampled_from(["recompute", "swap"]),
        budget=st.integers(4, 40), max_seqs=st.integers(1, 6),
        tokens=st.lists(st.integers(0, 9), max_size=200))
