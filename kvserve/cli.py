@@ -32,6 +32,12 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int, default=8)
     g.add_argument("--max-num-batched-tokens", type=int, default=2048)
     g.add_argument("--preemption-mode", default="recompute", choices=PREEMPTION_MODES)
+    g.add_argument("--max-input-tokens", type=int, default=None, help="reject longer prompts")
+    g.add_argument("--max-output-tokens", type=int, default=None,
+                   help="reject requests asking for more new tokens")
+    g.add_argument("--max-long-requests", type=int, default=None,
+                   help="at most this many requests over --long-context-threshold run at once")
+    g.add_argument("--long-context-threshold", type=int, default=4096)
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -40,7 +46,10 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 kv_cache_memory=args.kv_cache_memory, block_size=args.block_size,
                 max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens,
-                preemption_mode=args.preemption_mode,
+                preemption_mode=args.preemption_mode, max_input_tokens=args.max_input_tokens,
+                max_output_tokens=args.max_output_tokens,
+                max_long_requests=args.max_long_requests,
+                long_context_threshold=args.long_context_threshold,
                 seed=args.seed if args.seed is not None else 0)
 
 
@@ -114,10 +123,16 @@ def print_stats(llm, wall_s: float) -> None:
         f"this sequence's tokens, {kv['kv_bytes_allocated']:,} bytes allocated",
     ]
     if "num_blocks_total" in kv:
+        blocks = int(m.get("num_blocks", 0))
+        block_bytes = kv["block_size"] * kv["kv_bytes_per_token"]
+        lines.append(
+            f"this request: {blocks} blocks ({blocks * block_bytes:,} bytes of KV), "
+            f"preempted {int(m.get('num_preemptions', 0))} times")
         peak, total = kv["peak_blocks_used"], kv["num_blocks_total"]
         lines.append(
             f"KV pool: {total:,} blocks of {kv['block_size']} tokens, peak {peak:,} used "
-            f"({peak / total:.2%}), preemptions: {kv['num_preemptions']}")
+            f"({peak / total:.2%}), now {kv['num_blocks_used']} used, "
+            f"preemptions: {kv['num_preemptions']}")
     lines += [
         f"K/V projections computed: {llm.engine.model.num_kv_projections:,}",
     ]

@@ -134,12 +134,23 @@ class SchedulerConfig:
     max_model_len: int | None = None  # None: the model's own context length
     max_num_batched_tokens: int = 2048  # token budget of one step (chunked prefill cuts to it)
     preemption_mode: str = "recompute"
+    # Limits that protect capacity (None: no limit). A long request is one whose prompt +
+    # max_tokens exceeds long_context_threshold; at most max_long_requests of them run at once.
+    max_input_tokens: int | None = None
+    max_output_tokens: int | None = None
+    max_long_requests: int | None = None
+    long_context_threshold: int = 4096
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "long_context_threshold"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("max_input_tokens", "max_output_tokens", "max_long_requests"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                      or value <= 0):
+                raise ConfigError(f"{name} must be a positive integer or unset, got {value!r}")
         if self.max_model_len is not None and (
                 not isinstance(self.max_model_len, int) or self.max_model_len <= 0):
             raise ConfigError(

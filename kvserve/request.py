@@ -150,6 +150,7 @@ class Request:
     stop_reason: str | int | None = None
     output_text: str = ""
     num_preemptions: int = 0
+    max_num_blocks: int = 0  # most KV blocks it held at once (paged cache)
     num_emitted_chars: int = 0  # output_text[:num_emitted_chars] has gone out as stream deltas
     first_token_time: float | None = None
     finish_time: float | None = None

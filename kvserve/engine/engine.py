@@ -112,7 +112,18 @@ class LLMEngine:
         return r
 
     def _check_fits(self, num_prompt_tokens: int, params: SamplingParams) -> None:
-        """Reject up front what could never finish: past the context, or bigger than the pool."""
+        """Reject up front what could never finish (past the context, bigger than the pool) and
+        what the capacity limits forbid, naming the limit and its value."""
+        limits = self.config.scheduler
+        if limits.max_input_tokens is not None and num_prompt_tokens > limits.max_input_tokens:
+            raise InvalidRequestError(
+                f"prompt has {num_prompt_tokens} tokens, over the max_input_tokens limit "
+                f"({limits.max_input_tokens})")
+        if limits.max_output_tokens is not None and (
+                params.max_tokens is None or params.max_tokens > limits.max_output_tokens):
+            raise InvalidRequestError(
+                f"max_tokens ({params.max_tokens}) is over the max_output_tokens limit "
+                f"({limits.max_output_tokens})")
         if params.max_tokens is not None and (
                 num_prompt_tokens + params.max_tokens > self.max_model_len):
             raise InvalidRequestError(
@@ -183,7 +194,8 @@ class LLMEngine:
             request_id=request_id, prompt=first.prompt,
             prompt_token_ids=tuple(first.prompt_token_ids), outputs=outputs,
             finished=all(r.status.finished for r in samples), num_cached_tokens=0,
-            metrics=request_metrics(first))
+            metrics={**request_metrics(first), "num_blocks": float(first.max_num_blocks),
+                     "num_preemptions": float(first.num_preemptions)})
 
     def kv_cache_stats(self) -> dict[str, int | float]:
         bytes_per_token = self.spec.kv_bytes_per_token(torch.empty((), dtype=self.dtype)

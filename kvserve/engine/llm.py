@@ -57,6 +57,8 @@ class LLM:
                  kv_cache_memory: str | int | float = "1GiB", block_size: int = 16,
                  max_model_len: int | None = None, max_num_seqs: int = 8,
                  max_num_batched_tokens: int = 2048, preemption_mode: str = "recompute",
+                 max_input_tokens: int | None = None, max_output_tokens: int | None = None,
+                 max_long_requests: int | None = None, long_context_threshold: int = 4096,
                  seed: int = 0):
         config = EngineConfig(
             model=model, dtype=dtype, device=device, seed=seed,
@@ -64,7 +66,11 @@ class LLM:
                               block_size=block_size, kv_cache_memory=kv_cache_memory),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                                       max_num_batched_tokens=max_num_batched_tokens,
-                                      preemption_mode=preemption_mode))
+                                      preemption_mode=preemption_mode,
+                                      max_input_tokens=max_input_tokens,
+                                      max_output_tokens=max_output_tokens,
+                                      max_long_requests=max_long_requests,
+                                      long_context_threshold=long_context_threshold))
         self.engine = LLMEngine(config)
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()

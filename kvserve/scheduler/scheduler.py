@@ -75,6 +75,8 @@ class Scheduler:
         while (not preempted and self.waiting and len(self.running) < self.config.max_num_seqs
                and (budget is None or budget > 0)):
             r = self.waiting[0]
+            if self._over_long_limit(r):
+                break  # FCFS: the head waits for a long request to finish; none jumps it
             num_new = self._num_new_tokens(r, budget)
             if r.request_id in self.swapped:
                 if not self._swap_in(r, num_new, swap_in):
@@ -87,6 +89,16 @@ class Scheduler:
             seqs.append(self._scheduled(r, num_new))
             budget = None if budget is None else budget - num_new
         return StepPlan(tuple(seqs), tuple(swap_out), tuple(swap_in))
+
+    def is_long(self, r: Request) -> bool:
+        max_tokens = r.params.max_tokens or self.max_model_len
+        return r.num_prompt_tokens + max_tokens > self.config.long_context_threshold
+
+    def _over_long_limit(self, r: Request) -> bool:
+        limit = self.config.max_long_requests
+        if limit is None or not self.is_long(r):
+            return False
+        return sum(self.is_long(x) for x in self.running) >= limit
 
     def _num_new_tokens(self, r: Request, budget: int | None) -> int:
         remaining = r.num_tokens - r.num_computed_tokens
@@ -102,6 +114,7 @@ class Scheduler:
         start = r.num_computed_tokens
         token_ids = tuple(r.all_token_ids[start:start + num_new])
         block_ids = tuple(self.blocks.block_ids(r.request_id)) if self.blocks else ()
+        r.max_num_blocks = max(r.max_num_blocks, len(block_ids))
         # Only a chunk that reaches the last known token produces the next one.
         return ScheduledSeq(r.request_id, token_ids, start, start + num_new == r.num_tokens,
                             block_ids)

@@ -76,3 +76,31 @@ def test_requests_that_can_never_fit_are_rejected_up_front(tiny_hf_dir):
 def test_bad_cache_settings_fail_at_start_up_naming_the_setting(tiny_hf_dir, kwargs, match):
     with pytest.raises(ConfigError, match=match):
         LLM(model=str(tiny_hf_dir), max_model_len=MAX_LEN, **{"block_size": BLOCK, **kwargs})
+
+
+def test_capacity_limits_name_the_limit_and_its_value(tiny_hf_dir):
+    llm = LLM(model=str(tiny_hf_dir), block_size=BLOCK, max_model_len=MAX_LEN,
+              max_input_tokens=6, max_output_tokens=8)
+    with pytest.raises(InvalidRequestError, match=r"max_input_tokens limit \(6\)"):
+        llm.generate(PROMPTS[0], SamplingParams(max_tokens=4), use_tqdm=False)
+    with pytest.raises(InvalidRequestError, match=r"max_output_tokens limit \(8\)"):
+        llm.generate(PROMPTS[3], SamplingParams(max_tokens=9), use_tqdm=False)
+    assert len(llm.generate(PROMPTS[3], SamplingParams(max_tokens=8, ignore_eos=True),
+                            use_tqdm=False)[0].token_ids) == 8
+
+
+def test_long_requests_run_at_most_max_long_requests_at_once(tiny_hf_dir, unconstrained):
+    params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    llm = LLM(model=str(tiny_hf_dir), block_size=BLOCK, max_model_len=MAX_LEN,
+              max_long_requests=1, long_context_threshold=36)
+    engine = llm.engine
+    for i, p in enumerate(PROMPTS):
+        engine.add_request(str(i), p["prompt_token_ids"], params)
+    most_long = 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        most_long = max(most_long, sum(engine.scheduler.is_long(r)
+                                       for r in engine.scheduler.running))
+    assert most_long == 1  # prompts of 10 and 14 tokens + 30 > 36: never together
+    outs = [engine.pop_finished(str(i)).output_token_ids for i in range(len(PROMPTS))]
+    assert [tuple(o) for o in outs] == run(unconstrained, params)
