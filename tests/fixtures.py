@@ -283,3 +283,15 @@ def write_spm_gguf(path: str | Path) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return Path(path)
+
+
+def write_wrong_arch_gguf(path: str | Path, arch: str = "gpt2") -> Path:
+    """A minimal GGUF of an architecture kvserve does not support."""
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Path(path)

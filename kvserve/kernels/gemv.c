@@ -95,6 +95,17 @@ ROW_DOT(bf16_t, load8_bf16, LOAD1_BF16)
 GEMV(kv_gemv_f32, float)
 GEMV(kv_gemv_bf16, bf16_t)
 
+/* s[0..len) <- exp(s - max(s)); returns their sum (the softmax denominator). */
+static inline float exp_shifted(float *s, int len) {
+  float mx = -INFINITY, total = 0.f;
+  for (int t = 0; t < len; t++) mx = s[t] > mx ? s[t] : mx;
+  for (int t = 0; t < len; t++) {
+    s[t] = expf(s[t] - mx);
+    total += s[t];
+  }
+  return total;
+}
+
 /* out[m, k] = weight * (x * rsqrt(mean(x^2) + eps)), row by row (Hugging Face's LlamaRMSNorm) */
 void kv_rms_norm(const float *restrict X, const float *restrict weight, float *restrict out,
                  int m, int k, float eps) {
@@ -179,18 +190,14 @@ static inline uint16_t f32_to_bf16(float f) {
       const KTYPE *kh = K + (size_t)(h / group) * capacity * d;                                   \
       const KTYPE *vh = V + (size_t)(h / group) * capacity * d;                                   \
       const float *qh = q + (size_t)h * d;                                                        \
-      float *s = scores + (size_t)h * len, mx = -INFINITY, total = 0.f;                           \
+      float *s = scores + (size_t)h * len;                                                        \
       for (int t = 0; t < len; t++) {                                                             \
         float acc = 0.f;                                                                          \
         _Pragma("omp simd reduction(+ : acc)")                                                    \
         for (int j = 0; j < d; j++) acc += qh[j] * LOADK(kh[(size_t)t * d + j]);                  \
         s[t] = acc * scale;                                                                       \
-        mx = s[t] > mx ? s[t] : mx;                                                               \
       }                                                                                           \
-      for (int t = 0; t < len; t++) {                                                             \
-        s[t] = expf(s[t] - mx);                                                                   \
-        total += s[t];                                                                            \
-      }                                                                                           \
+      float total = exp_shifted(s, len);                                                          \
       float *o = out + (size_t)h * d;                                                             \
       for (int j = 0; j < d; j++) o[j] = 0.f;                                                     \
       for (int t = 0; t < len; t++) {                                                             \
@@ -226,7 +233,7 @@ DECODE_ATTENTION(kv_decode_attention_bf16, bf16_t, LOAD1_BF16, STORE_BF16)
       const int *table = block_tables + (size_t)b * max_blocks;                                   \
       size_t head_off = (size_t)(h / group) * d;                                                  \
       const float *qh = q + (size_t)b * q_row_stride + (size_t)h * d;                             \
-      float *s = scores + (size_t)bh * max_context, mx = -INFINITY, total = 0.f;                  \
+      float *s = scores + (size_t)bh * max_context;                                               \
       for (int t = 0; t < len; t++) {                                                             \
         const KTYPE *k = K + table[t / block_size] * block_elems +                                \
                          (size_t)(t % block_size) * row_elems + head_off;                         \
@@ -234,12 +241,8 @@ DECODE_ATTENTION(kv_decode_attention_bf16, bf16_t, LOAD1_BF16, STORE_BF16)
         _Pragma("omp simd reduction(+ : acc)")                                                    \
         for (int j = 0; j < d; j++) acc += qh[j] * LOADK(k[j]);                                   \
         s[t] = acc * scale;                                                                       \
-        mx = s[t] > mx ? s[t] : mx;                                                               \
       }                                                                                           \
-      for (int t = 0; t < len; t++) {                                                             \
-        s[t] = expf(s[t] - mx);                                                                   \
-        total += s[t];                                                                            \
-      }                                                                                           \
+      float total = exp_shifted(s, len);                                                          \
       float *o = out + (size_t)bh * d;                                                            \
       for (int j = 0; j < d; j++) o[j] = 0.f;                                                     \
       for (int t = 0; t < len; t++) {                                                             \

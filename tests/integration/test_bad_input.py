@@ -13,8 +13,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import fixtures
-import gguf
-import numpy as np
 import pytest
 
 from kvserve import LLM, SamplingParams
@@ -30,14 +28,7 @@ def bad_models(tmp_path_factory, tiny_hf_dir, tiny_gguf_path) -> dict[str, Path]
     half = folder / "half.gguf"
     data = tiny_gguf_path.read_bytes()
     half.write_bytes(data[: len(data) // 2])
-    gpt2 = folder / "gpt2.gguf"
-    writer = gguf.GGUFWriter(str(gpt2), "gpt2")
-    writer.add_block_count(1)
-    writer.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    gpt2 = fixtures.write_wrong_arch_gguf(folder / "gpt2.gguf")
     q5 = fixtures.write_tiny_gguf(folder / "q5.gguf", tiny_hf_dir, qtype="Q5_1")
     return {"missing": folder / "no-such-model.gguf", "truncated": half, "architecture": gpt2,
             "quantization": q5}

@@ -57,3 +57,19 @@ def test_layout_bytes_for_the_default_model():
     assert KVLayout(spec, 16, "float32").bytes_per_token == 46_080
     assert fp16.num_blocks_for_tokens(17) == 2
     assert fp16.num_blocks_for_bytes(23_040 * 16 * 10 + 5) == 10
+
+
+def test_layout_formula_equals_the_bytes_of_the_allocated_store():
+    """The one memory formula against the tensors the paged storage actually allocates."""
+    import torch
+
+    from kvserve.cache.kv_storage import PagedKVStorage
+
+    spec = ModelSpec(name="t", num_layers=3, hidden_size=32, intermediate_size=64, num_heads=4,
+                     num_kv_heads=2, head_dim=8, vocab_size=50, max_position_embeddings=64)
+    for dtype, name in ((torch.float32, "float32"), (torch.bfloat16, "bfloat16")):
+        layout = KVLayout(spec, 4, name)
+        storage = PagedKVStorage(layout, num_blocks=5, dtype=dtype, device=torch.device("cpu"))
+        assert storage.num_bytes_allocated() == 5 * layout.bytes_per_block
+        per_token = storage.kv[:, :, 0, 0].numel() * storage.kv.element_size()
+        assert per_token == layout.bytes_per_token

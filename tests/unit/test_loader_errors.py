@@ -9,7 +9,6 @@ import struct
 
 import fixtures
 import gguf
-import numpy as np
 import pytest
 from safetensors.torch import load_file, save_file
 
@@ -71,14 +70,7 @@ def test_gguf_magic_without_extension_is_detected(tmp_path, tiny_gguf_path):
 
 
 def test_wrong_architecture_gguf(tmp_path):
-    path = tmp_path / "gpt2.gguf"
-    writer = gguf.GGUFWriter(str(path), "gpt2")
-    writer.add_block_count(1)
-    writer.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    path = fixtures.write_wrong_arch_gguf(tmp_path / "gpt2.gguf")
     assert _error(str(path)) == "unsupported architecture 'gpt2' (supported: llama family)"
 
 
