@@ -167,6 +167,14 @@ class Request:
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
 
+    def token_ids_between(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of prompt + output, without copying the whole sequence (the
+        scheduler asks every step, usually for one decode token at the end)."""
+        num_prompt = len(self.prompt_token_ids)
+        if start >= num_prompt:
+            return self.output_token_ids[start - num_prompt:end - num_prompt]
+        return self.prompt_token_ids[start:end] + self.output_token_ids[:max(0, end - num_prompt)]
+
 
 @dataclass(frozen=True)
 class CompletionOutput:

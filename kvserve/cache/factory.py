@@ -20,9 +20,6 @@ from kvserve.cache.paged import PagedCache
 from kvserve.config import CacheConfig, ModelSpec
 from kvserve.errors import ConfigError
 
-TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16",
-                     torch.float16: "float16"}
-
 
 @dataclass
 class BuiltCache:
@@ -51,7 +48,7 @@ def build_cache(config: CacheConfig, spec: ModelSpec, dtype: torch.dtype, device
         return BuiltCache(NoCache(spec))
     if config.cache_mode == "contiguous":
         return BuiltCache(ContiguousCache(spec, dtype, device))
-    layout = KVLayout(spec, config.block_size, TORCH_DTYPE_NAMES[dtype])
+    layout = KVLayout(spec, config.block_size, str(dtype).removeprefix("torch."))
     budget = config.kv_cache_memory_spec
     num_bytes = int(budget * free_memory_bytes(device)) if isinstance(budget, float) else budget
     num_blocks = layout.num_blocks_for_bytes(num_bytes)

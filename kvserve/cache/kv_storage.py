@@ -48,6 +48,3 @@ class PagedKVStorage:
 
     def drop(self, request_id: str) -> None:
         self.host_copies.pop(request_id, None)
-
-    def num_host_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.host_copies.values())

@@ -26,6 +26,7 @@ class PagedCache:
         self.batch: StepBatch | None = None
         self.slot_mapping: torch.Tensor | None = None
         self._decode: tuple[torch.Tensor, torch.Tensor, int] | None = None
+        self._gather_index: list[torch.Tensor] | None = None
         self._scores = torch.empty(0, dtype=torch.float32)
 
     def begin_step(self, batch: StepBatch) -> None:
@@ -42,6 +43,10 @@ class PagedCache:
         self.slot_mapping = torch.tensor(slots, dtype=torch.long, device=device)  # [num_tokens]
         self.batch = batch
         self._decode = self._decode_inputs(batch) if self._fast_ok(batch) else None
+        # Block indices of each sequence's used blocks, built once per step, not once per layer.
+        self._gather_index = None if self._decode is not None else [
+            torch.tensor(s.block_ids[:-(-s.context_len // bs)], dtype=torch.long, device=device)
+            for s in batch.seqs]
 
     def _fast_ok(self, batch: StepBatch) -> bool:
         return (self.use_fast_decode and self.storage.kv.device.type == "cpu"
@@ -76,10 +81,8 @@ class PagedCache:
     def _attend_gathered(self, q: torch.Tensor, keys: torch.Tensor,
                          values: torch.Tensor) -> torch.Tensor:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        for s in self.batch.seqs:
+        for s, index in zip(self.batch.seqs, self._gather_index):
             rows = slice(s.row_start, s.row_start + s.num_new_tokens)
-            index = torch.tensor(s.block_ids[:-(-s.context_len // self.block_size)],
-                                 dtype=torch.long, device=keys.device)
             # Only this sequence's blocks: [n_blocks * block_size, kv, d] -> [kv, L, d]
             k_seq = keys.index_select(0, index).flatten(0, 1)[:s.context_len].transpose(0, 1)
             v_seq = values.index_select(0, index).flatten(0, 1)[:s.context_len].transpose(0, 1)

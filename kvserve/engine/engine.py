@@ -68,8 +68,7 @@ class LLMEngine:
         context = self.spec.max_position_embeddings
         self.max_model_len = min(config.scheduler.max_model_len or context, context)
         built = build_cache(config.cache, self.spec, self.dtype, self.device, self.max_model_len)
-        self.cache, self.block_manager, self.kv_layout = (built.backend, built.block_manager,
-                                                          built.layout)
+        self.cache, self.block_manager = built.backend, built.block_manager
         self.runner = ModelRunner(self.model, self.cache, self.tokenizer.eos_token_ids)
         self.scheduler = Scheduler(config.scheduler, self.max_model_len, self.cache.retains_kv,
                                    self.tokenizer.eos_token_ids, self.block_manager)
@@ -226,14 +225,6 @@ class LLMEngine:
             "peak_blocks_used": self.peak_blocks_used,
         })
         return stats
-
-    def request_kv_stats(self, request_id: str) -> dict[str, int]:
-        """Blocks and bytes one request holds, and how often it was preempted."""
-        r = self.requests[request_id]
-        held = self.block_manager.num_blocks_held(request_id) if self.block_manager else 0
-        return {"num_blocks": held,
-                "kv_bytes": held * (self.kv_layout.bytes_per_block if self.kv_layout else 0),
-                "num_preemptions": r.num_preemptions}
 
 
 def request_metrics(r: Request) -> dict[str, float]:

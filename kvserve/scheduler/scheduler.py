@@ -112,7 +112,7 @@ class Scheduler:
     def _scheduled(self, r: Request, num_new: int) -> ScheduledSeq:
         # [0, num_computed) cached | [num_computed, num_computed + num_new) fed this step
         start = r.num_computed_tokens
-        token_ids = tuple(r.all_token_ids[start:start + num_new])
+        token_ids = tuple(r.token_ids_between(start, start + num_new))
         block_ids = tuple(self.blocks.block_ids(r.request_id)) if self.blocks else ()
         r.max_num_blocks = max(r.max_num_blocks, len(block_ids))
         # Only a chunk that reaches the last known token produces the next one.

@@ -94,3 +94,11 @@ def test_finish_removes_a_waiting_request():
     s.schedule()
     s.finish(b, FinishReason.ABORT)
     assert b.status is RequestStatus.FINISHED_ABORTED and s.find("b") is None
+
+
+def test_token_ids_between_spans_prompt_and_output():
+    r = req("a", prompt=(1, 2, 3))
+    r.output_token_ids += [4, 5]
+    for start in range(6):
+        for end in range(start, 6):
+            assert r.token_ids_between(start, end) == r.all_token_ids[start:end]
