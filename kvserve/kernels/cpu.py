@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("gemv.c")
 _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
-MAX_M = 8  # rows of x the C kernel takes (MAX_M in gemv.c); larger batches are matmul-bound
+MAX_M = 64  # rows the fused C path takes (MAX_M in gemv.c); prefill-sized batches use torch
 _lib: ctypes.CDLL | None = None
 _tried = False
 

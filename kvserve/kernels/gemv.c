@@ -14,7 +14,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#define MAX_M 8
+#define MAX_M 64
 
 int kv_max_m(void) { return MAX_M; }
 
@@ -49,6 +49,29 @@ static inline __m256 load8_bf16(const uint16_t *p) {
   __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
 }
+/* e^x for 8 floats: x = n ln2 + r with |r| <= ln2 / 2, e^r by a degree-7 polynomial (the Cephes
+ * expf coefficients), 2^n built in the exponent bits. Relative error ~2e-7 over the clamped
+ * range [-87.3, 88.7] (below it the result is ~1e-38, not 0: harmless as a softmax weight).
+ * libm's scalar expf was most of the softmax and SwiGLU time in batched decode. */
+#define KV_HAVE_EXP8 1
+#define KV_AVX2 1
+static inline __m256 exp8_ps(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.7f));
+  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504089f)),
+                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)),
+                                23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
 #define ROW_DOT(WTYPE, LOAD8, LOAD1)                                                 \
   static inline float row_dot_##WTYPE(const WTYPE *w, const float *x, int k) {       \
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                       \
@@ -79,10 +102,98 @@ typedef uint16_t bf16_t;
 ROW_DOT(float, load8_f32, LOAD1_F32)
 ROW_DOT(bf16_t, load8_bf16, LOAD1_BF16)
 
+/* Register tiles for products where both operands run along k (Y = X W^T, scores = q K^T):
+ * out[i * ldo + j] (=|+=) dot(a[i], b[j]) for i < ma <= 4 activation rows and j < nb <= 3 rows
+ * of the typed operand, in 12 independent 8-wide accumulators: each b load serves 4 rows and
+ * each a load 3, so the FMA units, not the loads or one accumulator's latency, set the pace.
+ * Shapes with 3 b rows are instantiated for each ma so the compiler keeps acc in registers. */
+#ifdef KV_AVX2
+#define DOT_TILE(WTYPE, LOAD8, LOAD1)                                                             \
+  static inline __attribute__((always_inline)) void tile_body_##WTYPE(                          \
+      const float *const *a, int ma, const WTYPE *const *b, int nb, int k, float *out, int ldo,   \
+      int accumulate) {                                                                           \
+    __m256 acc[4][3];                                                                             \
+    for (int i = 0; i < ma; i++)                                                                  \
+      for (int j = 0; j < nb; j++) acc[i][j] = _mm256_setzero_ps();                               \
+    int p = 0;                                                                                    \
+    for (; p + 8 <= k; p += 8) {                                                                  \
+      __m256 bv[3];                                                                               \
+      for (int j = 0; j < nb; j++) bv[j] = LOAD8(b[j] + p);                                       \
+      for (int i = 0; i < ma; i++) {                                                              \
+        __m256 av = _mm256_loadu_ps(a[i] + p);                                                    \
+        for (int j = 0; j < nb; j++) acc[i][j] = _mm256_fmadd_ps(av, bv[j], acc[i][j]);           \
+      }                                                                                           \
+    }                                                                                             \
+    for (int i = 0; i < ma; i++)                                                                  \
+      for (int j = 0; j < nb; j++) {                                                              \
+        float v = hsum256(acc[i][j]);                                                             \
+        for (int q = p; q < k; q++) v += a[i][q] * LOAD1(b[j][q]);                                \
+        out[i * ldo + j] = accumulate ? out[i * ldo + j] + v : v;                                 \
+      }                                                                                           \
+  }                                                                                               \
+  /* constant shapes, so each case is unrolled into registers (variable bounds spill acc) */    \
+  static void tile_##WTYPE(const float *const *a, int ma, const WTYPE *const *b, int nb, int k,   \
+                           float *out, int ldo, int accumulate) {                                 \
+    if (nb == 3) {                                                                                \
+      switch (ma) {                                                                               \
+        case 4: tile_body_##WTYPE(a, 4, b, 3, k, out, ldo, accumulate); return;                   \
+        case 3: tile_body_##WTYPE(a, 3, b, 3, k, out, ldo, accumulate); return;                   \
+        case 2: tile_body_##WTYPE(a, 2, b, 3, k, out, ldo, accumulate); return;                   \
+        case 1: tile_body_##WTYPE(a, 1, b, 3, k, out, ldo, accumulate); return;                   \
+      }                                                                                           \
+    }                                                                                             \
+    tile_body_##WTYPE(a, ma, b, nb, k, out, ldo, accumulate);                                     \
+  }
+#else
+#define DOT_TILE(WTYPE, LOAD8, LOAD1)                                                             \
+  static inline void tile_##WTYPE(const float *const *a, int ma, const WTYPE *const *b, int nb,   \
+                                  int k, float *out, int ldo, int accumulate) {                   \
+    for (int i = 0; i < ma; i++)                                                                  \
+      for (int j = 0; j < nb; j++) {                                                              \
+        float v = 0.f;                                                                            \
+        _Pragma("omp simd reduction(+ : v)")                                                      \
+        for (int q = 0; q < k; q++) v += a[i][q] * LOAD1(b[j][q]);                                \
+        out[i * ldo + j] = accumulate ? out[i * ldo + j] + v : v;                                 \
+      }                                                                                           \
+  }
+#endif
+DOT_TILE(float, load8_f32, LOAD1_F32)
+DOT_TILE(bf16_t, load8_bf16, LOAD1_BF16)
+
+/* Y[m, n] (=|+=) X[m, k] @ W[n, k]^T for batches past a few rows: 3-row panels of W split across
+ * threads; each panel (a few KiB) stays in L1 while every 4-row tile of X passes over it, so W is
+ * still read from memory once per call and X comes from L2. */
+#define GEMM(NAME, WTYPE)                                                                         \
+  static void NAME(const WTYPE *restrict W, const float *restrict X, float *restrict Y, int m,    \
+                   int n, int k, int accumulate) {                                                \
+    int panels = (n + 2) / 3;                                                                     \
+    _Pragma("omp parallel for schedule(static) num_threads(kv_team())")                           \
+    for (int pnl = 0; pnl < panels; pnl++) {                                                      \
+      int r0 = pnl * 3, nb = n - r0 < 3 ? n - r0 : 3;                                             \
+      const WTYPE *b[3];                                                                          \
+      for (int j = 0; j < nb; j++) b[j] = W + (size_t)(r0 + j) * k;                               \
+      for (int i0 = 0; i0 < m; i0 += 4) {                                                         \
+        int ma = m - i0 < 4 ? m - i0 : 4;                                                         \
+        const float *a[4];                                                                        \
+        for (int i = 0; i < ma; i++) a[i] = X + (size_t)(i0 + i) * k;                             \
+        tile_##WTYPE(a, ma, b, nb, k, Y + (size_t)i0 * n + r0, n, accumulate);                    \
+      }                                                                                           \
+    }                                                                                             \
+  }
+GEMM(gemm_tiled_float, float)
+GEMM(gemm_tiled_bf16_t, bf16_t)
+
+/* Up to GEMV_ROWS rows of X the product is bound by streaming W once (each W row reduced against
+ * every X row in four accumulators); past that the FMA units bind and the tiled GEMM above wins. */
+#define GEMV_ROWS 4
 #define GEMV(NAME, WTYPE)                                                                \
   void NAME(const WTYPE *restrict W, const float *restrict X, float *restrict Y, int m,  \
             int n, int k, int accumulate) {                                               \
-    _Pragma("omp parallel for schedule(static) num_threads(kv_team())")                                          \
+    if (m > GEMV_ROWS) {                                                                  \
+      gemm_tiled_##WTYPE(W, X, Y, m, n, k, accumulate);                                   \
+      return;                                                                             \
+    }                                                                                     \
+    _Pragma("omp parallel for schedule(static) num_threads(kv_team())")                  \
     for (int r = 0; r < n; r++) {                                                         \
       const WTYPE *w = W + (size_t)r * k;                                                 \
       for (int i = 0; i < m; i++) {                                                       \
@@ -99,7 +210,17 @@ GEMV(kv_gemv_bf16, bf16_t)
 static inline float exp_shifted(float *s, int len) {
   float mx = -INFINITY, total = 0.f;
   for (int t = 0; t < len; t++) mx = s[t] > mx ? s[t] : mx;
-  for (int t = 0; t < len; t++) {
+  int t = 0;
+#ifdef KV_HAVE_EXP8
+  __m256 vmx = _mm256_set1_ps(mx), vsum = _mm256_setzero_ps();
+  for (; t + 8 <= len; t += 8) {
+    __m256 e = exp8_ps(_mm256_sub_ps(_mm256_loadu_ps(s + t), vmx));
+    _mm256_storeu_ps(s + t, e);
+    vsum = _mm256_add_ps(vsum, e);
+  }
+  total = hsum256(vsum);
+#endif
+  for (; t < len; t++) {
     s[t] = expf(s[t] - mx);
     total += s[t];
   }
@@ -148,7 +269,16 @@ void kv_swiglu(const float *restrict GU, float *restrict out, int m, int inter) 
     const float *g = GU + (size_t)i * 2 * inter;
     const float *u = g + inter;
     float *o = out + (size_t)i * inter;
-    for (int j = 0; j < inter; j++) o[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
+    int j = 0;
+#ifdef KV_HAVE_EXP8
+    const __m256 one = _mm256_set1_ps(1.0f);
+    for (; j + 8 <= inter; j += 8) {
+      __m256 gv = _mm256_loadu_ps(g + j);
+      __m256 sig = _mm256_add_ps(one, exp8_ps(_mm256_sub_ps(_mm256_setzero_ps(), gv)));
+      _mm256_storeu_ps(o + j, _mm256_mul_ps(_mm256_div_ps(gv, sig), _mm256_loadu_ps(u + j)));
+    }
+#endif
+    for (; j < inter; j++) o[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
   }
 }
 
@@ -212,12 +342,93 @@ static inline uint16_t f32_to_bf16(float f) {
 DECODE_ATTENTION(kv_decode_attention_f32, float, LOAD1_F32, STORE_F32)
 DECODE_ATTENTION(kv_decode_attention_bf16, bf16_t, LOAD1_BF16, STORE_BF16)
 
+/* The two products of one (sequence, KV head) pair of paged decode attention, over the `group`
+ * query heads that share the KV head. Token t's row of K (or V) for this head lives at
+ * base + table[t / block_size] * block_elems + (t % block_size) * row_elems. */
+#define PAGED_HELPERS(KTYPE, LOAD8, LOADK)                                                        \
+  /* s[hh * lds + t] = scale * q[hh] . K[t] for hh < group, t < len */                           \
+  static void paged_qk_##KTYPE(const float *q, int group, int d, const KTYPE *base,               \
+                               const int *table, int block_size, size_t block_elems,              \
+                               size_t row_elems, int len, float scale, float *s, int lds) {       \
+    for (int t0 = 0; t0 < len; t0 += 3) {                                                         \
+      int nb = len - t0 < 3 ? len - t0 : 3;                                                       \
+      const KTYPE *b[3];                                                                          \
+      for (int j = 0; j < nb; j++) {                                                              \
+        int t = t0 + j;                                                                           \
+        b[j] = base + table[t / block_size] * block_elems + (size_t)(t % block_size) * row_elems; \
+      }                                                                                           \
+      for (int h0 = 0; h0 < group; h0 += 4) {                                                     \
+        int ma = group - h0 < 4 ? group - h0 : 4;                                                 \
+        const float *a[4];                                                                        \
+        for (int i = 0; i < ma; i++) a[i] = q + (size_t)(h0 + i) * d;                             \
+        tile_##KTYPE(a, ma, b, nb, d, s + (size_t)h0 * lds + t0, lds, 0);                         \
+      }                                                                                           \
+    }                                                                                             \
+    for (int hh = 0; hh < group; hh++)                                                            \
+      for (int t = 0; t < len; t++) s[(size_t)hh * lds + t] *= scale;                             \
+  }                                                                                               \
+  /* o[hh] = sum_t p[hh * lds + t] * V[t] for hh < group (o is [group, d]) */                     \
+  static void paged_pv_##KTYPE(const float *p, int lds, int group, int d, const KTYPE *base,       \
+                               const int *table, int block_size, size_t block_elems,              \
+                               size_t row_elems, int len, float *o) {                             \
+    int j0 = 0;                                                                                   \
+    PAGED_PV_VECTOR(KTYPE, LOAD8)                                                                 \
+    for (int hh = 0; hh < group; hh++)                                                            \
+      for (int j = j0; j < d; j++) o[(size_t)hh * d + j] = 0.f;                                   \
+    for (int t = 0; t < len && j0 < d; t++) {                                                     \
+      const KTYPE *v = base + table[t / block_size] * block_elems +                               \
+                       (size_t)(t % block_size) * row_elems;                                      \
+      for (int hh = 0; hh < group; hh++) {                                                        \
+        float w = p[(size_t)hh * lds + t], *oh = o + (size_t)hh * d;                              \
+        for (int j = j0; j < d; j++) oh[j] += w * LOADK(v[j]);                                    \
+      }                                                                                           \
+    }                                                                                             \
+  }
+/* AVX2: 16 columns of up to 4 heads in 8 accumulators, one pass over the tokens per 16 columns
+ * (the V rows of one sequence stay in L2 between passes); leaves j0 at the first column left. */
+#ifdef KV_AVX2
+#define PV_COLUMNS(KTYPE, LOAD8, NH)                                                              \
+  {                                                                                               \
+    __m256 acc[NH][2];                                                                            \
+    for (int i = 0; i < NH; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();                     \
+    for (int t = 0; t < len; t++) {                                                               \
+      const KTYPE *v = base + table[t / block_size] * block_elems +                               \
+                       (size_t)(t % block_size) * row_elems + j0;                                 \
+      __m256 v0 = LOAD8(v), v1 = LOAD8(v + 8);                                                    \
+      for (int i = 0; i < NH; i++) {                                                              \
+        __m256 w = _mm256_broadcast_ss(p + (size_t)(h0 + i) * lds + t);                           \
+        acc[i][0] = _mm256_fmadd_ps(w, v0, acc[i][0]);                                            \
+        acc[i][1] = _mm256_fmadd_ps(w, v1, acc[i][1]);                                            \
+      }                                                                                           \
+    }                                                                                             \
+    for (int i = 0; i < NH; i++) {                                                                \
+      _mm256_storeu_ps(o + (size_t)(h0 + i) * d + j0, acc[i][0]);                                 \
+      _mm256_storeu_ps(o + (size_t)(h0 + i) * d + j0 + 8, acc[i][1]);                             \
+    }                                                                                             \
+  }
+#define PAGED_PV_VECTOR(KTYPE, LOAD8)                                                             \
+  for (; j0 + 16 <= d; j0 += 16)                                                                  \
+    for (int h0 = 0; h0 < group; h0 += 4) {                                                       \
+      switch (group - h0 < 4 ? group - h0 : 4) {                                                  \
+        case 4: PV_COLUMNS(KTYPE, LOAD8, 4) break;                                                \
+        case 3: PV_COLUMNS(KTYPE, LOAD8, 3) break;                                                \
+        case 2: PV_COLUMNS(KTYPE, LOAD8, 2) break;                                                \
+        default: PV_COLUMNS(KTYPE, LOAD8, 1) break;                                               \
+      }                                                                                           \
+    }
+#else
+#define PAGED_PV_VECTOR(KTYPE, LOAD8)
+#endif
+PAGED_HELPERS(float, load8_f32, LOAD1_F32)
+PAGED_HELPERS(bf16_t, load8_bf16, LOAD1_BF16)
+
 /* Decode attention of a batch of sequences over a paged K/V store, one query token each:
  * K, V are [num_blocks, block_size, num_kv, d]; sequence b's token t lives in block
  * block_tables[b * max_blocks + t / block_size], slot t % block_size, for t < context_lens[b]
  * (its new K/V already written there). q rows are q_row_stride floats apart, heads d apart;
  * out is [B, num_heads, d] contiguous. Blocks are read where they lie: nothing is gathered.
- * `scores` is scratch of B * num_heads * max_context floats.
+ * One task per (sequence, KV head): each K/V row is read once for all the query heads that share
+ * it (grouped-query attention). `scores` is scratch of B * num_heads * max_context floats.
  * Reference: kvserve.model.attention.attention_reference over the gathered blocks. */
 #define PAGED_DECODE(NAME, KTYPE, LOADK)                                                         \
   void NAME(const float *restrict q, int q_row_stride, const KTYPE *restrict K,                  \
@@ -228,30 +439,19 @@ DECODE_ATTENTION(kv_decode_attention_bf16, bf16_t, LOAD1_BF16, STORE_BF16)
     float scale = 1.0f / sqrtf((float)d);                                                         \
     size_t row_elems = (size_t)num_kv * d, block_elems = (size_t)block_size * row_elems;          \
     _Pragma("omp parallel for schedule(dynamic, 1) num_threads(kv_team())")                       \
-    for (int bh = 0; bh < batch * num_heads; bh++) {                                              \
-      int b = bh / num_heads, h = bh % num_heads, len = context_lens[b];                          \
+    for (int bg = 0; bg < batch * num_kv; bg++) {                                                 \
+      int b = bg / num_kv, g = bg % num_kv, len = context_lens[b], h0 = g * group;                \
       const int *table = block_tables + (size_t)b * max_blocks;                                   \
-      size_t head_off = (size_t)(h / group) * d;                                                  \
-      const float *qh = q + (size_t)b * q_row_stride + (size_t)h * d;                             \
-      float *s = scores + (size_t)bh * max_context;                                               \
-      for (int t = 0; t < len; t++) {                                                             \
-        const KTYPE *k = K + table[t / block_size] * block_elems +                                \
-                         (size_t)(t % block_size) * row_elems + head_off;                         \
-        float acc = 0.f;                                                                          \
-        _Pragma("omp simd reduction(+ : acc)")                                                    \
-        for (int j = 0; j < d; j++) acc += qh[j] * LOADK(k[j]);                                   \
-        s[t] = acc * scale;                                                                       \
+      const float *qg = q + (size_t)b * q_row_stride + (size_t)h0 * d;                            \
+      float *s = scores + ((size_t)b * num_heads + h0) * max_context;                             \
+      paged_qk_##KTYPE(qg, group, d, K + (size_t)g * d, table, block_size, block_elems,           \
+                       row_elems, len, scale, s, max_context);                                    \
+      for (int hh = 0; hh < group; hh++) {                                                        \
+        float *sh = s + (size_t)hh * max_context, inv = 1.0f / exp_shifted(sh, len);              \
+        for (int t = 0; t < len; t++) sh[t] *= inv;                                               \
       }                                                                                           \
-      float total = exp_shifted(s, len);                                                          \
-      float *o = out + (size_t)bh * d;                                                            \
-      for (int j = 0; j < d; j++) o[j] = 0.f;                                                     \
-      for (int t = 0; t < len; t++) {                                                             \
-        const KTYPE *v = V + table[t / block_size] * block_elems +                                \
-                         (size_t)(t % block_size) * row_elems + head_off;                         \
-        float p = s[t] / total;                                                                   \
-        _Pragma("omp simd")                                                                       \
-        for (int j = 0; j < d; j++) o[j] += p * LOADK(v[j]);                                      \
-      }                                                                                           \
+      paged_pv_##KTYPE(s, max_context, group, d, V + (size_t)g * d, table, block_size,            \
+                       block_elems, row_elems, len, out + ((size_t)b * num_heads + h0) * d);      \
     }                                                                                             \
   }
 PAGED_DECODE(kv_paged_decode_attention_f32, float, LOAD1_F32)

@@ -8,7 +8,7 @@ from kvserve.kernels import cpu
 pytestmark = pytest.mark.skipif(cpu.load() is None, reason="no C compiler: reference path only")
 
 
-@pytest.mark.parametrize("m", [1, 2, 3, 8])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 13, 64])  # row-streaming gemv, then tiled GEMM
 @pytest.mark.parametrize("n,k", [(1, 5), (7, 13), (96, 64), (130, 257)])
 def test_gemv_f32_matches_reference(m, n, k):
     g = torch.Generator().manual_seed(m * 1000 + n + k)
@@ -18,7 +18,16 @@ def test_gemv_f32_matches_reference(m, n, k):
                                rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("m", [1, 4])
+@pytest.mark.parametrize("m", [1, 6, 13])
+def test_gemv_accumulates_into_y(m):
+    g = torch.Generator().manual_seed(m)
+    x, w, y = torch.randn(m, 40, generator=g), torch.randn(11, 40, generator=g), torch.randn(m, 11)
+    expected = y + cpu.reference_linear(x, w)
+    cpu.linear_add_(y, x, w)
+    torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("m", [1, 4, 11])
 @pytest.mark.parametrize("n,k", [(9, 31), (64, 5000)])
 def test_gemv_bf16_weights_match_widened_reference(m, n, k):
     g = torch.Generator().manual_seed(n + k)
@@ -28,7 +37,7 @@ def test_gemv_bf16_weights_match_widened_reference(m, n, k):
 
 
 def test_large_batches_take_the_reference_path():
-    x = torch.randn(64, 16)
+    x = torch.randn(cpu.MAX_M + 1, 16)
     w = torch.randn(8, 16)
     assert torch.equal(cpu.linear(x, w), cpu.reference_linear(x, w))
 
