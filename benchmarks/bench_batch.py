@@ -104,7 +104,29 @@ def bench_kvserve(prompts: list[list[int]], new_tokens: int, repeats: int) -> di
         return [list(o.outputs[0].token_ids) for o in outs]
 
     run(items[:4], min(new_tokens, 4))  # warm-up
-    return {**timed(run, repeats), "preemptions": llm.engine.kv_cache_stats()["num_preemptions"]}
+    return {**timed(run, repeats), "preemptions": llm.engine.kv_cache_stats()["num_preemptions"],
+            "matmul_flops": matmul_flops(llm.engine.model, prompts, new_tokens)}
+
+
+def matmul_flops(model, prompts: list[list[int]], new_tokens: int) -> float:
+    """Weight-matmul FLOPs any engine must spend on this mix (attention left out): every prompt
+    token through every layer, one LM-head row per sampled token."""
+    layer = 2 * sum(x.numel() for lw in model.layers for x in vars(lw).values()
+                    if x.dim() == 2)
+    head = 2 * model.lm_head.numel()
+    tokens = sum(len(p) for p in prompts) + len(prompts) * (new_tokens - 1)
+    return tokens * layer + len(prompts) * new_tokens * head
+
+
+def matmul_peak_flops(repeats: int = 5) -> float:
+    """Best float32 GEMM rate of this machine through torch, on a prefill-sized product."""
+    a, b = torch.randn(1024, 576), torch.randn(576, 1536)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * a.shape[0] * a.shape[1] * b.shape[1] / best
 
 
 def bench_hf(model, prompts: list[list[int]], new_tokens: int, repeats: int) -> dict:
@@ -195,6 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     prompts = build_prompts(tokenizer, n_prompts, *args.prompt_len)
     hf_model = None
     throughput = {}
+    peak_before = matmul_peak_flops()
     for c in args.concurrency:
         batch, repeats = prompts[:c], args.repeats or (1 if c >= 32 else 3)
         log(f"(a) C={c}: kvserve ...")
@@ -213,6 +236,11 @@ def main(argv: list[str] | None = None) -> None:
         kv.pop("tokens")
     del hf_model
     gc.collect()
+    peak = max(peak_before, matmul_peak_flops())
+    for c, r in throughput.items():
+        # The fastest any engine could go on this machine: the mix's weight matmuls at peak.
+        r["matmul_floor_s"] = r["kvserve"]["matmul_flops"] / peak
+        r["matmul_bound_tokens_per_s"] = c * args.new_tokens / r["matmul_floor_s"]
     mix = prompts[:args.requests]
     log(f"(b) KV waste over {len(mix)} requests ...")
     waste = bench_waste(mix, args.new_tokens, args.reserve_len)
@@ -224,16 +252,21 @@ def main(argv: list[str] | None = None) -> None:
     lo, hi = args.prompt_len
     print(f"\nfloat32, prompts {lo}-{hi} tokens (seed {SEED}), {args.new_tokens} new tokens, "
           "greedy, EOS ignored; wall-clock median after one warm-up\n")
+    print(f"float32 matmul peak (torch, best of 5, before/after): {peak_before / 1e9:.0f} / "
+          f"{peak / 1e9:.0f} GFLOP/s; 'bound' = C * new tokens / (the mix's weight-matmul FLOPs "
+          "at that peak)\n")
     head = (f"{'C':>4} {'kvserve tok/s':>14} {'hf tok/s':>10} {'kvserve/hf':>11} {'runs':>5} "
-            f"{'preempt':>8} {'greedy agree':>13}")
+            f"{'preempt':>8} {'greedy agree':>13} {'bound tok/s':>12} {'kvserve/bound':>14}")
     print(head + "\n" + "-" * len(head))
     for c, r in throughput.items():
         kv, hf = r["kvserve"], r.get("transformers")
         hf_cols = (f"{hf['tokens_per_s']:>10.1f} {r['ratio']:>10.2f}x" if hf
                    else f"{'-':>10} {'-':>11}")
         agree = f"{100 * r['greedy_agree_mean']:>12.0f}%" if hf else f"{'-':>13}"
+        bound = r["matmul_bound_tokens_per_s"]
         print(f"{c:>4} {kv['tokens_per_s']:>14.1f} {hf_cols} {kv['repeats']:>5} "
-              f"{kv['preemptions']:>8} {agree}")
+              f"{kv['preemptions']:>8} {agree} {bound:>12.1f} "
+              f"{kv['tokens_per_s'] / bound:>13.0%}")
     mib, w = 1 << 20, waste
     print(f"\nKV waste, {len(mix)} requests, block {w['block_size']}, "
           f"{w['kv_bytes_per_token']} B/token, over {w['steps']} steps; "
@@ -258,6 +291,7 @@ def main(argv: list[str] | None = None) -> None:
                    "requests": args.requests, "reserve_len": args.reserve_len,
                    "budget": args.budget, "repeats": args.repeats,
                    "skip_hf_above": args.skip_hf_above, "quick": args.quick, "seed": SEED},
+        "matmul_peak_flops": peak,
         "throughput": {str(c): r for c, r in throughput.items()},
         "waste": waste, "concurrency_in_budget": conc}))
 

@@ -74,7 +74,28 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stats", action="store_true",
                      help="print TTFT, decode tokens/s and KV-cache bytes to stderr")
     add_engine_flags(gen)
+    add_bench_parser(sub)
     return parser
+
+
+def add_bench_parser(sub) -> None:
+    from kvserve.bench import LABS
+
+    bench = sub.add_parser("bench", help="run a lab that measures a KV-cache trade-off",
+                           description="Labs: each writes CSV, PNG plots and JSON to --out.")
+    labs = bench.add_subparsers(dest="lab")
+    for lab in LABS.values():
+        lab_parser = labs.add_parser(lab.name, help=lab.summary, description=lab.summary)
+        lab.load().add_arguments(lab_parser)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from kvserve.bench import LABS, describe
+
+    if args.lab is None:
+        print(describe())
+        return 0
+    return LABS[args.lab].load().main(args)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -146,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return cmd_generate(args)
+        if args.command == "bench":
+            return cmd_bench(args)
     except KVServeError as err:
         print(f"kvserve: error: {err}", file=sys.stderr)
         return EXIT_ERROR

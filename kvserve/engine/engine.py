@@ -196,6 +196,12 @@ class LLMEngine:
             metrics={**request_metrics(first), "num_blocks": float(first.max_num_blocks),
                      "num_preemptions": float(first.num_preemptions)})
 
+    def reset_counters(self) -> None:
+        """Zero the peaks and the K/V projection count (a lab starts measuring from here)."""
+        self.peak_kv_bytes = 0
+        self.peak_blocks_used = 0
+        self.model.num_kv_projections = 0
+
     def kv_cache_stats(self) -> dict[str, int | float]:
         bytes_per_token = self.spec.kv_bytes_per_token(torch.empty((), dtype=self.dtype)
                                                        .element_size())

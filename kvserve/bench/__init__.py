@@ -1,0 +1,33 @@
+"""The labs behind `kvserve bench`: each measures one KV-cache trade-off on a real model and writes
+a table, CSV, plots and JSON into one output folder. This module only names them; each lab's
+module owns its flags (add_arguments) and its run (main)."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Lab:
+    name: str
+    module: str  # kvserve.bench.<module>, imported only when the lab runs
+    summary: str
+
+    def load(self):
+        return importlib.import_module(f"kvserve.bench.{self.module}")
+
+
+LABS: dict[str, Lab] = {lab.name: lab for lab in (
+    Lab("cache", "cache_lab",
+        "generation with and without the KV cache: time per token as context grows, K/V "
+        "projections computed, KV memory per step"),
+)}
+
+
+def describe() -> str:
+    """The list `kvserve bench` prints."""
+    width = max(len(n) for n in LABS)
+    lines = ["labs (kvserve bench LAB --help for a lab's flags):"]
+    lines += [f"  {lab.name:<{width}}  {lab.summary}" for lab in LABS.values()]
+    return "\n".join(lines)
