@@ -38,6 +38,9 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-long-requests", type=int, default=None,
                    help="at most this many requests over --long-context-threshold run at once")
     g.add_argument("--long-context-threshold", type=int, default=4096)
+    g.add_argument("--enable-prefix-caching", default=True,
+                   action=argparse.BooleanOptionalAction,
+                   help="reuse cached K/V of shared prompt prefixes (paged mode; on by default)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -50,6 +53,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 max_output_tokens=args.max_output_tokens,
                 max_long_requests=args.max_long_requests,
                 long_context_threshold=args.long_context_threshold,
+                enable_prefix_caching=args.enable_prefix_caching,
                 seed=args.seed if args.seed is not None else 0)
 
 

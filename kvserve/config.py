@@ -104,8 +104,13 @@ class CacheConfig:
     kv_cache_dtype: str = "auto"  # "auto": same as the model's compute dtype
     block_size: int = 16
     kv_cache_memory: str | int | float = "1GiB"  # paged pool size, or a fraction of free memory
+    # Reuse the K/V of cached prompt prefixes (paged mode; the other modes keep nothing to share)
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ConfigError(f"enable_prefix_caching must be True or False, "
+                              f"got {self.enable_prefix_caching!r}")
         if self.cache_mode not in CACHE_MODES:
             raise ConfigError(f"cache_mode must be one of {', '.join(CACHE_MODES)}, "
                               f"got {self.cache_mode!r}")

@@ -154,6 +154,13 @@ class Request:
     num_emitted_chars: int = 0  # output_text[:num_emitted_chars] has gone out as stream deltas
     first_token_time: float | None = None
     finish_time: float | None = None
+    # Prefix caching: the tenant whose cached blocks this request may reuse (None: the shared
+    # space), the chained keys of its full blocks so far (block i covers tokens
+    # [i * block_size, (i + 1) * block_size)), and the prompt tokens its first admission found
+    # cached (None until admitted).
+    cache_salt: str | None = None
+    block_keys: list[bytes] = field(default_factory=list)
+    num_cached_tokens: int | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

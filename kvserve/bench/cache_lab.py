@@ -88,6 +88,7 @@ def run_mode(mode: str, prompt_ids: list[int], new_tokens: int, engine_kwargs: d
     # Warm-up (kernel build, allocator, first-call costs), then count from zero.
     llm.generate({"prompt_token_ids": prompt_ids[:8]},
                  SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), use_tqdm=False)
+    engine.reset_prefix_cache()  # the warm-up's blocks must not be reused by the measured run
     engine.reset_counters()
     stats = engine.kv_cache_stats()
     run = ModeRun(mode, engine.spec.num_layers, int(stats["kv_bytes_per_token"]),

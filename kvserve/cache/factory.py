@@ -17,6 +17,7 @@ from kvserve.cache.dense import ContiguousCache, NoCache
 from kvserve.cache.kv_storage import PagedKVStorage
 from kvserve.cache.layout import KVLayout
 from kvserve.cache.paged import PagedCache
+from kvserve.cache.prefix_cache import PrefixCache
 from kvserve.config import CacheConfig, ModelSpec
 from kvserve.errors import ConfigError
 
@@ -43,7 +44,9 @@ def format_bytes(num_bytes: float) -> str:
 
 
 def build_cache(config: CacheConfig, spec: ModelSpec, dtype: torch.dtype, device: torch.device,
-                max_model_len: int) -> BuiltCache:
+                max_model_len: int, model_key: str = "") -> BuiltCache:
+    """The attention backend for config.cache_mode; for paged, its storage and block manager
+    (with a prefix cache whose keys start from model_key, unless prefix caching is off)."""
     if config.cache_mode == "none":
         return BuiltCache(NoCache(spec))
     if config.cache_mode == "contiguous":
@@ -61,5 +64,6 @@ def build_cache(config: CacheConfig, spec: ModelSpec, dtype: torch.dtype, device
             f"({max_model_len}) request needs {needed} ({need_bytes}): raise kv_cache_memory "
             f"or lower max_model_len")
     storage = PagedKVStorage(layout, num_blocks, dtype, device)
-    manager = BlockManager(BlockPool(num_blocks), config.block_size)
+    prefix_cache = PrefixCache() if config.enable_prefix_caching else None
+    manager = BlockManager(BlockPool(num_blocks), config.block_size, prefix_cache, model_key)
     return BuiltCache(PagedCache(storage), manager, layout)

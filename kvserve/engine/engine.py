@@ -67,7 +67,11 @@ class LLMEngine:
         self.load_time_s = time.perf_counter() - t0
         context = self.spec.max_position_embeddings
         self.max_model_len = min(config.scheduler.max_model_len or context, context)
-        built = build_cache(config.cache, self.spec, self.dtype, self.device, self.max_model_len)
+        # Cached blocks are keyed by what made their K/V: the weights and the KV dtype.
+        model_key = "|".join((config.model or self.model_name, config.dtype,
+                              config.cache.kv_cache_dtype))
+        built = build_cache(config.cache, self.spec, self.dtype, self.device, self.max_model_len,
+                            model_key)
         self.cache, self.block_manager = built.backend, built.block_manager
         self.runner = ModelRunner(self.model, self.cache, self.tokenizer.eos_token_ids)
         self.scheduler = Scheduler(config.scheduler, self.max_model_len, self.cache.retains_kv,
@@ -98,14 +102,19 @@ class LLMEngine:
         return token_ids
 
     def add_request(self, request_id: str, prompt: str | Sequence[int],
-                    params: SamplingParams, prompt_text: str | None = None) -> Request:
-        """Validate and queue one sequence (n > 1 is expanded by the caller into n requests)."""
+                    params: SamplingParams, prompt_text: str | None = None,
+                    cache_salt: str | None = None) -> Request:
+        """Validate and queue one sequence (n > 1 is expanded by the caller into n requests).
+        A cache_salt confines its prefix-cache hits to blocks made under the same salt."""
         if request_id in self.requests:
             raise InvalidRequestError(f"request id '{request_id}' is already in use")
+        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
+            raise InvalidRequestError("cache_salt must be a non-empty string")
         token_ids = self.encode_prompt(prompt)
         self._check_fits(len(token_ids), params)
         text = prompt if isinstance(prompt, str) else prompt_text
-        r = Request(request_id, token_ids, params, prompt=text, arrival_time=time.monotonic())
+        r = Request(request_id, token_ids, params, prompt=text, arrival_time=time.monotonic(),
+                    cache_salt=cache_salt)
         self.requests[request_id] = r
         self.scheduler.add(r)
         return r
@@ -192,9 +201,18 @@ class LLMEngine:
         return RequestOutput(
             request_id=request_id, prompt=first.prompt,
             prompt_token_ids=tuple(first.prompt_token_ids), outputs=outputs,
-            finished=all(r.status.finished for r in samples), num_cached_tokens=0,
+            finished=all(r.status.finished for r in samples),
+            num_cached_tokens=first.num_cached_tokens or 0,
             metrics={**request_metrics(first), "num_blocks": float(first.max_num_blocks),
                      "num_preemptions": float(first.num_preemptions)})
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix block (blocks in use keep their K/V for their requests);
+        False if prefix caching is off."""
+        if self.block_manager is None or self.block_manager.cache is None:
+            return False
+        self.block_manager.cache.reset()
+        return True
 
     def reset_counters(self) -> None:
         """Zero the peaks and the K/V projection count (a lab starts measuring from here)."""
@@ -230,6 +248,16 @@ class LLMEngine:
             "kv_waste_fraction": waste_slots / used_slots if used_slots else 0.0,
             "peak_blocks_used": self.peak_blocks_used,
         })
+        cache = self.block_manager.cache
+        if cache is not None:
+            stats.update({
+                "prefix_cache_queried_tokens": cache.num_queried_tokens,
+                "prefix_cache_hit_tokens": cache.num_hit_tokens,
+                "prefix_cache_hit_rate": (cache.num_hit_tokens / cache.num_queried_tokens
+                                          if cache.num_queried_tokens else 0.0),
+                "prefix_cache_evictions": cache.num_evictions,
+                "prefix_cache_blocks": cache.num_cached_blocks,
+            })
         return stats
 
 

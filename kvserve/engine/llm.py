@@ -31,22 +31,32 @@ def derive_seed(seed: int, sample_index: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def _prompt_of(item: PromptInput) -> str | list[int]:
+@dataclasses.dataclass(frozen=True)
+class ParsedPrompt:
+    prompt: str | list[int]
+    cache_salt: str | None = None
+
+
+def _prompt_of(item: PromptInput) -> ParsedPrompt:
     if isinstance(item, str):
-        return item
+        return ParsedPrompt(item)
     if isinstance(item, dict):
-        unknown = set(item) - {"prompt", "prompt_token_ids"}
+        unknown = set(item) - {"prompt", "prompt_token_ids", "cache_salt"}
         if unknown:
             raise InvalidRequestError(f"unknown prompt field(s): {', '.join(sorted(unknown))}")
+        salt = item.get("cache_salt")
+        if salt is not None and (not isinstance(salt, str) or not salt):
+            raise InvalidRequestError("cache_salt must be a non-empty string")
         if "prompt_token_ids" in item:
             ids = item["prompt_token_ids"]
             if not isinstance(ids, (list, tuple)):
                 raise InvalidRequestError("prompt_token_ids must be a list of integers")
-            return list(ids)
+            return ParsedPrompt(list(ids), salt)
         if isinstance(item.get("prompt"), str):
-            return item["prompt"]
+            return ParsedPrompt(item["prompt"], salt)
     raise InvalidRequestError(
-        "each prompt must be a string, {'prompt': str} or {'prompt_token_ids': [int, ...]}")
+        "each prompt must be a string, {'prompt': str} or {'prompt_token_ids': [int, ...]} "
+        "(either dict may add 'cache_salt': str)")
 
 
 class LLM:
@@ -59,11 +69,12 @@ class LLM:
                  max_num_batched_tokens: int = 2048, preemption_mode: str = "recompute",
                  max_input_tokens: int | None = None, max_output_tokens: int | None = None,
                  max_long_requests: int | None = None, long_context_threshold: int = 4096,
-                 seed: int = 0):
+                 enable_prefix_caching: bool = True, seed: int = 0):
         config = EngineConfig(
             model=model, dtype=dtype, device=device, seed=seed,
             cache=CacheConfig(cache_mode=cache_mode, kv_cache_dtype=kv_cache_dtype,
-                              block_size=block_size, kv_cache_memory=kv_cache_memory),
+                              block_size=block_size, kv_cache_memory=kv_cache_memory,
+                              enable_prefix_caching=enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                                       max_num_batched_tokens=max_num_batched_tokens,
                                       preemption_mode=preemption_mode,
@@ -76,9 +87,10 @@ class LLM:
         self._ids = itertools.count()
         self.last_output: RequestOutput | None = None
 
-    def _add(self, prompt: str | list[int], params: SamplingParams,
+    def _add(self, parsed: ParsedPrompt, params: SamplingParams,
              token_ids: list[int] | None = None) -> tuple[str, list[Request]]:
         request_id = str(next(self._ids))
+        prompt = parsed.prompt
         token_ids = token_ids if token_ids is not None else self.engine.encode_prompt(prompt)
         text = prompt if isinstance(prompt, str) else None
         samples = []
@@ -87,7 +99,8 @@ class LLM:
                 p = params if params.seed is None or i == 0 else dataclasses.replace(
                     params, seed=derive_seed(params.seed, i))
                 samples.append(self.engine.add_request(f"{request_id}-{i}", token_ids, p,
-                                                       prompt_text=text))
+                                                       prompt_text=text,
+                                                       cache_salt=parsed.cache_salt))
         except Exception:
             for r in samples:
                 self.engine.abort_request(r.request_id)
@@ -111,7 +124,7 @@ class LLM:
                     f"sampling_params must be SamplingParams, got {type(sp).__name__}")
         # Validate every prompt before queueing any: a bad one must not leave others half-run.
         parsed = [_prompt_of(p) for p in items]
-        token_ids = [self.engine.encode_prompt(p) for p in parsed]
+        token_ids = [self.engine.encode_prompt(p.prompt) for p in parsed]
         groups: list[tuple[str, list[Request]]] = []
         try:
             for p, sp, ids in zip(parsed, params_list, token_ids):
@@ -139,6 +152,10 @@ class LLM:
                 bar.update(sum(d.finished for d in self.engine.step()))
         finally:
             bar.close()
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix block; False if prefix caching is off."""
+        return self.engine.reset_prefix_cache()
 
     def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
              sampling_params: SamplingParams | None = None,

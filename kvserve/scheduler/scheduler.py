@@ -77,12 +77,16 @@ class Scheduler:
             r = self.waiting[0]
             if self._over_long_limit(r):
                 break  # FCFS: the head waits for a long request to finish; none jumps it
-            num_new = self._num_new_tokens(r, budget)
             if r.request_id in self.swapped:
-                if not self._swap_in(r, num_new, swap_in):
+                if not self._swap_in(r, self._num_new_tokens(r, budget), swap_in):
                     break
-            elif not self._allocate(r, num_new):
-                break
+                num_new = self._num_new_tokens(r, budget)
+            else:
+                if self._prefix_in_flight(r):
+                    break  # its prefix is being computed right now: wait a step and share it
+                num_new = self._admit_with_prefix(r, budget)
+                if num_new is None:
+                    break
             self.waiting.popleft()
             r.status = RequestStatus.RUNNING
             self.running.append(r)
@@ -103,6 +107,34 @@ class Scheduler:
     def _num_new_tokens(self, r: Request, budget: int | None) -> int:
         remaining = r.num_tokens - r.num_computed_tokens
         return remaining if budget is None else min(remaining, budget)
+
+    def _admit_with_prefix(self, r: Request, budget: int | None) -> int | None:
+        """Give a fresh (or recomputing) request its cached prefix and blocks for the rest of
+        this step's tokens; the tokens it feeds, or None (holding nothing) if blocks are short."""
+        if self.blocks is not None and self.retains_kv and r.num_computed_tokens == 0:
+            r.num_computed_tokens = self.blocks.match_prefix(r)
+            if r.num_cached_tokens is None:
+                r.num_cached_tokens = r.num_computed_tokens
+        num_new = self._num_new_tokens(r, budget)
+        if not self._allocate(r, num_new):
+            if self.blocks is not None:
+                self.blocks.free(r.request_id)  # give back the prefix hits
+            r.num_computed_tokens = 0
+            return None
+        return num_new
+
+    def _prefix_in_flight(self, r: Request) -> bool:
+        """Whether a running request is prefilling the first block of r's prompt that is not
+        cached yet (n > 1 samples of one prompt, or the same system prompt sent twice at once):
+        r then waits so it can reuse those blocks instead of computing its own copy."""
+        if self.blocks is None or self.blocks.cache is None or not self.retains_kv:
+            return False
+        key = self.blocks.next_uncached_key(r)
+        if key is None:
+            return False
+        bs = self.blocks.block_size
+        return any(key in x.block_keys[x.num_computed_tokens // bs:] for x in self.running
+                   if x.num_computed_tokens < x.num_prompt_tokens)
 
     def _allocate(self, r: Request, num_new: int) -> bool:
         if self.blocks is None:
@@ -140,7 +172,7 @@ class Scheduler:
         num_total = self.blocks.num_blocks_for(r.num_computed_tokens + num_new)
         if not self.blocks.pool.can_allocate(max(num_held, num_total)):
             return False
-        block_ids = self.blocks.pool.allocate(num_held)
+        block_ids = self.blocks.allocate_blocks(num_held)
         self.blocks.adopt(r.request_id, block_ids)
         del self.swapped[r.request_id]
         swap_in.append(SwapIn(r.request_id, tuple(block_ids)))
@@ -153,6 +185,8 @@ class Scheduler:
         for s in plan.seqs:
             r = by_id[s.request_id]
             r.num_computed_tokens = (s.start_position + len(s.token_ids)) if self.retains_kv else 0
+            if self.blocks is not None:
+                self.blocks.cache_full_blocks(r)
         now = time.monotonic()
         finished = []
         for sampled in result.sampled:

@@ -83,3 +83,91 @@ def test_random_interleavings_keep_blocks_consistent(ops, mode, budget, max_seqs
     assert not scheduler.has_unfinished()
     assert manager.pool.num_free_blocks == NUM_BLOCKS
     assert not manager.tables and not scheduler.swapped
+
+
+def check_kv_contents(scheduler, plan, written, host):
+    """Record what each written slot's K/V stands for (salt, every token up to it), then check
+    that every running request reads, at each computed position, K/V made from its own salt and
+    its own tokens: a prefix hit across salts or over different tokens would show here. Swaps
+    copy slot contents out to `host` and back, as the runner does (outs first)."""
+    def slots(block_ids):
+        return [b * BLOCK_SIZE + i for b in block_ids for i in range(BLOCK_SIZE)]
+
+    for swap in plan.swap_out:
+        host[swap.request_id] = [written.get(x) for x in slots(swap.block_ids)]
+    for swap in plan.swap_in:
+        for x, content in zip(slots(swap.block_ids), host.pop(swap.request_id)):
+            written[x] = content
+    by_id = {r.request_id: r for r in scheduler.running}
+    for s in plan.seqs:
+        r = by_id[s.request_id]
+        tokens = r.token_ids_between(0, s.start_position + len(s.token_ids))
+        for p in range(s.start_position, s.start_position + len(s.token_ids)):
+            block = s.block_ids[p // BLOCK_SIZE]
+            assert scheduler.blocks.pool.ref_counts[block] == 1, (
+                f"{r.request_id} writes block {block}, which another sequence reads")
+            written[block * BLOCK_SIZE + p % BLOCK_SIZE] = (r.cache_salt, tuple(tokens[:p + 1]))
+    for r in scheduler.running:
+        table = scheduler.blocks.tables[r.request_id]
+        tokens = r.token_ids_between(0, r.num_computed_tokens)
+        for p in range(r.num_computed_tokens):
+            slot = table[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE
+            assert written.get(slot) == (r.cache_salt, tuple(tokens[:p + 1])), (
+                f"{r.request_id} position {p} reads K/V made for something else")
+
+
+# Prompts start with one of a few shared prefixes (a block and a half, two blocks, none), so hits
+# are common; the tail varies over a two-token alphabet.
+PREFIXES = ((), (1, 1, 2, 1, 2, 2), (2, 1, 1, 1, 2, 2, 1, 1))
+prompts = st.builds(lambda head, tail: list(head + tuple(tail)) or [1],
+                    st.sampled_from(PREFIXES), st.lists(st.integers(1, 2), max_size=8))
+prefix_ops = st.lists(st.one_of(
+    st.tuples(st.just("add"), prompts, st.integers(1, 8), st.sampled_from([None, "a", "b"])),
+    st.tuples(st.just("step"), st.just(()), st.just(0), st.just(None)),
+    st.tuples(st.just("abort"), st.just(()), st.integers(0, 30), st.just(None)),
+    st.tuples(st.just("reset"), st.just(()), st.just(0), st.just(None)),
+), min_size=1, max_size=60)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ops=prefix_ops, mode=st.sampled_from(["recompute", "swap"]),
+       budget=st.integers(4, 40), max_seqs=st.integers(1, 6),
+       tokens=st.lists(st.integers(1, 2), max_size=200))
+def test_prefix_caching_shares_only_same_salt_same_tokens(ops, mode, budget, max_seqs, tokens):
+    """Prompts over a two-token alphabet share prefixes often; three salts (None is the shared
+    space) must never see each other's blocks; reference counts return to zero at the end."""
+    from kvserve.cache.prefix_cache import PrefixCache
+
+    manager = BlockManager(BlockPool(NUM_BLOCKS), BLOCK_SIZE, PrefixCache(), "m")
+    config = SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget,
+                             preemption_mode=mode)
+    scheduler = Scheduler(config, max_model_len=NUM_BLOCKS * BLOCK_SIZE, retains_kv=True,
+                          eos_token_ids=(EOS,), block_manager=manager)
+    requests, written, host = [], {}, {}
+    for op, prompt, n, salt in ops:
+        if op == "add":
+            r = Request(f"r{len(requests)}", list(prompt), SamplingParams(max_tokens=n),
+                        cache_salt=salt)
+            requests.append(r)
+            scheduler.add(r)
+        elif op == "abort" and requests:
+            r = requests[n % len(requests)]
+            if not r.status.finished:
+                scheduler.finish(r, FinishReason.ABORT)
+        elif op == "reset":
+            manager.cache.reset()
+        else:
+            plan = scheduler.schedule()
+            check_kv_contents(scheduler, plan, written, host)
+            fake_step(scheduler, plan, tokens)
+        manager.check_invariants()
+    for _ in range(2000):
+        if not scheduler.has_unfinished():
+            break
+        plan = scheduler.schedule()
+        check_kv_contents(scheduler, plan, written, host)
+        fake_step(scheduler, plan, tokens)
+        manager.check_invariants()
+    assert not scheduler.has_unfinished()
+    assert manager.pool.num_free_blocks == NUM_BLOCKS and not any(manager.pool.ref_counts)
+    assert not manager.tables and not scheduler.swapped
