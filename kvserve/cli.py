@@ -158,6 +158,12 @@ def print_stats(llm, wall_s: float) -> None:
             f"KV pool: {total:,} blocks of {kv['block_size']} tokens, peak {peak:,} used "
             f"({peak / total:.2%}), now {kv['num_blocks_used']} used, "
             f"preemptions: {kv['num_preemptions']}")
+    if "prefix_cache_hit_rate" in kv:
+        lines.append(
+            f"prefix cache: {out.num_cached_tokens} of this prompt's tokens reused; "
+            f"{kv['prefix_cache_hit_tokens']:,} of {kv['prefix_cache_queried_tokens']:,} queried "
+            f"tokens hit ({kv['prefix_cache_hit_rate']:.1%}), {kv['prefix_cache_blocks']} blocks "
+            f"cached, {kv['prefix_cache_evictions']} evicted")
     lines += [
         f"K/V projections computed: {llm.engine.model.num_kv_projections:,}",
     ]

@@ -7,7 +7,10 @@ sequence slots and blocks last; the head of the queue is never skipped, so nothi
 running request needs a block and none is free, the newest running request is preempted: by
 recompute (its blocks are freed and it is requeued at the front with its generated tokens) or by
 swap (its blocks are copied to host memory and freed, then copied back on resume).
-With no cache (retains_kv False) every step refeeds whole sequences and nothing is chunked.
+With prefix caching, an admitted request starts from the cached blocks its tokens begin with (the
+block manager's match_prefix), and one whose next uncached block a running request is prefilling
+right now waits a step to share it. With no cache (retains_kv False) every step refeeds whole
+sequences and nothing is chunked.
 Token-level stops are decided here; stop strings need text, so the engine decides those.
 """
 
