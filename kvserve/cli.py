@@ -162,8 +162,8 @@ def print_stats(llm, wall_s: float) -> None:
         lines.append(
             f"prefix cache: {out.num_cached_tokens} of this prompt's tokens reused; "
             f"{kv['prefix_cache_hit_tokens']:,} of {kv['prefix_cache_queried_tokens']:,} queried "
-            f"tokens hit ({kv['prefix_cache_hit_rate']:.1%}), {kv['prefix_cache_blocks']} blocks "
-            f"cached, {kv['prefix_cache_evictions']} evicted")
+            f"tokens hit ({kv['prefix_cache_hit_rate']:.1%}); blocks cached: "
+            f"{kv['prefix_cache_blocks']}, evicted: {kv['prefix_cache_evictions']}")
     lines += [
         f"K/V projections computed: {llm.engine.model.num_kv_projections:,}",
     ]
