@@ -74,6 +74,11 @@ def _build() -> Path | None:
                        proc.stderr.strip().splitlines()[-1:] or "compiler failed")
         return None
     os.replace(tmp, target)
+    # Builds of older sources (or other flags) are never loaded again: drop them. A process that
+    # still has one mapped keeps its copy until it exits (unlinking does not unmap).
+    for stale in target.parent.glob("gemv-*.so"):
+        if stale != target:
+            stale.unlink(missing_ok=True)
     return target
 
 

@@ -48,3 +48,14 @@ def test_bfloat16_activations_come_back_in_bfloat16():
     y = cpu.linear(x, w)
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), x.float() @ w.float().t(), rtol=2e-2, atol=2e-2)
+
+
+def test_a_new_build_drops_stale_builds(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVSERVE_CACHE_DIR", str(tmp_path))
+    stale = tmp_path / "kernels" / "gemv-0123456789abcdef.so"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"old build")
+    target = cpu._build()
+    assert target is not None and target.is_file() and target.parent == stale.parent
+    assert not stale.exists()
+    assert cpu._build() == target  # cached: found, not rebuilt
