@@ -67,22 +67,33 @@ def build_prompt(tokenizer, num_tokens: int) -> list[int]:
     return ids[:num_tokens]
 
 
-def kv_held(engine, mode: str, block_bytes: int) -> tuple[int, int | None]:
+def kv_held(engine, block_bytes: int) -> tuple[int, int | None]:
     """(bytes, blocks) of KV held when the last step's forward pass ended: for paged, the blocks
-    in use (the pool itself is reserved up front); for contiguous, the sequence's tensors as
-    allocated (with headroom). Read from the engine's peaks, which it takes before a finished
-    request's KV is freed; with one request KV only grows, so the peak is the step's own."""
-    if mode == "paged":
+    in use (the pool itself is reserved up front); otherwise the cache's tensors as allocated
+    (contiguous: with headroom; none: nothing). Read from the engine's peaks, which it takes
+    before a finished request's KV is freed; with one request KV only grows, so the peak is the
+    step's own."""
+    if engine.block_manager is not None:
         return engine.peak_blocks_used * block_bytes, engine.peak_blocks_used
-    return (engine.peak_kv_bytes if mode == "contiguous" else 0), None
+    return engine.peak_kv_bytes, None
+
+
+def make_llm(mode: str, max_model_len: int, engine_kwargs: dict):
+    from kvserve.engine.llm import LLM
+
+    return LLM(cache_mode=mode, max_model_len=max_model_len, **engine_kwargs)
 
 
 def run_mode(mode: str, prompt_ids: list[int], new_tokens: int, engine_kwargs: dict,
              progress: tqdm | None = None) -> ModeRun:
-    from kvserve.engine.llm import LLM
+    llm = make_llm(mode, len(prompt_ids) + new_tokens, engine_kwargs)
+    return measure(llm, prompt_ids, new_tokens, progress)
+
+
+def measure(llm, prompt_ids: list[int], new_tokens: int, progress: tqdm | None = None) -> ModeRun:
+    """One greedy generation of new_tokens after prompt_ids on llm, step by step."""
     from kvserve.request import SamplingParams
 
-    llm = LLM(cache_mode=mode, max_model_len=len(prompt_ids) + new_tokens, **engine_kwargs)
     engine = llm.engine
     greedy = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     # Warm-up (kernel build, allocator, first-call costs), then count from zero.
@@ -91,7 +102,8 @@ def run_mode(mode: str, prompt_ids: list[int], new_tokens: int, engine_kwargs: d
     engine.reset_prefix_cache()  # the warm-up's blocks must not be reused by the measured run
     engine.reset_counters()
     stats = engine.kv_cache_stats()
-    run = ModeRun(mode, engine.spec.num_layers, int(stats["kv_bytes_per_token"]),
+    run = ModeRun(engine.config.cache.cache_mode, engine.spec.num_layers,
+                  int(stats["kv_bytes_per_token"]),
                   int(stats["block_size"]) if "block_size" in stats else None)
     block_bytes = (run.block_size or 0) * run.kv_bytes_per_token
     request = engine.add_request("cache-lab", prompt_ids, greedy)
@@ -101,7 +113,7 @@ def run_mode(mode: str, prompt_ids: list[int], new_tokens: int, engine_kwargs: d
         step_s = time.perf_counter() - t0
         for delta in deltas:
             run.token_ids.extend(delta.new_token_ids)
-            kv_bytes, kv_blocks = kv_held(engine, mode, block_bytes)
+            kv_bytes, kv_blocks = kv_held(engine, block_bytes)
             run.samples.append(StepSample(
                 len(run.token_ids) - 1, len(prompt_ids) + len(run.token_ids) - 1, step_s,
                 engine.model.num_kv_projections, kv_bytes, kv_blocks))
@@ -147,21 +159,20 @@ def check_arguments(args: argparse.Namespace) -> list[str]:
 
 def main(args: argparse.Namespace) -> int:
     from kvserve.bench import report
-    from kvserve.engine.llm import LLM  # noqa: F401  (torch loads here, after the flag checks)
-    from kvserve.model.loader import load_checkpoint
 
-    modes = check_arguments(args)
+    modes = check_arguments(args)  # before torch loads: a bad flag fails at once
     engine_kwargs = dict(model=args.model, dtype=args.dtype, device=args.device,
                          block_size=args.block_size, kv_cache_memory=args.kv_cache_memory)
-    ckpt = load_checkpoint(args.model)
-    prompt_ids = build_prompt(ckpt.tokenizer, args.prompt_tokens)
-    del ckpt
+    prompt_ids: list[int] | None = None
     runs = []
     with tqdm(total=len(modes) * args.new_tokens, unit="tok", disable=args.no_progress,
               file=sys.stderr) as bar:
         for mode in modes:
             bar.set_description(f"cache lab: {mode}")
-            runs.append(run_mode(mode, prompt_ids, args.new_tokens, engine_kwargs, bar))
+            llm = make_llm(mode, args.prompt_tokens + args.new_tokens, engine_kwargs)
+            # The first engine's tokenizer builds the prompt every mode then runs.
+            prompt_ids = prompt_ids or build_prompt(llm.tokenizer, args.prompt_tokens)
+            runs.append(measure(llm, prompt_ids, args.new_tokens, bar))
     result = report.CacheLabResult(
         model=args.model or "embedded SmolLM2-135M-Instruct", dtype=args.dtype,
         device=args.device, prompt_tokens=len(prompt_ids), new_tokens=args.new_tokens, runs=runs)

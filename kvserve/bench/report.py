@@ -78,15 +78,9 @@ def plot_time_per_token(result: CacheLabResult, path: str) -> None:
         decode = run.samples[1:]  # the prefill step is the first token's, not a decode step
         ax.plot([s.context_len for s in decode], [s.step_s * 1e3 for s in decode],
                 label=f"{run.mode} ({run.total_s:.1f} s total)", linewidth=1.2)
-    ax.set_xlabel("context length (tokens attended by the step)")
-    ax.set_ylabel("time per generated token (ms)")
-    ax.set_title(f"Time per token as context grows: {result.model}, {result.dtype}, "
-                 f"{result.device}", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _finish(fig, ax, path, "context length (tokens attended by the step)",
+            "time per generated token (ms)",
+            f"Time per token as context grows: {result.model}, {result.dtype}, {result.device}")
 
 
 def plot_kv_memory(result: CacheLabResult, path: str) -> None:
@@ -103,10 +97,16 @@ def plot_kv_memory(result: CacheLabResult, path: str) -> None:
     ax.plot([s.token_index for s in run.samples],
             [s.context_len * run.kv_bytes_per_token / MIB for s in run.samples],
             "k--", linewidth=0.8, label="tokens in context x KV bytes per token")
-    ax.set_xlabel("generation step (tokens generated)")
-    ax.set_ylabel("KV cache memory (MiB)")
-    ax.set_title(f"KV memory over the generation ({run.kv_bytes_per_token:,} bytes per token)",
-                 fontsize=10)
+    _finish(fig, ax, path, "generation step (tokens generated)", "KV cache memory (MiB)",
+            f"KV memory over the generation ({run.kv_bytes_per_token:,} bytes per token)")
+
+
+def _finish(fig, ax, path: str, xlabel: str, ylabel: str, title: str) -> None:
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -95,9 +95,6 @@ class PrefixCache:
         self.num_evictions += 1
         return True
 
-    def is_cached(self, block_id: int) -> bool:
-        return block_id in self.key_of
-
     def reset(self) -> int:
         """Forget every cached block (their memory stays with whoever holds it); returns how many
         were forgotten."""

@@ -81,9 +81,9 @@ class Scheduler:
             if self._over_long_limit(r):
                 break  # FCFS: the head waits for a long request to finish; none jumps it
             if r.request_id in self.swapped:
-                if not self._swap_in(r, self._num_new_tokens(r, budget), swap_in):
-                    break
                 num_new = self._num_new_tokens(r, budget)
+                if not self._swap_in(r, num_new, swap_in):
+                    break
             else:
                 if self._prefix_in_flight(r):
                     break  # its prefix is being computed right now: wait a step and share it

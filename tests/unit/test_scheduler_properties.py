@@ -40,6 +40,35 @@ def fake_step(scheduler, plan, rng_tokens):
     return scheduler.update(plan, StepResult(sampled))
 
 
+def make_scheduler(manager, mode, budget, max_seqs):
+    config = SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget,
+                             preemption_mode=mode)
+    return Scheduler(config, max_model_len=NUM_BLOCKS * BLOCK_SIZE, retains_kv=True,
+                     eos_token_ids=(EOS,), block_manager=manager)
+
+
+def abort_one(scheduler, requests, index):
+    if requests:
+        r = requests[index % len(requests)]
+        if not r.status.finished:
+            scheduler.finish(r, FinishReason.ABORT)
+
+
+def drain(scheduler, manager, tokens, check):
+    """Step until everything finishes (nothing may deadlock), checking every plan; then every
+    block must be free and no request may hold blocks anywhere."""
+    for _ in range(2000):
+        if not scheduler.has_unfinished():
+            break
+        plan = scheduler.schedule()
+        check(plan)
+        fake_step(scheduler, plan, tokens)
+        manager.check_invariants()
+    assert not scheduler.has_unfinished()
+    assert manager.pool.num_free_blocks == NUM_BLOCKS
+    assert not manager.tables and not scheduler.swapped
+
+
 ops = st.lists(st.one_of(
     st.tuples(st.just("add"), st.integers(1, 20), st.integers(1, 12)),
     st.tuples(st.just("step"), st.just(0), st.just(0)),
@@ -53,36 +82,22 @@ ops = st.lists(st.one_of(
        tokens=st.lists(st.integers(0, 9), max_size=200))
 def test_random_interleavings_keep_blocks_consistent(ops, mode, budget, max_seqs, tokens):
     manager = BlockManager(BlockPool(NUM_BLOCKS), BLOCK_SIZE)
-    config = SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget,
-                             preemption_mode=mode)
-    scheduler = Scheduler(config, max_model_len=NUM_BLOCKS * BLOCK_SIZE, retains_kv=True,
-                          eos_token_ids=(EOS,), block_manager=manager)
+    scheduler = make_scheduler(manager, mode, budget, max_seqs)
     requests = []
     for op, a, b in ops:
         if op == "add":
             r = Request(f"r{len(requests)}", [1] * a, SamplingParams(max_tokens=b))
             requests.append(r)
             scheduler.add(r)
-        elif op == "abort" and requests:
-            r = requests[a % len(requests)]
-            if not r.status.finished:
-                scheduler.finish(r, FinishReason.ABORT)
+        elif op == "abort":
+            abort_one(scheduler, requests, a)
         else:
             plan = scheduler.schedule()
             check_slots(scheduler, plan)
             fake_step(scheduler, plan, tokens)
         manager.check_invariants()
         assert min(manager.pool.ref_counts) >= 0
-    for _ in range(2000):  # drain: everything must finish, nothing deadlocks
-        if not scheduler.has_unfinished():
-            break
-        plan = scheduler.schedule()
-        check_slots(scheduler, plan)
-        fake_step(scheduler, plan, tokens)
-        manager.check_invariants()
-    assert not scheduler.has_unfinished()
-    assert manager.pool.num_free_blocks == NUM_BLOCKS
-    assert not manager.tables and not scheduler.swapped
+    drain(scheduler, manager, tokens, lambda plan: check_slots(scheduler, plan))
 
 
 def check_kv_contents(scheduler, plan, written, host):
@@ -139,10 +154,7 @@ def test_prefix_caching_shares_only_same_salt_same_tokens(ops, mode, budget, max
     from kvserve.cache.prefix_cache import PrefixCache
 
     manager = BlockManager(BlockPool(NUM_BLOCKS), BLOCK_SIZE, PrefixCache(), "m")
-    config = SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget,
-                             preemption_mode=mode)
-    scheduler = Scheduler(config, max_model_len=NUM_BLOCKS * BLOCK_SIZE, retains_kv=True,
-                          eos_token_ids=(EOS,), block_manager=manager)
+    scheduler = make_scheduler(manager, mode, budget, max_seqs)
     requests, written, host = [], {}, {}
     for op, prompt, n, salt in ops:
         if op == "add":
@@ -150,10 +162,8 @@ def test_prefix_caching_shares_only_same_salt_same_tokens(ops, mode, budget, max
                         cache_salt=salt)
             requests.append(r)
             scheduler.add(r)
-        elif op == "abort" and requests:
-            r = requests[n % len(requests)]
-            if not r.status.finished:
-                scheduler.finish(r, FinishReason.ABORT)
+        elif op == "abort":
+            abort_one(scheduler, requests, n)
         elif op == "reset":
             manager.cache.reset()
         else:
@@ -161,13 +171,6 @@ def test_prefix_caching_shares_only_same_salt_same_tokens(ops, mode, budget, max
             check_kv_contents(scheduler, plan, written, host)
             fake_step(scheduler, plan, tokens)
         manager.check_invariants()
-    for _ in range(2000):
-        if not scheduler.has_unfinished():
-            break
-        plan = scheduler.schedule()
-        check_kv_contents(scheduler, plan, written, host)
-        fake_step(scheduler, plan, tokens)
-        manager.check_invariants()
-    assert not scheduler.has_unfinished()
-    assert manager.pool.num_free_blocks == NUM_BLOCKS and not any(manager.pool.ref_counts)
-    assert not manager.tables and not scheduler.swapped
+    drain(scheduler, manager, tokens,
+          lambda plan: check_kv_contents(scheduler, plan, written, host))
+    assert not any(manager.pool.ref_counts)
