@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "kvserve"
-NO_TORCH = ["config.py", "errors.py", "request.py", "scheduler"]
+NO_TORCH = ["config.py", "errors.py", "request.py", "scheduler", "cache/layout.py",
+            "cache/block_pool.py", "cache/block_manager.py", "cache/prefix_cache.py"]
 TEST_ONLY = {"transformers", "accelerate", "pytest", "hypothesis"}
 
 
@@ -40,6 +41,7 @@ def test_package_imports_no_test_only_libraries():
 
 
 def test_importing_the_control_plane_loads_no_torch():
-    code = ("import sys, kvserve, kvserve.scheduler.scheduler, kvserve.request, kvserve.config;"
+    code = ("import sys, kvserve, kvserve.scheduler.scheduler, kvserve.request, kvserve.config,"
+            " kvserve.cache.prefix_cache, kvserve.cache.layout;"
             "sys.exit(1 if 'torch' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
