@@ -78,8 +78,46 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stats", action="store_true",
                      help="print TTFT, decode tokens/s and KV-cache bytes to stderr")
     add_engine_flags(gen)
+    add_serve_parser(sub)
     add_bench_parser(sub)
     return parser
+
+
+def add_serve_parser(sub) -> None:
+    serve = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server",
+                           description="OpenAI-compatible API: /v1/models, /v1/completions, "
+                           "/v1/chat/completions, /health, /metrics.")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                       help="require 'Authorization: Bearer KEY' (repeatable: each key is its "
+                       "own prefix-cache tenant)")
+    serve.add_argument("--max-queue", type=int, default=None,
+                       help="waiting sequences before new requests get 429 (default: unbounded)")
+    serve.add_argument("--served-model-name", default=None,
+                       help="the model name clients send (default: the model's own)")
+    serve.add_argument("--shutdown-timeout", type=float, default=30.0,
+                       help="seconds in-flight requests may finish after SIGTERM")
+    serve.add_argument("--seed", type=int, default=None, help="seed of unseeded sampling")
+    serve.add_argument("--log-level", default="info",
+                       choices=["critical", "error", "warning", "info", "debug"])
+    add_engine_flags(serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from kvserve.config import EngineConfig, ServerConfig
+
+    # Both configs are checked before torch loads: a typo fails in a fraction of a second.
+    server = ServerConfig(host=args.host, port=args.port, api_keys=tuple(args.api_key),
+                          max_queue=args.max_queue, served_model_name=args.served_model_name,
+                          shutdown_timeout_s=args.shutdown_timeout)
+    engine = EngineConfig.create(**engine_kwargs(args))
+    try:
+        from kvserve.server.launch import serve
+    except ImportError as err:
+        raise KVServeError(f"the server needs the 'serve' extra ({err.name} is missing): "
+                           "pip install 'kvserve[serve]'") from None
+    return serve(engine, server, args.log_level)
 
 
 def add_bench_parser(sub) -> None:
@@ -179,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_generate(args)
         if args.command == "bench":
             return cmd_bench(args)
+        if args.command == "serve":
+            return cmd_serve(args)
     except KVServeError as err:
         print(f"kvserve: error: {err}", file=sys.stderr)
         return EXIT_ERROR

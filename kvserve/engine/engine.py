@@ -115,6 +115,8 @@ class LLMEngine:
         text = prompt if isinstance(prompt, str) else prompt_text
         r = Request(request_id, token_ids, params, prompt=text, arrival_time=time.monotonic(),
                     cache_salt=cache_salt)
+        if params.prompt_logprobs is not None:
+            r.prompt_logprobs.append(None)  # the first token has nothing before it to score it
         self.requests[request_id] = r
         self.scheduler.add(r)
         return r
@@ -203,6 +205,8 @@ class LLMEngine:
             prompt_token_ids=tuple(first.prompt_token_ids), outputs=outputs,
             finished=all(r.status.finished for r in samples),
             num_cached_tokens=first.num_cached_tokens or 0,
+            prompt_logprobs=(tuple(first.prompt_logprobs)
+                             if first.params.prompt_logprobs is not None else None),
             metrics={**request_metrics(first), "num_blocks": float(first.max_num_blocks),
                      "num_preemptions": float(first.num_preemptions)})
 

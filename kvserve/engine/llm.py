@@ -15,7 +15,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from kvserve.config import CacheConfig, EngineConfig, SchedulerConfig
+from kvserve.config import EngineConfig
 from kvserve.engine.engine import LLMEngine
 from kvserve.errors import InvalidRequestError
 from kvserve.request import Request, RequestOutput, SamplingParams
@@ -70,18 +70,14 @@ class LLM:
                  max_input_tokens: int | None = None, max_output_tokens: int | None = None,
                  max_long_requests: int | None = None, long_context_threshold: int = 4096,
                  enable_prefix_caching: bool = True, seed: int = 0):
-        config = EngineConfig(
-            model=model, dtype=dtype, device=device, seed=seed,
-            cache=CacheConfig(cache_mode=cache_mode, kv_cache_dtype=kv_cache_dtype,
-                              block_size=block_size, kv_cache_memory=kv_cache_memory,
-                              enable_prefix_caching=enable_prefix_caching),
-            scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_model_len=max_model_len,
-                                      max_num_batched_tokens=max_num_batched_tokens,
-                                      preemption_mode=preemption_mode,
-                                      max_input_tokens=max_input_tokens,
-                                      max_output_tokens=max_output_tokens,
-                                      max_long_requests=max_long_requests,
-                                      long_context_threshold=long_context_threshold))
+        config = EngineConfig.create(
+            model=model, dtype=dtype, device=device, cache_mode=cache_mode,
+            kv_cache_dtype=kv_cache_dtype, kv_cache_memory=kv_cache_memory,
+            block_size=block_size, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens, preemption_mode=preemption_mode,
+            max_input_tokens=max_input_tokens, max_output_tokens=max_output_tokens,
+            max_long_requests=max_long_requests, long_context_threshold=long_context_threshold,
+            enable_prefix_caching=enable_prefix_caching, seed=seed)
         self.engine = LLMEngine(config)
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()

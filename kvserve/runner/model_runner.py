@@ -13,7 +13,7 @@ from kvserve.model.attention import SeqSlice, StepBatch
 from kvserve.model.llama import LlamaModel
 from kvserve.request import Request
 from kvserve.runner.sampler import Sampler, SamplingBatch
-from kvserve.scheduler.plan import SampledToken, StepPlan, StepResult
+from kvserve.scheduler.plan import PromptScores, SampledToken, StepPlan, StepResult
 
 
 class ModelRunner:
@@ -59,12 +59,17 @@ class ModelRunner:
         input_ids, positions, batch = self._build_inputs(plan)
         sampling = [(s, sl) for s, sl in zip(plan.seqs, batch.seqs) if s.sample]
         # The last row of each sampling sequence is the one whose logits pick its next token.
-        rows = torch.tensor([sl.row_start + sl.num_new_tokens - 1 for _, sl in sampling],
+        sample_rows = [sl.row_start + sl.num_new_tokens - 1 for _, sl in sampling]
+        scored = self._prompt_rows(plan, batch, requests)
+        rows = torch.tensor(sample_rows + [row for _, _, row_list, _ in scored for row in row_list],
                             dtype=torch.long, device=self.device)
         self.cache.begin_step(batch)
-        logits = self.model.forward(input_ids, positions, self.cache, rows)  # [num_seqs, vocab]
+        # [num_sampling + num_scored_rows, vocab]
+        all_logits = self.model.forward(input_ids, positions, self.cache, rows)
+        logits = all_logits[:len(sample_rows)]  # [num_seqs, vocab]
+        prompt_scores = self._score_prompts(all_logits[len(sample_rows):], scored, requests)
         if not sampling:
-            return StepResult(())
+            return StepResult((), prompt_scores)
         reqs = [requests[s.request_id] for s, _ in sampling]
         sbatch = SamplingBatch.build(
             [r.params for r in reqs], [r.prompt_token_ids for r in reqs],
@@ -75,7 +80,52 @@ class ModelRunner:
         token_ids = out.token_ids.tolist()
         logprobs = out.logprob_lists([r.params.logprobs for r in reqs])
         return StepResult(tuple(SampledToken(r.request_id, tok, lp)
-                                for r, tok, lp in zip(reqs, token_ids, logprobs)))
+                                for r, tok, lp in zip(reqs, token_ids, logprobs)), prompt_scores)
+
+    @staticmethod
+    def _prompt_rows(plan: StepPlan, batch: StepBatch, requests: dict[str, Request]
+                     ) -> list[tuple[str, int, list[int], list[int]]]:
+        """For prefill chunks of requests that asked for prompt_logprobs: (request id, index of
+        the first prompt token scored, the rows whose logits score it and the next ones, the
+        prompt tokens those rows predict). Row p's logits predict token p + 1."""
+        scored = []
+        for s, sl in zip(plan.seqs, batch.seqs):
+            r = requests[s.request_id]
+            if r.params.prompt_logprobs is None:
+                continue
+            end = min(s.start_position + len(s.token_ids), r.num_prompt_tokens - 1)
+            if end <= s.start_position:
+                continue
+            positions = range(s.start_position, end)
+            scored.append((r.request_id, s.start_position + 1,
+                           [sl.row_start + p - s.start_position for p in positions],
+                           [r.prompt_token_ids[p + 1] for p in positions]))
+        return scored
+
+    @staticmethod
+    def _score_prompts(logits: torch.Tensor, scored: list[tuple[str, int, list[int], list[int]]],
+                       requests: dict[str, Request]) -> tuple[PromptScores, ...]:
+        """logits [num_scored_rows, vocab] of the raw model (no penalties or temperature), as
+        vLLM's prompt_logprobs."""
+        if not scored:
+            return ()
+        logprobs = torch.log_softmax(logits.float(), dim=-1)  # [num_scored_rows, vocab]
+        targets = torch.tensor([t for *_, target in scored for t in target], dtype=torch.long,
+                               device=logprobs.device)
+        chosen = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).tolist()
+        k = max(requests[request_id].params.prompt_logprobs for request_id, *_ in scored)
+        top_values, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0],) * 2
+        top_values, top_ids = top_values.tolist(), top_ids.tolist()
+        out, row = [], 0
+        for request_id, first, row_list, _ in scored:
+            num = requests[request_id].params.prompt_logprobs
+            entries = []
+            for _ in row_list:
+                entries.append((chosen[row], dict(zip(top_ids[row][:num], top_values[row][:num],
+                                                      strict=True))))
+                row += 1
+            out.append(PromptScores(request_id, first, tuple(entries)))
+        return tuple(out)
 
     def free(self, request_id: str) -> None:
         self.cache.free(request_id)

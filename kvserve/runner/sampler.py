@@ -140,6 +140,8 @@ def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> None:
         penalty = batch.repetition_penalty.unsqueeze(-1)  # [num_seqs, 1]
         penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
         logits.copy_(torch.where(seen, penalized, logits))
+        # A tiny penalty can push a logit to +inf, and softmax/log_softmax of inf is NaN.
+        logits.clamp_(max=torch.finfo(logits.dtype).max)
     if batch.output_tokens is not None:
         counts = torch.zeros_like(logits)  # [num_seqs, vocab] float32 occurrences in the output
         ones = torch.ones(batch.output_tokens[1].shape, dtype=logits.dtype, device=logits.device)

@@ -54,5 +54,15 @@ class SampledToken:
 
 
 @dataclass(frozen=True)
+class PromptScores:
+    """Prompt tokens [first, first + len(entries)) scored by this step (prompt_logprobs)."""
+
+    request_id: str
+    first: int
+    entries: tuple[tuple[float, dict[int, float]], ...]
+
+
+@dataclass(frozen=True)
 class StepResult:
     sampled: tuple[SampledToken, ...]
+    prompt_scores: tuple[PromptScores, ...] = ()

@@ -114,7 +114,8 @@ class Scheduler:
     def _admit_with_prefix(self, r: Request, budget: int | None) -> int | None:
         """Give a fresh (or recomputing) request its cached prefix and blocks for the rest of
         this step's tokens; the tokens it feeds, or None (holding nothing) if blocks are short."""
-        if self.blocks is not None and self.retains_kv and r.num_computed_tokens == 0:
+        if (self.blocks is not None and self.retains_kv and r.num_computed_tokens == 0
+                and r.params.prompt_logprobs is None):
             r.num_computed_tokens = self.blocks.match_prefix(r)
             if r.num_cached_tokens is None:
                 r.num_cached_tokens = r.num_computed_tokens
@@ -130,7 +131,8 @@ class Scheduler:
         """Whether a running request is prefilling the first block of r's prompt that is not
         cached yet (n > 1 samples of one prompt, or the same system prompt sent twice at once):
         r then waits so it can reuse those blocks instead of computing its own copy."""
-        if self.blocks is None or self.blocks.cache is None or not self.retains_kv:
+        if (self.blocks is None or self.blocks.cache is None or not self.retains_kv
+                or r.params.prompt_logprobs is not None):
             return False
         key = self.blocks.next_uncached_key(r)
         if key is None:
@@ -190,6 +192,10 @@ class Scheduler:
             r.num_computed_tokens = (s.start_position + len(s.token_ids)) if self.retains_kv else 0
             if self.blocks is not None:
                 self.blocks.cache_full_blocks(r)
+        for scores in result.prompt_scores:
+            r = by_id[scores.request_id]
+            if len(r.prompt_logprobs) == scores.first:  # a recompute scores nothing twice
+                r.prompt_logprobs.extend(scores.entries)
         now = time.monotonic()
         finished = []
         for sampled in result.sampled:

@@ -335,6 +335,39 @@ def test_logprobs(llm, prompt_ids):
         assert top == {} and chosen <= 0.0
 
 
+def all_position_logprobs(model, ids: list[int]) -> torch.Tensor:
+    """log_softmax of the dense reference's logits at every position: [len(ids), vocab]."""
+    n = len(ids)
+    cache = NoCache(model.spec)
+    cache.begin_step(StepBatch((SeqSlice("ref", 0, n, 0),), n))
+    return model.forward(torch.tensor(ids), torch.arange(n), cache,
+                         torch.arange(n)).log_softmax(-1)
+
+
+@pytest.mark.parametrize("chunk", [None, 16])
+def test_prompt_logprobs_match_dense_reference(tiny_hf_dir, prompt_ids, chunk):
+    """Every prompt token scored by the model as it reads the prompt (echo + logprobs), across
+    chunked prefill, and never taken from the prefix cache (a cached position was not scored)."""
+    llm = LLM(model=str(tiny_hf_dir), cache_mode="paged", block_size=4, kv_cache_memory="4MiB",
+              max_num_batched_tokens=chunk or 2048)
+    ids = prompt_ids[3]
+    ref = all_position_logprobs(llm.engine.model, ids)
+    params = SamplingParams(max_tokens=2, temperature=0.0, prompt_logprobs=3, ignore_eos=True)
+    for _ in range(2):  # the second run would be a full prefix-cache hit
+        out = llm.generate({"prompt_token_ids": ids}, params, use_tqdm=False)[0]
+        assert out.num_cached_tokens == 0
+        scores = out.prompt_logprobs
+        assert len(scores) == len(ids) and scores[0] is None
+        for i in range(1, len(ids)):
+            chosen, top = scores[i]
+            assert chosen == pytest.approx(ref[i - 1, ids[i]].item(), abs=1e-4)
+            expected = ref[i - 1].topk(3)
+            assert list(top) == expected.indices.tolist()
+            assert list(top.values()) == pytest.approx(expected.values.tolist(), abs=1e-4)
+    plain = llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=2), use_tqdm=False)
+    assert plain[0].prompt_logprobs is None and plain[0].num_cached_tokens > 0
+
+
 # -- streaming and the detokenizer ----------------------------------------------------------------
 def test_stream_concatenates_to_generate_text(llm):
     for prompt in (TEXT_PROMPT, PROMPTS[3]):

@@ -1,0 +1,357 @@
+"""The async front end of one LLMEngine: many asyncio callers, one engine loop in one thread.
+
+Callers (the HTTP server's handlers) submit requests and read their outputs as async iterators;
+a single background thread owns the engine, and each of its steps batches every live request
+(no request ever runs a forward pass of its own). The engine thread never shares a mutable
+object with the event loop: requests and aborts cross into it through a command queue, and each
+step's results cross back as immutable StreamOutputs delivered with call_soon_threadsafe.
+
+Torch releases the GIL inside its kernels (and ctypes around our C kernels), so the event loop
+keeps answering HTTP while a step computes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+from kvserve.engine.engine import LLMEngine
+from kvserve.errors import KVServeError
+from kvserve.request import FinishReason, PromptLogprobs, Request, SamplingParams
+
+log = logging.getLogger("kvserve.engine")
+IDLE_WAIT_S = 0.5  # how long the idle loop sleeps between checks for stop
+
+
+class EngineDeadError(KVServeError):
+    """The engine loop has stopped (shutdown): no new requests are taken."""
+
+
+class EngineStepError(KVServeError):
+    """A step failed while this request was in it: the request is ended, the engine goes on."""
+
+
+class QueueFullError(KVServeError):
+    """The waiting queue is at --max-queue: try again later."""
+
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+@dataclass(frozen=True)
+class StreamOutput:
+    """What one step added to one sequence, plus the totals a response needs at the end."""
+
+    request_id: str
+    text: str  # new text (stable: never retracted)
+    token_ids: tuple[int, ...]  # new tokens
+    logprobs: tuple[tuple[float, dict[int, float]], ...] | None  # for the new tokens
+    finished: bool
+    finish_reason: str | None
+    stop_reason: str | int | None
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    num_output_tokens: int
+    time: float  # time.monotonic() when the step ended
+    arrival_time: float
+    prompt_logprobs: PromptLogprobs | None = None  # on the first output, when asked for
+    error: str | None = None  # the step failed: the request ended without finishing
+
+
+@dataclass
+class EngineStats:
+    """A snapshot the engine thread writes after every step; readers get a consistent copy."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_usage: float = 0.0
+    num_blocks_used: int = 0
+    num_blocks_total: int = 0
+    prefix_cache_queried_tokens: int = 0
+    prefix_cache_hit_tokens: int = 0
+    num_preemptions: int = 0
+    num_steps: int = 0
+    num_step_errors: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SequenceInput:
+    """One sequence to generate: a prompt already tokenized and checked (see validate)."""
+
+    request_id: str
+    token_ids: list[int]
+    params: SamplingParams
+    prompt_text: str | None = None
+    cache_salt: str | None = None
+
+
+@dataclass
+class _Add:
+    request_id: str
+    token_ids: list[int]
+    params: SamplingParams
+    prompt_text: str | None
+    cache_salt: str | None
+    sink: asyncio.Queue
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+class AsyncLLMEngine:
+    def __init__(self, engine: LLMEngine, max_queue: int | None = None):
+        self.engine = engine
+        self.max_queue = max_queue
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sinks: dict[str, asyncio.Queue] = {}  # engine thread only
+        self._pending = 0  # submitted, not yet in the scheduler (loop thread writes, +/-)
+        self._pending_lock = threading.Lock()
+        self._stats = EngineStats()
+        self._recent_finishes: list[float] = []  # finish times, for Retry-After
+        self.dead = False
+
+    # -- life cycle ---------------------------------------------------------------------------
+    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self._loop = loop or asyncio.get_running_loop()
+        self._publish_stats()
+        self._thread = threading.Thread(target=self._run, name="kvserve-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Abort whatever is still in flight and stop the loop thread."""
+        self.dead = True
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    @property
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    @property
+    def num_in_flight(self) -> int:
+        return self._stats.num_running + self._stats.num_waiting + self._pending
+
+    # -- the caller's side (event loop thread) -------------------------------------------------
+    def validate(self, prompt: str | Sequence[int], params: SamplingParams) -> list[int]:
+        """Tokenize and check a prompt against the context and the limits (read-only: safe
+        outside the engine thread). Raises InvalidRequestError naming the problem."""
+        token_ids = self.engine.encode_prompt(prompt)
+        self.engine._check_fits(len(token_ids), params)
+        return token_ids
+
+    def check_queue(self, num_new: int) -> None:
+        """Raise QueueFullError when num_new more waiting requests would pass max_queue."""
+        if self.max_queue is None:
+            return
+        waiting = self._stats.num_waiting + self._pending
+        if waiting + num_new > self.max_queue:
+            raise QueueFullError(
+                f"the waiting queue is full ({waiting} waiting, max_queue {self.max_queue}); "
+                f"retry later", self._retry_after_s(waiting + num_new))
+
+    def _retry_after_s(self, waiting: int) -> int:
+        """Seconds until about `waiting` requests have finished at the recent finish rate."""
+        now = time.monotonic()
+        recent = [t for t in self._recent_finishes if now - t < 60.0]
+        if len(recent) < 2 or recent[-1] <= recent[0]:
+            return 1
+        rate = (len(recent) - 1) / (recent[-1] - recent[0])
+        return max(1, min(60, round(waiting / rate)))
+
+    def add(self, request_id: str, token_ids: list[int], params: SamplingParams,
+            prompt_text: str | None = None, cache_salt: str | None = None,
+            sink: asyncio.Queue | None = None) -> asyncio.Queue:
+        """Queue one sequence; its StreamOutputs (or an exception, if the engine refuses it)
+        arrive on `sink` (a new asyncio.Queue unless given), which is returned."""
+        if self.dead:
+            raise EngineDeadError("the server is shutting down")
+        sink = sink if sink is not None else asyncio.Queue()
+        with self._pending_lock:
+            self._pending += 1
+        self._commands.put(_Add(request_id, token_ids, params, prompt_text, cache_salt, sink))
+        self._wake.set()
+        return sink
+
+    def abort(self, request_id: str) -> None:
+        """End a request now and free its blocks (a disconnected client); a no-op if done."""
+        if not self.dead:
+            self._commands.put(_Abort(request_id))
+            self._wake.set()
+
+    async def generate(self, seqs: Sequence[SequenceInput]) -> AsyncIterator[StreamOutput]:
+        """The outputs of several sequences (the n samples of some prompts), interleaved as the
+        engine makes them, until all finish. Leaving early (a client that disconnects, a
+        cancelled task) or a refused sequence aborts every one still running."""
+        sink: asyncio.Queue = asyncio.Queue()
+        unfinished: set[str] = set()
+        try:
+            for s in seqs:
+                self.add(s.request_id, s.token_ids, s.params, s.prompt_text, s.cache_salt, sink)
+                unfinished.add(s.request_id)
+            while unfinished:
+                out = await sink.get()
+                if isinstance(out, BaseException):
+                    raise out
+                if out.finished:
+                    unfinished.discard(out.request_id)
+                yield out
+        finally:
+            for request_id in unfinished:
+                self.abort(request_id)
+
+    # -- the engine thread ---------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._drain_commands()
+                if not self.engine.has_unfinished_requests():
+                    self._wake.wait(IDLE_WAIT_S)
+                    self._wake.clear()
+                    continue
+                self._step()
+        except BaseException:  # a bug in the loop itself: fail everyone rather than hang them
+            log.exception("engine loop crashed")
+            self.dead = True
+        finally:
+            self._drain_commands()
+            self._abort_all("the server is shutting down" if self._stop.is_set()
+                            else "the engine loop crashed")
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(cmd, _Add):
+                with self._pending_lock:
+                    self._pending -= 1
+                if self._stop.is_set():
+                    self._send(cmd.sink, EngineDeadError("the server is shutting down"))
+                    continue
+                try:
+                    self.engine.add_request(cmd.request_id, cmd.token_ids, cmd.params,
+                                            prompt_text=cmd.prompt_text,
+                                            cache_salt=cmd.cache_salt)
+                except Exception as err:  # invalid after all (e.g. a duplicate id)
+                    self._send(cmd.sink, err)
+                    continue
+                self._sinks[cmd.request_id] = cmd.sink
+            else:
+                if cmd.request_id in self._sinks:
+                    del self._sinks[cmd.request_id]
+                    self.engine.abort_request(cmd.request_id)
+        self._publish_stats()
+
+    def _step(self) -> None:
+        running_before = [r.request_id for r in self.engine.scheduler.running]
+        try:
+            deltas = self.engine.step()
+        except Exception as err:
+            self._fail_step(err, running_before)
+            return
+        now = time.monotonic()
+        outputs = []
+        for d in deltas:
+            r = self.engine.requests.get(d.request_id)
+            sink = self._sinks.pop(d.request_id, None) if d.finished else \
+                self._sinks.get(d.request_id)
+            if r is not None and sink is not None:
+                outputs.append((sink, _output(r, d.new_text, d.new_token_ids, now)))
+            if d.finished and r is not None:
+                self.engine.pop_finished(d.request_id)
+                self._recent_finishes = [*self._recent_finishes[-63:], now]
+        self._stats.num_steps += 1
+        self._publish_stats()
+        if outputs and self._loop is not None:
+            self._loop.call_soon_threadsafe(_deliver, outputs)
+
+    def _fail_step(self, err: Exception, running_before: list[str]) -> None:
+        """A step raised: end the requests it was running (their state is suspect) with an
+        error, keep the rest queued, and go on."""
+        log.exception("engine step failed; ending the %d request(s) in it", len(running_before))
+        self._stats.num_step_errors += 1
+        ids = set(running_before) | {r.request_id for r in self.engine.scheduler.running}
+        message = f"engine error: {type(err).__name__}: {err}"
+        for request_id in ids:
+            self._end(request_id, message)
+        self._publish_stats()
+
+    def _end(self, request_id: str, message: str) -> None:
+        sink = self._sinks.pop(request_id, None)
+        r = self.engine.requests.get(request_id)
+        try:
+            self.engine.abort_request(request_id)
+        except Exception:  # the state is already broken; the request is gone either way
+            log.exception("abort of %s failed", request_id)
+        if sink is not None and r is not None:
+            out = _output(r, "", (), time.monotonic(), error=message)
+            self._send(sink, out)
+
+    def _abort_all(self, message: str) -> None:
+        for request_id in list(self._sinks):
+            self._end(request_id, message)
+
+    def _send(self, sink: asyncio.Queue, item) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(sink.put_nowait, item)
+
+    def _publish_stats(self) -> None:
+        e = self.engine
+        kv = e.kv_cache_stats()
+        s = EngineStats(
+            num_running=len(e.scheduler.running),
+            num_waiting=len(e.scheduler.waiting),
+            kv_usage=float(kv.get("kv_usage", 0.0)),
+            num_blocks_used=int(kv.get("num_blocks_used", 0)),
+            num_blocks_total=int(kv.get("num_blocks_total", 0)),
+            prefix_cache_queried_tokens=int(kv.get("prefix_cache_queried_tokens", 0)),
+            prefix_cache_hit_tokens=int(kv.get("prefix_cache_hit_tokens", 0)),
+            num_preemptions=int(kv.get("num_preemptions", 0)),
+            num_steps=self._stats.num_steps,
+            num_step_errors=self._stats.num_step_errors,
+        )
+        self._stats = s  # one reference swap: readers never see half an update
+
+
+def _output(r: Request, text: str, token_ids: tuple[int, ...], now: float,
+            error: str | None = None) -> StreamOutput:
+    finished = r.status.finished or error is not None
+    logprobs = None
+    if r.params.logprobs is not None and token_ids:
+        logprobs = tuple(r.output_logprobs[len(r.output_logprobs) - len(token_ids):])
+    first = len(r.output_token_ids) == len(token_ids)  # the first output of this request
+    reason = r.finish_reason.value if r.finish_reason else None
+    if error is not None:
+        reason = FinishReason.ABORT.value
+    return StreamOutput(
+        request_id=r.request_id, text=text, token_ids=token_ids, logprobs=logprobs,
+        finished=finished, finish_reason=reason if finished else None,
+        stop_reason=r.stop_reason if finished else None,
+        num_prompt_tokens=r.num_prompt_tokens, num_cached_tokens=r.num_cached_tokens or 0,
+        num_output_tokens=len(r.output_token_ids), time=now, arrival_time=r.arrival_time,
+        prompt_logprobs=(tuple(r.prompt_logprobs)
+                         if first and r.params.prompt_logprobs is not None else None),
+        error=error)
+
+
+def _deliver(outputs: list[tuple[asyncio.Queue, StreamOutput]]) -> None:
+    for sink, out in outputs:
+        with contextlib.suppress(asyncio.QueueFull):
+            sink.put_nowait(out)

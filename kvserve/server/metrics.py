@@ -1,0 +1,115 @@
+"""Prometheus metrics for GET /metrics, in a registry of the server's own.
+
+Gauges and cumulative engine counters (running / waiting, KV usage, prefix-cache queries and
+hits, preemptions) are read from the engine's latest stats snapshot at scrape time; latencies and
+token counts are observed by the handlers as each sequence's outputs arrive, from the engine's own
+timestamps (arrival, and the end of the step that made each token).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from kvserve.engine.async_engine import EngineStats, StreamOutput
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+                80.0)
+ITL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
+               5.0)
+E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0, 600.0)
+
+
+class _EngineCollector:
+    """Reads the engine snapshot at scrape time."""
+
+    def __init__(self, stats: Callable[[], EngineStats], model_name: str):
+        self.stats = stats
+        self.labels = {"model_name": model_name}
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        s = self.stats()
+        names, values = list(self.labels), list(self.labels.values())
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            g = GaugeMetricFamily(name, doc, labels=names)
+            g.add_metric(values, value)
+            return g
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            c = CounterMetricFamily(name, doc, labels=names)
+            c.add_metric(values, value)
+            return c
+
+        yield gauge("kvserve_num_requests_running", "Sequences in the running batch.",
+                    s.num_running)
+        yield gauge("kvserve_num_requests_waiting", "Sequences waiting to be admitted.",
+                    s.num_waiting)
+        yield gauge("kvserve_kv_cache_usage_perc",
+                    "Fraction of KV blocks held by live requests (1 = full).", s.kv_usage)
+        yield gauge("kvserve_kv_cache_blocks_used", "KV blocks held by live requests.",
+                    s.num_blocks_used)
+        yield gauge("kvserve_kv_cache_blocks_total", "KV blocks in the pool.",
+                    s.num_blocks_total)
+        yield counter("kvserve_prefix_cache_queries",
+                      "Prompt tokens looked up in the prefix cache.",
+                      s.prefix_cache_queried_tokens)
+        yield counter("kvserve_prefix_cache_hits", "Prompt tokens found in the prefix cache.",
+                      s.prefix_cache_hit_tokens)
+        yield counter("kvserve_num_preemptions", "Requests preempted to free KV blocks.",
+                      s.num_preemptions)
+        yield counter("kvserve_engine_step_errors", "Engine steps that raised an error.",
+                      s.num_step_errors)
+
+
+class ServerMetrics:
+    def __init__(self, stats: Callable[[], EngineStats], model_name: str):
+        self.registry = CollectorRegistry()
+        self.registry.register(_EngineCollector(stats, model_name))
+        labels = ["model_name"]
+        reg = self.registry
+        self.ttft = Histogram("kvserve_time_to_first_token_seconds",
+                              "Arrival to the first generated token.", labels,
+                              buckets=TTFT_BUCKETS, registry=reg).labels(model_name)
+        self.itl = Histogram("kvserve_inter_token_latency_seconds",
+                             "Time between consecutive tokens of one sequence.", labels,
+                             buckets=ITL_BUCKETS, registry=reg).labels(model_name)
+        self.e2e = Histogram("kvserve_e2e_request_latency_seconds",
+                             "Arrival to the last token of a finished sequence.", labels,
+                             buckets=E2E_BUCKETS, registry=reg).labels(model_name)
+        self.prompt_tokens = Counter("kvserve_prompt_tokens", "Prompt tokens of requests.",
+                                     labels, registry=reg).labels(model_name)
+        self.generation_tokens = Counter("kvserve_generation_tokens", "Tokens generated.",
+                                         labels, registry=reg).labels(model_name)
+        self._success = Counter("kvserve_request_success", "Sequences finished, by reason.",
+                                ["model_name", "finished_reason"], registry=reg)
+        self._http = Counter("kvserve_http_requests", "API responses by endpoint and status.",
+                             ["endpoint", "status"], registry=reg)
+        self.model_name = model_name
+
+    def observe(self, out: StreamOutput, previous: StreamOutput | None,
+                count_prompt: bool) -> None:
+        """One output of one sequence; `previous` is that sequence's last output with tokens."""
+        if out.token_ids:
+            if previous is None:
+                self.ttft.observe(max(0.0, out.time - out.arrival_time))
+                if count_prompt:
+                    self.prompt_tokens.inc(out.num_prompt_tokens)
+            else:
+                self.itl.observe(max(0.0, out.time - previous.time))
+            self.generation_tokens.inc(len(out.token_ids))
+        if out.finished and out.error is None:
+            self.e2e.observe(max(0.0, out.time - out.arrival_time))
+            self._success.labels(self.model_name, out.finish_reason or "stop").inc()
+
+    def count_response(self, endpoint: str, status: int) -> None:
+        self._http.labels(endpoint, str(status)).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

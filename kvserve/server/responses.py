@@ -1,0 +1,127 @@
+"""Building OpenAI response pieces from engine outputs: per-choice state, usage, logprobs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from kvserve.engine.async_engine import StreamOutput
+from kvserve.model.tokenizer import Tokenizer, _byte_alphabet
+from kvserve.server import protocol as P
+from kvserve.server.metrics import ServerMetrics
+
+Scored = tuple[float, dict[int, float]]
+
+
+@dataclass
+class ChoiceState:
+    """One of the choices of a response (sample j of prompt i), filled as outputs arrive."""
+
+    index: int
+    prompt_text: str | None
+    prompt_ids: list[int]
+    counts_prompt: bool  # the first sample of its prompt: its prompt counts in usage
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[Scored] = field(default_factory=list)
+    prompt_logprobs: tuple[Scored | None, ...] | None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    num_cached_tokens: int = 0
+    error: str | None = None
+    streamed_chars: int = 0  # completion text already sent as SSE (its logprobs' text_offset)
+    echoed: bool = False  # streaming with echo: the prompt chunk has gone out
+    _last: StreamOutput | None = None  # last output with tokens (inter-token latency)
+
+    def add(self, out: StreamOutput, metrics: ServerMetrics | None = None) -> None:
+        if metrics is not None:
+            metrics.observe(out, self._last, self.counts_prompt)
+        if out.token_ids:
+            self._last = out
+        self.text += out.text
+        self.token_ids.extend(out.token_ids)
+        if out.logprobs:
+            self.logprobs.extend(out.logprobs)
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
+        self.num_cached_tokens = out.num_cached_tokens
+        if out.finished:
+            self.finish_reason, self.stop_reason = out.finish_reason, out.stop_reason
+            self.error = out.error
+
+    def prompt_text_or(self, tok: Tokenizer) -> str:
+        if self.prompt_text is None:
+            self.prompt_text = tok.decode(self.prompt_ids, skip_special_tokens=False)
+        return self.prompt_text
+
+
+def usage_of(choices: Iterable[ChoiceState]) -> P.Usage:
+    choices = list(choices)
+    prompt = sum(len(c.prompt_ids) for c in choices if c.counts_prompt)
+    completion = sum(len(c.token_ids) for c in choices)
+    cached = sum(c.num_cached_tokens for c in choices if c.counts_prompt)
+    return P.Usage(prompt_tokens=prompt, completion_tokens=completion,
+                   total_tokens=prompt + completion,
+                   prompt_tokens_details=P.PromptTokensDetails(cached_tokens=cached))
+
+
+@lru_cache(maxsize=1)
+def _alphabet_bytes() -> dict[str, int]:
+    return {ch: b for b, ch in _byte_alphabet().items()}
+
+
+def token_text(tok: Tokenizer, token_id: int) -> str:
+    return tok.decode([token_id], skip_special_tokens=False)
+
+
+def token_bytes(tok: Tokenizer, token_id: int) -> list[int]:
+    """The token's own bytes: exact for byte-level vocabularies (a piece of a multi-byte
+    character included), the UTF-8 of its text otherwise."""
+    piece = tok.convert_ids_to_tokens([token_id])[0]
+    table = _alphabet_bytes()
+    if piece and all(ch in table for ch in piece):
+        return [table[ch] for ch in piece]
+    return list(token_text(tok, token_id).encode())
+
+
+def completion_logprobs(tok: Tokenizer, token_ids: Sequence[int], logprobs: Sequence[Scored],
+                        prompt_ids: Sequence[int] = (),
+                        prompt_logprobs: Sequence[Scored | None] | None = None,
+                        text_start: int = 0) -> P.CompletionLogprobs:
+    """The legacy completions format: with echo the prompt's tokens come first (the very first
+    has no log-prob: nothing precedes it); each top_logprobs dict holds the chosen token too."""
+    out = P.CompletionLogprobs()
+    offset = text_start
+    entries: list[tuple[int, Scored | None]] = []
+    if prompt_logprobs is not None:
+        entries += list(zip(prompt_ids, prompt_logprobs))
+    entries += list(zip(token_ids, logprobs))
+    for token_id, scored in entries:
+        text = token_text(tok, token_id)
+        out.tokens.append(text)
+        out.text_offset.append(offset)
+        offset += len(text)
+        if scored is None:
+            out.token_logprobs.append(None)
+            out.top_logprobs.append(None)
+            continue
+        chosen, top = scored
+        out.token_logprobs.append(chosen)
+        alternatives = {token_text(tok, t): lp for t, lp in top.items()}
+        alternatives.setdefault(text, chosen)
+        out.top_logprobs.append(alternatives)
+    return out
+
+
+def chat_logprobs(tok: Tokenizer, token_ids: Sequence[int], logprobs: Sequence[Scored],
+                  top_n: int) -> P.ChatLogprobs:
+    content = []
+    for token_id, (chosen, top) in zip(token_ids, logprobs):
+        alternatives = [P.TopLogprob(token=token_text(tok, t), logprob=lp,
+                                     bytes=token_bytes(tok, t))
+                        for t, lp in list(top.items())[:top_n]]
+        content.append(P.TokenLogprob(token=token_text(tok, token_id), logprob=chosen,
+                                      bytes=token_bytes(tok, token_id),
+                                      top_logprobs=alternatives))
+    return P.ChatLogprobs(content=content)
