@@ -222,8 +222,8 @@ class ServerConfig:
         if any(not isinstance(k, str) or not k.strip() for k in self.api_keys):
             raise ConfigError("api keys must be non-empty strings")
         if self.max_queue is not None and (not isinstance(self.max_queue, int)
-                                           or self.max_queue < 0):
-            raise ConfigError(f"max_queue must be a non-negative integer, got {self.max_queue!r}")
+                                           or self.max_queue < 1):
+            raise ConfigError(f"max_queue must be a positive integer, got {self.max_queue!r}")
         if not self.shutdown_timeout_s >= 0:
             raise ConfigError(f"shutdown_timeout must be >= 0 seconds, "
                               f"got {self.shutdown_timeout_s!r}")

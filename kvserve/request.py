@@ -18,6 +18,7 @@ MAX_TEMPERATURE = 100.0
 MAX_PENALTY = 100.0
 MAX_N = 128
 MAX_LOGPROBS = 20
+MAX_TOKEN_ID = 2**31 - 1  # bounds top_k and token ids: they become int64 tensors
 
 
 def _check(ok: bool, message: str) -> None:
@@ -83,7 +84,7 @@ class SamplingParams:
                f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {self.temperature!r}")
         _check(_is_num(self.top_p) and 0.0 < self.top_p <= 1.0,
                f"top_p must be in (0, 1], got {self.top_p!r}")
-        _check(_is_int(self.top_k) and self.top_k >= 0,
+        _check(_is_int(self.top_k) and 0 <= self.top_k <= MAX_TOKEN_ID,
                f"top_k must be a non-negative integer (0 or -1 disables), got {self.top_k!r}")
         _check(_is_num(self.min_p) and 0.0 <= self.min_p <= 1.0,
                f"min_p must be in [0, 1], got {self.min_p!r}")
@@ -98,8 +99,8 @@ class SamplingParams:
                f"{self.seed!r}")
         _check(all(isinstance(s, str) and s for s in self.stop),
                "stop must be a list of non-empty strings")
-        _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
-               "stop_token_ids must be non-negative integers")
+        _check(all(_is_int(t) and 0 <= t <= MAX_TOKEN_ID for t in self.stop_token_ids),
+               f"stop_token_ids must be integers in [0, {MAX_TOKEN_ID}]")
         _check(self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1),
                f"max_tokens must be a positive integer, got {self.max_tokens!r}")
         _check(_is_int(self.min_tokens) and self.min_tokens >= 0,

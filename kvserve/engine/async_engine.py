@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from kvserve.engine.engine import LLMEngine
-from kvserve.errors import KVServeError
+from kvserve.errors import InvalidRequestError, KVServeError
 from kvserve.request import FinishReason, PromptLogprobs, Request, SamplingParams
 
 log = logging.getLogger("kvserve.engine")
@@ -93,6 +93,12 @@ class SequenceInput:
     cache_salt: str | None = None
 
 
+@dataclass(frozen=True)
+class Submission:
+    sink: asyncio.Queue
+    request_ids: set[str]
+
+
 @dataclass
 class _Add:
     request_id: str
@@ -120,6 +126,7 @@ class AsyncLLMEngine:
         self._sinks: dict[str, asyncio.Queue] = {}  # engine thread only
         self._pending = 0  # submitted, not yet in the scheduler (loop thread writes, +/-)
         self._pending_lock = threading.Lock()
+        self._submit_lock = threading.Lock()
         self._stats = EngineStats()
         self._recent_finishes: list[float] = []  # finish times, for Retry-After
         self.dead = False
@@ -156,9 +163,15 @@ class AsyncLLMEngine:
         return token_ids
 
     def check_queue(self, num_new: int) -> None:
-        """Raise QueueFullError when num_new more waiting requests would pass max_queue."""
+        """Raise QueueFullError when num_new more waiting sequences would pass max_queue (call
+        submit() right after, with no await between: the check and the submit are then one
+        step of the event loop and no other request can slip in)."""
         if self.max_queue is None:
             return
+        if num_new > self.max_queue:
+            raise InvalidRequestError(
+                f"the request has {num_new} sequences (prompts x n) but at most max_queue "
+                f"({self.max_queue}) may wait")
         waiting = self._stats.num_waiting + self._pending
         if waiting + num_new > self.max_queue:
             raise QueueFullError(
@@ -174,38 +187,35 @@ class AsyncLLMEngine:
         rate = (len(recent) - 1) / (recent[-1] - recent[0])
         return max(1, min(60, round(waiting / rate)))
 
-    def add(self, request_id: str, token_ids: list[int], params: SamplingParams,
-            prompt_text: str | None = None, cache_salt: str | None = None,
-            sink: asyncio.Queue | None = None) -> asyncio.Queue:
-        """Queue one sequence; its StreamOutputs (or an exception, if the engine refuses it)
-        arrive on `sink` (a new asyncio.Queue unless given), which is returned."""
-        if self.dead:
-            raise EngineDeadError("the server is shutting down")
-        sink = sink if sink is not None else asyncio.Queue()
-        with self._pending_lock:
-            self._pending += 1
-        self._commands.put(_Add(request_id, token_ids, params, prompt_text, cache_salt, sink))
+    def submit(self, seqs: Sequence[SequenceInput]) -> Submission:
+        """Queue sequences now (synchronously); read their outputs with outputs()."""
+        sink: asyncio.Queue = asyncio.Queue()
+        with self._submit_lock:  # the engine thread's final drain takes it too: no lost add
+            if self.dead:
+                raise EngineDeadError("the server is shutting down")
+            with self._pending_lock:
+                self._pending += len(seqs)
+            for q in seqs:
+                self._commands.put(_Add(q.request_id, q.token_ids, q.params, q.prompt_text,
+                                        q.cache_salt, sink))
         self._wake.set()
-        return sink
+        return Submission(sink, {q.request_id for q in seqs})
 
     def abort(self, request_id: str) -> None:
         """End a request now and free its blocks (a disconnected client); a no-op if done."""
-        if not self.dead:
-            self._commands.put(_Abort(request_id))
-            self._wake.set()
+        with self._submit_lock:
+            if not self.dead:
+                self._commands.put(_Abort(request_id))
+        self._wake.set()
 
-    async def generate(self, seqs: Sequence[SequenceInput]) -> AsyncIterator[StreamOutput]:
-        """The outputs of several sequences (the n samples of some prompts), interleaved as the
-        engine makes them, until all finish. Leaving early (a client that disconnects, a
+    async def outputs(self, submission: Submission) -> AsyncIterator[StreamOutput]:
+        """The outputs of submitted sequences (the n samples of some prompts), interleaved as
+        the engine makes them, until all finish. Leaving early (a client that disconnects, a
         cancelled task) or a refused sequence aborts every one still running."""
-        sink: asyncio.Queue = asyncio.Queue()
-        unfinished: set[str] = set()
+        unfinished = set(submission.request_ids)
         try:
-            for s in seqs:
-                self.add(s.request_id, s.token_ids, s.params, s.prompt_text, s.cache_salt, sink)
-                unfinished.add(s.request_id)
             while unfinished:
-                out = await sink.get()
+                out = await submission.sink.get()
                 if isinstance(out, BaseException):
                     raise out
                 if out.finished:
@@ -214,6 +224,11 @@ class AsyncLLMEngine:
         finally:
             for request_id in unfinished:
                 self.abort(request_id)
+
+    async def generate(self, seqs: Sequence[SequenceInput]) -> AsyncIterator[StreamOutput]:
+        """submit() then outputs()."""
+        async for out in self.outputs(self.submit(seqs)):
+            yield out
 
     # -- the engine thread ---------------------------------------------------------------------
     def _run(self) -> None:
@@ -229,9 +244,11 @@ class AsyncLLMEngine:
             log.exception("engine loop crashed")
             self.dead = True
         finally:
+            with self._submit_lock:
+                self.dead = True  # nothing is queued after this final drain
             self._drain_commands()
-            self._abort_all("the server is shutting down" if self._stop.is_set()
-                            else "the engine loop crashed")
+            self._abort_all(EngineDeadError("the server is shutting down" if self._stop.is_set()
+                                            else "the engine loop crashed"))
 
     def _drain_commands(self) -> None:
         while True:
@@ -242,7 +259,7 @@ class AsyncLLMEngine:
             if isinstance(cmd, _Add):
                 with self._pending_lock:
                     self._pending -= 1
-                if self._stop.is_set():
+                if self._stop.is_set() or self.dead:
                     self._send(cmd.sink, EngineDeadError("the server is shutting down"))
                     continue
                 try:
@@ -293,7 +310,9 @@ class AsyncLLMEngine:
             self._end(request_id, message)
         self._publish_stats()
 
-    def _end(self, request_id: str, message: str) -> None:
+    def _end(self, request_id: str, error: str | BaseException) -> None:
+        """Abort a request; its reader gets an output carrying the error message (a failed
+        step) or the exception itself (shutdown)."""
         sink = self._sinks.pop(request_id, None)
         r = self.engine.requests.get(request_id)
         try:
@@ -301,12 +320,12 @@ class AsyncLLMEngine:
         except Exception:  # the state is already broken; the request is gone either way
             log.exception("abort of %s failed", request_id)
         if sink is not None and r is not None:
-            out = _output(r, "", (), time.monotonic(), error=message)
-            self._send(sink, out)
+            self._send(sink, error if isinstance(error, BaseException) else
+                       _output(r, "", (), time.monotonic(), error=error))
 
-    def _abort_all(self, message: str) -> None:
+    def _abort_all(self, error: BaseException) -> None:
         for request_id in list(self._sinks):
-            self._end(request_id, message)
+            self._end(request_id, error)
 
     def _send(self, sink: asyncio.Queue, item) -> None:
         if self._loop is not None and not self._loop.is_closed():

@@ -15,6 +15,8 @@ from kvserve.request import Request
 from kvserve.runner.sampler import Sampler, SamplingBatch
 from kvserve.scheduler.plan import PromptScores, SampledToken, StepPlan, StepResult
 
+SCORE_ROWS = 256  # prompt positions scored (log_softmax over the vocabulary) at once
+
 
 class ModelRunner:
     def __init__(self, model: LlamaModel, cache, eos_token_ids: tuple[int, ...]):
@@ -93,11 +95,14 @@ class ModelRunner:
             r = requests[s.request_id]
             if r.params.prompt_logprobs is None:
                 continue
+            # Positions already scored (a recompute after preemption, or cache mode "none"
+            # feeding the whole sequence each step) are not scored again.
+            start = max(s.start_position, len(r.prompt_logprobs) - 1)
             end = min(s.start_position + len(s.token_ids), r.num_prompt_tokens - 1)
-            if end <= s.start_position:
+            if end <= start:
                 continue
-            positions = range(s.start_position, end)
-            scored.append((r.request_id, s.start_position + 1,
+            positions = range(start, end)
+            scored.append((r.request_id, start + 1,
                            [sl.row_start + p - s.start_position for p in positions],
                            [r.prompt_token_ids[p + 1] for p in positions]))
         return scored
@@ -109,13 +114,21 @@ class ModelRunner:
         vLLM's prompt_logprobs."""
         if not scored:
             return ()
-        logprobs = torch.log_softmax(logits.float(), dim=-1)  # [num_scored_rows, vocab]
         targets = torch.tensor([t for *_, target in scored for t in target], dtype=torch.long,
-                               device=logprobs.device)
-        chosen = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).tolist()
+                               device=logits.device)
         k = max(requests[request_id].params.prompt_logprobs for request_id, *_ in scored)
-        top_values, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0],) * 2
-        top_values, top_ids = top_values.tolist(), top_ids.tolist()
+        chosen, top_values, top_ids = [], [], []
+        for lo in range(0, logits.shape[0], SCORE_ROWS):  # bounded memory for long prompts
+            part = torch.log_softmax(logits[lo:lo + SCORE_ROWS].float(), dim=-1)  # [rows, vocab]
+            chosen += part.gather(-1, targets[lo:lo + SCORE_ROWS].unsqueeze(-1)).squeeze(-1)\
+                .tolist()
+            if k:
+                values, ids = part.topk(k, dim=-1)
+                top_values += values.tolist()
+                top_ids += ids.tolist()
+            else:
+                top_values += [[] for _ in range(part.shape[0])]
+                top_ids += [[] for _ in range(part.shape[0])]
         out, row = [], 0
         for request_id, first, row_list, _ in scored:
             num = requests[request_id].params.prompt_logprobs

@@ -194,8 +194,9 @@ class Scheduler:
                 self.blocks.cache_full_blocks(r)
         for scores in result.prompt_scores:
             r = by_id[scores.request_id]
-            if len(r.prompt_logprobs) == scores.first:  # a recompute scores nothing twice
-                r.prompt_logprobs.extend(scores.entries)
+            have = len(r.prompt_logprobs)
+            if scores.first <= have < scores.first + len(scores.entries):
+                r.prompt_logprobs.extend(scores.entries[have - scores.first:])
         now = time.monotonic()
         finished = []
         for sampled in result.sampled:

@@ -3,7 +3,8 @@
 Gauges and cumulative engine counters (running / waiting, KV usage, prefix-cache queries and
 hits, preemptions) are read from the engine's latest stats snapshot at scrape time; latencies and
 token counts are observed by the handlers as each sequence's outputs arrive, from the engine's own
-timestamps (arrival, and the end of the step that made each token).
+timestamps (arrival, and the end of the step that made each token). Latencies are per sequence:
+a request with n = 4 adds four TTFT observations, as it holds four sequences' worth of work.
 """
 
 from __future__ import annotations
@@ -51,16 +52,16 @@ class _EngineCollector:
                     s.num_running)
         yield gauge("kvserve_num_requests_waiting", "Sequences waiting to be admitted.",
                     s.num_waiting)
-        yield gauge("kvserve_kv_cache_usage_perc",
+        yield gauge("kvserve_kv_cache_usage_ratio",
                     "Fraction of KV blocks held by live requests (1 = full).", s.kv_usage)
         yield gauge("kvserve_kv_cache_blocks_used", "KV blocks held by live requests.",
                     s.num_blocks_used)
         yield gauge("kvserve_kv_cache_blocks_total", "KV blocks in the pool.",
                     s.num_blocks_total)
-        yield counter("kvserve_prefix_cache_queries",
+        yield counter("kvserve_prefix_cache_queried_tokens",
                       "Prompt tokens looked up in the prefix cache.",
                       s.prefix_cache_queried_tokens)
-        yield counter("kvserve_prefix_cache_hits", "Prompt tokens found in the prefix cache.",
+        yield counter("kvserve_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache.",
                       s.prefix_cache_hit_tokens)
         yield counter("kvserve_num_preemptions", "Requests preempted to free KV blocks.",
                       s.num_preemptions)

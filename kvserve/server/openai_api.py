@@ -29,6 +29,7 @@ from kvserve.engine.async_engine import (
     QueueFullError,
     SequenceInput,
     StreamOutput,
+    Submission,
 )
 from kvserve.engine.llm import derive_seed
 from kvserve.errors import InvalidRequestError
@@ -195,7 +196,14 @@ def build_app(engine: AsyncLLMEngine, config: ServerConfig, model_name: str) -> 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request: Request, err: StarletteHTTPException):
         type_ = "invalid_request_error" if err.status_code < 500 else "server_error"
-        return error_response(APIError(err.status_code, str(err.detail), type_,
+        message, code = str(err.detail), None
+        if err.status_code == 404 and message == "Not Found":
+            message = f"{request.method} {request.url.path} is not an endpoint of this server"
+        elif err.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}"
+        elif err.status_code == 413:
+            code = "request_too_large"
+        return error_response(APIError(err.status_code, message, type_, code=code,
                                        headers=getattr(err, "headers", None)))
 
     @app.exception_handler(Exception)
@@ -278,9 +286,19 @@ def _cap_token_ids(node: Any, largest: int) -> None:
             _cap_token_ids(value, largest)
 
 
+API_PATHS = ("/v1/models", "/v1/completions", "/v1/chat/completions")
+
+
+class BodyTooLarge(StarletteHTTPException):
+    def __init__(self, size: str, limit: int):
+        super().__init__(413, f"the request body has {size} bytes, over the server's limit "
+                         f"({limit})")
+
+
 class BodyLimitAndCount:
     """Plain ASGI middleware (Starlette's BaseHTTPMiddleware would hide client disconnects
-    from the handlers): answers 413 to a body declared over the limit, counts API responses."""
+    from the handlers): answers 413 to a body over the limit, whether it declares its length
+    or comes in chunks, and counts API responses by endpoint and status."""
 
     def __init__(self, app, state: ServerState):
         self.app, self.state = app, state
@@ -289,20 +307,31 @@ class BodyLimitAndCount:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         limit = self.state.config.max_body_bytes
+        path = scope.get("path", "")
+        endpoint = path if path in API_PATHS else "other"
         length = dict(scope.get("headers", ())).get(b"content-length", b"")
         if length.isdigit() and int(length) > limit:
-            response = error_response(APIError(
-                413, f"the request body has {int(length)} bytes, over the server's limit "
-                f"({limit})", code="request_too_large"))
-            return await response(scope, receive, send)
-        path = scope.get("path", "")
+            err = BodyTooLarge(length.decode(), limit)
+            self.state.metrics.count_response(endpoint, 413)
+            return await error_response(APIError(413, str(err.detail),
+                                                 code="request_too_large"))(scope, receive, send)
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge(f"more than {limit}", limit)
+            return message
 
         async def counting_send(message):
             if message["type"] == "http.response.start" and path.startswith("/v1/"):
-                self.state.metrics.count_response(path, message["status"])
+                self.state.metrics.count_response(endpoint, message["status"])
             await send(message)
 
-        return await self.app(scope, receive, counting_send)
+        return await self.app(scope, limited_receive, counting_send)
 
 
 def _param_of(message: str) -> str | None:
@@ -322,6 +351,9 @@ def _check_model(state: ServerState, model: str | None) -> None:
 
 
 def _check_unsupported(body: P._Sampling, **fields: Any) -> None:
+    if body.stream_options is not None and not body.stream:
+        raise APIError(400, "stream_options is only allowed with stream: true",
+                       param="stream_options")
     if body.logit_bias:  # type: ignore[attr-defined]
         raise APIError(400, "logit_bias is not supported", param="logit_bias")
     for name, ok in fields.items():
@@ -357,33 +389,44 @@ def _sampling(body: P._Sampling, max_tokens: int | None, state: ServerState,
         include_stop_str_in_output=body.include_stop_str_in_output, **extra)
 
 
-async def _sequences(state: ServerState, request_id: str,
-                     prompts: list[tuple[str | None, str | list[int]]], params: SamplingParams,
-                     salt: str | None) -> list[SequenceInput]:
-    """Tokenize and check every prompt (off the event loop), then check the queue: all or
-    nothing, before any sequence reaches the engine."""
+async def _submit(state: ServerState, request_id: str,
+                  prompts: list[tuple[str | None, str | list[int]]], params: SamplingParams,
+                  salt: str | None) -> tuple[list[SequenceInput], Submission]:
+    """Tokenize and check every prompt (off the event loop), check the queue and submit, all
+    or nothing: no await between the queue check and the submit, so no other request can
+    take the room in between."""
     checked = []
     for _, prompt in prompts:
         checked.append(await asyncio.to_thread(state.engine.validate, prompt, params))
-    state.engine.check_queue(len(prompts) * params.n)
     seqs = []
     for i, ((text, _), ids) in enumerate(zip(prompts, checked)):
         for j in range(params.n):
-            p = params if params.seed is None or j == 0 else dataclasses.replace(
-                params, seed=derive_seed(params.seed, j))
+            p = params
+            if j > 0:  # sample 0 scores the prompt (echo); the others may reuse its blocks
+                p = dataclasses.replace(
+                    p, prompt_logprobs=None,
+                    seed=None if p.seed is None else derive_seed(p.seed, j))
             seqs.append(SequenceInput(f"{request_id}-{i}-{j}", ids, p, text, salt))
-    return seqs
+    state.engine.check_queue(len(seqs))
+    return seqs, state.engine.submit(seqs)
 
 
-async def _collect(state: ServerState, raw: Request, seqs: list[SequenceInput],
+def _abort(state: ServerState, submission: Submission) -> None:
+    for request_id in submission.request_ids:
+        state.engine.abort(request_id)  # a no-op for finished ones
+
+
+async def _collect(state: ServerState, raw: Request, submission: Submission,
                    choices: dict[str, ChoiceState]) -> None:
-    """Run sequences to the end for a non-streamed response; a client that disconnects
-    meanwhile aborts them (their blocks are freed at once)."""
+    """Run sequences to the end for a non-streamed response. A client that disconnects
+    meanwhile, or a sequence that fails, ends them all at once (their blocks are freed)."""
 
     async def run() -> None:
-        async with contextlib.aclosing(state.engine.generate(seqs)) as outputs:
+        async with contextlib.aclosing(state.engine.outputs(submission)) as outputs:
             async for out in outputs:
                 choices[out.request_id].add(out, state.metrics)
+                if out.error is not None:
+                    break  # the response is a 500 now: stop the siblings too
 
     task = asyncio.create_task(run())
     try:
@@ -400,6 +443,25 @@ async def _collect(state: ServerState, raw: Request, seqs: list[SequenceInput],
     finally:
         if not task.done():
             task.cancel()
+        _abort(state, submission)
+
+
+class SubmissionStream(StreamingResponse):
+    """SSE over a submission. However the response ends (finished, client gone before or
+    during the stream, a cancelled task), its sequences are aborted when it does: Starlette
+    does not close a body iterator it stopped reading, nor one it never started."""
+
+    def __init__(self, events: AsyncIterator[str], state: ServerState, submission: Submission):
+        super().__init__(events, media_type="text/event-stream")
+        self._events, self._state, self._submission = events, state, submission
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            _abort(self._state, self._submission)
+            with contextlib.suppress(Exception):
+                await self._events.aclose()
 
 
 class ClientGone(Exception):
@@ -413,7 +475,8 @@ def _engine_error(choices: dict[str, ChoiceState]) -> None:
 
 
 def _sse(payload: dict[str, Any] | str) -> str:
-    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"),
+                                                                  allow_nan=False)
     return f"data: {data}\n\n"
 
 
@@ -431,8 +494,11 @@ async def _completions(state: ServerState, body: P.CompletionRequest, raw: Reque
     params = _sampling(body, 1 if score_only else body.max_tokens, state,
                        logprobs=body.logprobs,
                        prompt_logprobs=body.logprobs if want_prompt_logprobs else None)
+    if score_only:  # one token is made and dropped: nothing asked of it may fail the request
+        params = dataclasses.replace(params, min_tokens=0)
     request_id = P.new_id("cmpl")
-    seqs = await _sequences(state, request_id, prompts, params, _salt(tenant, body.cache_salt))
+    seqs, submission = await _submit(state, request_id, prompts, params,
+                                     _salt(tenant, body.cache_salt))
     choices = {s.request_id: ChoiceState(index, prompts[index // params.n][0], s.token_ids,
                                          index % params.n == 0)
                for index, s in enumerate(seqs)}
@@ -451,16 +517,16 @@ async def _completions(state: ServerState, body: P.CompletionRequest, raw: Reque
 
     if not body.stream:
         try:
-            await _collect(state, raw, seqs, choices)
+            await _collect(state, raw, submission, choices)
         except ClientGone:
             return Response(status_code=499)
         _engine_error(choices)
         return P.CompletionResponse(
             id=request_id, created=created, model=state.model_name,
             choices=[completion_choice(c) for c in choices.values()],
-            usage=usage_of(choices.values()))
+            usage=usage_of(choices.values(), score_only))
 
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    include_usage, continuous = _usage_options(body)
 
     def chunk(c: ChoiceState, text: str, logprobs: P.CompletionLogprobs | None,
               out: StreamOutput | None = None) -> dict[str, Any]:
@@ -469,39 +535,51 @@ async def _completions(state: ServerState, body: P.CompletionRequest, raw: Reque
             "index": c.index, "text": text,
             "logprobs": logprobs.model_dump() if logprobs is not None else None,
             "finish_reason": out.finish_reason if finished else None,
-            "stop_reason": out.stop_reason if finished else None}])
+            "stop_reason": out.stop_reason if finished else None}],
+            usage_of(choices.values(), score_only) if continuous else None)
 
     async def events() -> AsyncIterator[str]:
-        async with contextlib.aclosing(state.engine.generate(seqs)) as outputs:
-            async for out in outputs:
-                c = choices[out.request_id]
-                c.add(out, state.metrics)
-                if out.error is not None:
-                    yield _sse(error_body(out.error, "server_error", code="engine_error"))
-                    break
-                if body.echo and not c.echoed:  # the prompt is scored once prefill is done
-                    c.echoed = True
+        try:
+            async with contextlib.aclosing(state.engine.outputs(submission)) as outputs:
+                async for out in outputs:
+                    c = choices[out.request_id]
+                    c.add(out, state.metrics)
+                    if out.error is not None:
+                        yield _sse(error_body(out.error, "server_error", code="engine_error"))
+                        break
+                    if body.echo and not c.echoed:  # the prompt is scored once prefill is done
+                        c.echoed = True
+                        lp = None
+                        if body.logprobs is not None:
+                            lp = completion_logprobs(tok, [], [], c.prompt_ids, c.prompt_logprobs)
+                        echo = c.prompt_text_or(tok)
+                        c.streamed_chars += len(echo)
+                        yield _sse(chunk(c, echo, lp))
+                    text = "" if score_only else out.text
                     lp = None
-                    if body.logprobs is not None:
-                        lp = completion_logprobs(tok, [], [], c.prompt_ids, c.prompt_logprobs)
-                    echo = c.prompt_text_or(tok)
-                    c.streamed_chars += len(echo)
-                    yield _sse(chunk(c, echo, lp))
-                text = "" if score_only else out.text
-                lp = None
-                if body.logprobs is not None and not score_only:
-                    lp = completion_logprobs(tok, out.token_ids, out.logprobs or (),
-                                             text_start=c.streamed_chars)
-                if text or out.finished or lp is not None:
-                    c.streamed_chars += len(text)
-                    yield _sse(chunk(c, text, lp, out))
-            else:
-                if include_usage:
-                    yield _sse(_chunk(request_id, "text_completion", created, state.model_name,
-                                      True, [], usage_of(choices.values())))
+                    if body.logprobs is not None and not score_only:
+                        lp = completion_logprobs(tok, out.token_ids, out.logprobs or (),
+                                                 text_start=c.streamed_chars)
+                    if text or out.finished or lp is not None:
+                        c.streamed_chars += len(text)
+                        yield _sse(chunk(c, text, lp, out))
+                else:
+                    if include_usage:
+                        yield _sse(_chunk(request_id, "text_completion", created, state.model_name,
+                                          True, [], usage_of(choices.values(), score_only)))
+        except EngineDeadError as err:  # shutting down: this stream ends here
+            yield _sse(error_body(str(err), "service_unavailable"))
         yield _sse("[DONE]")
 
-    return StreamingResponse(events(), media_type="text/event-stream")
+    return SubmissionStream(events(), state, submission)
+
+
+def _usage_options(body: P._Sampling) -> tuple[bool, bool]:
+    """(include_usage, continuous_usage_stats) of a streamed request."""
+    options = body.stream_options
+    if options is None:
+        return False, False
+    return options.include_usage, options.include_usage and options.continuous_usage_stats
 
 
 def _chunk(request_id: str, object_: str, created: int, model: str, include_usage: bool,
@@ -509,6 +587,7 @@ def _chunk(request_id: str, object_: str, created: int, model: str, include_usag
     payload: dict[str, Any] = {"id": request_id, "object": object_, "created": created,
                                "model": model, "choices": choice_list}
     if include_usage:  # OpenAI: null on every chunk but the last, which has no choices
+        # (vLLM's continuous_usage_stats: the usage so far on every chunk)
         payload["usage"] = usage.model_dump() if usage is not None else None
     return payload
 
@@ -562,14 +641,23 @@ async def _chat(state: ServerState, body: P.ChatCompletionRequest, raw: Request,
             raise APIError(400, f"{name} ({value}) is over this server's limit "
                            f"({state.max_new_tokens}: max_model_len - 1 or max_output_tokens)",
                            param=name)
-    prompt_ids = await asyncio.to_thread(_chat_prompt, state, body)
+    try:
+        prompt_ids = await asyncio.to_thread(_chat_prompt, state, body)
+    except InvalidRequestError as err:
+        raise APIError(400, str(err), param="messages") from None
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None \
         else body.max_tokens
     params = _sampling(body, max_tokens, state,
                        logprobs=(body.top_logprobs or 0) if body.logprobs else None)
     request_id = P.new_id("chatcmpl")
-    seqs = await _sequences(state, request_id, [(None, prompt_ids)], params,
-                            _salt(tenant, body.cache_salt))
+    try:
+        seqs, submission = await _submit(state, request_id, [(None, prompt_ids)], params,
+                                         _salt(tenant, body.cache_salt))
+    except InvalidRequestError as err:  # the chat endpoint has no "prompt": name its field
+        param = _param_of(str(err))
+        raise APIError(400, str(err), param="messages" if param == "prompt" else param,
+                       code="context_length_exceeded" if "max_model_len" in str(err)
+                       else None) from None
     choices = {s.request_id: ChoiceState(i, None, s.token_ids, i == 0)
                for i, s in enumerate(seqs)}
     created = P.now_s()
@@ -578,7 +666,7 @@ async def _chat(state: ServerState, body: P.ChatCompletionRequest, raw: Request,
 
     if not body.stream:
         try:
-            await _collect(state, raw, seqs, choices)
+            await _collect(state, raw, submission, choices)
         except ClientGone:
             return Response(status_code=499)
         _engine_error(choices)
@@ -591,9 +679,11 @@ async def _chat(state: ServerState, body: P.ChatCompletionRequest, raw: Request,
                      for c in choices.values()],
             usage=usage_of(choices.values()))
 
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    include_usage, continuous = _usage_options(body)
 
     def chunk(choice_list: list[dict[str, Any]], usage: P.Usage | None = None) -> dict[str, Any]:
+        if usage is None and continuous:
+            usage = usage_of(choices.values())
         return _chunk(request_id, "chat.completion.chunk", created, state.model_name,
                       include_usage, choice_list, usage)
 
@@ -601,26 +691,29 @@ async def _chat(state: ServerState, body: P.ChatCompletionRequest, raw: Request,
         for c in choices.values():
             yield _sse(chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""},
                                "logprobs": None, "finish_reason": None}]))
-        async with contextlib.aclosing(state.engine.generate(seqs)) as outputs:
-            async for out in outputs:
-                c = choices[out.request_id]
-                c.add(out, state.metrics)
-                if out.error is not None:
-                    yield _sse(error_body(out.error, "server_error", code="engine_error"))
-                    break
-                lp = None
-                if body.logprobs and out.logprobs is not None:
-                    lp = chat_logprobs(tok, out.token_ids, out.logprobs, top_n).model_dump()
-                if out.text or out.finished or lp is not None:
-                    yield _sse(chunk([{
-                        "index": c.index, "delta": {"content": out.text} if out.text else {},
-                        "logprobs": lp,
-                        "finish_reason": out.finish_reason if out.finished else None,
-                        "stop_reason": out.stop_reason if out.finished else None}]))
-            else:
-                if include_usage:
-                    yield _sse(chunk([], usage_of(choices.values())))
+        try:
+            async with contextlib.aclosing(state.engine.outputs(submission)) as outputs:
+                async for out in outputs:
+                    c = choices[out.request_id]
+                    c.add(out, state.metrics)
+                    if out.error is not None:
+                        yield _sse(error_body(out.error, "server_error", code="engine_error"))
+                        break
+                    lp = None
+                    if body.logprobs and out.logprobs is not None:
+                        lp = chat_logprobs(tok, out.token_ids, out.logprobs, top_n).model_dump()
+                    if out.text or out.finished or lp is not None:
+                        yield _sse(chunk([{
+                            "index": c.index, "delta": {"content": out.text} if out.text else {},
+                            "logprobs": lp,
+                            "finish_reason": out.finish_reason if out.finished else None,
+                            "stop_reason": out.stop_reason if out.finished else None}]))
+                else:
+                    if include_usage:
+                        yield _sse(chunk([], usage_of(choices.values())))
+        except EngineDeadError as err:  # shutting down: this stream ends here
+            yield _sse(error_body(str(err), "service_unavailable"))
         yield _sse("[DONE]")
 
-    return StreamingResponse(events(), media_type="text/event-stream")
+    return SubmissionStream(events(), state, submission)
 

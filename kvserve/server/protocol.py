@@ -14,9 +14,9 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from kvserve.request import MAX_LOGPROBS, MAX_N, MAX_PENALTY, MAX_TEMPERATURE
+from kvserve.request import MAX_LOGPROBS, MAX_N, MAX_PENALTY, MAX_TEMPERATURE, MAX_TOKEN_ID
 
-TokenId = Annotated[int, Field(ge=0)]
+TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
 Text = Annotated[str, Field(min_length=1)]
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 Stop = str | list[str] | None
@@ -36,7 +36,7 @@ class _Request(BaseModel):
 
 class StreamOptions(_Request):
     include_usage: bool = False
-    continuous_usage_stats: bool = False  # vLLM: usage on every chunk too
+    continuous_usage_stats: bool = False  # vLLM: every chunk carries the usage so far
 
 
 class _Sampling(_Request):
@@ -47,7 +47,7 @@ class _Sampling(_Request):
     temperature: float | None = Field(None, ge=0.0, le=MAX_TEMPERATURE,
                                       description="0 = greedy; default 1.0")
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1, description="-1 or 0 disables")
+    top_k: int | None = Field(None, ge=-1, le=MAX_TOKEN_ID, description="-1 or 0 disables")
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)

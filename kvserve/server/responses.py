@@ -12,6 +12,11 @@ from kvserve.server import protocol as P
 from kvserve.server.metrics import ServerMetrics
 
 Scored = tuple[float, dict[int, float]]
+LOGPROB_FLOOR = -9999.0  # JSON has no -Infinity or NaN: an impossible token reports this
+
+
+def finite(logprob: float) -> float:
+    return logprob if logprob >= LOGPROB_FLOOR else LOGPROB_FLOOR  # NaN compares False too
 
 
 @dataclass
@@ -56,10 +61,11 @@ class ChoiceState:
         return self.prompt_text
 
 
-def usage_of(choices: Iterable[ChoiceState]) -> P.Usage:
+def usage_of(choices: Iterable[ChoiceState], score_only: bool = False) -> P.Usage:
+    """Prompts count once (not once per sample); a score-only request generated nothing."""
     choices = list(choices)
     prompt = sum(len(c.prompt_ids) for c in choices if c.counts_prompt)
-    completion = sum(len(c.token_ids) for c in choices)
+    completion = 0 if score_only else sum(len(c.token_ids) for c in choices)
     cached = sum(c.num_cached_tokens for c in choices if c.counts_prompt)
     return P.Usage(prompt_tokens=prompt, completion_tokens=completion,
                    total_tokens=prompt + completion,
@@ -106,9 +112,9 @@ def completion_logprobs(tok: Tokenizer, token_ids: Sequence[int], logprobs: Sequ
             out.token_logprobs.append(None)
             out.top_logprobs.append(None)
             continue
-        chosen, top = scored
+        chosen, top = finite(scored[0]), scored[1]
         out.token_logprobs.append(chosen)
-        alternatives = {token_text(tok, t): lp for t, lp in top.items()}
+        alternatives = {token_text(tok, t): finite(lp) for t, lp in top.items()}
         alternatives.setdefault(text, chosen)
         out.top_logprobs.append(alternatives)
     return out
@@ -118,10 +124,10 @@ def chat_logprobs(tok: Tokenizer, token_ids: Sequence[int], logprobs: Sequence[S
                   top_n: int) -> P.ChatLogprobs:
     content = []
     for token_id, (chosen, top) in zip(token_ids, logprobs):
-        alternatives = [P.TopLogprob(token=token_text(tok, t), logprob=lp,
+        alternatives = [P.TopLogprob(token=token_text(tok, t), logprob=finite(lp),
                                      bytes=token_bytes(tok, t))
                         for t, lp in list(top.items())[:top_n]]
-        content.append(P.TokenLogprob(token=token_text(tok, token_id), logprob=chosen,
+        content.append(P.TokenLogprob(token=token_text(tok, token_id), logprob=finite(chosen),
                                       bytes=token_bytes(tok, token_id),
                                       top_logprobs=alternatives))
     return P.ChatLogprobs(content=content)

@@ -104,3 +104,22 @@ def test_long_requests_run_at_most_max_long_requests_at_once(tiny_hf_dir, uncons
     assert most_long == 1  # prompts of 10 and 14 tokens + 30 > 36: never together
     outs = [engine.pop_finished(str(i)).output_token_ids for i in range(len(PROMPTS))]
     assert [tuple(o) for o in outs] == run(unconstrained, params)
+
+
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+def test_prompt_logprobs_survive_preemption(tiny_hf_dir, unconstrained, mode):
+    """Each prompt token is scored once, however often its request is preempted and resumed."""
+    params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True, prompt_logprobs=2)
+    expected = [o.prompt_logprobs for o in unconstrained.generate(PROMPTS, params,
+                                                                   use_tqdm=False)]
+    tight = LLM(model=str(tiny_hf_dir), block_size=BLOCK, max_model_len=MAX_LEN,
+                kv_cache_memory=13 * BYTES_PER_BLOCK, max_num_seqs=8, preemption_mode=mode,
+                max_num_batched_tokens=4)
+    outs = tight.generate(PROMPTS, params, use_tqdm=False)
+    assert tight.engine.kv_cache_stats()["num_preemptions"] > 0
+    for out, ref, prompt in zip(outs, expected, PROMPTS):
+        scores = out.prompt_logprobs
+        assert len(scores) == len(prompt["prompt_token_ids"]) and scores[0] is None
+        for got, want in zip(scores[1:], ref[1:]):
+            assert got[0] == pytest.approx(want[0], abs=1e-4)
+            assert list(got[1]) == list(want[1])

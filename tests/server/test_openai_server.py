@@ -177,7 +177,7 @@ def test_echo_scores_the_prompt_like_lm_eval(client, model_name):
         plain.top_logprobs[0][" Paris"], abs=1e-4)
     scored = client.completions.create(model=model_name, prompt=context, max_tokens=0,
                                        echo=True, logprobs=0)
-    assert scored.choices[0].text == context and scored.usage.completion_tokens == 1
+    assert scored.choices[0].text == context and scored.usage.completion_tokens == 0
 
 
 def test_cached_tokens_after_a_repeated_prompt(client, model_name):
@@ -246,7 +246,7 @@ def test_disconnect_mid_stream_frees_blocks(server, model_name):
     assert server.wait_until(lambda: server.metrics()["kvserve_kv_cache_blocks_used"] == 0,
                              timeout_s=10)
     m = server.metrics()
-    assert m["kvserve_kv_cache_usage_perc"] == 0 and m["kvserve_num_requests_running"] == 0
+    assert m["kvserve_kv_cache_usage_ratio"] == 0 and m["kvserve_num_requests_running"] == 0
 
 
 def test_disconnect_while_waiting_for_a_whole_response_frees_blocks(server, model_name):
@@ -278,6 +278,10 @@ BAD_REQUESTS = [
     ("oversize prompt", {"prompt": "word " * 9000}, 400, "prompt", "max_model_len"),
     ("unknown model", {"prompt": "hi", "model": "gpt-4"}, 404, "model", "does not exist"),
     ("suffix", {"prompt": "hi", "suffix": "x"}, 400, "suffix", "not supported"),
+    ("top_k overflow", {"prompt": "hi", "top_k": 2**63, "temperature": 1}, 400, "top_k", "less"),
+    ("stream_options without stream", {"prompt": "hi", "stream_options": {"include_usage": True}},
+     400, "stream_options", "stream: true"),
+    ("string for a bool", {"prompt": "hi", "echo": "yes"}, 400, "echo", "boolean"),
 ]
 
 
@@ -319,8 +323,27 @@ def test_body_too_large_is_413_and_unknown_route_is_404(server):
     r = requests.post(server.base_url + "/completions", data=b"x" * (17 * 2**20),
                       headers={"Content-Type": "application/json"}, timeout=60)
     assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
+
+    def chunks():  # no Content-Length: the limit is counted as the body arrives
+        for _ in range(17):
+            yield b"x" * 2**20
+
+    r = requests.post(server.base_url + "/completions", data=chunks(),
+                      headers={"Content-Type": "application/json"}, timeout=60)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
     r = requests.get(server.url + "/v1/nothing", timeout=5)
     assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"
+    assert "/v1/nothing" in r.json()["error"]["message"]
+    assert requests.get(server.url + "/health", timeout=5).status_code == 200
+
+
+def test_continuous_usage_stats(client, model_name):
+    chunks = list(client.completions.create(
+        model=model_name, prompt="One, two,", max_tokens=5, temperature=0, stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    counts = [c.usage.completion_tokens for c in chunks]
+    assert all(c.usage is not None for c in chunks) and counts == sorted(counts)
+    assert counts[-1] == 5 and chunks[-1].choices == []
 
 
 def test_metrics_report_latencies_tokens_and_prefix_hits(server, client, model_name):
@@ -332,12 +355,13 @@ def test_metrics_report_latencies_tokens_and_prefix_hits(server, client, model_n
     for name in ("kvserve_time_to_first_token_seconds_count",
                  "kvserve_inter_token_latency_seconds_count",
                  "kvserve_e2e_request_latency_seconds_count", "kvserve_prompt_tokens_total",
-                 "kvserve_generation_tokens_total", "kvserve_prefix_cache_queries_total",
-                 "kvserve_prefix_cache_hits_total", "kvserve_request_success_total"):
+                 "kvserve_generation_tokens_total", "kvserve_prefix_cache_queried_tokens_total",
+                 "kvserve_prefix_cache_hit_tokens_total", "kvserve_request_success_total"):
         assert m[name] > 0, name
-    assert m["kvserve_prefix_cache_hits_total"] <= m["kvserve_prefix_cache_queries_total"]
+    hits = m["kvserve_prefix_cache_hit_tokens_total"]
+    assert 0 < hits <= m["kvserve_prefix_cache_queried_tokens_total"]
     for name in ("kvserve_num_requests_running", "kvserve_num_requests_waiting",
-                 "kvserve_kv_cache_usage_perc", "kvserve_num_preemptions_total"):
+                 "kvserve_kv_cache_usage_ratio", "kvserve_num_preemptions_total"):
         assert name in m
     text = requests.get(server.url + "/metrics", timeout=5).text
     assert '# TYPE kvserve_time_to_first_token_seconds histogram' in text
