@@ -417,9 +417,10 @@ def _abort(state: ServerState, submission: Submission) -> None:
 
 
 async def _collect(state: ServerState, raw: Request, submission: Submission,
-                   choices: dict[str, ChoiceState]) -> None:
-    """Run sequences to the end for a non-streamed response. A client that disconnects
-    meanwhile, or a sequence that fails, ends them all at once (their blocks are freed)."""
+                   choices: dict[str, ChoiceState]) -> bool:
+    """Run sequences to the end for a non-streamed response; False if the client went away.
+    A client that disconnects meanwhile, or a sequence that fails (raised as a 500), ends them
+    all at once (their blocks are freed)."""
 
     async def run() -> None:
         async with contextlib.aclosing(state.engine.outputs(submission)) as outputs:
@@ -439,11 +440,15 @@ async def _collect(state: ServerState, raw: Request, submission: Submission,
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-                raise ClientGone()
+                return False
     finally:
         if not task.done():
             task.cancel()
         _abort(state, submission)
+    for c in choices.values():
+        if c.error is not None:
+            raise APIError(500, c.error, "server_error", code="engine_error")
+    return True
 
 
 class SubmissionStream(StreamingResponse):
@@ -462,16 +467,6 @@ class SubmissionStream(StreamingResponse):
             _abort(self._state, self._submission)
             with contextlib.suppress(Exception):
                 await self._events.aclose()
-
-
-class ClientGone(Exception):
-    """The client closed the connection before the response was ready."""
-
-
-def _engine_error(choices: dict[str, ChoiceState]) -> None:
-    for c in choices.values():
-        if c.error is not None:
-            raise APIError(500, c.error, "server_error", code="engine_error")
 
 
 def _sse(payload: dict[str, Any] | str) -> str:
@@ -516,11 +511,8 @@ async def _completions(state: ServerState, body: P.CompletionRequest, raw: Reque
                                   finish_reason=c.finish_reason, stop_reason=c.stop_reason)
 
     if not body.stream:
-        try:
-            await _collect(state, raw, submission, choices)
-        except ClientGone:
-            return Response(status_code=499)
-        _engine_error(choices)
+        if not await _collect(state, raw, submission, choices):
+            return Response(status_code=499)  # nobody is left to read it
         return P.CompletionResponse(
             id=request_id, created=created, model=state.model_name,
             choices=[completion_choice(c) for c in choices.values()],
@@ -665,11 +657,8 @@ async def _chat(state: ServerState, body: P.ChatCompletionRequest, raw: Request,
     top_n = body.top_logprobs or 0
 
     if not body.stream:
-        try:
-            await _collect(state, raw, submission, choices)
-        except ClientGone:
+        if not await _collect(state, raw, submission, choices):
             return Response(status_code=499)
-        _engine_error(choices)
         return P.ChatCompletionResponse(
             id=request_id, created=created, model=state.model_name,
             choices=[P.ChatChoice(index=c.index, message=P.AssistantMessage(content=c.text),
