@@ -13,13 +13,12 @@ keeps answering HTTP while a step computes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from kvserve.engine.engine import LLMEngine
 from kvserve.errors import InvalidRequestError, KVServeError
@@ -79,7 +78,6 @@ class EngineStats:
     num_preemptions: int = 0
     num_steps: int = 0
     num_step_errors: int = 0
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -150,16 +148,12 @@ class AsyncLLMEngine:
     def stats(self) -> EngineStats:
         return self._stats
 
-    @property
-    def num_in_flight(self) -> int:
-        return self._stats.num_running + self._stats.num_waiting + self._pending
-
     # -- the caller's side (event loop thread) -------------------------------------------------
     def validate(self, prompt: str | Sequence[int], params: SamplingParams) -> list[int]:
         """Tokenize and check a prompt against the context and the limits (read-only: safe
         outside the engine thread). Raises InvalidRequestError naming the problem."""
         token_ids = self.engine.encode_prompt(prompt)
-        self.engine._check_fits(len(token_ids), params)
+        self.engine.check_fits(len(token_ids), params)
         return token_ids
 
     def check_queue(self, num_new: int) -> None:
@@ -225,11 +219,6 @@ class AsyncLLMEngine:
             for request_id in unfinished:
                 self.abort(request_id)
 
-    async def generate(self, seqs: Sequence[SequenceInput]) -> AsyncIterator[StreamOutput]:
-        """submit() then outputs()."""
-        async for out in self.outputs(self.submit(seqs)):
-            yield out
-
     # -- the engine thread ---------------------------------------------------------------------
     def _run(self) -> None:
         try:
@@ -251,11 +240,13 @@ class AsyncLLMEngine:
                                             else "the engine loop crashed"))
 
     def _drain_commands(self) -> None:
+        handled = False
         while True:
             try:
                 cmd = self._commands.get_nowait()
             except queue.Empty:
                 break
+            handled = True
             if isinstance(cmd, _Add):
                 with self._pending_lock:
                     self._pending -= 1
@@ -274,7 +265,8 @@ class AsyncLLMEngine:
                 if cmd.request_id in self._sinks:
                     del self._sinks[cmd.request_id]
                     self.engine.abort_request(cmd.request_id)
-        self._publish_stats()
+        if handled:  # a step publishes its own; an idle wake-up with nothing new does not
+            self._publish_stats()
 
     def _step(self) -> None:
         running_before = [r.request_id for r in self.engine.scheduler.running]
@@ -372,5 +364,4 @@ def _output(r: Request, text: str, token_ids: tuple[int, ...], now: float,
 
 def _deliver(outputs: list[tuple[asyncio.Queue, StreamOutput]]) -> None:
     for sink, out in outputs:
-        with contextlib.suppress(asyncio.QueueFull):
-            sink.put_nowait(out)
+        sink.put_nowait(out)  # unbounded: never full

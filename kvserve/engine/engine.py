@@ -80,6 +80,9 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.peak_kv_bytes = 0
         self.peak_blocks_used = 0
+        # the server reads kv_cache_stats() after every step: work this out once
+        self.kv_bytes_per_token = self.spec.kv_bytes_per_token(
+            torch.empty((), dtype=self.dtype).element_size())
 
     # -- requests in -------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:
@@ -111,7 +114,7 @@ class LLMEngine:
         if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
             raise InvalidRequestError("cache_salt must be a non-empty string")
         token_ids = self.encode_prompt(prompt)
-        self._check_fits(len(token_ids), params)
+        self.check_fits(len(token_ids), params)
         text = prompt if isinstance(prompt, str) else prompt_text
         r = Request(request_id, token_ids, params, prompt=text, arrival_time=time.monotonic(),
                     cache_salt=cache_salt)
@@ -121,7 +124,7 @@ class LLMEngine:
         self.scheduler.add(r)
         return r
 
-    def _check_fits(self, num_prompt_tokens: int, params: SamplingParams) -> None:
+    def check_fits(self, num_prompt_tokens: int, params: SamplingParams) -> None:
         """Reject up front what could never finish (past the context, bigger than the pool) and
         what the capacity limits forbid, naming the limit and its value."""
         limits = self.config.scheduler
@@ -225,8 +228,7 @@ class LLMEngine:
         self.model.num_kv_projections = 0
 
     def kv_cache_stats(self) -> dict[str, int | float]:
-        bytes_per_token = self.spec.kv_bytes_per_token(torch.empty((), dtype=self.dtype)
-                                                       .element_size())
+        bytes_per_token = self.kv_bytes_per_token
         live = [r for r in self.requests.values() if not r.status.finished]
         num_tokens = sum(r.num_computed_tokens for r in live)
         stats: dict[str, int | float] = {

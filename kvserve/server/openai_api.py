@@ -13,7 +13,7 @@ import dataclasses
 import hashlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
@@ -483,7 +483,7 @@ async def _completions(state: ServerState, body: P.CompletionRequest, raw: Reque
     if body.max_tokens == 0 and not body.echo:
         raise APIError(400, "max_tokens must be at least 1 (0 is only allowed with echo, to "
                        "score the prompt)", param="max_tokens")
-    prompts = _completion_prompts(state, body.prompt)
+    prompts = _completion_prompts(body.prompt)
     score_only = body.max_tokens == 0
     want_prompt_logprobs = body.echo and body.logprobs is not None
     params = _sampling(body, 1 if score_only else body.max_tokens, state,
@@ -530,7 +530,44 @@ async def _completions(state: ServerState, body: P.CompletionRequest, raw: Reque
             "stop_reason": out.stop_reason if finished else None}],
             usage_of(choices.values(), score_only) if continuous else None)
 
+    def render(c: ChoiceState, out: StreamOutput) -> list[dict[str, Any]]:
+        payloads = []
+        if body.echo and not c.echoed:  # the prompt is scored once prefill is done
+            c.echoed = True
+            lp = None
+            if body.logprobs is not None:
+                lp = completion_logprobs(tok, [], [], c.prompt_ids, c.prompt_logprobs)
+            echo = c.prompt_text_or(tok)
+            c.streamed_chars += len(echo)
+            payloads.append(chunk(c, echo, lp))
+        text = "" if score_only else out.text
+        lp = None
+        if body.logprobs is not None and not score_only:
+            lp = completion_logprobs(tok, out.token_ids, out.logprobs or (),
+                                     text_start=c.streamed_chars)
+        if text or out.finished or lp is not None:
+            c.streamed_chars += len(text)
+            payloads.append(chunk(c, text, lp, out))
+        return payloads
+
+    def usage_chunk() -> dict[str, Any] | None:
+        return _chunk(request_id, "text_completion", created, state.model_name, True, [],
+                      usage_of(choices.values(), score_only)) if include_usage else None
+
+    return _stream(state, submission, choices, [], render, usage_chunk)
+
+
+def _stream(state: ServerState, submission: Submission, choices: dict[str, ChoiceState],
+            head: list[dict[str, Any]],
+            render: Callable[[ChoiceState, StreamOutput], list[dict[str, Any]]],
+            tail: Callable[[], dict[str, Any] | None]) -> SubmissionStream:
+    """The SSE stream both endpoints share: `head` chunks, then each output's chunks from
+    render(), then tail()'s chunk (the usage) once every sequence has finished, then [DONE]. A
+    failed step or a shutdown ends the stream with an error event (and still [DONE])."""
+
     async def events() -> AsyncIterator[str]:
+        for payload in head:
+            yield _sse(payload)
         try:
             async with contextlib.aclosing(state.engine.outputs(submission)) as outputs:
                 async for out in outputs:
@@ -539,26 +576,12 @@ async def _completions(state: ServerState, body: P.CompletionRequest, raw: Reque
                     if out.error is not None:
                         yield _sse(error_body(out.error, "server_error", code="engine_error"))
                         break
-                    if body.echo and not c.echoed:  # the prompt is scored once prefill is done
-                        c.echoed = True
-                        lp = None
-                        if body.logprobs is not None:
-                            lp = completion_logprobs(tok, [], [], c.prompt_ids, c.prompt_logprobs)
-                        echo = c.prompt_text_or(tok)
-                        c.streamed_chars += len(echo)
-                        yield _sse(chunk(c, echo, lp))
-                    text = "" if score_only else out.text
-                    lp = None
-                    if body.logprobs is not None and not score_only:
-                        lp = completion_logprobs(tok, out.token_ids, out.logprobs or (),
-                                                 text_start=c.streamed_chars)
-                    if text or out.finished or lp is not None:
-                        c.streamed_chars += len(text)
-                        yield _sse(chunk(c, text, lp, out))
+                    for payload in render(c, out):
+                        yield _sse(payload)
                 else:
-                    if include_usage:
-                        yield _sse(_chunk(request_id, "text_completion", created, state.model_name,
-                                          True, [], usage_of(choices.values(), score_only)))
+                    last = tail()
+                    if last is not None:
+                        yield _sse(last)
         except EngineDeadError as err:  # shutting down: this stream ends here
             yield _sse(error_body(str(err), "service_unavailable"))
         yield _sse("[DONE]")
@@ -584,7 +607,7 @@ def _chunk(request_id: str, object_: str, created: int, model: str, include_usag
     return payload
 
 
-def _completion_prompts(state: ServerState, prompt: Any) -> list[tuple[str | None, Any]]:
+def _completion_prompts(prompt: Any) -> list[tuple[str | None, Any]]:
     """(text or None, what to tokenize) per prompt of a completion request."""
     if isinstance(prompt, str):
         return [(prompt, prompt)]
@@ -676,33 +699,19 @@ async def _chat(state: ServerState, body: P.ChatCompletionRequest, raw: Request,
         return _chunk(request_id, "chat.completion.chunk", created, state.model_name,
                       include_usage, choice_list, usage)
 
-    async def events() -> AsyncIterator[str]:
-        for c in choices.values():
-            yield _sse(chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""},
-                               "logprobs": None, "finish_reason": None}]))
-        try:
-            async with contextlib.aclosing(state.engine.outputs(submission)) as outputs:
-                async for out in outputs:
-                    c = choices[out.request_id]
-                    c.add(out, state.metrics)
-                    if out.error is not None:
-                        yield _sse(error_body(out.error, "server_error", code="engine_error"))
-                        break
-                    lp = None
-                    if body.logprobs and out.logprobs is not None:
-                        lp = chat_logprobs(tok, out.token_ids, out.logprobs, top_n).model_dump()
-                    if out.text or out.finished or lp is not None:
-                        yield _sse(chunk([{
-                            "index": c.index, "delta": {"content": out.text} if out.text else {},
-                            "logprobs": lp,
-                            "finish_reason": out.finish_reason if out.finished else None,
-                            "stop_reason": out.stop_reason if out.finished else None}]))
-                else:
-                    if include_usage:
-                        yield _sse(chunk([], usage_of(choices.values())))
-        except EngineDeadError as err:  # shutting down: this stream ends here
-            yield _sse(error_body(str(err), "service_unavailable"))
-        yield _sse("[DONE]")
+    def render(c: ChoiceState, out: StreamOutput) -> list[dict[str, Any]]:
+        lp = None
+        if body.logprobs and out.logprobs is not None:
+            lp = chat_logprobs(tok, out.token_ids, out.logprobs, top_n).model_dump()
+        if not (out.text or out.finished or lp is not None):
+            return []
+        return [chunk([{"index": c.index, "delta": {"content": out.text} if out.text else {},
+                        "logprobs": lp,
+                        "finish_reason": out.finish_reason if out.finished else None,
+                        "stop_reason": out.stop_reason if out.finished else None}])]
 
-    return SubmissionStream(events(), state, submission)
+    roles = [chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""},
+                     "logprobs": None, "finish_reason": None}]) for c in choices.values()]
+    return _stream(state, submission, choices, roles, render,
+                   lambda: chunk([], usage_of(choices.values())) if include_usage else None)
 
