@@ -80,7 +80,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_flags(gen)
     add_serve_parser(sub)
     add_bench_parser(sub)
+    add_plan_parser(sub)
     return parser
+
+
+def add_plan_parser(sub) -> None:
+    from kvserve.planner import command
+
+    plan = sub.add_parser("plan", help="how much KV cache a model needs; how many requests fit",
+                          description="KV memory planner: bytes per token, per request, "
+                          "concurrency and context that fit beside the weights, per KV dtype.")
+    command.add_arguments(plan)
 
 
 def add_serve_parser(sub) -> None:
@@ -219,6 +229,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_bench(args)
         if args.command == "serve":
             return cmd_serve(args)
+        if args.command == "plan":
+            from kvserve.planner import command
+
+            return command.main(args)
     except KVServeError as err:
         print(f"kvserve: error: {err}", file=sys.stderr)
         return EXIT_ERROR

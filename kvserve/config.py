@@ -6,6 +6,7 @@ Derived values are returned by properties, never written back. No torch here: th
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from kvserve.errors import ConfigError
@@ -69,10 +70,6 @@ class ModelSpec:
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 
-    def kv_bytes_per_token(self, bytes_per_element: int) -> int:
-        """K and V, every layer, KV heads only (GQA): 2 x layers x kv_heads x head_dim x bytes."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * bytes_per_element
-
 
 MAX_BLOCK_SIZE = 256
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6,
@@ -80,19 +77,40 @@ _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb"
           "tib": 2**40}
 
 
-def parse_memory(value: str | int | float) -> int | float:
-    """'2GiB', '512MB', 1073741824 -> bytes (int); '0.5' or 0.5 -> a fraction of free memory."""
+def _split_size(value: str | int | float) -> tuple[float, str] | None:
+    """(number, lower-case unit) of '2GiB', '512 MB', 1e9; None if it is not a size."""
     if isinstance(value, bool):
-        raise ConfigError(f"kv_cache_memory must be a size like 2GiB or a fraction, got {value!r}")
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
         number, unit = float(value), ""
     else:
         text = str(value).strip().lower().replace(" ", "")
         digits = text.rstrip("abcdefghijklmnopqrstuvwxyz")
-        number, unit = (float(digits) if digits else -1.0), text[len(digits):]
-    if unit not in _UNITS or number <= 0:
+        try:
+            number, unit = float(digits), text[len(digits):]
+        except ValueError:
+            return None
+    if unit not in _UNITS or not math.isfinite(number):
+        return None
+    return number, unit
+
+
+def parse_size(value: str | int | float, what: str) -> int:
+    """'24GiB', '80GB', '512MiB', 1073741824 -> bytes; ConfigError naming `what` otherwise."""
+    parsed = _split_size(value)
+    if parsed is None or parsed[0] <= 0 or int(parsed[0] * _UNITS[parsed[1]]) <= 0:
+        raise ConfigError(f"{what} must be a positive size like 24GiB, 80GB or 512MiB, "
+                          f"got {value!r}")
+    return int(parsed[0] * _UNITS[parsed[1]])
+
+
+def parse_memory(value: str | int | float) -> int | float:
+    """'2GiB', '512MB', 1073741824 -> bytes (int); '0.5' or 0.5 -> a fraction of free memory."""
+    parsed = _split_size(value)
+    if parsed is None or parsed[0] <= 0:
         raise ConfigError(f"kv_cache_memory must be a size like 2GiB or 512MiB, or a fraction of "
                           f"free memory in (0, 1], got {value!r}")
+    number, unit = parsed
     if unit == "" and number <= 1.0:
         return number  # a fraction
     return int(number * _UNITS[unit])

@@ -8,7 +8,8 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "kvserve"
 NO_TORCH = ["config.py", "errors.py", "request.py", "scheduler", "cache/layout.py",
-            "cache/block_pool.py", "cache/block_manager.py", "cache/prefix_cache.py"]
+            "cache/block_pool.py", "cache/block_manager.py", "cache/prefix_cache.py",
+            "model/files.py", "planner"]
 TEST_ONLY = {"transformers", "accelerate", "pytest", "hypothesis", "openai", "schemathesis"}
 SERVER_ONLY = {"fastapi", "starlette", "uvicorn", "pydantic", "prometheus_client"}
 
@@ -46,6 +47,16 @@ def test_importing_the_control_plane_loads_no_torch():
             " kvserve.cache.prefix_cache, kvserve.cache.layout;"
             "sys.exit(1 if 'torch' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_the_planner_runs_without_torch():
+    """A whole plan (reading the default model's GGUF) and its report never load torch."""
+    code = ("import sys; from kvserve.cli import main;"
+            "rc = main(['plan', '--concurrency', '4']);"
+            "sys.exit(rc or (2 if 'torch' in sys.modules else 0))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "KV cache at 4,000 tokens x 4 requests" in result.stdout
 
 
 def test_server_libraries_stay_in_the_server_package():

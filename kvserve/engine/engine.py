@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from kvserve.cache.factory import build_cache
+from kvserve.cache.layout import KVLayout
 from kvserve.config import EngineConfig
 from kvserve.engine.detokenizer import Detokenizer
 from kvserve.errors import ConfigError, InvalidRequestError
@@ -81,8 +82,8 @@ class LLMEngine:
         self.peak_kv_bytes = 0
         self.peak_blocks_used = 0
         # the server reads kv_cache_stats() after every step: work this out once
-        self.kv_bytes_per_token = self.spec.kv_bytes_per_token(
-            torch.empty((), dtype=self.dtype).element_size())
+        self.kv_bytes_per_token = KVLayout(self.spec, config.cache.block_size,
+                                           config.dtype).bytes_per_token
 
     # -- requests in -------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:

@@ -13,12 +13,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
 from kvserve.config import ModelSpec, RopeScaling
 from kvserve.errors import ConfigError, ModelLoadError
 from kvserve.model.checkpoint import Checkpoint
+from kvserve.model.files import gguf_metadata, open_gguf
 from kvserve.model.tokenizer import Tokenizer
 
 # llama.cpp writes Mistral / Mixtral-free Llama variants as "llama"; "mistral" is accepted too.
@@ -41,31 +42,8 @@ _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
 _ROPE_FREQS = "rope_freqs.weight"
 
 
-def _open(path: str) -> GGUFReader:
-    if not os.path.exists(path):
-        raise ModelLoadError(f"model file '{path}' not found")
-    if not os.path.isfile(path):
-        raise ModelLoadError(f"'{path}' is not a file")
-    try:
-        return GGUFReader(path)
-    except ValueError as err:
-        if "GGMLQuantizationType" in str(err):  # a tensor type id this gguf version does not know
-            raise ModelLoadError(f"'{path}' has a tensor of unsupported quantization type "
-                                 f"({err}; supported: {_type_names()})") from None
-        raise ModelLoadError(f"'{path}' is not a valid GGUF file or is truncated ({err})") from None
-    except Exception as err:  # GGUFReader raises struct/index/memmap errors on a damaged file
-        raise ModelLoadError(f"'{path}' is not a valid GGUF file or is truncated "
-                             f"({type(err).__name__}: {err})") from None
-
-
 def _type_names() -> str:
     return ", ".join(t.name for t in SUPPORTED_TYPES)
-
-
-def _metadata(reader: GGUFReader) -> dict[str, Any]:
-    """Every scalar or short key as a plain value (the long tokenizer arrays are tokenizer.py's)."""
-    return {key: field.contents() for key, field in reader.fields.items()
-            if not key.startswith("tokenizer.ggml.")}
 
 
 def _require(meta: dict[str, Any], key: str) -> int:
@@ -228,8 +206,8 @@ def _check_shapes(tensors: dict[str, torch.Tensor], spec: ModelSpec, path: str) 
 
 def load_gguf(path: str) -> Checkpoint:
     """Reads `path` (a llama-family GGUF) into float32 Hugging Face-named tensors."""
-    reader = _open(path)
-    meta = _metadata(reader)
+    reader = open_gguf(path, _type_names())
+    meta = gguf_metadata(reader)
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ModelLoadError(f"unsupported architecture '{arch}' (supported: llama family)")

@@ -1,0 +1,273 @@
+"""The capacity planner: how much KV cache a model needs, how many requests fit beside its weights.
+
+plan() answers for one model, memory, context and concurrency, for the chosen KV dtype and every
+other one side by side. Bytes come from KVLayout, the formula the engine's pool allocates with;
+a request holds whole blocks, so its context is rounded up to the block size. No torch.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+
+from kvserve.cache.layout import KV_FORMAT_SHORT_NAMES, KVLayout, kv_format
+from kvserve.config import MAX_BLOCK_SIZE, parse_size
+from kvserve.errors import ConfigError
+from kvserve.planner.presets import find_preset, unknown_preset_error
+from kvserve.planner.shapes import ModelShape, read_gguf, read_hf_config
+
+# Bytes per parameter of the weights: int4 is 4 bits plus an fp16 scale and zero point per 128.
+WEIGHT_BYTES_PER_PARAM = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0,
+                          "int4": 0.5 + 4 / 128}
+WEIGHT_DTYPES = (*WEIGHT_BYTES_PER_PARAM, "stored")  # stored: as the GGUF file holds them
+DEFAULT_RESERVE = "10%"  # like vLLM's gpu_memory_utilization=0.9
+
+
+def resolve_model(model: str | None) -> ModelShape:
+    """None: the embedded default GGUF; else a preset name, a config.json, a Hugging Face folder
+    or a GGUF file."""
+    from kvserve.model.files import DEFAULT_MODEL_NAME, default_model_path, is_gguf_file
+
+    if model is None:
+        shape = read_gguf(default_model_path())
+        return ModelShape(**{**asdict(shape), "name": DEFAULT_MODEL_NAME})
+    preset = find_preset(model)
+    if preset is not None:
+        return preset
+    path = os.path.expanduser(model)
+    if os.path.isfile(path):
+        return read_gguf(path) if is_gguf_file(path) else read_hf_config(path)
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
+        return read_hf_config(path)
+    if os.sep in model or model.endswith((".json", ".gguf")) or os.path.isdir(path):
+        raise ConfigError(f"model path '{model}' not found (or a folder without config.json)")
+    raise unknown_preset_error(model)
+
+
+@dataclass(frozen=True)
+class KVDtypePlan:
+    """The figures for one KV dtype."""
+
+    kv_dtype: str
+    bytes_per_token: int
+    bytes_per_token_per_layer: int
+    bytes_per_block: int
+    blocks_per_request: int
+    bytes_per_request: int
+    max_concurrent_requests: int
+    max_context_at_concurrency: int
+    fits: bool
+
+
+@dataclass(frozen=True)
+class CapacityPlan:
+    model: ModelShape
+    context: int
+    concurrency: int
+    memory_bytes: int
+    block_size: int
+    weights_dtype: str
+    weights_bytes: int
+    reserve_bytes: int
+    reserve_text: str
+    kv_budget_bytes: int
+    kv: KVDtypePlan  # the chosen KV dtype
+    by_kv_dtype: dict[str, KVDtypePlan]
+    mha_formula_bytes_per_token: int
+    problems: tuple[str, ...]  # why it does not fit (empty: it fits)
+    suggestions: tuple[str, ...]  # what would
+
+    @property
+    def fits(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict:
+        m, kv = self.model, self.kv
+        return {
+            "model": {"name": m.name, "source": m.source, "architecture": m.architecture,
+                      "attention": m.attention_kind, "num_layers": m.num_layers,
+                      "num_heads": m.num_heads, "num_kv_heads": m.num_kv_heads,
+                      "head_dim": m.head_dim, "hidden_size": m.hidden_size,
+                      "vocab_size": m.vocab_size, "max_context": m.max_context,
+                      "sliding_window": m.sliding_window,
+                      "num_sliding_layers": m.num_sliding_layers, "num_params": m.num_params},
+            "context": self.context, "concurrency": self.concurrency,
+            "memory_bytes": self.memory_bytes, "block_size": self.block_size,
+            "kv_dtype": kv.kv_dtype, "weights_dtype": self.weights_dtype,
+            "bytes_per_token": kv.bytes_per_token,
+            "bytes_per_token_per_layer": kv.bytes_per_token_per_layer,
+            "bytes_per_block": kv.bytes_per_block, "blocks_per_request": kv.blocks_per_request,
+            "bytes_per_request": kv.bytes_per_request, "weights_bytes": self.weights_bytes,
+            "reserve_bytes": self.reserve_bytes, "kv_budget_bytes": self.kv_budget_bytes,
+            "max_concurrent_requests": kv.max_concurrent_requests,
+            "max_context_at_concurrency": kv.max_context_at_concurrency,
+            "fits": self.fits, "problems": list(self.problems),
+            "suggestions": list(self.suggestions),
+            "mha_formula_bytes_per_token": self.mha_formula_bytes_per_token,
+            "by_kv_dtype": {k: {f: v for f, v in asdict(p).items() if f != "kv_dtype"}
+                            for k, p in self.by_kv_dtype.items()},
+        }
+
+
+def _positive_int(value: object, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{what} must be a positive integer, got {value!r}")
+    return value
+
+
+def parse_reserve(value: str | int | float, memory_bytes: int) -> tuple[int, str]:
+    """'10%' of memory, a size ('2GiB') or 0: (bytes, how it was stated)."""
+    text = str(value).strip()
+    if text.endswith("%"):
+        try:
+            percent = float(text[:-1])
+        except ValueError:
+            percent = -1.0
+        if not 0 <= percent < 100:
+            raise ConfigError(f"reserve must be a percentage in [0, 100) or a size, got {value!r}")
+        return int(memory_bytes * percent / 100), f"{percent:g}% of memory"
+    if text in ("0", "0.0"):
+        return 0, "none"
+    return parse_size(value, "reserve"), "stated"
+
+
+def weights_bytes_of(model: ModelShape, weights_dtype: str) -> int:
+    if weights_dtype == "stored":
+        if model.stored_weights_bytes is None:
+            raise ConfigError("--weights-dtype stored needs a GGUF file (its tensors' sizes); "
+                              f"choose one of {', '.join(WEIGHT_BYTES_PER_PARAM)}")
+        return model.stored_weights_bytes
+    if weights_dtype not in WEIGHT_BYTES_PER_PARAM:
+        raise ConfigError(f"weights dtype must be one of {', '.join(WEIGHT_DTYPES)}, "
+                          f"got {weights_dtype!r}")
+    return int(model.num_params * WEIGHT_BYTES_PER_PARAM[weights_dtype])
+
+
+def request_bytes(layout: KVLayout, model: ModelShape, num_tokens: int) -> tuple[int, int]:
+    """(blocks, bytes) one request of num_tokens holds: whole blocks in every full-attention
+    layer; a sliding-window layer keeps at most the window's tokens."""
+    blocks = layout.num_blocks_for_tokens(num_tokens)
+    per_layer_block = layout.bytes_per_token_per_layer * layout.block_size
+    full_layers = model.num_layers - model.num_sliding_layers
+    num_bytes = blocks * full_layers * per_layer_block
+    if model.num_sliding_layers:
+        window_blocks = layout.num_blocks_for_tokens(min(num_tokens, model.sliding_window))
+        num_bytes += window_blocks * model.num_sliding_layers * per_layer_block
+    return blocks, num_bytes
+
+
+def _max_context(layout: KVLayout, model: ModelShape, concurrency: int, budget: int) -> int:
+    """The longest context (whole blocks) `concurrency` requests can each hold in `budget`."""
+    room = budget - layout.fixed_bytes
+    lo, hi = 0, 1
+    while concurrency * request_bytes(layout, model, hi * layout.block_size)[1] <= room:
+        lo, hi = hi, hi * 2
+        if hi > 2**40:  # only sliding-window layers: memory never runs out
+            return model.max_context
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if concurrency * request_bytes(layout, model, mid * layout.block_size)[1] <= room:
+            lo = mid
+        else:
+            hi = mid
+    return min(lo * layout.block_size, model.max_context)
+
+
+def dtype_plan(model: ModelShape, kv_dtype: str, block_size: int, context: int,
+               concurrency: int, budget: int) -> KVDtypePlan:
+    layout = KVLayout(model.to_spec(), block_size, kv_dtype)
+    blocks, per_request = request_bytes(layout, model, context)
+    room = max(0, budget - layout.fixed_bytes)
+    max_requests = room // per_request
+    return KVDtypePlan(
+        kv_dtype=KV_FORMAT_SHORT_NAMES[layout.format.name],
+        bytes_per_token=layout.bytes_per_token,
+        bytes_per_token_per_layer=layout.bytes_per_token_per_layer,
+        bytes_per_block=layout.bytes_per_block, blocks_per_request=blocks,
+        bytes_per_request=per_request, max_concurrent_requests=max_requests,
+        max_context_at_concurrency=_max_context(layout, model, concurrency, budget),
+        fits=max_requests >= concurrency and context <= model.max_context)
+
+
+def plan(model: str | ModelShape | None = None, context: int = 4000, concurrency: int = 20,
+         memory: str | int = "24GiB", weights_dtype: str = "bf16", kv_cache_dtype: str = "auto",
+         block_size: int = 16, reserve: str | int = DEFAULT_RESERVE,
+         weights_memory: str | int | None = None) -> CapacityPlan:
+    """The KV capacity of `model` in `memory` at `context` tokens x `concurrency` requests.
+    kv_cache_dtype "auto" follows the weights dtype when that is a float format, else fp16;
+    weights_memory overrides the weights' size (e.g. a measured figure)."""
+    context = _positive_int(context, "context")
+    concurrency = _positive_int(concurrency, "concurrency")
+    bs = _positive_int(block_size, "block_size")
+    if bs & (bs - 1) or bs > MAX_BLOCK_SIZE:
+        raise ConfigError(f"block_size must be a power of two from 1 to {MAX_BLOCK_SIZE}, "
+                          f"got {bs}")
+    memory_bytes = parse_size(memory, "memory")
+    reserve_bytes, reserve_text = parse_reserve(reserve, memory_bytes)
+    shape = model if isinstance(model, ModelShape) else resolve_model(model)
+    weights = (parse_size(weights_memory, "weights memory") if weights_memory is not None
+               else weights_bytes_of(shape, weights_dtype))
+    _check_weights_fit(shape, weights_dtype, weights, memory_bytes, reserve_bytes)
+    budget = memory_bytes - weights - reserve_bytes
+    if kv_cache_dtype == "auto":
+        kv_cache_dtype = weights_dtype if weights_dtype in ("fp32", "bf16", "fp16") else "fp16"
+    chosen = KV_FORMAT_SHORT_NAMES[kv_format(kv_cache_dtype).name]
+    by_dtype = {name: dtype_plan(shape, name, bs, context, concurrency, budget)
+                for name in KV_FORMAT_SHORT_NAMES.values()}
+    kv = by_dtype[chosen]
+    mha = 2 * shape.hidden_size * shape.num_layers * kv_format(chosen).bits // 8
+    problems, suggestions = _verdict(shape, kv, by_dtype, context, concurrency, memory_bytes,
+                                     weights, reserve_bytes, reserve_text)
+    return CapacityPlan(shape, context, concurrency, memory_bytes, bs, weights_dtype, weights,
+                        reserve_bytes, reserve_text, budget, kv, by_dtype, mha, problems,
+                        suggestions)
+
+
+def _check_weights_fit(shape: ModelShape, weights_dtype: str, weights: int, memory: int,
+                       reserve: int) -> None:
+    if weights + reserve < memory:
+        return
+    smallest = int(shape.num_params * WEIGHT_BYTES_PER_PARAM["int4"])
+    what = "the weights" if weights >= memory else "the weights and the runtime reserve"
+    raise ConfigError(
+        f"{shape.name}: {what} ({gib(weights)} GiB of {weights_dtype} weights"
+        f"{f' + {gib(reserve)} GiB reserve' if weights < memory else ''}) take all of --memory "
+        f"({gib(memory)} GiB), nothing is left for the KV cache: give more memory, or smaller "
+        f"weights (int4: {gib(smallest)} GiB), or a smaller model")
+
+
+def gib(num_bytes: float) -> str:
+    return f"{num_bytes / 2**30:,.2f}"
+
+
+def _verdict(shape: ModelShape, kv: KVDtypePlan, by_dtype: dict[str, KVDtypePlan], context: int,
+             concurrency: int, memory: int, weights: int, reserve: int,
+             reserve_text: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    problems, suggestions = [], []
+    if context > shape.max_context:
+        problems.append(f"{context:,} tokens is past the model's context window "
+                        f"({shape.max_context:,} tokens)")
+        suggestions.append(f"a context of at most {shape.max_context:,} tokens")
+    if kv.max_concurrent_requests < concurrency:
+        problems.append(f"{concurrency} requests of {context:,} tokens need "
+                        f"{gib(concurrency * kv.bytes_per_request)} GiB of {kv.kv_dtype} KV "
+                        f"cache; {gib(memory - weights - reserve)} GiB is left after weights "
+                        f"and reserve")
+        if kv.max_concurrent_requests:
+            suggestions.append(f"fewer requests: {kv.max_concurrent_requests} at "
+                               f"{context:,} tokens")
+        if kv.max_context_at_concurrency:
+            suggestions.append(f"a shorter context: {kv.max_context_at_concurrency:,} tokens "
+                               f"at {concurrency} requests")
+        smaller = [p.kv_dtype for p in by_dtype.values()
+                   if p.bytes_per_token < kv.bytes_per_token and p.fits]
+        if smaller:
+            names = ", ".join(smaller[:-1]) + (" or " if len(smaller) > 1 else "") + smaller[-1]
+            suggestions.append(f"a smaller KV dtype: {names} fits "
+                               f"{concurrency} x {context:,} tokens")
+        need = weights + concurrency * kv.bytes_per_request
+        need = int(need / (1 - reserve / memory)) if reserve_text.endswith("memory") else (
+            need + reserve)
+        suggestions.append(f"more memory: {gib(need)} GiB holds {concurrency} x {context:,} "
+                           f"tokens in {kv.kv_dtype}")
+    return tuple(problems), tuple(suggestions)

@@ -1,0 +1,109 @@
+"""The planner's answer as text for people: the arithmetic shown, the dtypes side by side, the
+common mistake explained, and what would fit when the numbers do not. No torch."""
+
+from __future__ import annotations
+
+from kvserve.cache.layout import kv_format
+from kvserve.planner.capacity import CapacityPlan, gib
+
+
+def human(num_bytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(num_bytes) < 1024 or unit == "TiB":
+            return f"{num_bytes:,.0f} {unit}" if unit == "B" else f"{num_bytes:,.2f} {unit}"
+        num_bytes /= 1024
+    return ""
+
+
+def _params(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+def _shape_line(p: CapacityPlan) -> str:
+    m = p.model
+    group = (f", {m.num_heads // m.num_kv_heads} query heads share each"
+             if m.attention_kind == "GQA" else "")
+    experts = f", {m.num_experts} experts" if m.num_experts > 1 else ""
+    return (f"{m.name}: {m.num_layers} layers, {m.num_heads} heads, {m.num_kv_heads} KV heads "
+            f"({m.attention_kind}{group}), head_dim {m.head_dim}, hidden {m.hidden_size}"
+            f"{experts}, {_params(m.num_params)} parameters, context {m.max_context:,}")
+
+
+def _arithmetic(p: CapacityPlan) -> list[str]:
+    m, kv = p.model, p.kv
+    fmt = kv_format(kv.kv_dtype)
+    element = f"{fmt.bits / 8:g} B ({kv.kv_dtype})"
+    if fmt.scale_group not in (None, "tensor"):
+        element += f" + scales ({fmt.description})"
+    return [
+        f"  per token per layer  {kv.bytes_per_token_per_layer:>14,} B  = 2 (K and V) x "
+        f"{m.num_kv_heads} KV heads x {m.head_dim} head_dim x {element}",
+        f"  per token            {kv.bytes_per_token:>14,} B  = {human(kv.bytes_per_token)}: "
+        f"x {m.num_layers} layers",
+        f"  per request          {kv.bytes_per_request:>14,} B  = {human(kv.bytes_per_request)}: "
+        f"{p.context:,} tokens in {kv.blocks_per_request:,} blocks of {p.block_size}",
+    ]
+
+
+def _budget(p: CapacityPlan) -> list[str]:
+    why = "activations, CUDA context, allocator slack"
+    return [
+        f"  memory               {gib(p.memory_bytes):>12} GiB",
+        f"  weights              {gib(p.weights_bytes):>12} GiB  "
+        f"({_params(p.model.num_params)} parameters, {p.weights_dtype})",
+        f"  runtime reserve      {gib(p.reserve_bytes):>12} GiB  ({p.reserve_text}: {why})",
+        f"  left for KV cache    {gib(p.kv_budget_bytes):>12} GiB",
+    ]
+
+
+def _table(p: CapacityPlan) -> list[str]:
+    head = (f"  {'KV dtype':<8} {'bytes/token':>12} {'per request':>13} "
+            f"{'requests @' + format(p.context, ','):>18} {'context @' + str(p.concurrency):>13}"
+            f"  fits")
+    rows = [head]
+    for d in p.by_kv_dtype.values():
+        mark = " <" if d.kv_dtype == p.kv.kv_dtype else ""
+        rows.append(f"  {d.kv_dtype:<8} {d.bytes_per_token:>12,} {human(d.bytes_per_request):>13}"
+                    f" {d.max_concurrent_requests:>18,} {d.max_context_at_concurrency:>13,}"
+                    f"  {'yes' if d.fits else 'no'}{mark}")
+    return rows
+
+
+def _mistake(p: CapacityPlan) -> list[str]:
+    m, kv = p.model, p.kv
+    mha, real = p.mha_formula_bytes_per_token, kv.bytes_per_token
+    bytes_each = f"{kv_format(kv.kv_dtype).bits / 8:g} B"
+    lines = [f"The common mistake: 2 x hidden ({m.hidden_size}) x layers ({m.num_layers}) x "
+             f"{bytes_each} = {mha:,} B ({human(mha)}) per token, the multi-head formula,"]
+    if m.attention_kind == "MHA" and m.num_heads * m.head_dim == m.hidden_size:
+        lines.append("  is right for this model: every one of its heads keeps its own K and V.")
+        return lines
+    lines.append(f"  assumes all {m.num_heads} heads keep their own K and V. {m.name} keeps "
+                 f"{m.num_kv_heads} KV head{'s' if m.num_kv_heads > 1 else ''} of {m.head_dim} "
+                 f"({m.attention_kind}): {real:,} B ({human(real)}), {mha / real:.1f}x "
+                 f"{'less' if mha > real else 'more'}.")
+    return lines
+
+
+def render(p: CapacityPlan) -> str:
+    m = p.model
+    lines = [_shape_line(p), f"  from {m.source}", "",
+             f"KV cache at {p.context:,} tokens x {p.concurrency} requests, {p.kv.kv_dtype}, "
+             f"blocks of {p.block_size} tokens:", *_arithmetic(p), "", *_budget(p), "",
+             f"  max concurrent requests at {p.context:,} tokens: {p.kv.max_concurrent_requests:,}",
+             f"  max context at {p.concurrency} requests: {p.kv.max_context_at_concurrency:,} "
+             f"tokens" + (" (the model's own limit)"
+                          if p.kv.max_context_at_concurrency == m.max_context else ""), ""]
+    if m.num_sliding_layers:
+        lines += [f"  {m.num_sliding_layers} of {m.num_layers} layers attend to a "
+                  f"{m.sliding_window:,}-token sliding window: they hold at most that many tokens "
+                  f"per request (an engine that frees blocks outside the window).", ""]
+    if p.fits:
+        lines.append(f"Fits: {p.concurrency} x {p.context:,} tokens in {p.kv.kv_dtype} "
+                     f"use {gib(p.concurrency * p.kv.bytes_per_request)} of "
+                     f"{gib(p.kv_budget_bytes)} GiB.")
+    else:
+        lines.append("Does NOT fit: " + "; ".join(p.problems) + ".")
+        lines += [f"  would fit with {s}" for s in p.suggestions]
+    lines += ["", "Every KV dtype side by side:", *_table(p), "", *_mistake(p)]
+    return "\n".join(lines)
