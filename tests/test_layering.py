@@ -50,13 +50,15 @@ def test_importing_the_control_plane_loads_no_torch():
 
 
 def test_the_planner_runs_without_torch():
-    """A whole plan (reading the default model's GGUF) and its report never load torch."""
+    """A whole plan (reading the default model's GGUF), its report and a simulation through the
+    real scheduler and allocator never load torch."""
     code = ("import sys; from kvserve.cli import main;"
-            "rc = main(['plan', '--concurrency', '4']);"
+            "rc = main(['plan', '--concurrency', '4', '--simulate', '--num-requests', '20']);"
             "sys.exit(rc or (2 if 'torch' in sys.modules else 0))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "KV cache at 4,000 tokens x 4 requests" in result.stdout
+    assert "Simulated traffic" in result.stdout
 
 
 def test_server_libraries_stay_in_the_server_package():

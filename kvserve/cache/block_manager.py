@@ -84,8 +84,13 @@ class BlockManager:
         self.pool.incref(hits)  # a hit on a free block takes it back out of the free queue
         self.tables[r.request_id] = list(hits)
         self.num_indexed[r.request_id] = len(hits)
-        self.cache.record_query(r.num_tokens, len(hits) * bs)
         return len(hits) * bs
+
+    def record_admission(self, r: Request, num_hit_tokens: int) -> None:
+        """Count one admitted request's prefix lookup in the hit rate (a lookup whose admission
+        failed for want of blocks is retried later and counted then, once)."""
+        if self.cache is not None:
+            self.cache.record_query(r.num_tokens, num_hit_tokens)
 
     def next_uncached_key(self, r: Request) -> bytes | None:
         """Key of the first full block of r's prompt that is not cached (None if there is none)."""

@@ -34,6 +34,58 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", default=None, metavar="PNG",
                    help="draw KV memory vs context for several concurrencies")
     p.add_argument("--list-presets", action="store_true", help="list the built-in models")
+    add_simulation_arguments(p)
+
+
+def add_simulation_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("workload simulation (--simulate)")
+    g.add_argument("--simulate", action="store_true",
+                   help="replay synthetic traffic through the real scheduler and KV allocator")
+    g.add_argument("--num-requests", type=int, default=200)
+    g.add_argument("--arrival-rate", type=float, default=2.0, help="requests per second")
+    g.add_argument("--prompt-tokens", default=None,
+                   help="N, A-B (uniform) or exp:MEAN (default: uniform context/4-3*context/4)")
+    g.add_argument("--output-tokens", default=None,
+                   help="N, A-B or exp:MEAN (default: uniform context/40-context/4)")
+    g.add_argument("--shared-prefix-fraction", type=float, default=0.0,
+                   help="fraction of requests that start with one shared prefix")
+    g.add_argument("--shared-prefix-tokens", type=int, default=512)
+    g.add_argument("--max-num-seqs", type=int, default=256)
+    g.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    g.add_argument("--enable-prefix-caching", default=True,
+                   action=argparse.BooleanOptionalAction)
+    g.add_argument("--step-ms", type=float, default=20.0, help="assumed cost of one step")
+    g.add_argument("--ms-per-token", type=float, default=0.1,
+                   help="assumed cost of each token a step feeds")
+    g.add_argument("--seed", type=int, default=0)
+
+
+def _workload(args: argparse.Namespace, context: int, vocab_size: int):
+    from kvserve.planner.simulate import LengthDistribution, Workload
+
+    prompt = args.prompt_tokens or f"{max(1, context // 4)}-{max(1, 3 * context // 4)}"
+    output = args.output_tokens or f"{max(1, context // 40)}-{max(1, context // 4)}"
+    return Workload(num_requests=args.num_requests, arrival_rate=args.arrival_rate,
+                    prompt_tokens=LengthDistribution.parse(prompt, "--prompt-tokens"),
+                    output_tokens=LengthDistribution.parse(output, "--output-tokens"),
+                    shared_prefix_fraction=args.shared_prefix_fraction,
+                    shared_prefix_tokens=(args.shared_prefix_tokens
+                                          if args.shared_prefix_fraction else 0),
+                    vocab_size=vocab_size, seed=args.seed)
+
+
+def _simulate(args: argparse.Namespace, result) -> tuple[dict, str]:
+    from kvserve.errors import ConfigError
+    from kvserve.planner.report import render_simulation
+    from kvserve.planner.simulate import StepCost, simulate_plan
+
+    workload = _workload(args, result.context, result.model.vocab_size)
+    if not (args.step_ms >= 0 and args.ms_per_token >= 0 and args.step_ms + args.ms_per_token > 0):
+        raise ConfigError("--step-ms and --ms-per-token must be >= 0 and not both 0")
+    cost = StepCost(args.step_ms, args.ms_per_token)
+    sim = simulate_plan(result, workload, args.max_num_seqs, args.max_num_batched_tokens,
+                        args.enable_prefix_caching, cost)
+    return sim.to_dict(), render_simulation(sim, workload, cost)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -48,6 +100,9 @@ def main(args: argparse.Namespace) -> int:
                   kv_cache_dtype=args.kv_cache_dtype, block_size=args.block_size,
                   reserve=args.reserve, weights_memory=args.weights_memory)
     out = result.to_dict()
+    sim_text = ""
+    if args.simulate:
+        out["simulation"], sim_text = _simulate(args, result)
     if args.plot:
         from kvserve.planner.plot import plot_plan
 
@@ -58,6 +113,8 @@ def main(args: argparse.Namespace) -> int:
         from kvserve.planner.report import render
 
         print(render(result))
+        if sim_text:
+            print(f"\n{sim_text}")
         if args.plot:
             print(f"\nplot: {args.plot}")
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from kvserve.cache.layout import kv_format
 from kvserve.planner.capacity import CapacityPlan, gib
+from kvserve.planner.simulate import SimulationResult, StepCost, Workload
 
 
 def human(num_bytes: float) -> str:
@@ -106,4 +107,37 @@ def render(p: CapacityPlan) -> str:
         lines.append("Does NOT fit: " + "; ".join(p.problems) + ".")
         lines += [f"  would fit with {s}" for s in p.suggestions]
     lines += ["", "Every KV dtype side by side:", *_table(p), "", *_mistake(p)]
+    return "\n".join(lines)
+
+
+def render_simulation(sim: SimulationResult, workload: Workload, cost: StepCost) -> str:
+    d = sim.to_dict()
+    shared = (f", {workload.shared_prefix_fraction:.0%} start with one "
+              f"{workload.shared_prefix_tokens:,}-token prefix"
+              if workload.shared_prefix_fraction else "")
+    usage = d["peak_kv_usage"]
+    lines = [
+        "Simulated traffic through the real scheduler, block pool and prefix cache (no model):",
+        f"  {workload.num_requests} requests, Poisson {workload.arrival_rate:g}/s, prompts "
+        f"{workload.prompt_tokens.describe()} tokens, outputs {workload.output_tokens.describe()}"
+        f"{shared}; step cost {cost.base_ms:g} ms + {cost.per_token_ms:g} ms per token (assumed)",
+        f"  KV pool           {sim.num_blocks_total:,} blocks of {sim.block_size} tokens "
+        f"({human(sim.num_blocks_total * sim.bytes_per_block)})",
+        f"  peak blocks used  {sim.peak_blocks_used:,} ({usage:.1%}) = {human(sim.peak_kv_bytes)}",
+        f"  preemptions       {sim.num_preemptions:,}",
+        f"  queueing          at most {sim.max_waiting} waiting, {sim.max_running} running; wait "
+        f"p50 {d['queue_wait_s_p50']:.2f} s, p95 {d['queue_wait_s_p95']:.2f} s, "
+        f"max {d['queue_wait_s_max']:.2f} s",
+        f"  TTFT              p50 {d['ttft_s_p50']:.2f} s, p95 {d['ttft_s_p95']:.2f} s",
+        f"  prefix cache      {sim.prefix_hit_rate:.1%} of prompt tokens hit",
+        f"  throughput        {d['output_tokens_per_s']:,.0f} output tokens/s over "
+        f"{sim.duration_s:,.1f} s simulated",
+    ]
+    if sim.num_rejected:
+        lines.append(f"  rejected          {sim.num_rejected} (past the context or the pool)")
+    if sim.num_preemptions or usage >= 1.0:
+        lines.append(f"Verdict: the pool ran full ({sim.num_preemptions} preemptions): this "
+                     "traffic needs more KV memory, a smaller KV dtype, or fewer requests at once.")
+    else:
+        lines.append(f"Verdict: fits, peak {usage:.1%} of the pool and no preemptions.")
     return "\n".join(lines)

@@ -114,17 +114,20 @@ class Scheduler:
     def _admit_with_prefix(self, r: Request, budget: int | None) -> int | None:
         """Give a fresh (or recomputing) request its cached prefix and blocks for the rest of
         this step's tokens; the tokens it feeds, or None (holding nothing) if blocks are short."""
-        if (self.blocks is not None and self.retains_kv and r.num_computed_tokens == 0
-                and r.params.prompt_logprobs is None):
+        matched = (self.blocks is not None and self.retains_kv and r.num_computed_tokens == 0
+                   and r.params.prompt_logprobs is None)
+        if matched:
             r.num_computed_tokens = self.blocks.match_prefix(r)
-            if r.num_cached_tokens is None:
-                r.num_cached_tokens = r.num_computed_tokens
         num_new = self._num_new_tokens(r, budget)
         if not self._allocate(r, num_new):
             if self.blocks is not None:
                 self.blocks.free(r.request_id)  # give back the prefix hits
             r.num_computed_tokens = 0
             return None
+        if matched:
+            self.blocks.record_admission(r, r.num_computed_tokens)
+            if r.num_cached_tokens is None:
+                r.num_cached_tokens = r.num_computed_tokens
         return num_new
 
     def _prefix_in_flight(self, r: Request) -> bool:
