@@ -29,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--reserve", default=DEFAULT_RESERVE,
                    help="memory kept for activations and the runtime: a percentage of "
-                   f"--memory or a size (default {DEFAULT_RESERVE})")
+                   f"--memory or a size (default {DEFAULT_RESERVE.replace('%', '%%')})")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--plot", default=None, metavar="PNG",
                    help="draw KV memory vs context for several concurrencies")
@@ -85,7 +85,14 @@ def _simulate(args: argparse.Namespace, result) -> tuple[dict, str]:
     cost = StepCost(args.step_ms, args.ms_per_token)
     sim = simulate_plan(result, workload, args.max_num_seqs, args.max_num_batched_tokens,
                         args.enable_prefix_caching, cost)
-    return sim.to_dict(), render_simulation(sim, workload, cost)
+    out, text = sim.to_dict(), render_simulation(sim, workload, cost)
+    if args.plot:
+        from kvserve.planner.plot import plot_simulation
+
+        stem = args.plot[:-4] if args.plot.lower().endswith(".png") else args.plot
+        out["plot"] = plot_simulation(sim, f"{stem}.simulation.png")
+        text += f"\nplot: {out['plot']}"
+    return out, text
 
 
 def main(args: argparse.Namespace) -> int:
@@ -113,8 +120,8 @@ def main(args: argparse.Namespace) -> int:
         from kvserve.planner.report import render
 
         print(render(result))
-        if sim_text:
-            print(f"\n{sim_text}")
         if args.plot:
             print(f"\nplot: {args.plot}")
+        if sim_text:
+            print(f"\n{sim_text}")
     return 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 from kvserve.cache.layout import KVLayout
 from kvserve.errors import KVServeError
 from kvserve.planner.capacity import CapacityPlan, request_bytes
+from kvserve.planner.simulate import SimulationResult
 
 
 def concurrency_levels(concurrency: int) -> list[int]:
@@ -13,8 +14,7 @@ def concurrency_levels(concurrency: int) -> list[int]:
                                2 * concurrency) if c > 0})
 
 
-def plot_plan(p: CapacityPlan, path: str) -> str:
-    """Write the PNG to `path`; returns it."""
+def _pyplot():
     try:
         import matplotlib
     except ImportError:
@@ -22,6 +22,23 @@ def plot_plan(p: CapacityPlan, path: str) -> str:
                            "pip install 'kvserve[lab]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str) -> str:
+    try:
+        fig.savefig(path, dpi=110)
+    except OSError as err:
+        raise KVServeError(f"cannot write the plot to '{path}': {err.strerror or err}") from None
+    finally:
+        fig.clf()
+    return path
+
+
+def plot_plan(p: CapacityPlan, path: str) -> str:
+    """Write the PNG to `path`; returns it."""
+    plt = _pyplot()
 
     layout = KVLayout(p.model.to_spec(), p.block_size, p.kv.kv_dtype)
     top = max(p.context, min(p.model.max_context, 2 * p.context))
@@ -44,9 +61,32 @@ def plot_plan(p: CapacityPlan, path: str) -> str:
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     try:
-        fig.savefig(path, dpi=110)
-    except OSError as err:
-        raise KVServeError(f"cannot write the plot to '{path}': {err.strerror or err}") from None
+        return _save(fig, path)
     finally:
         plt.close(fig)
-    return path
+
+
+def plot_simulation(sim: SimulationResult, path: str) -> str:
+    """Blocks in use, and requests running and waiting, over simulated time."""
+    plt = _pyplot()
+    t = [row[0] for row in sim.timeline]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    top.plot(t, [row[1] for row in sim.timeline], linewidth=1, label="blocks in use")
+    top.axhline(sim.num_blocks_total, color="black", linestyle="--",
+                label=f"pool: {sim.num_blocks_total:,} blocks")
+    top.set_ylabel("KV blocks")
+    top.set_title(f"Simulated traffic: peak {sim.peak_blocks_used:,} blocks, "
+                  f"{sim.num_preemptions} preemptions")
+    top.legend(loc="lower right", fontsize=8)
+    bottom.plot(t, [row[2] for row in sim.timeline], linewidth=1, label="running")
+    bottom.plot(t, [row[3] for row in sim.timeline], linewidth=1, label="waiting")
+    bottom.set_xlabel("simulated time (s)")
+    bottom.set_ylabel("requests")
+    bottom.legend(loc="upper right", fontsize=8)
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    try:
+        return _save(fig, path)
+    finally:
+        plt.close(fig)

@@ -129,7 +129,8 @@ def render_simulation(sim: SimulationResult, workload: Workload, cost: StepCost)
         f"p50 {d['queue_wait_s_p50']:.2f} s, p95 {d['queue_wait_s_p95']:.2f} s, "
         f"max {d['queue_wait_s_max']:.2f} s",
         f"  TTFT              p50 {d['ttft_s_p50']:.2f} s, p95 {d['ttft_s_p95']:.2f} s",
-        f"  prefix cache      {sim.prefix_hit_rate:.1%} of prompt tokens hit",
+        f"  prefix cache      {sim.prefix_hit_rate:.1%} of prompt tokens hit"
+        + (" (re-admissions after preemption included)" if sim.num_preemptions else ""),
         f"  throughput        {d['output_tokens_per_s']:,.0f} output tokens/s over "
         f"{sim.duration_s:,.1f} s simulated",
     ]

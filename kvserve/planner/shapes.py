@@ -131,7 +131,7 @@ def _sliding_layers(cfg: dict[str, Any], model_type: str, num_layers: int) -> in
         return 0
     if model_type == "gemma2":
         return (num_layers + 1) // 2  # even layers are local
-    if model_type == "gemma3_text":
+    if model_type in ("gemma3_text", "gemma3"):
         pattern = int(cfg.get("sliding_window_pattern") or 6)
         return sum((i + 1) % pattern != 0 for i in range(num_layers))
     if model_type in ("qwen2", "qwen2_moe") and cfg.get("max_window_layers") is not None:

@@ -142,6 +142,8 @@ class SimulationResult:
     queue_wait_s: list[float] = field(default_factory=list, repr=False)
     ttft_s: list[float] = field(default_factory=list, repr=False)
     arrival_steps: list[int] = field(default_factory=list, repr=False)  # per accepted request
+    # (time s, blocks used, running, waiting) after each step that ran: for the plot
+    timeline: list[tuple[float, int, int, int]] = field(default_factory=list, repr=False)
 
     @property
     def peak_kv_bytes(self) -> int:
@@ -235,6 +237,8 @@ def _step(sched: Scheduler, manager: BlockManager, res: SimulationResult, times:
     if not plan.seqs:  # only a preemption that left nothing to run: the next step runs
         return 0.0
     res.peak_blocks_used = max(res.peak_blocks_used, manager.pool.num_used_blocks)
+    res.timeline.append((clock, manager.pool.num_used_blocks, len(sched.running),
+                         len(sched.waiting)))
     end = clock + cost.seconds(plan)
     for s in plan.seqs:
         times.admitted.setdefault(s.request_id, clock)

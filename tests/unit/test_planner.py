@@ -247,3 +247,17 @@ def test_malformed_config_file_is_one_line(capsys, tmp_path):
 def test_planner_errors_are_kvserve_errors():
     with pytest.raises(KVServeError):
         plan("smollm2-135m", memory="100MB")
+
+
+@pytest.mark.parametrize("command", ["plan", "generate", "serve", "bench"])
+def test_every_command_help_renders(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: kvserve" in capsys.readouterr().out
+
+
+def test_list_presets(capsys):
+    assert main(["plan", "--list-presets"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == len(PRESETS) and "(MQA)" in out and "llama-3.1-405b" in out

@@ -105,11 +105,15 @@ def test_cli_simulate_json(capsys):
     assert 0 < sim["peak_blocks_used"] <= sim["num_blocks_total"]
 
 
-def test_cli_simulate_text(capsys):
+def test_cli_simulate_text_and_plots(capsys, tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "kv.png"
     assert main(["plan", "--model", "smollm2-135m", "--memory", "1GiB", "--simulate",
-                 "--num-requests", "20", "--arrival-rate", "50"]) == 0
+                 "--num-requests", "20", "--arrival-rate", "50", "--plot", str(png)]) == 0
     out = capsys.readouterr().out
     assert "Simulated traffic through the real scheduler" in out and "Verdict:" in out
+    for path in (png, tmp_path / "kv.simulation.png"):
+        assert path.read_bytes()[:4] == b"\x89PNG" and f"plot: {path}" in out
 
 
 @pytest.mark.parametrize("argv, message", [
