@@ -205,12 +205,14 @@ def plan(model: str | ModelShape | None = None, context: int = 4000, concurrency
     memory_bytes = parse_size(memory, "memory")
     reserve_bytes, reserve_text = parse_reserve(reserve, memory_bytes)
     shape = model if isinstance(model, ModelShape) else resolve_model(model)
-    weights = (parse_size(weights_memory, "weights memory") if weights_memory is not None
-               else weights_bytes_of(shape, weights_dtype))
-    _check_weights_fit(shape, weights_dtype, weights, memory_bytes, reserve_bytes)
-    budget = memory_bytes - weights - reserve_bytes
     if kv_cache_dtype == "auto":
         kv_cache_dtype = weights_dtype if weights_dtype in ("fp32", "bf16", "fp16") else "fp16"
+    if weights_memory is not None:  # a known size: the dtype no longer decides it
+        weights, weights_dtype = parse_size(weights_memory, "weights memory"), "stated"
+    else:
+        weights = weights_bytes_of(shape, weights_dtype)
+    _check_weights_fit(shape, weights_dtype, weights, memory_bytes, reserve_bytes)
+    budget = memory_bytes - weights - reserve_bytes
     chosen = KV_FORMAT_SHORT_NAMES[kv_format(kv_cache_dtype).name]
     by_dtype = {name: dtype_plan(shape, name, bs, context, concurrency, budget)
                 for name in KV_FORMAT_SHORT_NAMES.values()}

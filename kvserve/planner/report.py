@@ -52,7 +52,8 @@ def _budget(p: CapacityPlan) -> list[str]:
         f"  memory               {gib(p.memory_bytes):>12} GiB",
         f"  weights              {gib(p.weights_bytes):>12} GiB  "
         f"({_params(p.model.num_params)} parameters, {p.weights_dtype})",
-        f"  runtime reserve      {gib(p.reserve_bytes):>12} GiB  ({p.reserve_text}: {why})",
+        f"  runtime reserve      {gib(p.reserve_bytes):>12} GiB  "
+        + ("(none)" if p.reserve_text == "none" else f"({p.reserve_text}: {why})"),
         f"  left for KV cache    {gib(p.kv_budget_bytes):>12} GiB",
     ]
 
