@@ -261,3 +261,11 @@ def test_list_presets(capsys):
     assert main(["plan", "--list-presets"]) == 0
     out = capsys.readouterr().out
     assert out.count("\n") == len(PRESETS) and "(MQA)" in out and "llama-3.1-405b" in out
+
+
+def test_gguf_and_hf_folder_of_the_same_model_agree(tiny_gguf_path, tiny_hf_dir):
+    from_gguf = plan(str(tiny_gguf_path), weights_dtype="stored", memory="1GiB")
+    from_hf = plan(str(tiny_hf_dir), memory="1GiB")
+    assert from_gguf.model.exact_num_params == from_hf.model.computed_num_params
+    assert from_gguf.weights_bytes == 4 * from_gguf.model.num_params  # F32 tensors as stored
+    assert from_gguf.kv.bytes_per_token == from_hf.kv.bytes_per_token
