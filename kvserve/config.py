@@ -104,6 +104,15 @@ def parse_size(value: str | int | float, what: str) -> int:
     return int(parsed[0] * _UNITS[parsed[1]])
 
 
+def format_bytes(num_bytes: float) -> str:
+    """1536 -> '1.50 KiB'; bytes below 1 KiB as a whole number of B."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(num_bytes) < 1024 or unit == "TiB":
+            return f"{num_bytes:,.0f} {unit}" if unit == "B" else f"{num_bytes:,.2f} {unit}"
+        num_bytes /= 1024
+    return ""
+
+
 def parse_memory(value: str | int | float) -> int | float:
     """'2GiB', '512MB', 1073741824 -> bytes (int); '0.5' or 0.5 -> a fraction of free memory."""
     parsed = _split_size(value)

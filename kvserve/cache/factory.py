@@ -18,7 +18,7 @@ from kvserve.cache.kv_storage import PagedKVStorage
 from kvserve.cache.layout import KVLayout
 from kvserve.cache.paged import PagedCache
 from kvserve.cache.prefix_cache import PrefixCache
-from kvserve.config import CacheConfig, ModelSpec
+from kvserve.config import CacheConfig, ModelSpec, format_bytes
 from kvserve.errors import ConfigError
 
 
@@ -33,14 +33,6 @@ def free_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def format_bytes(num_bytes: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if num_bytes < 1024 or unit == "GiB":
-            return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.2f} {unit}"
-        num_bytes /= 1024
-    return f"{num_bytes:.2f} GiB"
 
 
 def build_cache(config: CacheConfig, spec: ModelSpec, dtype: torch.dtype, device: torch.device,

@@ -7,7 +7,6 @@ Reading the files is gguf.py's and hf.py's; building the network is llama.py's.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util  # noqa: F401  (tests patch loader.importlib.util.find_spec)
 
 from kvserve.model.checkpoint import Checkpoint
 from kvserve.model.files import DEFAULT_MODEL_NAME, default_model_path, locate_model

@@ -8,7 +8,7 @@ a request holds whole blocks, so its context is rounded up to the block size. No
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from kvserve.cache.layout import KV_FORMAT_SHORT_NAMES, KVLayout, kv_format
 from kvserve.config import MAX_BLOCK_SIZE, parse_size
@@ -26,22 +26,26 @@ DEFAULT_RESERVE = "10%"  # like vLLM's gpu_memory_utilization=0.9
 def resolve_model(model: str | None) -> ModelShape:
     """None: the embedded default GGUF; else a preset name, a config.json, a Hugging Face folder
     or a GGUF file."""
-    from kvserve.model.files import DEFAULT_MODEL_NAME, default_model_path, is_gguf_file
+    from kvserve.model.files import (
+        DEFAULT_MODEL_NAME,
+        default_model_path,
+        is_gguf_file,
+        locate_model,
+    )
 
     if model is None:
-        shape = read_gguf(default_model_path())
-        return ModelShape(**{**asdict(shape), "name": DEFAULT_MODEL_NAME})
+        return replace(read_gguf(default_model_path()), name=DEFAULT_MODEL_NAME)
     preset = find_preset(model)
     if preset is not None:
         return preset
     path = os.path.expanduser(model)
-    if os.path.isfile(path):
-        return read_gguf(path) if is_gguf_file(path) else read_hf_config(path)
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
-        return read_hf_config(path)
-    if os.sep in model or model.endswith((".json", ".gguf")) or os.path.isdir(path):
-        raise ConfigError(f"model path '{model}' not found (or a folder without config.json)")
-    raise unknown_preset_error(model)
+    if not os.path.exists(path) and os.sep not in model and not model.endswith((".json",
+                                                                                ".gguf")):
+        raise unknown_preset_error(model)
+    if os.path.isfile(path) and not is_gguf_file(path):
+        return read_hf_config(path)  # a config.json under any name
+    kind, where = locate_model(model)
+    return read_gguf(where) if kind == "gguf" else read_hf_config(where)
 
 
 @dataclass(frozen=True)
@@ -115,8 +119,9 @@ def _positive_int(value: object, what: str) -> int:
     return value
 
 
-def parse_reserve(value: str | int | float, memory_bytes: int) -> tuple[int, str]:
-    """'10%' of memory, a size ('2GiB') or 0: (bytes, how it was stated)."""
+def parse_reserve(value: str | int | float, memory_bytes: int) -> tuple[int, str, float | None]:
+    """'10%' of memory, a size ('2GiB') or 0: (bytes, how it was stated, the fraction of memory
+    when it was given as one)."""
     text = str(value).strip()
     if text.endswith("%"):
         try:
@@ -125,10 +130,10 @@ def parse_reserve(value: str | int | float, memory_bytes: int) -> tuple[int, str
             percent = -1.0
         if not 0 <= percent < 100:
             raise ConfigError(f"reserve must be a percentage in [0, 100) or a size, got {value!r}")
-        return int(memory_bytes * percent / 100), f"{percent:g}% of memory"
+        return int(memory_bytes * percent / 100), f"{percent:g}% of memory", percent / 100
     if text in ("0", "0.0"):
-        return 0, "none"
-    return parse_size(value, "reserve"), "stated"
+        return 0, "none", None
+    return parse_size(value, "reserve"), "stated", None
 
 
 def weights_bytes_of(model: ModelShape, weights_dtype: str) -> int:
@@ -203,7 +208,7 @@ def plan(model: str | ModelShape | None = None, context: int = 4000, concurrency
         raise ConfigError(f"block_size must be a power of two from 1 to {MAX_BLOCK_SIZE}, "
                           f"got {bs}")
     memory_bytes = parse_size(memory, "memory")
-    reserve_bytes, reserve_text = parse_reserve(reserve, memory_bytes)
+    reserve_bytes, reserve_text, reserve_fraction = parse_reserve(reserve, memory_bytes)
     shape = model if isinstance(model, ModelShape) else resolve_model(model)
     if kv_cache_dtype == "auto":
         kv_cache_dtype = weights_dtype if weights_dtype in ("fp32", "bf16", "fp16") else "fp16"
@@ -219,7 +224,7 @@ def plan(model: str | ModelShape | None = None, context: int = 4000, concurrency
     kv = by_dtype[chosen]
     mha = 2 * shape.hidden_size * shape.num_layers * kv_format(chosen).bits // 8
     problems, suggestions = _verdict(shape, kv, by_dtype, context, concurrency, memory_bytes,
-                                     weights, reserve_bytes, reserve_text)
+                                     weights, reserve_bytes, reserve_fraction)
     return CapacityPlan(shape, context, concurrency, memory_bytes, bs, weights_dtype, weights,
                         reserve_bytes, reserve_text, budget, kv, by_dtype, mha, problems,
                         suggestions)
@@ -244,7 +249,7 @@ def gib(num_bytes: float) -> str:
 
 def _verdict(shape: ModelShape, kv: KVDtypePlan, by_dtype: dict[str, KVDtypePlan], context: int,
              concurrency: int, memory: int, weights: int, reserve: int,
-             reserve_text: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+             reserve_fraction: float | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
     problems, suggestions = [], []
     if context > shape.max_context:
         problems.append(f"{context:,} tokens is past the model's context window "
@@ -268,8 +273,7 @@ def _verdict(shape: ModelShape, kv: KVDtypePlan, by_dtype: dict[str, KVDtypePlan
             suggestions.append(f"a smaller KV dtype: {names} fits "
                                f"{concurrency} x {context:,} tokens")
         need = weights + concurrency * kv.bytes_per_request
-        need = int(need / (1 - reserve / memory)) if reserve_text.endswith("memory") else (
-            need + reserve)
+        need = int(need / (1 - reserve_fraction)) if reserve_fraction else need + reserve
         suggestions.append(f"more memory: {gib(need)} GiB holds {concurrency} x {context:,} "
                            f"tokens in {kv.kv_dtype}")
     return tuple(problems), tuple(suggestions)

@@ -26,13 +26,15 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: str) -> str:
+def _save(plt, fig, path: str) -> str:
+    """Write the figure and close it, written or not."""
+    fig.tight_layout()
     try:
         fig.savefig(path, dpi=110)
     except OSError as err:
         raise KVServeError(f"cannot write the plot to '{path}': {err.strerror or err}") from None
     finally:
-        fig.clf()
+        plt.close(fig)
     return path
 
 
@@ -59,11 +61,7 @@ def plot_plan(p: CapacityPlan, path: str) -> str:
     ax.set_ylim(0, max(budget * 1.5, 1e-3))
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    try:
-        return _save(fig, path)
-    finally:
-        plt.close(fig)
+    return _save(plt, fig, path)
 
 
 def plot_simulation(sim: SimulationResult, path: str) -> str:
@@ -85,8 +83,4 @@ def plot_simulation(sim: SimulationResult, path: str) -> str:
     bottom.legend(loc="upper right", fontsize=8)
     for ax in (top, bottom):
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    try:
-        return _save(fig, path)
-    finally:
-        plt.close(fig)
+    return _save(plt, fig, path)

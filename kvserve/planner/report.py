@@ -4,16 +4,9 @@ common mistake explained, and what would fit when the numbers do not. No torch."
 from __future__ import annotations
 
 from kvserve.cache.layout import kv_format
+from kvserve.config import format_bytes as human
 from kvserve.planner.capacity import CapacityPlan, gib
 from kvserve.planner.simulate import SimulationResult, StepCost, Workload
-
-
-def human(num_bytes: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(num_bytes) < 1024 or unit == "TiB":
-            return f"{num_bytes:,.0f} {unit}" if unit == "B" else f"{num_bytes:,.2f} {unit}"
-        num_bytes /= 1024
-    return ""
 
 
 def _params(n: int) -> str:

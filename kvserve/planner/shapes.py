@@ -230,7 +230,6 @@ def _read_gguf(path: str, _version: tuple[int, int] | None) -> ModelShape:
     names = {t.name for t in reader.tensors}
     window = meta.get(f"{arch}.attention.sliding_window")
     layers = key("block_count")
-    cfg = {"model_type": arch, "use_sliding_window": True}
     return ModelShape(
         name=str(meta.get("general.name") or os.path.basename(path)), architecture=str(arch),
         num_layers=layers, hidden_size=hidden, num_heads=heads,
@@ -238,7 +237,7 @@ def _read_gguf(path: str, _version: tuple[int, int] | None) -> ModelShape:
         head_dim=key("attention.key_length", hidden // heads),
         intermediate_size=key("feed_forward_length"), vocab_size=vocab,
         max_context=key("context_length"), sliding_window=int(window) if window else None,
-        num_sliding_layers=_sliding_layers(cfg, str(arch), layers) if window else 0,
+        num_sliding_layers=_sliding_layers({}, str(arch), layers) if window else 0,
         num_experts=key("expert_count", 1), tie_word_embeddings="output.weight" not in names,
         exact_num_params=sum(int(t.n_elements) for t in reader.tensors),
         stored_weights_bytes=sum(int(t.n_bytes) for t in reader.tensors), source=source)

@@ -112,6 +112,12 @@ class StepCost:
     base_ms: float = 20.0
     per_token_ms: float = 0.1
 
+    def __post_init__(self) -> None:
+        if not (self.base_ms >= 0 and self.per_token_ms >= 0
+                and self.base_ms + self.per_token_ms > 0):
+            raise ConfigError("step cost: --step-ms and --ms-per-token must be >= 0 and not "
+                              f"both 0, got {self.base_ms!r} and {self.per_token_ms!r}")
+
     def seconds(self, plan: StepPlan) -> float:
         return (self.base_ms + self.per_token_ms * plan.num_tokens) / 1000
 

