@@ -5,12 +5,15 @@ Prints a table for people and one JSON line last. Both engines get the same toke
 seeded random lengths, cut from varied text encoded once by kvserve's tokenizer).
 
 Methods:
+  Prefix caching is off in every kvserve engine here, and each run checks that no prompt token
+  came from a cache (num_cached_tokens == 0): repeats of one batch on one engine, and prompts that
+  happen to share a first block, must not turn a throughput or waste figure into cache hits.
   (a) throughput = C * new_tokens / wall time of one call generating C prompts at once, greedy,
       EOS ignored. kvserve: LLM(max_num_seqs=C, paged, default memory).generate(...).
       transformers: one batched generate(), left-padded with attention_mask, eos_token_id=None so
       every row makes exactly new_tokens. One small warm-up, then the median of --repeats.
   (b) KV waste over the --requests mix, engine driven step by step: paged waste = allocated slots
-      holding no token / allocated slots (kv_cache_stats after every step), average and peak;
+      holding no token / allocated slots (the cache snapshot after every step), average and peak;
       contiguous (computed) = running requests * reserve_len slots reserved vs tokens held.
   (c) concurrency in --budget bytes of KV: paged = len(scheduler.running) after every step of
       LLM(kv_cache_memory=budget, max_num_seqs=requests, max_model_len=reserve_len), max and mean;
@@ -94,17 +97,39 @@ def timed(run, repeats: int) -> dict:
             "tokens": tokens}
 
 
+def check_cold(llm: LLM, prompts: list[list[int]], new_tokens: int, num_cached: list[int],
+               projections_before: int, what: str) -> None:
+    """The premise of every kvserve column: no prefix cache, no prompt token reused, and the
+    model computed K/V for every prompt token and every generated token but the last, exactly
+    once (a run that reused anything, or recomputed after preemption, shows here)."""
+    engine = llm.engine
+    num_layers = engine.spec.num_layers
+    expected = (sum(len(p) for p in prompts) + len(prompts) * (new_tokens - 1)) * num_layers
+    computed = engine.model.num_kv_projections - projections_before
+    preempted = engine.cache_snapshot().num_preemptions > 0  # recompute costs extra, not less
+    if engine.cache_snapshot().prefix is not None or any(num_cached) or computed < expected or (
+            computed != expected and not preempted):
+        raise SystemExit(f"bench_batch: {what}: {sum(num_cached)} prompt tokens from a cache, "
+                         f"{computed:,} K/V projections computed vs {expected:,} for a cold run; "
+                         "the figure would not measure what it says")
+
+
 def bench_kvserve(prompts: list[list[int]], new_tokens: int, repeats: int) -> dict:
-    llm = LLM(dtype="float32", max_num_seqs=len(prompts), seed=SEED)
+    llm = LLM(dtype="float32", max_num_seqs=len(prompts), seed=SEED,
+              enable_prefix_caching=False)
     items = [{"prompt_token_ids": ids} for ids in prompts]
 
     def run(batch=items, n=new_tokens):
+        before = llm.engine.model.num_kv_projections
         outs = llm.generate(batch, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True),
                             use_tqdm=False)
+        check_cold(llm, [b["prompt_token_ids"] for b in batch], n,
+                   [o.num_cached_tokens for o in outs], before,
+                   f"throughput, {len(batch)} prompts")
         return [list(o.outputs[0].token_ids) for o in outs]
 
     run(items[:4], min(new_tokens, 4))  # warm-up
-    return {**timed(run, repeats), "preemptions": llm.engine.kv_cache_stats()["num_preemptions"],
+    return {**timed(run, repeats), "preemptions": llm.engine.cache_snapshot().num_preemptions,
             "matmul_flops": matmul_flops(llm.engine.model, prompts, new_tokens)}
 
 
@@ -153,39 +178,43 @@ def leading_agreement(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def drive(llm: LLM, prompts: list[list[int]], new_tokens: int) -> tuple[list[dict], dict]:
-    """Run the prompts through llm's engine one step at a time; kv_cache_stats and the running
-    count after every step that leaves KV allocated."""
+def drive(llm: LLM, prompts: list[list[int]], new_tokens: int) -> tuple[list[dict], object]:
+    """Run the prompts through llm's engine one step at a time; the cache snapshot's waste and
+    the running count after every step that leaves KV allocated; the last snapshot."""
     eng, params = llm.engine, SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    before = eng.model.num_kv_projections
     ids = [f"drive-{i}" for i in range(len(prompts))]
     for rid, p in zip(ids, prompts):
         eng.add_request(rid, p, params)
     samples = []
     while eng.has_unfinished_requests():
         eng.step()
-        s = eng.kv_cache_stats()
-        if s["kv_bytes_used"]:
-            s["running"] = len(eng.scheduler.running)
-            s["tokens_held"] = (s["kv_bytes_used"] - s["kv_waste_bytes"]) // s["kv_bytes_per_token"]
-            samples.append(s)
-    for rid in ids:
-        eng.pop_finished(rid)
-    return samples, eng.kv_cache_stats()
+        kv = eng.cache_snapshot()
+        if kv.num_bytes_used:
+            samples.append({"running": len(eng.scheduler.running),
+                            "tokens_held": kv.num_tokens_stored,
+                            "waste_fraction": kv.waste_fraction,
+                            "waste_bytes": kv.num_waste_bytes})
+    check_cold(llm, prompts, new_tokens,
+               [eng.pop_finished(rid).num_cached_tokens or 0 for rid in ids], before,
+               "step-by-step run")
+    return samples, eng.cache_snapshot()
 
 
 def bench_waste(prompts, new_tokens: int, reserve_len: int) -> dict:
-    llm = LLM(dtype="float32", max_num_seqs=len(prompts), seed=SEED)
+    llm = LLM(dtype="float32", max_num_seqs=len(prompts), seed=SEED,
+              enable_prefix_caching=False)
     samples, final = drive(llm, prompts, new_tokens)
-    bpt = final["kv_bytes_per_token"]
+    bpt = final.bytes_per_token
     reserved = [s["running"] * reserve_len * bpt for s in samples]
     held = [s["tokens_held"] * bpt for s in samples]
     contig_frac = [1 - h / r for h, r in zip(held, reserved) if r]
     contig_bytes = [r - h for h, r in zip(held, reserved)]
-    series = {"paged": ([s["kv_waste_fraction"] for s in samples],
-                        [s["kv_waste_bytes"] for s in samples]),
+    series = {"paged": ([s["waste_fraction"] for s in samples],
+                        [s["waste_bytes"] for s in samples]),
               "contig": (contig_frac, contig_bytes)}
-    out = {"steps": len(samples), "kv_bytes_per_token": bpt, "block_size": final["block_size"],
-           "preemptions": final["num_preemptions"]}
+    out = {"steps": len(samples), "kv_bytes_per_token": bpt, "block_size": final.pool.block_size,
+           "preemptions": final.num_preemptions}
     for name, (frac, nbytes) in series.items():
         out.update({f"{name}_waste_frac_avg": statistics.mean(frac),
                     f"{name}_waste_frac_peak": max(frac),
@@ -196,13 +225,13 @@ def bench_waste(prompts, new_tokens: int, reserve_len: int) -> dict:
 
 def bench_budget(prompts, new_tokens: int, reserve_len: int, budget: int) -> dict:
     llm = LLM(dtype="float32", kv_cache_memory=budget, max_num_seqs=len(prompts),
-              max_model_len=reserve_len, seed=SEED)
+              max_model_len=reserve_len, seed=SEED, enable_prefix_caching=False)
     samples, final = drive(llm, prompts, new_tokens)
     running = [s["running"] for s in samples]
-    contig = budget // (reserve_len * final["kv_bytes_per_token"])
-    return {"budget_bytes": budget, "num_blocks": final["num_blocks_total"],
+    contig = budget // (reserve_len * final.bytes_per_token)
+    return {"budget_bytes": budget, "num_blocks": final.pool.num_blocks,
             "paged_max_running": max(running), "paged_mean_running": statistics.mean(running),
-            "preemptions": final["num_preemptions"], "contig_running": contig,
+            "preemptions": final.num_preemptions, "contig_running": contig,
             "ratio_max": max(running) / contig if contig else None,  # None: 0 fit contiguously
             "ratio_mean": statistics.mean(running) / contig if contig else None}
 

@@ -11,7 +11,11 @@ Methods:
             transformers: a streamer object records when generate() hands over each new token;
             eos_token_id=None makes it run exactly N tokens without touching the logits
             (min_new_tokens would mask EOS and change greedy choices; ignore_eos does not).
-  prefill = prompt tokens / time to first token. kvserve: max_tokens=1, out.metrics["ttft_s"].
+  prefill = prompt tokens / time to first token, cold: every run (warm-up included) gets a
+            prompt no run has seen before (a different window of the same text, so its first
+            block differs and the default engine's prefix cache can match nothing), and kvserve
+            checks out.num_cached_tokens == 0 on each, failing loudly otherwise.
+            kvserve: max_tokens=1, out.metrics["ttft_s"].
             transformers: one forward, model(ids, logits_to_keep=1), timed with perf_counter.
   limit   = max(bandwidth before, bandwidth after) / weight bytes read per decode token.
 Each measurement: one warm-up run, then the median of --repeats runs; a measurement whose warm-up
@@ -115,7 +119,13 @@ def load_kvserve(dtype: str) -> LLM:
     return LLM(dtype=dtype, seed=SEED)
 
 
-def bench_kvserve(llm: LLM, decode_ids: list[int], prefill_ids: list[int], args) -> dict:
+def check_cold(num_cached_tokens: int, what: str) -> None:
+    if num_cached_tokens:
+        raise SystemExit(f"bench_core: {what}: {num_cached_tokens} prompt tokens came from the "
+                         "prefix cache; this is not a cold prefill")
+
+
+def bench_kvserve(llm: LLM, decode_ids: list[int], prefill_ids: list[list[int]], args) -> dict:
     decode_params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
     prefill_params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
 
@@ -123,9 +133,18 @@ def bench_kvserve(llm: LLM, decode_ids: list[int], prefill_ids: list[int], args)
         out = llm.generate({"prompt_token_ids": decode_ids}, decode_params, use_tqdm=False)[0]
         return out.metrics["decode_tokens_per_s"], list(out.outputs[0].token_ids)
 
+    fresh = iter(prefill_ids)
+
     def prefill():
-        out = llm.generate({"prompt_token_ids": prefill_ids}, prefill_params, use_tqdm=False)[0]
-        return len(prefill_ids) / out.metrics["ttft_s"], None
+        ids = next(fresh)
+        before = llm.engine.model.num_kv_projections
+        out = llm.generate({"prompt_token_ids": ids}, prefill_params, use_tqdm=False)[0]
+        computed = (llm.engine.model.num_kv_projections - before) // llm.engine.spec.num_layers
+        check_cold(out.num_cached_tokens, "kvserve prefill")
+        if computed != len(ids):  # every prompt token's K/V computed, once
+            raise SystemExit(f"bench_core: kvserve prefill computed K/V for {computed} tokens "
+                             f"of a {len(ids)}-token prompt")
+        return len(ids) / out.metrics["ttft_s"], None
 
     decode_tps, decode_n, tokens = summarize(*timed_runs(decode, args.repeats, args.max_run_s))
     prefill_tps, prefill_n, _ = summarize(*timed_runs(prefill, args.repeats, args.max_run_s))
@@ -170,10 +189,10 @@ def load_hf(dtype: str):
     return model.eval()
 
 
-def bench_hf(model, decode_ids: list[int], prefill_ids: list[int], args) -> dict:
+def bench_hf(model, decode_ids: list[int], prefill_ids: list[list[int]], args) -> dict:
     n = args.new_tokens
     ids = torch.tensor([decode_ids])
-    long_ids = torch.tensor([prefill_ids])
+    fresh = iter(prefill_ids)
     pad = model.generation_config.eos_token_id
     pad = pad[0] if isinstance(pad, list) else pad
 
@@ -189,6 +208,7 @@ def bench_hf(model, decode_ids: list[int], prefill_ids: list[int], args) -> dict
         return tps, out[0, ids.shape[1]:].tolist()
 
     def prefill():
+        long_ids = torch.tensor([next(fresh)])
         with torch.inference_mode():
             t0 = time.perf_counter()
             model(long_ids, logits_to_keep=1)
@@ -213,21 +233,31 @@ def load_and_bench(load, bench, dtype: str, *inputs) -> dict:
 
 
 # -- inputs, results, report ------------------------------------------------------------------
-def build_inputs(num_prefill_tokens: int) -> tuple[list[int], list[int]]:
-    """Token ids of the decode prompt and of exactly num_prefill_tokens of varied text."""
+def build_inputs(num_prefill_tokens: int, num_prompts: int) -> tuple[list[int], list[list[int]]]:
+    """Token ids of the decode prompt, and num_prompts different prompts of exactly
+    num_prefill_tokens of varied text (windows of one stream, 37 tokens apart: their first
+    blocks differ, so no run can reuse another's cached blocks)."""
     from kvserve.model.loader import load_checkpoint
 
     tokenizer = load_checkpoint(None).tokenizer
     decode_ids = tokenizer.encode(DECODE_PROMPT)
     prefill_ids: list[int] = []
     i = 0
-    while len(prefill_ids) < num_prefill_tokens:
+    stride = 37
+    while len(prefill_ids) < num_prefill_tokens + stride * num_prompts:
         # Rotate the order each round so the long prompt does not repeat with a short period.
         k = i % len(PREFILL_TEXTS)
         prefill_ids += tokenizer.encode("".join(PREFILL_TEXTS[k:] + PREFILL_TEXTS[:k]),
                                         add_special_tokens=(i == 0))
         i += 1
-    return decode_ids, prefill_ids[:num_prefill_tokens]
+    # the special tokens encode() puts first (BOS, if the model has one) start every prompt
+    special = prefill_ids[:len(tokenizer.encode("x")) - len(tokenizer.encode(
+        "x", add_special_tokens=False))]
+    body = prefill_ids[len(special):]
+    width = num_prefill_tokens - len(special)
+    prompts = [special + body[i * stride:i * stride + width] for i in range(num_prompts)]
+    assert len({tuple(p[:16]) for p in prompts}) == num_prompts, "prompts must start apart"
+    return decode_ids, prompts
 
 
 def leading_agreement(a: list[int], b: list[int]) -> int:
@@ -289,7 +319,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(SEED)
     torch.set_num_threads(torch.get_num_threads())  # the machine default, pinned for the run
     machine = machine_info()
-    decode_ids, prefill_ids = build_inputs(args.prefill_tokens)
+    # one prompt per prefill run of each engine and dtype: a warm-up plus the repeats
+    decode_ids, prefill_ids = build_inputs(args.prefill_tokens, args.repeats + 1)
     bw_gbps = [bandwidth_gbps(args.quick)]
     results: dict = {}
     for dtype in args.dtypes:

@@ -9,7 +9,8 @@ Methods (greedy, EOS ignored, float32, chat template applied):
       time; TTFT = the engine's time from arrival to first token (out.metrics["ttft_s"]); median
       over questions 2..N with vs without caching.
   (b) throughput: all N questions submitted at once (max_num_seqs = N) to a fresh engine, wall
-      time of generate(); tokens/s = N * --new-tokens / wall; hit rate from kv_cache_stats().
+      time of generate(); tokens/s = N * --new-tokens / wall; hit rate from the engine's cache
+      snapshot.
   (c) multi-turn chat of --turns (8) turns: each turn's prompt is the conversation so far through
       the chat template (the model's reply appended as the assistant message); prefill tokens
       computed = prompt tokens - num_cached_tokens, summed over turns, with vs without caching.
@@ -84,10 +85,10 @@ def bench_throughput(caching: bool, system_tokens: int, questions: list[str],
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     wall = time.perf_counter() - t0
-    stats = llm.engine.kv_cache_stats()
+    prefix = llm.engine.cache_snapshot().prefix
     return {"wall_s": wall, "tokens_per_s": len(questions) * new_tokens / wall,
-            "hit_rate": stats.get("prefix_cache_hit_rate", 0.0),
-            "hit_tokens": stats.get("prefix_cache_hit_tokens", 0),
+            "hit_rate": prefix.hit_rate if prefix is not None else 0.0,
+            "hit_tokens": prefix.num_hit_tokens if prefix is not None else 0,
             "tokens": [list(o.token_ids) for o in outs]}
 
 

@@ -10,51 +10,19 @@ import logging
 import sys
 import time
 
-from kvserve.config import CACHE_MODES, DTYPES, KV_CACHE_DTYPES, PREEMPTION_MODES
+from kvserve.cli_flags import add_setting_flags, setting_values
 from kvserve.errors import KVServeError
 
 EXIT_ERROR = 1
 
 
 def add_engine_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("engine")
-    g.add_argument("--model", default=None,
-                   help="GGUF file or Hugging Face folder "
-                   "(default: the embedded SmolLM2-135M-Instruct)")
-    g.add_argument("--dtype", default="float32", choices=DTYPES)
-    g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    g.add_argument("--cache-mode", default="paged", choices=CACHE_MODES)
-    g.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES)
-    g.add_argument("--kv-cache-memory", default="1GiB",
-                   help="paged KV pool size, e.g. 2GiB, or a fraction of free memory (0.5)")
-    g.add_argument("--block-size", type=int, default=16)
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--max-num-seqs", type=int, default=8)
-    g.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    g.add_argument("--preemption-mode", default="recompute", choices=PREEMPTION_MODES)
-    g.add_argument("--max-input-tokens", type=int, default=None, help="reject longer prompts")
-    g.add_argument("--max-output-tokens", type=int, default=None,
-                   help="reject requests asking for more new tokens")
-    g.add_argument("--max-long-requests", type=int, default=None,
-                   help="at most this many requests over --long-context-threshold run at once")
-    g.add_argument("--long-context-threshold", type=int, default=4096)
-    g.add_argument("--enable-prefix-caching", default=True,
-                   action=argparse.BooleanOptionalAction,
-                   help="reuse cached K/V of shared prompt prefixes (paged mode; on by default)")
+    """Every engine setting as a flag, derived from its declaration in config.py."""
+    add_setting_flags(p.add_argument_group("engine"))
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
-    return dict(model=args.model, dtype=args.dtype, device=args.device,
-                cache_mode=args.cache_mode, kv_cache_dtype=args.kv_cache_dtype,
-                kv_cache_memory=args.kv_cache_memory, block_size=args.block_size,
-                max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-                max_num_batched_tokens=args.max_num_batched_tokens,
-                preemption_mode=args.preemption_mode, max_input_tokens=args.max_input_tokens,
-                max_output_tokens=args.max_output_tokens,
-                max_long_requests=args.max_long_requests,
-                long_context_threshold=args.long_context_threshold,
-                enable_prefix_caching=args.enable_prefix_caching,
-                seed=args.seed if args.seed is not None else 0)
+    return {**setting_values(args), "seed": args.seed if args.seed is not None else 0}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -182,38 +150,40 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def print_stats(llm, wall_s: float) -> None:
     out = llm.last_output
     m = out.metrics
-    kv = llm.engine.kv_cache_stats()
+    engine = llm.engine
+    kv = engine.cache_snapshot()
+    per_token = kv.bytes_per_token
     lines = [
-        f"model: {llm.engine.model_name} ({llm.engine.config.dtype}, {llm.engine.device}, "
-        f"cache {llm.engine.config.cache.cache_mode}), loaded in {llm.engine.load_time_s:.2f} s",
+        f"model: {engine.model_name} ({engine.config.dtype}, {engine.device}, "
+        f"cache {kv.cache_mode}, KV {kv.kv_cache_dtype}), loaded in {engine.load_time_s:.2f} s",
         f"prompt tokens: {out.num_prompt_tokens}, generated tokens: {len(out.token_ids)}, "
         f"finish: {out.finish_reason}",
         f"TTFT: {m.get('ttft_s', float('nan')) * 1e3:.1f} ms, "
         f"decode: {m.get('decode_tokens_per_s', float('nan')):.1f} tokens/s, "
         f"wall: {wall_s:.2f} s",
-        f"KV cache: {kv['kv_bytes_per_token']:,} bytes/token, "
-        f"{(out.num_prompt_tokens + len(out.token_ids)) * kv['kv_bytes_per_token']:,} bytes for "
-        f"this sequence's tokens, {kv['kv_bytes_allocated']:,} bytes allocated",
+        f"KV cache: {per_token:,} bytes/token, "
+        f"{(out.num_prompt_tokens + len(out.token_ids)) * per_token:,} bytes for "
+        f"this sequence's tokens, {kv.num_bytes_allocated:,} bytes allocated",
     ]
-    if "num_blocks_total" in kv:
-        blocks = int(m.get("num_blocks", 0))
-        block_bytes = kv["block_size"] * kv["kv_bytes_per_token"]
+    if kv.pool is not None:
+        pool, blocks = kv.pool, int(m.get("num_blocks", 0))
         lines.append(
-            f"this request: {blocks} blocks ({blocks * block_bytes:,} bytes of KV), "
-            f"preempted {int(m.get('num_preemptions', 0))} times")
-        peak, total = kv["peak_blocks_used"], kv["num_blocks_total"]
+            f"this request: {blocks} blocks ({blocks * pool.block_size * per_token:,} bytes of "
+            f"KV), preempted {int(m.get('num_preemptions', 0))} times")
         lines.append(
-            f"KV pool: {total:,} blocks of {kv['block_size']} tokens, peak {peak:,} used "
-            f"({peak / total:.2%}), now {kv['num_blocks_used']} used, "
-            f"preemptions: {kv['num_preemptions']}")
-    if "prefix_cache_hit_rate" in kv:
+            f"KV pool: {pool.num_blocks:,} blocks of {pool.block_size} tokens, peak "
+            f"{pool.peak_used_blocks:,} used ({pool.peak_used_blocks / pool.num_blocks:.2%}), "
+            f"now {pool.num_used_blocks} used, preemptions: {kv.num_preemptions}")
+    if kv.prefix is not None:
+        p, e = kv.prefix, kv.events
         lines.append(
             f"prefix cache: {out.num_cached_tokens} of this prompt's tokens reused; "
-            f"{kv['prefix_cache_hit_tokens']:,} of {kv['prefix_cache_queried_tokens']:,} queried "
-            f"tokens hit ({kv['prefix_cache_hit_rate']:.1%}); blocks cached: "
-            f"{kv['prefix_cache_blocks']}, evicted: {kv['prefix_cache_evictions']}")
+            f"{p.num_hit_tokens:,} of {p.num_queried_tokens:,} queried tokens hit "
+            f"({p.hit_rate:.1%}); blocks cached: {p.num_cached_blocks}, evicted: "
+            f"{p.num_evictions}; block events: {e.num_stored} stored, {e.num_evicted} evicted, "
+            f"{e.num_freed} freed")
     lines += [
-        f"K/V projections computed: {llm.engine.model.num_kv_projections:,}",
+        f"K/V projections computed: {engine.model.num_kv_projections:,}",
     ]
     for line in lines:
         print(line, file=sys.stderr)

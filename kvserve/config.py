@@ -1,19 +1,29 @@
 """Frozen configuration, split by concern and validated once at construction.
 
 Derived values are returned by properties, never written back. No torch here: the control plane
-(and the planner) read these without loading a model.
+(and the planner) read these without loading a model. Engine settings are declared once, as the
+fields of EngineConfig, CacheConfig and SchedulerConfig made with setting(): the CLI's engine
+flags, LLM(...)'s keywords and EngineConfig.create all derive from engine_settings().
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from kvserve.errors import ConfigError
+from kvserve.kv_dtypes import (
+    BUILT_KV_CACHE_DTYPES,
+    KV_CACHE_DTYPES,
+    canonical_kv_dtype,
+    check_kv_cache_dtype_built,
+    resolve_kv_cache_dtype,
+)
 
 CACHE_MODES = ("none", "contiguous", "paged")
 DTYPES = ("float32", "bfloat16", "float16")
-KV_CACHE_DTYPES = ("auto",)  # quantized KV formats arrive with the quantization issue
 
 
 @dataclass(frozen=True)
@@ -125,14 +135,30 @@ def parse_memory(value: str | int | float) -> int | float:
     return int(number * _UNITS[unit])
 
 
+def setting(default: Any, help: str, *, kind: str = "str", choices: tuple[str, ...] | None = None,
+            normalize: Callable[[str], str] | None = None, flag: bool = True) -> Any:
+    """A dataclass field that is also an engine setting: its name is the LLM(...) keyword and,
+    with dashes, the CLI flag (kind: str | int | bool | size); `normalize` maps a typed alias
+    to its canonical choice; flag=False keeps it off the shared engine flags (a command
+    declares its own)."""
+    return field(default=default, metadata={"help": help, "kind": kind, "choices": choices,
+                                            "normalize": normalize, "flag": flag})
+
+
 @dataclass(frozen=True)
 class CacheConfig:
-    cache_mode: str = "paged"
-    kv_cache_dtype: str = "auto"  # "auto": same as the model's compute dtype
-    block_size: int = 16
-    kv_cache_memory: str | int | float = "1GiB"  # paged pool size, or a fraction of free memory
-    # Reuse the K/V of cached prompt prefixes (paged mode; the other modes keep nothing to share)
-    enable_prefix_caching: bool = True
+    cache_mode: str = setting("paged", "where K/V live: paged blocks, one contiguous tensor per "
+                              "sequence, or no cache (recompute everything)", choices=CACHE_MODES)
+    kv_cache_dtype: str = setting(
+        "auto", "storage format of K/V; auto: the model's dtype if a float format, else "
+        "float16 (the planner sizes every format; the engine stores "
+        f"{', '.join(BUILT_KV_CACHE_DTYPES[1:])} today, the quantized ones are planned)",
+        choices=KV_CACHE_DTYPES, normalize=canonical_kv_dtype)
+    block_size: int = setting(16, "tokens per KV block (a power of two)", kind="int")
+    kv_cache_memory: str | int | float = setting(
+        "1GiB", "paged KV pool size, e.g. 2GiB, or a fraction of free memory (0.5)", kind="size")
+    enable_prefix_caching: bool = setting(
+        True, "reuse cached K/V of shared prompt prefixes (paged mode)", kind="bool")
 
     def __post_init__(self) -> None:
         if not isinstance(self.enable_prefix_caching, bool):
@@ -141,9 +167,7 @@ class CacheConfig:
         if self.cache_mode not in CACHE_MODES:
             raise ConfigError(f"cache_mode must be one of {', '.join(CACHE_MODES)}, "
                               f"got {self.cache_mode!r}")
-        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise ConfigError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
-                              f"got {self.kv_cache_dtype!r}")
+        check_kv_cache_dtype_built(self.kv_cache_dtype)
         bs = self.block_size
         if (not isinstance(bs, int) or isinstance(bs, bool) or bs <= 0 or bs & (bs - 1)
                 or bs > MAX_BLOCK_SIZE):
@@ -156,22 +180,33 @@ class CacheConfig:
         """Bytes (int) or a fraction of free device memory (float)."""
         return parse_memory(self.kv_cache_memory)
 
+    def resolved_kv_cache_dtype(self, dtype: str) -> str:
+        """The format K/V are stored in when the model computes in `dtype`."""
+        return resolve_kv_cache_dtype(self.kv_cache_dtype, dtype)
+
 
 PREEMPTION_MODES = ("recompute", "swap")
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_num_seqs: int = 8
-    max_model_len: int | None = None  # None: the model's own context length
-    max_num_batched_tokens: int = 2048  # token budget of one step (chunked prefill cuts to it)
-    preemption_mode: str = "recompute"
+    max_num_seqs: int = setting(8, "sequences in the running batch at most", kind="int")
+    max_model_len: int | None = setting(None, "context length (default: the model's own)",
+                                        kind="int")
+    max_num_batched_tokens: int = setting(
+        2048, "token budget of one step (chunked prefill cuts prompts to it)", kind="int")
+    preemption_mode: str = setting("recompute", "what a preempted request loses: its K/V "
+                                   "(recompute) or its device blocks (swap to host memory)",
+                                   choices=PREEMPTION_MODES)
     # Limits that protect capacity (None: no limit). A long request is one whose prompt +
     # max_tokens exceeds long_context_threshold; at most max_long_requests of them run at once.
-    max_input_tokens: int | None = None
-    max_output_tokens: int | None = None
-    max_long_requests: int | None = None
-    long_context_threshold: int = 4096
+    max_input_tokens: int | None = setting(None, "reject longer prompts", kind="int")
+    max_output_tokens: int | None = setting(None, "reject requests asking for more new tokens",
+                                            kind="int")
+    max_long_requests: int | None = setting(
+        None, "at most this many requests over --long-context-threshold run at once", kind="int")
+    long_context_threshold: int = setting(
+        4096, "prompt + max_tokens above which a request counts as long", kind="int")
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "long_context_threshold"):
@@ -194,41 +229,68 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    model: str | None = None  # None: the embedded SmolLM2-135M-Instruct
-    dtype: str = "float32"
-    device: str = "cpu"
-    seed: int = 0
+    model: str | None = setting(None, "GGUF file or Hugging Face folder (default: the embedded "
+                                "SmolLM2-135M-Instruct)")
+    dtype: str = setting("float32", "weights and compute dtype", choices=DTYPES)
+    device: str = setting("cpu", "cpu, cuda or cuda:N")
+    seed: int = setting(0, "seed of unseeded sampling", kind="int", flag=False)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     @classmethod
-    def create(cls, model: str | None = None, dtype: str = "float32", device: str = "cpu",
-               cache_mode: str = "paged", kv_cache_dtype: str = "auto",
-               kv_cache_memory: str | int | float = "1GiB", block_size: int = 16,
-               max_model_len: int | None = None, max_num_seqs: int = 8,
-               max_num_batched_tokens: int = 2048, preemption_mode: str = "recompute",
-               max_input_tokens: int | None = None, max_output_tokens: int | None = None,
-               max_long_requests: int | None = None, long_context_threshold: int = 4096,
-               enable_prefix_caching: bool = True, seed: int = 0) -> EngineConfig:
-        """From the flat engine flags every command and LLM(...) share."""
-        return cls(
-            model=model, dtype=dtype, device=device, seed=seed,
-            cache=CacheConfig(cache_mode=cache_mode, kv_cache_dtype=kv_cache_dtype,
-                              block_size=block_size, kv_cache_memory=kv_cache_memory,
-                              enable_prefix_caching=enable_prefix_caching),
-            scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_model_len=max_model_len,
-                                      max_num_batched_tokens=max_num_batched_tokens,
-                                      preemption_mode=preemption_mode,
-                                      max_input_tokens=max_input_tokens,
-                                      max_output_tokens=max_output_tokens,
-                                      max_long_requests=max_long_requests,
-                                      long_context_threshold=long_context_threshold))
+    def create(cls, **settings: Any) -> EngineConfig:
+        """From the flat engine settings every command and LLM(...) share (see
+        engine_settings()); an unknown name is a ConfigError naming it."""
+        parts: dict[type, dict[str, Any]] = {cls: {}, CacheConfig: {}, SchedulerConfig: {}}
+        owners = {s.name: s.owner for s in engine_settings()}
+        for name, value in settings.items():
+            if name not in owners:
+                raise ConfigError(f"unknown engine setting {name!r}")
+            parts[owners[name]][name] = value
+        return cls(**parts[cls], cache=CacheConfig(**parts[CacheConfig]),
+                   scheduler=SchedulerConfig(**parts[SchedulerConfig]))
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+
+    @property
+    def kv_cache_dtype(self) -> str:
+        """The resolved storage format of K/V ("auto" decided by the compute dtype)."""
+        return self.cache.resolved_kv_cache_dtype(self.dtype)
+
+
+@dataclass(frozen=True)
+class EngineSetting:
+    """One engine setting, read off the config dataclasses: the single declaration that the CLI
+    flags, LLM(...)'s keywords and EngineConfig.create derive from."""
+
+    name: str
+    owner: type
+    default: Any
+    help: str
+    kind: str
+    choices: tuple[str, ...] | None
+    normalize: Callable[[str], str] | None
+    flag: bool
+
+    @property
+    def flag_name(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def engine_settings() -> tuple[EngineSetting, ...]:
+    """Every engine setting in declaration order: EngineConfig's own, then cache, scheduler."""
+    out = []
+    for owner in (EngineConfig, CacheConfig, SchedulerConfig):
+        for f in fields(owner):
+            if "help" in f.metadata:
+                m = f.metadata
+                out.append(EngineSetting(f.name, owner, f.default, m["help"], m["kind"],
+                                         m["choices"], m["normalize"], m["flag"]))
+    return tuple(out)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ No torch here: the scheduler and block bookkeeping read these without a model. S
 from __future__ import annotations
 
 import enum
+import hashlib
 import math
 from dataclasses import dataclass, field
 
@@ -118,6 +119,14 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def derive_seed(seed: int, sample_index: int) -> int:
+    """The seed of sample i of a seeded request with n > 1: sample 0 keeps the user's seed."""
+    if sample_index == 0:
+        return seed
+    digest = hashlib.sha256(f"{seed}:{sample_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 class FinishReason(str, enum.Enum):

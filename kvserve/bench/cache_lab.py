@@ -10,12 +10,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
 
-from kvserve.config import CACHE_MODES, DTYPES
+from kvserve.bench.runs import CacheLabResult, ModeRun, StepSample
+from kvserve.cli_flags import add_setting_flags
+from kvserve.config import CACHE_MODES
 
 # A plain passage the prompt is cut from (repeated when --prompt-tokens asks for more).
 PASSAGE = (
@@ -24,38 +25,6 @@ PASSAGE = (
     "lighthouse keeper in the nineteenth century kept the lamp burning through a winter storm, "
     "covering the oil, the wick, the lens, the clockwork and the long hours of the night. "
 )
-
-
-@dataclass(frozen=True)
-class StepSample:
-    token_index: int  # which generated token this step produced (0 = the prefill step)
-    context_len: int  # tokens the step's forward pass attended over (prompt + earlier outputs)
-    step_s: float
-    kv_projections: int  # cumulative K/V projections (tokens x layers) since the run began
-    kv_bytes: int  # KV memory the cache holds after the step
-    kv_blocks: int | None  # paged mode: blocks held
-
-
-@dataclass
-class ModeRun:
-    mode: str
-    num_layers: int
-    kv_bytes_per_token: int
-    block_size: int | None
-    token_ids: list[int] = field(default_factory=list)
-    samples: list[StepSample] = field(default_factory=list)
-
-    @property
-    def total_s(self) -> float:
-        return sum(s.step_s for s in self.samples)
-
-    @property
-    def kv_projections(self) -> int:
-        return self.samples[-1].kv_projections if self.samples else 0
-
-    @property
-    def peak_kv_bytes(self) -> int:
-        return max((s.kv_bytes for s in self.samples), default=0)
 
 
 def build_prompt(tokenizer, num_tokens: int) -> list[int]:
@@ -73,9 +42,10 @@ def kv_held(engine, block_bytes: int) -> tuple[int, int | None]:
     (contiguous: with headroom; none: nothing). Read from the engine's peaks, which it takes
     before a finished request's KV is freed; with one request KV only grows, so the peak is the
     step's own."""
-    if engine.block_manager is not None:
-        return engine.peak_blocks_used * block_bytes, engine.peak_blocks_used
-    return engine.peak_kv_bytes, None
+    kv = engine.cache_snapshot()
+    if kv.pool is not None:
+        return kv.pool.peak_used_blocks * block_bytes, kv.pool.peak_used_blocks
+    return kv.peak_bytes_allocated, None
 
 
 def make_llm(mode: str, max_model_len: int, engine_kwargs: dict):
@@ -101,10 +71,9 @@ def measure(llm, prompt_ids: list[int], new_tokens: int, progress: tqdm | None =
                  SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), use_tqdm=False)
     engine.reset_prefix_cache()  # the warm-up's blocks must not be reused by the measured run
     engine.reset_counters()
-    stats = engine.kv_cache_stats()
-    run = ModeRun(engine.config.cache.cache_mode, engine.spec.num_layers,
-                  int(stats["kv_bytes_per_token"]),
-                  int(stats["block_size"]) if "block_size" in stats else None)
+    kv = engine.cache_snapshot()
+    run = ModeRun(kv.cache_mode, engine.spec.num_layers, kv.bytes_per_token,
+                  kv.pool.block_size if kv.pool is not None else None)
     block_bytes = (run.block_size or 0) * run.kv_bytes_per_token
     request = engine.add_request("cache-lab", prompt_ids, greedy)
     while engine.has_unfinished_requests():
@@ -124,16 +93,11 @@ def measure(llm, prompt_ids: list[int], new_tokens: int, progress: tqdm | None =
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None,
-                   help="GGUF file or Hugging Face folder (default: the embedded model)")
-    p.add_argument("--dtype", default="float32", choices=DTYPES)
-    p.add_argument("--device", default="cpu")
+    add_setting_flags(p, ("model", "dtype", "device", "block_size", "kv_cache_memory"))
     p.add_argument("--new-tokens", type=int, default=500, help="tokens to generate (default 500)")
     p.add_argument("--prompt-tokens", type=int, default=16, help="prompt length in tokens")
     p.add_argument("--modes", default="none,contiguous,paged",
                    help="cache modes to run, comma-separated; the first is the baseline")
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--kv-cache-memory", default="1GiB", help="paged pool size")
     p.add_argument("--out", default="kvserve-lab", help="folder for CSV, PNG and JSON")
     p.add_argument("--json", action="store_true", help="print the JSON summary as the last line")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -173,7 +137,7 @@ def main(args: argparse.Namespace) -> int:
             # The first engine's tokenizer builds the prompt every mode then runs.
             prompt_ids = prompt_ids or build_prompt(llm.tokenizer, args.prompt_tokens)
             runs.append(measure(llm, prompt_ids, args.new_tokens, bar))
-    result = report.CacheLabResult(
+    result = CacheLabResult(
         model=args.model or "embedded SmolLM2-135M-Instruct", dtype=args.dtype,
         device=args.device, prompt_tokens=len(prompt_ids), new_tokens=args.new_tokens, runs=runs)
     files = report.write_cache_lab(result, Path(args.out))

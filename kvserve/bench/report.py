@@ -6,40 +6,13 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
-from kvserve.bench.cache_lab import ModeRun
+from kvserve.bench.runs import CacheLabResult, ModeRun
 
 # The seed's "typical setup" figure for a 500-token response (Daily Dose DS), shown beside ours.
 SEED_NO_CACHE_S, SEED_CACHE_S, SEED_SPEEDUP, SEED_TOKENS = 40.0, 9.0, 4.5, 500
 MIB = 1 << 20
-
-
-@dataclass
-class CacheLabResult:
-    model: str
-    dtype: str
-    device: str
-    prompt_tokens: int
-    new_tokens: int
-    runs: list[ModeRun]
-
-    @property
-    def baseline(self) -> ModeRun:
-        return self.runs[0]
-
-    def first_mismatch(self, run: ModeRun) -> int | None:
-        """Index of the first generated token where `run` differs from the baseline."""
-        for i, (a, b) in enumerate(zip(self.baseline.token_ids, run.token_ids)):
-            if a != b:
-                return i
-        if len(self.baseline.token_ids) != len(run.token_ids):
-            return min(len(self.baseline.token_ids), len(run.token_ids))
-        return None
-
-    def tokens_match(self) -> bool:
-        return all(self.first_mismatch(r) is None for r in self.runs[1:])
 
 
 def write_cache_lab(result: CacheLabResult, out: Path) -> dict[str, str]:

@@ -4,7 +4,8 @@ Callers (the HTTP server's handlers) submit requests and read their outputs as a
 a single background thread owns the engine, and each of its steps batches every live request
 (no request ever runs a forward pass of its own). The engine thread never shares a mutable
 object with the event loop: requests and aborts cross into it through a command queue, and each
-step's results cross back as immutable StreamOutputs delivered with call_soon_threadsafe.
+step's results cross back as immutable StreamOutputs delivered with call_soon_threadsafe
+(stream.py holds those types).
 
 Torch releases the GIL inside its kernels (and ctypes around our C kernels), so the event loop
 keeps answering HTTP while a step computes.
@@ -13,88 +14,33 @@ keeps answering HTTP while a step computes.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from kvserve.config import EngineConfig
 from kvserve.engine.engine import LLMEngine
-from kvserve.errors import InvalidRequestError, KVServeError
-from kvserve.request import FinishReason, PromptLogprobs, Request, SamplingParams
+from kvserve.engine.stream import (
+    EngineDeadError,
+    EngineStats,
+    QueueFullError,
+    SequenceInput,
+    StreamOutput,
+    Submission,
+)
+from kvserve.errors import InvalidRequestError
+from kvserve.request import FinishReason, Request, SamplingParams
+
+if TYPE_CHECKING:
+    from kvserve.model.tokenizer import Tokenizer
 
 log = logging.getLogger("kvserve.engine")
 IDLE_WAIT_S = 0.5  # how long the idle loop sleeps between checks for stop
-
-
-class EngineDeadError(KVServeError):
-    """The engine loop has stopped (shutdown): no new requests are taken."""
-
-
-class EngineStepError(KVServeError):
-    """A step failed while this request was in it: the request is ended, the engine goes on."""
-
-
-class QueueFullError(KVServeError):
-    """The waiting queue is at --max-queue: try again later."""
-
-    def __init__(self, message: str, retry_after_s: int):
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-
-@dataclass(frozen=True)
-class StreamOutput:
-    """What one step added to one sequence, plus the totals a response needs at the end."""
-
-    request_id: str
-    text: str  # new text (stable: never retracted)
-    token_ids: tuple[int, ...]  # new tokens
-    logprobs: tuple[tuple[float, dict[int, float]], ...] | None  # for the new tokens
-    finished: bool
-    finish_reason: str | None
-    stop_reason: str | int | None
-    num_prompt_tokens: int
-    num_cached_tokens: int
-    num_output_tokens: int
-    time: float  # time.monotonic() when the step ended
-    arrival_time: float
-    prompt_logprobs: PromptLogprobs | None = None  # on the first output, when asked for
-    error: str | None = None  # the step failed: the request ended without finishing
-
-
-@dataclass
-class EngineStats:
-    """A snapshot the engine thread writes after every step; readers get a consistent copy."""
-
-    num_running: int = 0
-    num_waiting: int = 0
-    kv_usage: float = 0.0
-    num_blocks_used: int = 0
-    num_blocks_total: int = 0
-    prefix_cache_queried_tokens: int = 0
-    prefix_cache_hit_tokens: int = 0
-    num_preemptions: int = 0
-    num_steps: int = 0
-    num_step_errors: int = 0
-
-
-@dataclass(frozen=True)
-class SequenceInput:
-    """One sequence to generate: a prompt already tokenized and checked (see validate)."""
-
-    request_id: str
-    token_ids: list[int]
-    params: SamplingParams
-    prompt_text: str | None = None
-    cache_salt: str | None = None
-
-
-@dataclass(frozen=True)
-class Submission:
-    sink: asyncio.Queue
-    request_ids: set[str]
 
 
 @dataclass
@@ -128,6 +74,48 @@ class AsyncLLMEngine:
         self._stats = EngineStats()
         self._recent_finishes: list[float] = []  # finish times, for Retry-After
         self.dead = False
+
+    @classmethod
+    def from_config(cls, config: EngineConfig, max_queue: int | None = None) -> AsyncLLMEngine:
+        """Build the engine `config` describes (loads the model: slow) behind an async front
+        end; start() it from the event loop that will read its outputs."""
+        return cls(LLMEngine(config), max_queue)
+
+    # -- what callers may read: fixed once the engine is built, safe from any thread ----------
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The model's tokenizer: encode, decode, apply_chat_template, token_bytes."""
+        return self.engine.tokenizer
+
+    @property
+    def model_name(self) -> str:
+        """The model's own name, from its files."""
+        return self.engine.model_name
+
+    @property
+    def max_model_len(self) -> int:
+        """The context length: a prompt plus its output tokens must fit in it."""
+        return self.engine.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        """The model's vocabulary size: token ids lie in [0, vocab_size)."""
+        return self.engine.spec.vocab_size
+
+    @property
+    def max_output_tokens(self) -> int | None:
+        """The most tokens one sequence may generate (None: only the context limits it)."""
+        return self.engine.config.scheduler.max_output_tokens
+
+    @property
+    def device(self) -> str:
+        """Where the model runs ("cpu", "cuda:0", ...)."""
+        return str(self.engine.device)
+
+    @property
+    def load_time_s(self) -> float:
+        """Seconds building the engine took (reading the weights, sizing the KV cache)."""
+        return self.engine.load_time_s
 
     # -- life cycle ---------------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
@@ -286,7 +274,7 @@ class AsyncLLMEngine:
             if d.finished and r is not None:
                 self.engine.pop_finished(d.request_id)
                 self._recent_finishes = [*self._recent_finishes[-63:], now]
-        self._stats.num_steps += 1
+        self._stats = dataclasses.replace(self._stats, num_steps=self._stats.num_steps + 1)
         self._publish_stats()
         if outputs and self._loop is not None:
             self._loop.call_soon_threadsafe(_deliver, outputs)
@@ -295,7 +283,8 @@ class AsyncLLMEngine:
         """A step raised: end the requests it was running (their state is suspect) with an
         error, keep the rest queued, and go on."""
         log.exception("engine step failed; ending the %d request(s) in it", len(running_before))
-        self._stats.num_step_errors += 1
+        self._stats = dataclasses.replace(self._stats,
+                                          num_step_errors=self._stats.num_step_errors + 1)
         ids = set(running_before) | {r.request_id for r in self.engine.scheduler.running}
         message = f"engine error: {type(err).__name__}: {err}"
         for request_id in ids:
@@ -324,21 +313,11 @@ class AsyncLLMEngine:
             self._loop.call_soon_threadsafe(sink.put_nowait, item)
 
     def _publish_stats(self) -> None:
-        e = self.engine
-        kv = e.kv_cache_stats()
-        s = EngineStats(
-            num_running=len(e.scheduler.running),
-            num_waiting=len(e.scheduler.waiting),
-            kv_usage=float(kv.get("kv_usage", 0.0)),
-            num_blocks_used=int(kv.get("num_blocks_used", 0)),
-            num_blocks_total=int(kv.get("num_blocks_total", 0)),
-            prefix_cache_queried_tokens=int(kv.get("prefix_cache_queried_tokens", 0)),
-            prefix_cache_hit_tokens=int(kv.get("prefix_cache_hit_tokens", 0)),
-            num_preemptions=int(kv.get("num_preemptions", 0)),
-            num_steps=self._stats.num_steps,
-            num_step_errors=self._stats.num_step_errors,
-        )
-        self._stats = s  # one reference swap: readers never see half an update
+        e, old = self.engine, self._stats
+        self._stats = EngineStats(  # one reference swap: readers never see half an update
+            num_running=len(e.scheduler.running), num_waiting=len(e.scheduler.waiting),
+            num_steps=old.num_steps, num_step_errors=old.num_step_errors,
+            kv=e.cache_snapshot())
 
 
 def _output(r: Request, text: str, token_ids: tuple[int, ...], now: float,

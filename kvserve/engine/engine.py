@@ -14,11 +14,12 @@ from dataclasses import dataclass
 
 import torch
 
-from kvserve.cache.factory import build_cache
-from kvserve.cache.layout import KVLayout
 from kvserve.config import EngineConfig
 from kvserve.engine.detokenizer import Detokenizer
+from kvserve.engine.kv_setup import build_kv
 from kvserve.errors import ConfigError, InvalidRequestError
+from kvserve.kvcache.events import BlockEvent
+from kvserve.kvcache.snapshot import CacheSnapshot, EventCounts
 from kvserve.model.llama import LlamaModel
 from kvserve.model.loader import load_checkpoint
 from kvserve.request import (
@@ -68,22 +69,22 @@ class LLMEngine:
         self.load_time_s = time.perf_counter() - t0
         context = self.spec.max_position_embeddings
         self.max_model_len = min(config.scheduler.max_model_len or context, context)
-        # Cached blocks are keyed by what made their K/V: the weights and the KV dtype.
+        # Cached blocks are keyed by what made their K/V: the weights and the KV format.
         model_key = "|".join((config.model or self.model_name, config.dtype,
-                              config.cache.kv_cache_dtype))
-        built = build_cache(config.cache, self.spec, self.dtype, self.device, self.max_model_len,
-                            model_key)
-        self.cache, self.block_manager = built.backend, built.block_manager
-        self.runner = ModelRunner(self.model, self.cache, self.tokenizer.eos_token_ids)
-        self.scheduler = Scheduler(config.scheduler, self.max_model_len, self.cache.retains_kv,
+                              config.kv_cache_dtype))
+        kv = build_kv(config.cache, self.spec, config.dtype, self.device, self.max_model_len,
+                      model_key)
+        self.kv_cache_dtype = kv.kv_cache_dtype
+        self.kv_bytes_per_token = kv.layout.bytes_per_token
+        self.block_manager = kv.block_manager
+        self.runner = ModelRunner(self.model, kv.attention, self.tokenizer.eos_token_ids,
+                                  kv.kv_store)
+        self.scheduler = Scheduler(config.scheduler, self.max_model_len, kv.attention.retains_kv,
                                    self.tokenizer.eos_token_ids, self.block_manager)
         self.detokenizer = Detokenizer(self.tokenizer)
         self.requests: dict[str, Request] = {}
         self.peak_kv_bytes = 0
-        self.peak_blocks_used = 0
-        # the server reads kv_cache_stats() after every step: work this out once
-        self.kv_bytes_per_token = KVLayout(self.spec, config.cache.block_size,
-                                           config.dtype).bytes_per_token
+        self.peak_blocks_used = 0  # after a step's allocations, before its finished requests free
 
     # -- requests in -------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:
@@ -165,10 +166,10 @@ class LLMEngine:
     def step(self) -> list[RequestDelta]:
         plan = self.scheduler.schedule()
         if not plan.seqs:
-            self.runner.apply_swaps(plan)  # a preemption can leave a step with nothing to run
+            self.runner.apply_transfers(plan)  # a preemption can leave a step with nothing to run
             return []
         result = self.runner.execute(plan, self.requests)
-        self.peak_kv_bytes = max(self.peak_kv_bytes, self.cache.num_bytes_allocated())
+        self.peak_kv_bytes = max(self.peak_kv_bytes, self.runner.num_kv_bytes_allocated())
         if self.block_manager is not None:
             self.peak_blocks_used = max(self.peak_blocks_used,
                                         self.block_manager.pool.num_used_blocks)
@@ -217,10 +218,7 @@ class LLMEngine:
     def reset_prefix_cache(self) -> bool:
         """Forget every cached prefix block (blocks in use keep their K/V for their requests);
         False if prefix caching is off."""
-        if self.block_manager is None or self.block_manager.cache is None:
-            return False
-        self.block_manager.cache.reset()
-        return True
+        return self.block_manager is not None and self.block_manager.reset_prefix_index()
 
     def reset_counters(self) -> None:
         """Zero the peaks and the K/V projection count (a lab starts measuring from here)."""
@@ -228,44 +226,34 @@ class LLMEngine:
         self.peak_blocks_used = 0
         self.model.num_kv_projections = 0
 
-    def kv_cache_stats(self) -> dict[str, int | float]:
-        bytes_per_token = self.kv_bytes_per_token
+    def cache_snapshot(self, with_requests: bool = False) -> CacheSnapshot:
+        """The KV cache now, as an immutable value: bytes, pool, prefix index, block events
+        (and each live request's blocks when with_requests)."""
         live = [r for r in self.requests.values() if not r.status.finished]
-        num_tokens = sum(r.num_computed_tokens for r in live)
-        stats: dict[str, int | float] = {
-            "kv_bytes_per_token": bytes_per_token,
-            "kv_bytes_allocated": self.cache.num_bytes_allocated(),
-            "kv_bytes_peak": self.peak_kv_bytes,
-            "num_preemptions": self.scheduler.num_preemptions,
-        }
-        if self.block_manager is None:
-            stats["kv_bytes_used"] = self.cache.num_tokens_stored() * bytes_per_token
-            return stats
-        pool, bs = self.block_manager.pool, self.block_manager.block_size
-        used_slots = pool.num_used_blocks * bs
-        waste_slots = max(0, used_slots - num_tokens)  # allocated slots holding no token
-        stats.update({
-            "block_size": bs,
-            "num_blocks_total": pool.num_blocks,
-            "num_blocks_used": pool.num_used_blocks,
-            "num_blocks_free": pool.num_free_blocks,
-            "kv_usage": pool.num_used_blocks / pool.num_blocks,
-            "kv_bytes_used": used_slots * bytes_per_token,
-            "kv_waste_bytes": waste_slots * bytes_per_token,
-            "kv_waste_fraction": waste_slots / used_slots if used_slots else 0.0,
-            "peak_blocks_used": self.peak_blocks_used,
-        })
-        cache = self.block_manager.cache
-        if cache is not None:
-            stats.update({
-                "prefix_cache_queried_tokens": cache.num_queried_tokens,
-                "prefix_cache_hit_tokens": cache.num_hit_tokens,
-                "prefix_cache_hit_rate": (cache.num_hit_tokens / cache.num_queried_tokens
-                                          if cache.num_queried_tokens else 0.0),
-                "prefix_cache_evictions": cache.num_evictions,
-                "prefix_cache_blocks": cache.num_cached_blocks,
-            })
-        return stats
+        stored = 0 if not self.runner.attention.retains_kv else sum(
+            r.num_computed_tokens for r in live)
+        m = self.block_manager
+        return CacheSnapshot(
+            cache_mode=self.config.cache.cache_mode, kv_cache_dtype=self.kv_cache_dtype,
+            retention=m.policy.name if m is not None else "full",
+            bytes_per_token=self.kv_bytes_per_token,
+            num_bytes_allocated=self.runner.num_kv_bytes_allocated(),
+            peak_bytes_allocated=self.peak_kv_bytes, num_tokens_stored=stored,
+            num_preemptions=self.scheduler.num_preemptions,
+            pool=m.pool_snapshot(self.peak_blocks_used) if m is not None else None,
+            prefix=m.prefix_snapshot() if m is not None else None,
+            events=m.event_counts() if m is not None else EventCounts(),
+            requests=m.request_blocks(live) if m is not None and with_requests else ())
+
+    def record_kv_events(self) -> None:
+        """Keep block events for drain_kv_events() from now on (until then only their counts
+        are kept: an engine nobody drains holds no events)."""
+        if self.block_manager is not None:
+            self.block_manager.events.recording = True
+
+    def drain_kv_events(self) -> tuple[BlockEvent, ...]:
+        """Block stored / evicted / freed events recorded since the last drain, oldest first."""
+        return self.block_manager.events.drain() if self.block_manager is not None else ()
 
 
 def request_metrics(r: Request) -> dict[str, float]:

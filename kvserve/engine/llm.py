@@ -8,27 +8,19 @@ Results come back in input order.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
+import inspect
 import itertools
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 from tqdm import tqdm
 
-from kvserve.config import EngineConfig
+from kvserve.config import EngineConfig, engine_settings
 from kvserve.engine.engine import LLMEngine
 from kvserve.errors import InvalidRequestError
-from kvserve.request import Request, RequestOutput, SamplingParams
+from kvserve.request import Request, RequestOutput, SamplingParams, derive_seed
 
 PromptInput = str | dict[str, Any]
-
-
-def derive_seed(seed: int, sample_index: int) -> int:
-    """The seed of sample i of a seeded request with n > 1: sample 0 keeps the user's seed."""
-    if sample_index == 0:
-        return seed
-    digest = hashlib.sha256(f"{seed}:{sample_index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,22 +54,11 @@ def _prompt_of(item: PromptInput) -> ParsedPrompt:
 class LLM:
     """`LLM()` loads the embedded SmolLM2-135M-Instruct; `model=` takes a GGUF or HF folder."""
 
-    def __init__(self, model: str | None = None, dtype: str = "float32", device: str = "cpu",
-                 cache_mode: str = "paged", kv_cache_dtype: str = "auto",
-                 kv_cache_memory: str | int | float = "1GiB", block_size: int = 16,
-                 max_model_len: int | None = None, max_num_seqs: int = 8,
-                 max_num_batched_tokens: int = 2048, preemption_mode: str = "recompute",
-                 max_input_tokens: int | None = None, max_output_tokens: int | None = None,
-                 max_long_requests: int | None = None, long_context_threshold: int = 4096,
-                 enable_prefix_caching: bool = True, seed: int = 0):
-        config = EngineConfig.create(
-            model=model, dtype=dtype, device=device, cache_mode=cache_mode,
-            kv_cache_dtype=kv_cache_dtype, kv_cache_memory=kv_cache_memory,
-            block_size=block_size, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens, preemption_mode=preemption_mode,
-            max_input_tokens=max_input_tokens, max_output_tokens=max_output_tokens,
-            max_long_requests=max_long_requests, long_context_threshold=long_context_threshold,
-            enable_prefix_caching=enable_prefix_caching, seed=seed)
+    def __init__(self, model: str | None = None, **settings: Any):
+        """Keywords are the engine settings (config.engine_settings(): dtype, device,
+        cache_mode, kv_cache_dtype, kv_cache_memory, block_size, max_model_len, ...); an
+        unknown keyword is a ConfigError naming it."""
+        config = EngineConfig.create(model=model, **settings)
         self.engine = LLMEngine(config)
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
@@ -186,3 +167,16 @@ class LLM:
         self.engine.pop_finished(request_id)
         # The whole output, with its metrics (TTFT, decode speed), for callers that want them.
         self.last_output = self.engine.make_output(request_id, [r])
+
+
+def _signature() -> inspect.Signature:
+    """LLM(...)'s keywords as help() and IDEs show them, derived from the settings."""
+    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    for s in engine_settings():
+        kind = (inspect.Parameter.POSITIONAL_OR_KEYWORD if s.name == "model"
+                else inspect.Parameter.KEYWORD_ONLY)
+        params.append(inspect.Parameter(s.name, kind, default=s.default))
+    return inspect.Signature(params)
+
+
+LLM.__init__.__signature__ = _signature()  # type: ignore[attr-defined]

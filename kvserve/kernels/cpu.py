@@ -230,7 +230,7 @@ def decode_attention_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: t
     """One decode token of one sequence: write k, v [num_kv, d] at `position` of the store
     (keys/values [num_kv, capacity, d], contiguous), then out [num_heads, d] = causal GQA
     attention of q [num_heads, d] over positions [0, position]. scores: float32 scratch of at
-    least num_heads * (position + 1). Reference: model.attention.attention_reference."""
+    least num_heads * (position + 1). Reference: model.attention.ops.attention_reference."""
     num_heads, d = q.shape
     fn = (_lib.kv_decode_attention_f32 if keys.dtype == torch.float32
           else _lib.kv_decode_attention_bf16)

@@ -304,7 +304,7 @@ static inline uint16_t f32_to_bf16(float f) {
  * then out[h] = softmax(q[h] . K[kv(h), 0..pos] / sqrt(d)) @ V[kv(h), 0..pos] for every query
  * head h, where kv(h) = h / (num_heads / num_kv) (grouped-query attention).
  * `scores` is caller scratch of at least (pos + 1) floats per query head.
- * Reference: kvserve.model.attention.attention_reference. */
+ * Reference: kvserve.model.attention.ops.attention_reference. */
 #define DECODE_ATTENTION(NAME, KTYPE, LOADK, STOREK)                                             \
   void NAME(const float *restrict q, const float *restrict k_new, const float *restrict v_new,    \
             KTYPE *restrict K, KTYPE *restrict V, int pos, int capacity, int num_heads,           \
@@ -429,7 +429,7 @@ PAGED_HELPERS(bf16_t, load8_bf16, LOAD1_BF16)
  * out is [B, num_heads, d] contiguous. Blocks are read where they lie: nothing is gathered.
  * One task per (sequence, KV head): each K/V row is read once for all the query heads that share
  * it (grouped-query attention). `scores` is scratch of B * num_heads * max_context floats.
- * Reference: kvserve.model.attention.attention_reference over the gathered blocks. */
+ * Reference: kvserve.model.attention.ops.attention_reference over the gathered blocks. */
 #define PAGED_DECODE(NAME, KTYPE, LOADK)                                                         \
   void NAME(const float *restrict q, int q_row_stride, const KTYPE *restrict K,                  \
             const KTYPE *restrict V, const int *restrict block_tables, int max_blocks,            \

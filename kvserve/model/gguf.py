@@ -19,8 +19,8 @@ from gguf.quants import dequantize
 from kvserve.config import ModelSpec, RopeScaling
 from kvserve.errors import ConfigError, ModelLoadError
 from kvserve.model.checkpoint import Checkpoint
-from kvserve.model.files import gguf_metadata, open_gguf
 from kvserve.model.tokenizer import Tokenizer
+from kvserve.model_files import gguf_metadata, open_gguf
 
 # llama.cpp writes Mistral / Mixtral-free Llama variants as "llama"; "mistral" is accepted too.
 SUPPORTED_ARCHITECTURES = ("llama", "mistral")

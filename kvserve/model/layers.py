@@ -1,7 +1,7 @@
 """Building blocks of a Llama-family layer: RMSNorm, rotary embeddings, the linear op, SwiGLU.
 
 Each is a plain function over tensors the model owns; the attention over cached K/V is not here but
-behind the AttentionBackend seam (model/attention.py), so this file never sees a cache.
+behind the AttentionBackend seam (model/attention/), so this file never sees a cache.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import torch
 
 from kvserve.config import ModelSpec
 from kvserve.kernels import cpu as cpu_kernels
-from kvserve.model.attention import AttentionBackend
+from kvserve.model.attention import AttentionBackend, AttentionMetadata
 from kvserve.model.checkpoint import Checkpoint
 from kvserve.model.layers import RotaryEmbedding, apply_rope, linear, rms_norm, swiglu
 
@@ -94,20 +94,22 @@ class LlamaModel:
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                attn: AttentionBackend, logits_rows: torch.Tensor) -> torch.Tensor:
-        """input_ids, positions [num_tokens]; logits_rows [num_seqs] picks the rows to score.
-        Returns float32 logits [num_seqs, vocab]."""
+                attn: AttentionBackend, meta: AttentionMetadata,
+                logits_rows: torch.Tensor) -> torch.Tensor:
+        """input_ids, positions [num_tokens]; meta: the step's attention metadata (prepared by
+        attn); logits_rows [num_seqs] picks the rows to score. Returns float32 logits
+        [num_seqs, vocab]."""
         s = self.spec
         h = self.embed[input_ids].to(self.act_dtype)  # [num_tokens, hidden]
         cos, sin = self.rope.tables(positions)  # [num_tokens, head_dim] each
         if self.use_fast_decode and cpu_kernels.fast_path_ok(h):
             with cpu_kernels.decode_threads():
                 for i, lw in enumerate(self.layers):
-                    h = self._layer_fast(i, lw, h, cos, sin, attn)
+                    h = self._layer_fast(i, lw, h, cos, sin, attn, meta)
                 logits = self._logits(h, logits_rows)
         else:
             for i, lw in enumerate(self.layers):
-                h = self._layer_reference(i, lw, h, cos, sin, attn)
+                h = self._layer_reference(i, lw, h, cos, sin, attn, meta)
             logits = self._logits(h, logits_rows)
         self.num_kv_projections += input_ids.shape[0] * s.num_layers
         return logits
@@ -118,7 +120,8 @@ class LlamaModel:
         return linear(x, self.lm_head).float()
 
     def _layer_reference(self, i: int, lw: LayerWeights, h: torch.Tensor, cos: torch.Tensor,
-                         sin: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
+                         sin: torch.Tensor, attn: AttentionBackend,
+                         meta: AttentionMetadata) -> torch.Tensor:
         s = self.spec
         num_tokens = h.shape[0]
         x = rms_norm(h, lw.input_norm, s.rms_norm_eps)
@@ -128,13 +131,14 @@ class LlamaModel:
                         cos.unsqueeze(1), sin.unsqueeze(1))  # [num_tokens, heads + kv_heads, d]
         q, k = qk[:, :s.num_heads], qk[:, s.num_heads:]
         v = qkv[:, s.q_size + s.kv_size:].view(num_tokens, s.num_kv_heads, s.head_dim)
-        o = attn.forward(i, q, k, v)  # [num_tokens, num_heads, head_dim]
+        o = attn.forward(i, q, k, v, meta)  # [num_tokens, num_heads, head_dim]
         h = h + linear(o.reshape(num_tokens, s.q_size), lw.o)
         x = rms_norm(h, lw.post_norm, s.rms_norm_eps)
         return h + linear(swiglu(linear(x, lw.gate_up)), lw.down)
 
     def _layer_fast(self, i: int, lw: LayerWeights, h: torch.Tensor, cos: torch.Tensor,
-                    sin: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
+                    sin: torch.Tensor, attn: AttentionBackend,
+                    meta: AttentionMetadata) -> torch.Tensor:
         """The same layer in a handful of C calls (decode-sized float32 CPU batches)."""
         s = self.spec
         num_tokens = h.shape[0]
@@ -144,7 +148,7 @@ class LlamaModel:
         q = qkv[:, :s.q_size].view(num_tokens, s.num_heads, s.head_dim)
         k = qkv[:, s.q_size:s.q_size + s.kv_size].view(num_tokens, s.num_kv_heads, s.head_dim)
         v = qkv[:, s.q_size + s.kv_size:].view(num_tokens, s.num_kv_heads, s.head_dim)
-        o = attn.forward(i, q, k, v).reshape(num_tokens, s.q_size).contiguous()
+        o = attn.forward(i, q, k, v, meta).reshape(num_tokens, s.q_size).contiguous()
         cpu_kernels.linear_add_(h, o, lw.o)  # h += o @ Wo^T
         gate_up = cpu_kernels.linear(cpu_kernels.rms_norm(h, lw.post_norm, s.rms_norm_eps),
                                      lw.gate_up)

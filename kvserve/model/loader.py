@@ -9,9 +9,9 @@ from __future__ import annotations
 import dataclasses
 
 from kvserve.model.checkpoint import Checkpoint
-from kvserve.model.files import DEFAULT_MODEL_NAME, default_model_path, locate_model
 from kvserve.model.gguf import load_gguf
 from kvserve.model.hf import load_hf_folder
+from kvserve.model_files import DEFAULT_MODEL_NAME, default_model_path, locate_model
 
 
 def load_checkpoint(model: str | None = None) -> Checkpoint:

@@ -67,6 +67,12 @@ def _byte_alphabet() -> dict[int, str]:
     return table
 
 
+@lru_cache(maxsize=1)
+def _alphabet_bytes() -> dict[str, int]:
+    """The byte alphabet read backwards: printable character -> the byte it spells."""
+    return {ch: b for b, ch in _byte_alphabet().items()}
+
+
 def _byte_level_backend(meta: Mapping[str, Any]) -> Backend:
     """GGUF "gpt2": byte-level BPE from tokens + merges, split the way tokenizer.ggml.pre says."""
     spelling = _byte_alphabet()
@@ -258,6 +264,15 @@ class Tokenizer:
 
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
+
+    def token_bytes(self, token_id: int) -> list[int]:
+        """The token's own bytes: exact for byte-level vocabularies (a piece of a multi-byte
+        character included), the UTF-8 of its text otherwise."""
+        piece = self.convert_ids_to_tokens([token_id])[0]
+        table = _alphabet_bytes()
+        if piece and all(ch in table for ch in piece):
+            return [table[ch] for ch in piece]
+        return list(self.decode([token_id], skip_special_tokens=False).encode())
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             **template_kwargs: Any) -> str:

@@ -10,9 +10,10 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, replace
 
-from kvserve.cache.layout import KV_FORMAT_SHORT_NAMES, KVLayout, kv_format
 from kvserve.config import MAX_BLOCK_SIZE, parse_size
 from kvserve.errors import ConfigError
+from kvserve.kv_dtypes import resolve_kv_cache_dtype
+from kvserve.kvcache.layout import KV_FORMAT_SHORT_NAMES, KVLayout, kv_format, short_kv_dtype
 from kvserve.planner.presets import find_preset, unknown_preset_error
 from kvserve.planner.shapes import ModelShape, read_gguf, read_hf_config
 
@@ -26,7 +27,7 @@ DEFAULT_RESERVE = "10%"  # like vLLM's gpu_memory_utilization=0.9
 def resolve_model(model: str | None) -> ModelShape:
     """None: the embedded default GGUF; else a preset name, a config.json, a Hugging Face folder
     or a GGUF file."""
-    from kvserve.model.files import (
+    from kvserve.model_files import (
         DEFAULT_MODEL_NAME,
         default_model_path,
         is_gguf_file,
@@ -52,7 +53,7 @@ def resolve_model(model: str | None) -> ModelShape:
 class KVDtypePlan:
     """The figures for one KV dtype."""
 
-    kv_dtype: str
+    kv_cache_dtype: str
     bytes_per_token: int
     bytes_per_token_per_layer: int
     bytes_per_block: int
@@ -76,7 +77,7 @@ class CapacityPlan:
     reserve_text: str
     kv_budget_bytes: int
     kv: KVDtypePlan  # the chosen KV dtype
-    by_kv_dtype: dict[str, KVDtypePlan]
+    by_kv_cache_dtype: dict[str, KVDtypePlan]
     mha_formula_bytes_per_token: int
     problems: tuple[str, ...]  # why it does not fit (empty: it fits)
     suggestions: tuple[str, ...]  # what would
@@ -97,7 +98,7 @@ class CapacityPlan:
                       "num_sliding_layers": m.num_sliding_layers, "num_params": m.num_params},
             "context": self.context, "concurrency": self.concurrency,
             "memory_bytes": self.memory_bytes, "block_size": self.block_size,
-            "kv_dtype": kv.kv_dtype, "weights_dtype": self.weights_dtype,
+            "kv_cache_dtype": kv.kv_cache_dtype, "weights_dtype": self.weights_dtype,
             "bytes_per_token": kv.bytes_per_token,
             "bytes_per_token_per_layer": kv.bytes_per_token_per_layer,
             "bytes_per_block": kv.bytes_per_block, "blocks_per_request": kv.blocks_per_request,
@@ -108,8 +109,8 @@ class CapacityPlan:
             "fits": self.fits, "problems": list(self.problems),
             "suggestions": list(self.suggestions),
             "mha_formula_bytes_per_token": self.mha_formula_bytes_per_token,
-            "by_kv_dtype": {k: {f: v for f, v in asdict(p).items() if f != "kv_dtype"}
-                            for k, p in self.by_kv_dtype.items()},
+            "by_kv_cache_dtype": {k: {f: v for f, v in asdict(p).items() if f != "kv_cache_dtype"}
+                            for k, p in self.by_kv_cache_dtype.items()},
         }
 
 
@@ -178,14 +179,14 @@ def _max_context(layout: KVLayout, model: ModelShape, concurrency: int, budget: 
     return min(lo * layout.block_size, model.max_context)
 
 
-def dtype_plan(model: ModelShape, kv_dtype: str, block_size: int, context: int,
+def dtype_plan(model: ModelShape, kv_cache_dtype: str, block_size: int, context: int,
                concurrency: int, budget: int) -> KVDtypePlan:
-    layout = KVLayout(model.to_spec(), block_size, kv_dtype)
+    layout = KVLayout(model.to_spec(), block_size, kv_cache_dtype)
     blocks, per_request = request_bytes(layout, model, context)
     room = max(0, budget - layout.fixed_bytes)
     max_requests = room // per_request
     return KVDtypePlan(
-        kv_dtype=KV_FORMAT_SHORT_NAMES[layout.format.name],
+        kv_cache_dtype=short_kv_dtype(layout.format.name),
         bytes_per_token=layout.bytes_per_token,
         bytes_per_token_per_layer=layout.bytes_per_token_per_layer,
         bytes_per_block=layout.bytes_per_block, blocks_per_request=blocks,
@@ -199,7 +200,8 @@ def plan(model: str | ModelShape | None = None, context: int = 4000, concurrency
          block_size: int = 16, reserve: str | int = DEFAULT_RESERVE,
          weights_memory: str | int | None = None) -> CapacityPlan:
     """The KV capacity of `model` in `memory` at `context` tokens x `concurrency` requests.
-    kv_cache_dtype "auto" follows the weights dtype when that is a float format, else fp16;
+    kv_cache_dtype "auto" is the engine's rule (kv_dtypes.resolve_kv_cache_dtype): the weights
+    dtype when that is a float format, else fp16;
     weights_memory overrides the weights' size (e.g. a measured figure)."""
     context = _positive_int(context, "context")
     concurrency = _positive_int(concurrency, "concurrency")
@@ -210,17 +212,17 @@ def plan(model: str | ModelShape | None = None, context: int = 4000, concurrency
     memory_bytes = parse_size(memory, "memory")
     reserve_bytes, reserve_text, reserve_fraction = parse_reserve(reserve, memory_bytes)
     shape = model if isinstance(model, ModelShape) else resolve_model(model)
-    if kv_cache_dtype == "auto":
-        kv_cache_dtype = weights_dtype if weights_dtype in ("fp32", "bf16", "fp16") else "fp16"
+    kv_cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype, weights_dtype)
     if weights_memory is not None:  # a known size: the dtype no longer decides it
         weights, weights_dtype = parse_size(weights_memory, "weights memory"), "stated"
     else:
         weights = weights_bytes_of(shape, weights_dtype)
     _check_weights_fit(shape, weights_dtype, weights, memory_bytes, reserve_bytes)
     budget = memory_bytes - weights - reserve_bytes
-    chosen = KV_FORMAT_SHORT_NAMES[kv_format(kv_cache_dtype).name]
-    by_dtype = {name: dtype_plan(shape, name, bs, context, concurrency, budget)
-                for name in KV_FORMAT_SHORT_NAMES.values()}
+    chosen = short_kv_dtype(kv_cache_dtype)
+    rows = list(KV_FORMAT_SHORT_NAMES.values()) + (
+        [] if chosen in KV_FORMAT_SHORT_NAMES.values() else [chosen])
+    by_dtype = {name: dtype_plan(shape, name, bs, context, concurrency, budget) for name in rows}
     kv = by_dtype[chosen]
     mha = 2 * shape.hidden_size * shape.num_layers * kv_format(chosen).bits // 8
     problems, suggestions = _verdict(shape, kv, by_dtype, context, concurrency, memory_bytes,
@@ -257,7 +259,7 @@ def _verdict(shape: ModelShape, kv: KVDtypePlan, by_dtype: dict[str, KVDtypePlan
         suggestions.append(f"a context of at most {shape.max_context:,} tokens")
     if kv.max_concurrent_requests < concurrency:
         problems.append(f"{concurrency} requests of {context:,} tokens need "
-                        f"{gib(concurrency * kv.bytes_per_request)} GiB of {kv.kv_dtype} KV "
+                        f"{gib(concurrency * kv.bytes_per_request)} GiB of {kv.kv_cache_dtype} KV "
                         f"cache; {gib(memory - weights - reserve)} GiB is left after weights "
                         f"and reserve")
         if kv.max_concurrent_requests:
@@ -266,7 +268,7 @@ def _verdict(shape: ModelShape, kv: KVDtypePlan, by_dtype: dict[str, KVDtypePlan
         if kv.max_context_at_concurrency:
             suggestions.append(f"a shorter context: {kv.max_context_at_concurrency:,} tokens "
                                f"at {concurrency} requests")
-        smaller = [p.kv_dtype for p in by_dtype.values()
+        smaller = [p.kv_cache_dtype for p in by_dtype.values()
                    if p.bytes_per_token < kv.bytes_per_token and p.fits]
         if smaller:
             names = ", ".join(smaller[:-1]) + (" or " if len(smaller) > 1 else "") + smaller[-1]
@@ -275,5 +277,5 @@ def _verdict(shape: ModelShape, kv: KVDtypePlan, by_dtype: dict[str, KVDtypePlan
         need = weights + concurrency * kv.bytes_per_request
         need = int(need / (1 - reserve_fraction)) if reserve_fraction else need + reserve
         suggestions.append(f"more memory: {gib(need)} GiB holds {concurrency} x {context:,} "
-                           f"tokens in {kv.kv_dtype}")
+                           f"tokens in {kv.kv_cache_dtype}")
     return tuple(problems), tuple(suggestions)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from kvserve.cache.layout import KV_FORMAT_SHORT_NAMES
+from kvserve.cli_flags import add_setting_flags
 from kvserve.planner.capacity import DEFAULT_RESERVE, WEIGHT_DTYPES, plan
 from kvserve.planner.presets import PRESETS
 
@@ -23,10 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="stored: the sizes of a GGUF file's tensors")
     p.add_argument("--weights-memory", default=None,
                    help="the weights' size if known (overrides --weights-dtype), e.g. 14GB")
-    p.add_argument("--kv-cache-dtype", default="auto",
-                   choices=["auto", *KV_FORMAT_SHORT_NAMES.values()],
-                   help="auto: the weights dtype if a float format, else fp16")
-    p.add_argument("--block-size", type=int, default=16)
+    add_setting_flags(p, ("kv_cache_dtype", "block_size"))  # the engine's own flags
     p.add_argument("--reserve", default=DEFAULT_RESERVE,
                    help="memory kept for activations and the runtime: a percentage of "
                    f"--memory or a size (default {DEFAULT_RESERVE.replace('%', '%%')})")

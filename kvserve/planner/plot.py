@@ -3,8 +3,8 @@ memory left for the KV cache marked (matplotlib, PNG). No torch."""
 
 from __future__ import annotations
 
-from kvserve.cache.layout import KVLayout
 from kvserve.errors import KVServeError
+from kvserve.kvcache.layout import KVLayout
 from kvserve.planner.capacity import CapacityPlan, request_bytes
 from kvserve.planner.simulate import SimulationResult
 
@@ -42,7 +42,7 @@ def plot_plan(p: CapacityPlan, path: str) -> str:
     """Write the PNG to `path`; returns it."""
     plt = _pyplot()
 
-    layout = KVLayout(p.model.to_spec(), p.block_size, p.kv.kv_dtype)
+    layout = KVLayout(p.model.to_spec(), p.block_size, p.kv.kv_cache_dtype)
     top = max(p.context, min(p.model.max_context, 2 * p.context))
     contexts = sorted({max(1, top * i // 100) for i in range(101)})
     fig, ax = plt.subplots(figsize=(8, 5))
@@ -55,7 +55,7 @@ def plot_plan(p: CapacityPlan, path: str) -> str:
                label=f"KV budget {budget:,.2f} GiB (memory - weights - reserve)")
     ax.axvline(p.context, color="grey", linestyle=":", label=f"context {p.context:,}")
     ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel(f"KV cache ({p.kv.kv_dtype}), GiB")
+    ax.set_ylabel(f"KV cache ({p.kv.kv_cache_dtype}), GiB")
     ax.set_title(f"{p.model.name}: KV cache vs context, {p.memory_bytes / 2**30:,.0f} GiB memory, "
                  f"{p.weights_dtype} weights")
     ax.set_ylim(0, max(budget * 1.5, 1e-3))

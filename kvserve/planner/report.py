@@ -3,8 +3,8 @@ common mistake explained, and what would fit when the numbers do not. No torch."
 
 from __future__ import annotations
 
-from kvserve.cache.layout import kv_format
 from kvserve.config import format_bytes as human
+from kvserve.kvcache.layout import kv_format
 from kvserve.planner.capacity import CapacityPlan, gib
 from kvserve.planner.simulate import SimulationResult, StepCost, Workload
 
@@ -25,8 +25,8 @@ def _shape_line(p: CapacityPlan) -> str:
 
 def _arithmetic(p: CapacityPlan) -> list[str]:
     m, kv = p.model, p.kv
-    fmt = kv_format(kv.kv_dtype)
-    element = f"{fmt.bits / 8:g} B ({kv.kv_dtype})"
+    fmt = kv_format(kv.kv_cache_dtype)
+    element = f"{fmt.bits / 8:g} B ({kv.kv_cache_dtype})"
     if fmt.scale_group not in (None, "tensor"):
         element += f" + scales ({fmt.description})"
     return [
@@ -56,9 +56,10 @@ def _table(p: CapacityPlan) -> list[str]:
             f"{'requests @' + format(p.context, ','):>18} {'context @' + str(p.concurrency):>13}"
             f"  fits")
     rows = [head]
-    for d in p.by_kv_dtype.values():
-        mark = " <" if d.kv_dtype == p.kv.kv_dtype else ""
-        rows.append(f"  {d.kv_dtype:<8} {d.bytes_per_token:>12,} {human(d.bytes_per_request):>13}"
+    for d in p.by_kv_cache_dtype.values():
+        mark = " <" if d.kv_cache_dtype == p.kv.kv_cache_dtype else ""
+        rows.append(f"  {d.kv_cache_dtype:<8} {d.bytes_per_token:>12,} "
+                    f"{human(d.bytes_per_request):>13}"
                     f" {d.max_concurrent_requests:>18,} {d.max_context_at_concurrency:>13,}"
                     f"  {'yes' if d.fits else 'no'}{mark}")
     return rows
@@ -67,7 +68,7 @@ def _table(p: CapacityPlan) -> list[str]:
 def _mistake(p: CapacityPlan) -> list[str]:
     m, kv = p.model, p.kv
     mha, real = p.mha_formula_bytes_per_token, kv.bytes_per_token
-    bytes_each = f"{kv_format(kv.kv_dtype).bits / 8:g} B"
+    bytes_each = f"{kv_format(kv.kv_cache_dtype).bits / 8:g} B"
     lines = [f"The common mistake: 2 x hidden ({m.hidden_size}) x layers ({m.num_layers}) x "
              f"{bytes_each} = {mha:,} B ({human(mha)}) per token, the multi-head formula,"]
     if m.attention_kind == "MHA" and m.num_heads * m.head_dim == m.hidden_size:
@@ -83,7 +84,7 @@ def _mistake(p: CapacityPlan) -> list[str]:
 def render(p: CapacityPlan) -> str:
     m = p.model
     lines = [_shape_line(p), f"  from {m.source}", "",
-             f"KV cache at {p.context:,} tokens x {p.concurrency} requests, {p.kv.kv_dtype}, "
+             f"KV cache at {p.context:,} tokens x {p.concurrency} requests, {p.kv.kv_cache_dtype}, "
              f"blocks of {p.block_size} tokens:", *_arithmetic(p), "", *_budget(p), "",
              f"  max concurrent requests at {p.context:,} tokens: {p.kv.max_concurrent_requests:,}",
              f"  max context at {p.concurrency} requests: {p.kv.max_context_at_concurrency:,} "
@@ -94,7 +95,7 @@ def render(p: CapacityPlan) -> str:
                   f"{m.sliding_window:,}-token sliding window: they hold at most that many tokens "
                   f"per request (an engine that frees blocks outside the window).", ""]
     if p.fits:
-        lines.append(f"Fits: {p.concurrency} x {p.context:,} tokens in {p.kv.kv_dtype} "
+        lines.append(f"Fits: {p.concurrency} x {p.context:,} tokens in {p.kv.kv_cache_dtype} "
                      f"use {gib(p.concurrency * p.kv.bytes_per_request)} of "
                      f"{gib(p.kv_budget_bytes)} GiB.")
     else:

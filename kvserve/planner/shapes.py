@@ -205,7 +205,7 @@ def read_gguf(path: str) -> ModelShape:
 
 @functools.lru_cache(maxsize=8)
 def _read_gguf(path: str, _version: tuple[int, int] | None) -> ModelShape:
-    from kvserve.model.files import gguf_metadata, open_gguf
+    from kvserve.model_files import gguf_metadata, open_gguf
 
     reader = open_gguf(path)
     meta = gguf_metadata(reader)

@@ -15,12 +15,12 @@ import random
 from collections import deque
 from dataclasses import dataclass, field
 
-from kvserve.cache.block_manager import BlockManager
-from kvserve.cache.block_pool import BlockPool
-from kvserve.cache.layout import KVLayout
-from kvserve.cache.prefix_cache import PrefixCache
 from kvserve.config import SchedulerConfig
 from kvserve.errors import ConfigError
+from kvserve.kvcache.block_manager import BlockManager
+from kvserve.kvcache.block_pool import BlockPool
+from kvserve.kvcache.layout import KVLayout
+from kvserve.kvcache.prefix_index import PrefixIndex
 from kvserve.planner.capacity import CapacityPlan
 from kvserve.request import Request, SamplingParams
 from kvserve.scheduler.plan import SampledToken, StepPlan, StepResult
@@ -193,9 +193,9 @@ class _Clocked:
 def simulate(workload: Workload, num_blocks: int, block_size: int, bytes_per_block: int,
              scheduler_config: SchedulerConfig, max_model_len: int,
              enable_prefix_caching: bool = True, cost: StepCost = StepCost()) -> SimulationResult:
-    """Replay `workload` through a real Scheduler / BlockManager / PrefixCache of num_blocks."""
+    """Replay `workload` through a real Scheduler / BlockManager / PrefixIndex of num_blocks."""
     pool = BlockPool(num_blocks)
-    manager = BlockManager(pool, block_size, PrefixCache() if enable_prefix_caching else None,
+    manager = BlockManager(pool, block_size, PrefixIndex() if enable_prefix_caching else None,
                            model_key="simulated")
     sched = Scheduler(scheduler_config, max_model_len, True, (), manager)
     res = SimulationResult(workload.num_requests, 0, num_blocks, block_size, bytes_per_block)
@@ -218,9 +218,9 @@ def simulate(workload: Workload, num_blocks: int, block_size: int, bytes_per_blo
             continue
         clock += _step(sched, manager, res, times, clock, cost)
     res.duration_s = clock
-    if manager.cache is not None:
-        res.prefix_queried_tokens = manager.cache.num_queried_tokens
-        res.prefix_hit_tokens = manager.cache.num_hit_tokens
+    if manager.prefix_index is not None:
+        res.prefix_queried_tokens = manager.prefix_index.num_queried_tokens
+        res.prefix_hit_tokens = manager.prefix_index.num_hit_tokens
     res.num_preemptions = sched.num_preemptions
     res.queue_wait_s = [times.admitted[r] - times.arrival[r] for r in times.admitted]
     res.ttft_s = [times.first_token[r] - times.arrival[r] for r in times.first_token]
@@ -260,7 +260,7 @@ def simulate_plan(p: CapacityPlan, workload: Workload, max_num_seqs: int = 256,
                   max_num_batched_tokens: int = 8192, enable_prefix_caching: bool = True,
                   cost: StepCost = StepCost()) -> SimulationResult:
     """Replay `workload` in the KV pool the plan's budget holds (its KV dtype and block size)."""
-    layout = KVLayout(p.model.to_spec(), p.block_size, p.kv.kv_dtype)
+    layout = KVLayout(p.model.to_spec(), p.block_size, p.kv.kv_cache_dtype)
     num_blocks = layout.num_blocks_for_bytes(p.kv_budget_bytes)
     if num_blocks < 1:
         raise ConfigError(f"the KV budget ({p.kv_budget_bytes:,} B) holds no block of "

@@ -1,4 +1,5 @@
-"""Executes a StepPlan: builds the flat input tensors, runs the model over the cache, samples.
+"""Executes a StepPlan: moves blocks, builds the step's inputs and attention metadata, runs the
+model over its attention backend, samples.
 
 The runner owns every tensor of a step and the per-request random generators (seeded from
 SamplingParams.seed, so a seeded request gives the same tokens whatever else shares its batch).
@@ -9,21 +10,29 @@ from __future__ import annotations
 
 import torch
 
-from kvserve.model.attention import SeqSlice, StepBatch
+from kvserve.kvstore.host import HostBlockStore
+from kvserve.kvstore.paged import PagedKVStore
+from kvserve.model.attention import AttentionBackend, AttentionMetadata
 from kvserve.model.llama import LlamaModel
 from kvserve.request import Request
+from kvserve.runner.input_builder import InputBuilder
 from kvserve.runner.sampler import Sampler, SamplingBatch
-from kvserve.scheduler.plan import PromptScores, SampledToken, StepPlan, StepResult
+from kvserve.scheduler.plan import PromptScores, SampledToken, StepPlan, StepResult, Tier
 
 SCORE_ROWS = 256  # prompt positions scored (log_softmax over the vocabulary) at once
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, cache, eos_token_ids: tuple[int, ...]):
+    def __init__(self, model: LlamaModel, attention: AttentionBackend,
+                 eos_token_ids: tuple[int, ...], kv_store: PagedKVStore | None = None):
         self.model = model
-        self.cache = cache  # an AttentionBackend with begin_step / free (cache/dense.py)
+        self.attention = attention
+        self.kv_store = kv_store  # the paged pool's tensors (None unless paged)
+        self.host_blocks = HostBlockStore(pin_memory=model.device.type == "cuda")  # swapped out
         self.device = model.device
         self.eos_token_ids = eos_token_ids
+        self.inputs = InputBuilder(self.device,
+                                   kv_store.layout.block_size if kv_store is not None else None)
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator | None] = {}
 
@@ -36,38 +45,30 @@ class ModelRunner:
             self.generators[r.request_id] = gen
         return self.generators[r.request_id]
 
-    def _build_inputs(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor, StepBatch]:
-        token_ids: list[int] = []
-        positions: list[int] = []
-        seqs = []
-        for s in plan.seqs:
-            seqs.append(SeqSlice(s.request_id, len(token_ids), len(s.token_ids), s.start_position,
-                                 s.block_ids))
-            token_ids.extend(s.token_ids)
-            positions.extend(range(s.start_position, s.start_position + len(s.token_ids)))
-        input_ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)  # [num_tokens]
-        pos = torch.tensor(positions, dtype=torch.long, device=self.device)  # [num_tokens]
-        return input_ids, pos, StepBatch(tuple(seqs), len(token_ids))
-
-    def apply_swaps(self, plan: StepPlan) -> None:
-        """Swap-outs first: the blocks they free may be handed to others in this same step."""
-        for swap in plan.swap_out:
-            self.cache.storage.swap_out(swap.request_id, swap.block_ids)
-        for swap in plan.swap_in:
-            self.cache.storage.swap_in(swap.request_id, swap.block_ids)
+    def apply_transfers(self, plan: StepPlan) -> None:
+        """Block copies in plan order (copies off the device first: the blocks they free may
+        be handed to others in this same step)."""
+        for t in plan.transfers:
+            if t.dst is Tier.HOST:
+                self.host_blocks.put(t.block_keys, self.kv_store.read_blocks(t.block_ids),
+                                     owner=t.request_id)
+            else:
+                self.kv_store.write_blocks(t.block_ids, self.host_blocks.take(t.block_keys))
 
     def execute(self, plan: StepPlan, requests: dict[str, Request]) -> StepResult:
-        self.apply_swaps(plan)
-        input_ids, positions, batch = self._build_inputs(plan)
-        sampling = [(s, sl) for s, sl in zip(plan.seqs, batch.seqs) if s.sample]
+        self.apply_transfers(plan)
+        step = self.inputs.build(plan)
+        meta = step.meta
+        sampling = [(s, sl) for s, sl in zip(plan.seqs, meta.seqs) if s.sample]
         # The last row of each sampling sequence is the one whose logits pick its next token.
         sample_rows = [sl.row_start + sl.num_new_tokens - 1 for _, sl in sampling]
-        scored = self._prompt_rows(plan, batch, requests)
+        scored = self._prompt_rows(plan, meta, requests)
         rows = torch.tensor(sample_rows + [row for _, _, row_list, _ in scored for row in row_list],
                             dtype=torch.long, device=self.device)
-        self.cache.begin_step(batch)
+        self.attention.prepare(meta)
         # [num_sampling + num_scored_rows, vocab]
-        all_logits = self.model.forward(input_ids, positions, self.cache, rows)
+        all_logits = self.model.forward(step.input_ids, step.positions, self.attention, meta,
+                                        rows)
         logits = all_logits[:len(sample_rows)]  # [num_seqs, vocab]
         prompt_scores = self._score_prompts(all_logits[len(sample_rows):], scored, requests)
         if not sampling:
@@ -85,13 +86,13 @@ class ModelRunner:
                                 for r, tok, lp in zip(reqs, token_ids, logprobs)), prompt_scores)
 
     @staticmethod
-    def _prompt_rows(plan: StepPlan, batch: StepBatch, requests: dict[str, Request]
+    def _prompt_rows(plan: StepPlan, meta: AttentionMetadata, requests: dict[str, Request]
                      ) -> list[tuple[str, int, list[int], list[int]]]:
         """For prefill chunks of requests that asked for prompt_logprobs: (request id, index of
         the first prompt token scored, the rows whose logits score it and the next ones, the
         prompt tokens those rows predict). Row p's logits predict token p + 1."""
         scored = []
-        for s, sl in zip(plan.seqs, batch.seqs):
+        for s, sl in zip(plan.seqs, meta.seqs):
             r = requests[s.request_id]
             if r.params.prompt_logprobs is None:
                 continue
@@ -141,5 +142,11 @@ class ModelRunner:
         return tuple(out)
 
     def free(self, request_id: str) -> None:
-        self.cache.free(request_id)
+        """Forget what the runner keeps for a request that ended: K/V its backend holds per
+        sequence, host copies of its swapped-out blocks, its random generator."""
+        self.attention.release(request_id)
+        self.host_blocks.release_owner(request_id)
         self.generators.pop(request_id, None)
+
+    def num_kv_bytes_allocated(self) -> int:
+        return self.attention.num_bytes_allocated()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import enum
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 
@@ -18,27 +20,50 @@ class ScheduledSeq:
     block_ids: tuple[int, ...] = ()
 
 
+class Tier(str, enum.Enum):
+    """Where a block's K/V can be: the device pool, or a copy in host memory."""
+
+    DEVICE = "device"
+    HOST = "host"
+
+
+TransferKey = Hashable  # a block copy's name in a lower tier
+
+
 @dataclass(frozen=True)
-class SwapOut:
-    """Copy these device blocks to host memory before the step (they are then reused)."""
+class BlockTransfer:
+    """Copy blocks between the device pool and a lower tier, before the step's forward.
 
-    request_id: str
+    block_ids are device block ids (read when src is DEVICE, written when dst is DEVICE);
+    block_keys name the copies in the other tier, one per block. A swap preemption is the case
+    request_id set: its keys belong to that request and die with it.
+    """
+
+    src: Tier
+    dst: Tier
     block_ids: tuple[int, ...]
+    block_keys: tuple[TransferKey, ...]
+    request_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.block_ids) != len(self.block_keys):
+            raise ValueError(f"{len(self.block_ids)} block ids but {len(self.block_keys)} keys")
+        if (self.src is Tier.DEVICE) == (self.dst is Tier.DEVICE):
+            raise ValueError(f"a transfer moves blocks to or from the device, not "
+                             f"{self.src.value} -> {self.dst.value}")
 
 
-@dataclass(frozen=True)
-class SwapIn:
-    """Copy the request's host copy back into these freshly allocated device blocks."""
-
-    request_id: str
-    block_ids: tuple[int, ...]
+def swap_keys(request_id: str, num_blocks: int) -> tuple[str, ...]:
+    """The host-copy keys of a swapped-out request's blocks, in table order."""
+    return tuple(f"swap/{request_id}/{i}" for i in range(num_blocks))
 
 
 @dataclass(frozen=True)
 class StepPlan:
     seqs: tuple[ScheduledSeq, ...]
-    swap_out: tuple[SwapOut, ...] = ()
-    swap_in: tuple[SwapIn, ...] = ()
+    # Run in order before the forward: copies off the device come first, so the blocks they
+    # free can be handed to others (and written) in this same step.
+    transfers: tuple[BlockTransfer, ...] = ()
 
     @property
     def num_tokens(self) -> int:

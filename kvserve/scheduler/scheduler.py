@@ -19,10 +19,17 @@ from __future__ import annotations
 import time
 from collections import deque
 
-from kvserve.cache.block_manager import BlockManager
 from kvserve.config import SchedulerConfig
+from kvserve.kvcache.block_manager import BlockManager
 from kvserve.request import FinishReason, Request, RequestStatus
-from kvserve.scheduler.plan import ScheduledSeq, StepPlan, StepResult, SwapIn, SwapOut
+from kvserve.scheduler.plan import (
+    BlockTransfer,
+    ScheduledSeq,
+    StepPlan,
+    StepResult,
+    Tier,
+    swap_keys,
+)
 
 _FINISH_STATUS = {
     FinishReason.STOP: RequestStatus.FINISHED_STOPPED,
@@ -41,7 +48,7 @@ class Scheduler:
         self.blocks = block_manager  # None: K/V memory is not managed in blocks
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
-        self.swapped: dict[str, int] = {}  # request id -> blocks it holds on the host
+        self.swapped: dict[str, tuple[str, ...]] = {}  # request id -> its blocks' host keys
         self.num_preemptions = 0
 
     def add(self, request: Request) -> None:
@@ -54,8 +61,7 @@ class Scheduler:
     def schedule(self) -> StepPlan:
         budget = self.config.max_num_batched_tokens if self.retains_kv else None
         seqs: list[ScheduledSeq] = []
-        swap_out: list[SwapOut] = []
-        swap_in: list[SwapIn] = []
+        transfers: list[BlockTransfer] = []  # swap-outs (running loop) before swap-ins
         preempted = False
         for r in list(self.running):
             if r not in self.running:  # preempted earlier in this loop
@@ -65,7 +71,7 @@ class Scheduler:
                 continue
             while not self._allocate(r, num_new):
                 victim = self.running[-1]
-                self._preempt(victim, swap_out)
+                self._preempt(victim, transfers)
                 preempted = True
                 if victim is r:
                     break
@@ -82,7 +88,7 @@ class Scheduler:
                 break  # FCFS: the head waits for a long request to finish; none jumps it
             if r.request_id in self.swapped:
                 num_new = self._num_new_tokens(r, budget)
-                if not self._swap_in(r, num_new, swap_in):
+                if not self._swap_in(r, num_new, transfers):
                     break
             else:
                 if self._prefix_in_flight(r):
@@ -95,7 +101,7 @@ class Scheduler:
             self.running.append(r)
             seqs.append(self._scheduled(r, num_new))
             budget = None if budget is None else budget - num_new
-        return StepPlan(tuple(seqs), tuple(swap_out), tuple(swap_in))
+        return StepPlan(tuple(seqs), tuple(transfers))
 
     def is_long(self, r: Request) -> bool:
         max_tokens = r.params.max_tokens or self.max_model_len
@@ -134,7 +140,7 @@ class Scheduler:
         """Whether a running request is prefilling the first block of r's prompt that is not
         cached yet (n > 1 samples of one prompt, or the same system prompt sent twice at once):
         r then waits so it can reuse those blocks instead of computing its own copy."""
-        if (self.blocks is None or self.blocks.cache is None or not self.retains_kv
+        if (self.blocks is None or self.blocks.prefix_index is None or not self.retains_kv
                 or r.params.prompt_logprobs is not None):
             return False
         key = self.blocks.next_uncached_key(r)
@@ -159,31 +165,35 @@ class Scheduler:
         return ScheduledSeq(r.request_id, token_ids, start, start + num_new == r.num_tokens,
                             block_ids)
 
-    def _preempt(self, r: Request, swap_out: list[SwapOut]) -> None:
+    def _preempt(self, r: Request, transfers: list[BlockTransfer]) -> None:
         self.running.remove(r)
         r.status = RequestStatus.WAITING
         r.num_preemptions += 1
         self.num_preemptions += 1
         if self.config.preemption_mode == "swap" and r.num_computed_tokens > 0:
             block_ids = self.blocks.free(r.request_id)
-            swap_out.append(SwapOut(r.request_id, tuple(block_ids)))
-            self.swapped[r.request_id] = len(block_ids)
+            keys = swap_keys(r.request_id, len(block_ids))
+            transfers.append(BlockTransfer(Tier.DEVICE, Tier.HOST, tuple(block_ids), keys,
+                                           r.request_id))
+            self.swapped[r.request_id] = keys
         else:
             self.blocks.free(r.request_id)
             r.num_computed_tokens = 0  # recompute: its K/V will be rebuilt from its tokens
         self.waiting.appendleft(r)
 
-    def _swap_in(self, r: Request, num_new: int, swap_in: list[SwapIn]) -> bool:
+    def _swap_in(self, r: Request, num_new: int, transfers: list[BlockTransfer]) -> bool:
         """Bring a swapped request back with room for this step's tokens, or leave it out: a
         waiting request never holds device blocks."""
-        num_held = self.swapped[r.request_id]
+        keys = self.swapped[r.request_id]
+        num_held = len(keys)
         num_total = self.blocks.num_blocks_for(r.num_computed_tokens + num_new)
         if not self.blocks.pool.can_allocate(max(num_held, num_total)):
             return False
         block_ids = self.blocks.allocate_blocks(num_held)
         self.blocks.adopt(r.request_id, block_ids)
         del self.swapped[r.request_id]
-        swap_in.append(SwapIn(r.request_id, tuple(block_ids)))
+        transfers.append(BlockTransfer(Tier.HOST, Tier.DEVICE, tuple(block_ids), keys,
+                                       r.request_id))
         return self._allocate(r, num_new)  # the rest is free: checked above
 
     # -- results -----------------------------------------------------------------------------

@@ -44,13 +44,12 @@ def serve(engine_config: EngineConfig, config: ServerConfig, log_level: str = "i
     import uvicorn
 
     from kvserve.engine.async_engine import AsyncLLMEngine
-    from kvserve.engine.engine import LLMEngine
-    from kvserve.server.openai_api import build_app
+    from kvserve.server.app import build_app
 
     _Server = _server_class()
-    engine = LLMEngine(engine_config)
+    engine = AsyncLLMEngine.from_config(engine_config, config.max_queue)
     name = config.served_model_name or engine.model_name
-    app = build_app(AsyncLLMEngine(engine, config.max_queue), config, name)
+    app = build_app(engine, config, name)
     print(f"kvserve: serving {name} ({engine_config.dtype}, {engine.device}, "
           f"cache {engine_config.cache.cache_mode}) on http://{config.host}:{config.port}/v1 "
           f"- loaded in {engine.load_time_s:.1f} s"

@@ -1,7 +1,8 @@
 """Prometheus metrics for GET /metrics, in a registry of the server's own.
 
-Gauges and cumulative engine counters (running / waiting, KV usage, prefix-cache queries and
-hits, preemptions) are read from the engine's latest stats snapshot at scrape time; latencies and
+Gauges and cumulative engine counters (running / waiting, and from the KV cache snapshot: usage,
+prefix-cache queries and hits, preemptions, block events) are read from the engine's latest stats
+at scrape time; latencies and
 token counts are observed by the handlers as each sequence's outputs arrive, from the engine's own
 timestamps (arrival, and the end of the step that made each token). Latencies are per sequence:
 a request with n = 4 adds four TTFT observations, as it holds four sequences' worth of work.
@@ -14,7 +15,7 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from kvserve.engine.async_engine import EngineStats, StreamOutput
+from kvserve.engine.stream import EngineStats, StreamOutput
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
@@ -52,21 +53,40 @@ class _EngineCollector:
                     s.num_running)
         yield gauge("kvserve_num_requests_waiting", "Sequences waiting to be admitted.",
                     s.num_waiting)
-        yield gauge("kvserve_kv_cache_usage_ratio",
-                    "Fraction of KV blocks held by live requests (1 = full).", s.kv_usage)
-        yield gauge("kvserve_kv_cache_blocks_used", "KV blocks held by live requests.",
-                    s.num_blocks_used)
-        yield gauge("kvserve_kv_cache_blocks_total", "KV blocks in the pool.",
-                    s.num_blocks_total)
-        yield counter("kvserve_prefix_cache_queried_tokens",
-                      "Prompt tokens looked up in the prefix cache.",
-                      s.prefix_cache_queried_tokens)
-        yield counter("kvserve_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache.",
-                      s.prefix_cache_hit_tokens)
-        yield counter("kvserve_num_preemptions", "Requests preempted to free KV blocks.",
-                      s.num_preemptions)
         yield counter("kvserve_engine_step_errors", "Engine steps that raised an error.",
                       s.num_step_errors)
+        kv = s.kv
+        if kv is None:
+            return
+        pool, prefix, events = kv.pool, kv.prefix, kv.events
+        yield gauge("kvserve_kv_cache_usage_ratio",
+                    "Fraction of KV blocks held by live requests (1 = full).",
+                    pool.usage if pool else 0.0)
+        yield gauge("kvserve_kv_cache_blocks_used", "KV blocks held by live requests.",
+                    pool.num_used_blocks if pool else 0)
+        yield gauge("kvserve_kv_cache_blocks_total", "KV blocks in the pool.",
+                    pool.num_blocks if pool else 0)
+        yield gauge("kvserve_kv_cache_bytes_per_token",
+                    f"Bytes of K and V per token ({kv.kv_cache_dtype}).", kv.bytes_per_token)
+        yield counter("kvserve_prefix_cache_queried_tokens",
+                      "Prompt tokens looked up in the prefix cache.",
+                      prefix.num_queried_tokens if prefix else 0)
+        yield counter("kvserve_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache.",
+                      prefix.num_hit_tokens if prefix else 0)
+        yield gauge("kvserve_prefix_cache_blocks", "Blocks the prefix cache can hand out again.",
+                    prefix.num_cached_blocks if prefix else 0)
+        yield counter("kvserve_num_preemptions", "Requests preempted to free KV blocks.",
+                      kv.num_preemptions)
+        c = CounterMetricFamily("kvserve_kv_block_events",
+                                "KV block events: stored in the prefix index, evicted from it, "
+                                "freed by every holder.", labels=[*names, "event"])
+        for kind, value in (("stored", events.num_stored), ("evicted", events.num_evicted),
+                            ("freed", events.num_freed)):
+            c.add_metric([*values, kind], value)
+        yield c
+        yield counter("kvserve_kv_block_events_dropped",
+                      "Recorded block events pushed out of the bounded log before anyone read "
+                      "them.", events.num_dropped)
 
 
 class ServerMetrics:

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
 
-from kvserve.engine.async_engine import StreamOutput
-from kvserve.model.tokenizer import Tokenizer, _byte_alphabet
+from kvserve.engine.stream import StreamOutput
 from kvserve.server import protocol as P
 from kvserve.server.metrics import ServerMetrics
+from kvserve.server.state import Tokenizer
 
 Scored = tuple[float, dict[int, float]]
 LOGPROB_FLOOR = -9999.0  # JSON has no -Infinity or NaN: an impossible token reports this
@@ -72,23 +71,8 @@ def usage_of(choices: Iterable[ChoiceState], score_only: bool = False) -> P.Usag
                    prompt_tokens_details=P.PromptTokensDetails(cached_tokens=cached))
 
 
-@lru_cache(maxsize=1)
-def _alphabet_bytes() -> dict[str, int]:
-    return {ch: b for b, ch in _byte_alphabet().items()}
-
-
 def token_text(tok: Tokenizer, token_id: int) -> str:
     return tok.decode([token_id], skip_special_tokens=False)
-
-
-def token_bytes(tok: Tokenizer, token_id: int) -> list[int]:
-    """The token's own bytes: exact for byte-level vocabularies (a piece of a multi-byte
-    character included), the UTF-8 of its text otherwise."""
-    piece = tok.convert_ids_to_tokens([token_id])[0]
-    table = _alphabet_bytes()
-    if piece and all(ch in table for ch in piece):
-        return [table[ch] for ch in piece]
-    return list(token_text(tok, token_id).encode())
 
 
 def completion_logprobs(tok: Tokenizer, token_ids: Sequence[int], logprobs: Sequence[Scored],
@@ -125,9 +109,9 @@ def chat_logprobs(tok: Tokenizer, token_ids: Sequence[int], logprobs: Sequence[S
     content = []
     for token_id, (chosen, top) in zip(token_ids, logprobs):
         alternatives = [P.TopLogprob(token=token_text(tok, t), logprob=finite(lp),
-                                     bytes=token_bytes(tok, t))
+                                     bytes=tok.token_bytes(t))
                         for t, lp in list(top.items())[:top_n]]
         content.append(P.TokenLogprob(token=token_text(tok, token_id), logprob=finite(chosen),
-                                      bytes=token_bytes(tok, token_id),
+                                      bytes=tok.token_bytes(token_id),
                                       top_logprobs=alternatives))
     return P.ChatLogprobs(content=content)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from kvserve import LLM, SamplingParams
-from kvserve.cache.dense import NoCache
-from kvserve.model.attention import SeqSlice, StepBatch
+from kvserve.model.attention import AttentionMetadata
+from kvserve.model.attention.dense import NoCacheAttention
 from kvserve.model.loader import default_model_path
 
 transformers = pytest.importorskip("transformers")
@@ -84,9 +84,8 @@ def test_last_position_logits_match_transformers(llm, prompts, hf_model):
     model = llm.engine.model
     for ids in prompts:
         n = len(ids)
-        cache = NoCache(model.spec)
-        cache.begin_step(StepBatch((SeqSlice("x", 0, n, 0),), n))
-        ours = model.forward(torch.tensor(ids), torch.arange(n), cache, torch.tensor([n - 1]))[0]
+        ours = model.forward(torch.tensor(ids), torch.arange(n), NoCacheAttention(model.spec),
+                             AttentionMetadata.single("x", n), torch.tensor([n - 1]))[0]
         with torch.no_grad():
             theirs = hf_model(torch.tensor([ids])).logits[0, -1].float()
         assert (ours - theirs).abs().max().item() < 1e-3

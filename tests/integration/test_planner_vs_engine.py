@@ -1,13 +1,13 @@
 """The planner's bytes per token equal what the engine's pool allocates for the default model, for
-every KV dtype the engine runs, measured from the allocated tensors (not the formula)."""
+every KV dtype the engine runs (given as the compute dtype with kv_cache_dtype auto, and as an
+explicit kv_cache_dtype), measured from the allocated tensors (not the formula)."""
 
 import pytest
 import torch
 
-from kvserve.cache.factory import build_cache
-from kvserve.cache.layout import KV_FORMAT_SHORT_NAMES
 from kvserve.config import DTYPES, CacheConfig
-from kvserve.engine.engine import TORCH_DTYPES
+from kvserve.engine.kv_setup import build_kv
+from kvserve.kvcache.layout import short_kv_dtype
 from kvserve.model.loader import load_checkpoint
 from kvserve.planner.capacity import plan
 
@@ -17,19 +17,24 @@ def spec():
     return load_checkpoint(None).spec  # the default model as the engine loads it
 
 
+@pytest.mark.parametrize("explicit", [False, True], ids=["auto", "explicit"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_planner_bytes_per_token_equal_the_allocated_pool(spec, dtype):
+def test_planner_bytes_per_token_equal_the_allocated_pool(spec, dtype, explicit):
     block_size = 16
-    built = build_cache(CacheConfig(kv_cache_memory="32MiB", block_size=block_size), spec,
-                        TORCH_DTYPES[dtype], torch.device("cpu"), max_model_len=256)
-    kv = built.backend.storage.kv  # every layer's K and V blocks
+    # auto follows the compute dtype; an explicit kv_cache_dtype under float32 compute
+    compute, kv_dtype = ("float32", dtype) if explicit else (dtype, "auto")
+    built = build_kv(CacheConfig(kv_cache_memory="32MiB", block_size=block_size,
+                                 kv_cache_dtype=kv_dtype), spec, compute,
+                     torch.device("cpu"), max_model_len=256)
+    assert built.kv_cache_dtype == dtype
+    kv = built.kv_store.kv  # every layer's K and V blocks
     num_blocks = built.block_manager.pool.num_blocks
     allocated = kv.numel() * kv.element_size()
     one_slot = kv[:, :, 0, 0]  # one token's K and V in every layer
     measured = one_slot.numel() * one_slot.element_size()
     assert allocated == measured * num_blocks * block_size
 
-    p = plan(None, kv_cache_dtype=KV_FORMAT_SHORT_NAMES[dtype], block_size=block_size,
+    p = plan(None, kv_cache_dtype=short_kv_dtype(dtype), block_size=block_size,
              memory="32MiB", weights_memory="1B", reserve="0")
     assert p.kv.bytes_per_token == measured
     assert p.kv.bytes_per_block * num_blocks == allocated

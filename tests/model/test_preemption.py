@@ -34,7 +34,7 @@ PARAMS = [
 @pytest.mark.parametrize("params", PARAMS, ids=["greedy", "seeded"])
 def test_preemption_gives_the_unconstrained_outputs(tiny_hf_dir, unconstrained, mode, params):
     expected = run(unconstrained, params)
-    assert unconstrained.engine.kv_cache_stats()["num_preemptions"] == 0
+    assert unconstrained.engine.cache_snapshot().num_preemptions == 0
     # 13 blocks: one max-length request (12) fits; the five requests (up to 44 tokens, 11 blocks
     # each) cannot all run at once.
     tight = LLM(model=str(tiny_hf_dir), block_size=BLOCK, max_model_len=MAX_LEN,
@@ -42,11 +42,11 @@ def test_preemption_gives_the_unconstrained_outputs(tiny_hf_dir, unconstrained, 
                 max_num_batched_tokens=16)
     assert tight.engine.block_manager.pool.num_blocks == 13
     assert run(tight, params) == expected
-    stats = tight.engine.kv_cache_stats()
-    assert stats["num_preemptions"] > 0
-    assert stats["num_blocks_used"] == 0 and stats["peak_blocks_used"] <= 13
+    stats = tight.engine.cache_snapshot()
+    assert stats.num_preemptions > 0
+    assert stats.pool.num_used_blocks == 0 and stats.pool.peak_used_blocks <= 13
     tight.engine.block_manager.check_invariants()
-    assert not tight.engine.cache.storage.host_copies  # every swapped copy came back or was dropped
+    assert not tight.engine.runner.host_blocks  # every swapped copy came back or was dropped
 
 
 def test_chunked_prefill_matches_whole_prefill(tiny_hf_dir, unconstrained):
@@ -116,7 +116,7 @@ def test_prompt_logprobs_survive_preemption(tiny_hf_dir, unconstrained, mode):
                 kv_cache_memory=13 * BYTES_PER_BLOCK, max_num_seqs=8, preemption_mode=mode,
                 max_num_batched_tokens=4)
     outs = tight.generate(PROMPTS, params, use_tqdm=False)
-    assert tight.engine.kv_cache_stats()["num_preemptions"] > 0
+    assert tight.engine.cache_snapshot().num_preemptions > 0
     for out, ref, prompt in zip(outs, expected, PROMPTS):
         scores = out.prompt_logprobs
         assert len(scores) == len(prompt["prompt_token_ids"]) and scores[0] is None

@@ -42,8 +42,8 @@ def test_outputs_equal_a_run_without_prefix_caching(tiny_hf_dir, reference):
     # and all at once (the first computes the shared blocks, the rest wait a step and reuse them)
     outs = llm.generate([prompt(SYSTEM + q) for q in QUESTIONS], GREEDY, use_tqdm=False)
     assert [o.token_ids for o in outs] == [reference[i][0] for i in range(len(QUESTIONS))]
-    stats = llm.engine.kv_cache_stats()
-    assert stats["prefix_cache_hit_tokens"] > 0 and stats["num_blocks_used"] == 0
+    stats = llm.engine.cache_snapshot()
+    assert stats.prefix.num_hit_tokens > 0 and stats.pool.num_used_blocks == 0
     assert not any(llm.engine.block_manager.pool.ref_counts)
     llm.engine.block_manager.check_invariants()
 
@@ -58,11 +58,11 @@ def test_second_identical_prompt_reports_its_full_block_prefix(tiny_hf_dir):
     exact = SYSTEM[:20]  # exactly 5 blocks, all cached: the last is still computed (its logits)
     for _ in range(2):
         assert llm.generate(prompt(exact), GREEDY, use_tqdm=False)[0].num_cached_tokens == 16
-    stats = llm.engine.kv_cache_stats()
-    assert stats["prefix_cache_queried_tokens"] == 25 + 25 + 20 + 20
-    assert stats["prefix_cache_hit_tokens"] == 24 + 16 + 16
-    assert stats["prefix_cache_hit_rate"] == pytest.approx(56 / 90)
-    assert stats["prefix_cache_blocks"] >= 6
+    stats = llm.engine.cache_snapshot().prefix
+    assert stats.num_queried_tokens == 25 + 25 + 20 + 20
+    assert stats.num_hit_tokens == 24 + 16 + 16
+    assert stats.hit_rate == pytest.approx(56 / 90)
+    assert stats.num_cached_blocks >= 6
 
 
 def test_salts_never_share_blocks(tiny_hf_dir, reference):
@@ -88,15 +88,16 @@ def test_eviction_under_pressure_keeps_outputs_correct(tiny_hf_dir, reference):
         outs = llm.generate([prompt(SYSTEM + q, f"t{i % 3}") for i, q in enumerate(QUESTIONS)],
                             GREEDY, use_tqdm=False)
         assert [o.token_ids for o in outs] == [reference[i][0] for i in range(len(QUESTIONS))]
-    stats = llm.engine.kv_cache_stats()
-    assert stats["prefix_cache_evictions"] > 0 and stats["prefix_cache_hit_tokens"] > 0
-    assert stats["num_blocks_used"] == 0 and not any(llm.engine.block_manager.pool.ref_counts)
+    stats = llm.engine.cache_snapshot()
+    assert stats.prefix.num_evictions > 0 and stats.prefix.num_hit_tokens > 0
+    assert stats.pool.num_used_blocks == 0 and not any(llm.engine.block_manager.pool.ref_counts)
+    assert stats.events.num_evicted == stats.prefix.num_evictions
     llm.engine.block_manager.check_invariants()
 
 
 def test_eviction_takes_the_least_recently_used_tail_first(tiny_hf_dir):
     llm = make(tiny_hf_dir, kv_cache_memory=16 * BYTES_PER_BLOCK, max_model_len=64)
-    cache = llm.engine.block_manager.cache
+    cache = llm.engine.block_manager.prefix_index
     a = [(3 * j) % 150 + 30 for j in range(13)]  # 3 full blocks (cached) + 1 partial
     b = [(7 * j) % 150 + 31 for j in range(13)]
     params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
@@ -147,8 +148,8 @@ def test_reset_prefix_cache_forgets_everything(tiny_hf_dir):
     ids = SYSTEM + QUESTIONS[3]
     llm.generate(prompt(ids), GREEDY, use_tqdm=False)
     assert llm.reset_prefix_cache() is True
-    assert llm.engine.kv_cache_stats()["prefix_cache_blocks"] == 0
+    assert llm.engine.cache_snapshot().prefix.num_cached_blocks == 0
     assert llm.generate(prompt(ids), GREEDY, use_tqdm=False)[0].num_cached_tokens == 0
     off = make(tiny_hf_dir, enable_prefix_caching=False)
     assert off.reset_prefix_cache() is False
-    assert "prefix_cache_hit_rate" not in off.engine.kv_cache_stats()
+    assert off.engine.cache_snapshot().prefix is None

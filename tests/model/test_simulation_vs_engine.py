@@ -6,9 +6,9 @@ from collections import deque
 
 import pytest
 
-from kvserve.cache.layout import KVLayout
 from kvserve.config import EngineConfig, SchedulerConfig
 from kvserve.engine.engine import LLMEngine
+from kvserve.kvcache.layout import KVLayout
 from kvserve.planner.capacity import resolve_model
 from kvserve.planner.simulate import LengthDistribution, Workload, simulate
 from kvserve.request import SamplingParams
@@ -58,10 +58,10 @@ def test_simulation_and_real_engine_agree_on_peak_blocks(num_blocks, max_num_seq
     assert (sim.num_preemptions > 0) == (num_blocks == 40)  # the tight pool is under pressure
     assert (sim.peak_blocks_used < num_blocks) == (num_blocks == 400)
     _run_engine(engine, workload, sim.arrival_steps)
-    stats = engine.kv_cache_stats()
-    real_peak = stats["peak_blocks_used"]
+    stats = engine.cache_snapshot()
+    real_peak = stats.pool.peak_used_blocks
     assert abs(real_peak - sim.peak_blocks_used) <= 0.05 * real_peak, (real_peak, sim)
-    assert stats["num_preemptions"] == sim.num_preemptions
+    assert stats.num_preemptions == sim.num_preemptions
     if prefix:
         assert sim.prefix_hit_tokens > 0
-        assert stats["prefix_cache_hit_tokens"] == sim.prefix_hit_tokens
+        assert stats.prefix.num_hit_tokens == sim.prefix_hit_tokens

@@ -365,6 +365,11 @@ def test_metrics_report_latencies_tokens_and_prefix_hits(server, client, model_n
         assert name in m
     text = requests.get(server.url + "/metrics", timeout=5).text
     assert '# TYPE kvserve_time_to_first_token_seconds histogram' in text
+    # block events from the cache snapshot: the first request's full blocks were stored
+    stored = [ln for ln in text.splitlines()
+              if ln.startswith("kvserve_kv_block_events_total{") and 'event="stored"' in ln]
+    assert len(stored) == 1 and float(stored[0].rsplit(" ", 1)[1]) > 0
+    assert m["kvserve_kv_cache_bytes_per_token"] == 46_080  # float32 K and V, 30 layers
 
 
 def test_openapi_schema_lists_the_endpoints(server):

@@ -108,7 +108,7 @@ def faulty_server(tiny_hf_dir):
     from kvserve.config import EngineConfig, ServerConfig
     from kvserve.engine.async_engine import AsyncLLMEngine
     from kvserve.engine.engine import LLMEngine
-    from kvserve.server.openai_api import build_app
+    from kvserve.server.app import build_app
 
     engine = LLMEngine(EngineConfig.create(model=str(tiny_hf_dir), block_size=4,
                                            kv_cache_memory="4MiB"))

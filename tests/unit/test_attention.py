@@ -3,15 +3,10 @@
 import pytest
 import torch
 
-from kvserve.cache.dense import ContiguousCache, NoCache
 from kvserve.config import ModelSpec
-from kvserve.model.attention import (
-    SeqSlice,
-    StepBatch,
-    attention_reference,
-    attention_sdpa,
-    causal_mask,
-)
+from kvserve.model.attention import AttentionMetadata
+from kvserve.model.attention.dense import ContiguousAttention, NoCacheAttention
+from kvserve.model.attention.ops import attention_reference, attention_sdpa, causal_mask
 
 
 def test_causal_mask_puts_queries_at_the_end():
@@ -47,27 +42,29 @@ def test_contiguous_cache_equals_recomputing_everything():
     q = torch.randn(total, 4, 4, generator=g)
     k = torch.randn(total, 2, 4, generator=g)
     v = torch.randn(total, 2, 4, generator=g)
-    none = NoCache(spec)
-    none.begin_step(StepBatch((SeqSlice("a", 0, total, 0),), total))
-    expected = none.forward(1, q, k, v)
-    cache = ContiguousCache(spec, torch.float32, torch.device("cpu"))
+    none = NoCacheAttention(spec)
+    meta = AttentionMetadata.single("a", total)
+    none.prepare(meta)
+    expected = none.forward(1, q, k, v, meta)
+    cache = ContiguousAttention(spec, torch.float32, torch.device("cpu"))
     start = 0
     for chunk in (10, 1, 1, 50, 8):
         rows = slice(start, start + chunk)
-        cache.begin_step(StepBatch((SeqSlice("a", 0, chunk, start),), chunk))
+        meta = AttentionMetadata.single("a", chunk, start)
+        cache.prepare(meta)
         for layer in range(spec.num_layers):
-            out = cache.forward(layer, q[rows], k[rows], v[rows])
+            out = cache.forward(layer, q[rows], k[rows], v[rows], meta)
         torch.testing.assert_close(out, expected[rows], rtol=1e-5, atol=1e-5)
         start += chunk
-    assert cache.num_tokens_stored() == total
-    cache.free("a")
+    assert cache.lengths["a"] == total
+    cache.release("a")
     assert cache.num_bytes_allocated() == 0
 
 
 def test_contiguous_cache_rejects_a_step_that_skips_tokens():
-    cache = ContiguousCache(_spec(), torch.float32, torch.device("cpu"))
+    cache = ContiguousAttention(_spec(), torch.float32, torch.device("cpu"))
     with pytest.raises(RuntimeError, match="cached tokens"):
-        cache.begin_step(StepBatch((SeqSlice("a", 0, 1, 5),), 1))
+        cache.prepare(AttentionMetadata.single("a", 1, 5))
 
 
 def test_chunked_prefill_matches_reference_across_chunks():
@@ -91,19 +88,21 @@ def test_c_decode_attention_matches_pytorch_path(dtype):
     q = torch.randn(total, 4, 4, generator=g)
     k = torch.randn(total, 2, 4, generator=g)
     v = torch.randn(total, 2, 4, generator=g)
-    fast = ContiguousCache(spec, dtype, torch.device("cpu"))
-    slow = ContiguousCache(spec, dtype, torch.device("cpu"))
+    fast = ContiguousAttention(spec, dtype, torch.device("cpu"))
+    slow = ContiguousAttention(spec, dtype, torch.device("cpu"))
     slow.use_fast_decode = False
     for cache in (fast, slow):
-        cache.begin_step(StepBatch((SeqSlice("a", 0, prompt, 0),), prompt))
+        meta = AttentionMetadata.single("a", prompt)
+        cache.prepare(meta)
         for layer in range(spec.num_layers):
-            cache.forward(layer, q[:prompt], k[:prompt], v[:prompt])
+            cache.forward(layer, q[:prompt], k[:prompt], v[:prompt], meta)
     for t in range(prompt, total):
         outs = []
         for cache in (fast, slow):
-            cache.begin_step(StepBatch((SeqSlice("a", 0, 1, t),), 1))
+            meta = AttentionMetadata.single("a", 1, t)
+            cache.prepare(meta)
             for layer in range(spec.num_layers):
-                out = cache.forward(layer, q[t:t + 1], k[t:t + 1], v[t:t + 1])
+                out = cache.forward(layer, q[t:t + 1], k[t:t + 1], v[t:t + 1], meta)
             outs.append(out)
         torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
     written = (slice(None),) * 3 + (slice(0, total),)  # beyond that: unwritten capacity

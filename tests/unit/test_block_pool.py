@@ -2,10 +2,10 @@
 
 import pytest
 
-from kvserve.cache.block_manager import BlockManager
-from kvserve.cache.block_pool import BlockPool, NoFreeBlocksError
-from kvserve.cache.layout import KVLayout
 from kvserve.config import ModelSpec
+from kvserve.kvcache.block_manager import BlockManager
+from kvserve.kvcache.block_pool import BlockPool, NoFreeBlocksError
+from kvserve.kvcache.layout import KVLayout
 
 
 def test_allocate_takes_lowest_free_ids_and_free_returns_them_to_the_tail():
@@ -63,13 +63,15 @@ def test_layout_formula_equals_the_bytes_of_the_allocated_store():
     """The one memory formula against the tensors the paged storage actually allocates."""
     import torch
 
-    from kvserve.cache.kv_storage import PagedKVStorage
+    from kvserve.kvstore.paged import PagedKVStore
 
     spec = ModelSpec(name="t", num_layers=3, hidden_size=32, intermediate_size=64, num_heads=4,
                      num_kv_heads=2, head_dim=8, vocab_size=50, max_position_embeddings=64)
-    for dtype, name in ((torch.float32, "float32"), (torch.bfloat16, "bfloat16")):
+    for dtype, name in ((torch.float32, "float32"), (torch.bfloat16, "bfloat16"),
+                        (torch.float16, "float16")):
         layout = KVLayout(spec, 4, name)
-        storage = PagedKVStorage(layout, num_blocks=5, dtype=dtype, device=torch.device("cpu"))
+        storage = PagedKVStore(layout, num_blocks=5, device=torch.device("cpu"))
+        assert storage.kv.dtype == dtype
         assert storage.num_bytes_allocated() == 5 * layout.bytes_per_block
         per_token = storage.kv[:, :, 0, 0].numel() * storage.kv.element_size()
         assert per_token == layout.bytes_per_token

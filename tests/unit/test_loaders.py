@@ -11,9 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from kvserve import model_files as files
 from kvserve.config import RopeScaling
 from kvserve.errors import ModelLoadError
-from kvserve.model import files, loader
+from kvserve.model import loader
 from kvserve.model.gguf import llama3_rope_factors, load_gguf, unpermute_rows
 from kvserve.model.hf import load_hf_folder
 from kvserve.model.loader import load_checkpoint

@@ -50,7 +50,7 @@ def test_default_model_is_23040_bytes_per_token_in_fp16():
 
 
 def test_quantized_kv_dtypes_count_their_scales():
-    d = plan(None).by_kv_dtype
+    d = plan(None).by_kv_cache_dtype
     assert d["fp32"].bytes_per_token == 46_080
     assert d["bf16"].bytes_per_token == d["fp16"].bytes_per_token == 23_040
     assert d["fp8"].bytes_per_token == 11_520  # per-tensor scales: nothing per token
@@ -129,9 +129,9 @@ def test_json_has_the_promised_integer_keys(capsys):
                 "max_context_at_concurrency"):
         assert isinstance(out[key], int), key
     assert out["fits"] is False
-    assert set(out["by_kv_dtype"]) == {"fp32", "bf16", "fp16", "fp8", "int8", "int4"}
-    assert out["by_kv_dtype"]["fp8"]["fits"] is True
-    assert out["by_kv_dtype"]["bf16"]["bytes_per_token"] == out["bytes_per_token"] == 131_072
+    assert set(out["by_kv_cache_dtype"]) == {"fp32", "bf16", "fp16", "fp8", "int8", "int4"}
+    assert out["by_kv_cache_dtype"]["fp8"]["fits"] is True
+    assert out["by_kv_cache_dtype"]["bf16"]["bytes_per_token"] == out["bytes_per_token"] == 131_072
 
 
 def test_text_report_and_plot(capsys, tmp_path):

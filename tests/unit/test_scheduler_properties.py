@@ -6,11 +6,11 @@ block free when all requests end."""
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvserve.cache.block_manager import BlockManager
-from kvserve.cache.block_pool import BlockPool
 from kvserve.config import SchedulerConfig
+from kvserve.kvcache.block_manager import BlockManager
+from kvserve.kvcache.block_pool import BlockPool
 from kvserve.request import FinishReason, Request, SamplingParams
-from kvserve.scheduler.plan import SampledToken, StepResult
+from kvserve.scheduler.plan import SampledToken, StepResult, Tier
 from kvserve.scheduler.scheduler import Scheduler
 
 BLOCK_SIZE = 4
@@ -108,11 +108,14 @@ def check_kv_contents(scheduler, plan, written, host):
     def slots(block_ids):
         return [b * BLOCK_SIZE + i for b in block_ids for i in range(BLOCK_SIZE)]
 
-    for swap in plan.swap_out:
-        host[swap.request_id] = [written.get(x) for x in slots(swap.block_ids)]
-    for swap in plan.swap_in:
-        for x, content in zip(slots(swap.block_ids), host.pop(swap.request_id)):
-            written[x] = content
+    for t in plan.transfers:  # in plan order, as the runner does
+        if t.dst is Tier.HOST:
+            host.update(zip(t.block_keys, ([written.get(x) for x in slots((b,))]
+                                           for b in t.block_ids)))
+        else:
+            for b, key in zip(t.block_ids, t.block_keys):
+                for x, content in zip(slots((b,)), host.pop(key)):
+                    written[x] = content
     by_id = {r.request_id: r for r in scheduler.running}
     for s in plan.seqs:
         r = by_id[s.request_id]
@@ -151,9 +154,9 @@ prefix_ops = st.lists(st.one_of(
 def test_prefix_caching_shares_only_same_salt_same_tokens(ops, mode, budget, max_seqs, tokens):
     """Prompts over a two-token alphabet share prefixes often; three salts (None is the shared
     space) must never see each other's blocks; reference counts return to zero at the end."""
-    from kvserve.cache.prefix_cache import PrefixCache
+    from kvserve.kvcache.prefix_index import PrefixIndex
 
-    manager = BlockManager(BlockPool(NUM_BLOCKS), BLOCK_SIZE, PrefixCache(), "m")
+    manager = BlockManager(BlockPool(NUM_BLOCKS), BLOCK_SIZE, PrefixIndex(), "m")
     scheduler = make_scheduler(manager, mode, budget, max_seqs)
     requests, written, host = [], {}, {}
     for op, prompt, n, salt in ops:
@@ -165,7 +168,7 @@ def test_prefix_caching_shares_only_same_salt_same_tokens(ops, mode, budget, max
         elif op == "abort":
             abort_one(scheduler, requests, n)
         elif op == "reset":
-            manager.cache.reset()
+            manager.prefix_index.reset()
         else:
             plan = scheduler.schedule()
             check_kv_contents(scheduler, plan, written, host)

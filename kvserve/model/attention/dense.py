@@ -1,9 +1,9 @@
 """The two unpaged attention backends: no cache at all, and one growing K/V tensor per sequence.
 
-`NoCache` keeps nothing: the runner feeds every token of a sequence at every step, so K/V for the
-whole prefix are recomputed each time (the quadratic baseline). `ContiguousCache` keeps, per
-sequence, one tensor [num_layers, 2, num_kv_heads, capacity, head_dim] that doubles when full.
-Both implement model.attention.AttentionBackend; paged storage arrives as a third backend.
+`NoCacheAttention` keeps nothing: the runner feeds every token of a sequence at every step, so K/V
+for the whole prefix are recomputed each time (the quadratic baseline). `ContiguousAttention`
+keeps, per sequence, one tensor [num_layers, 2, num_kv_heads, capacity, head_dim] that doubles
+when full. Both implement backend.AttentionBackend; paged.py is the third.
 """
 
 from __future__ import annotations
@@ -12,44 +12,41 @@ import torch
 
 from kvserve.config import ModelSpec
 from kvserve.kernels import cpu as cpu_kernels
-from kvserve.model.attention import StepBatch, attention_sdpa
+from kvserve.model.attention.metadata import AttentionMetadata
+from kvserve.model.attention.ops import attention_sdpa
 
 MIN_CAPACITY_TOKENS = 64
 
 
-class NoCache:
+class NoCacheAttention:
     """Attention over the step's own tokens only: each sequence is fed whole, from position 0."""
 
     retains_kv = False
 
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
-        self.batch: StepBatch | None = None
 
-    def begin_step(self, batch: StepBatch) -> None:
-        assert all(s.start_position == 0 for s in batch.seqs), "no-cache steps start at 0"
-        self.batch = batch
+    def prepare(self, meta: AttentionMetadata) -> None:
+        if any(s.start_position != 0 for s in meta.seqs):
+            raise RuntimeError("a no-cache step must feed every sequence from position 0")
 
-    def forward(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor,
-                v: torch.Tensor) -> torch.Tensor:
+    def forward(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
         out = torch.empty_like(q)
-        for s in self.batch.seqs:
+        for s in meta.seqs:
             rows = slice(s.row_start, s.row_start + s.num_new_tokens)
             # [n, kv, d] -> [kv, n, d]: the head-major layout attention_sdpa takes
             out[rows] = attention_sdpa(q[rows], k[rows].transpose(0, 1), v[rows].transpose(0, 1))
         return out
 
-    def free(self, seq_id: str) -> None:
+    def release(self, seq_id: str) -> None:
         """Nothing is held."""
 
     def num_bytes_allocated(self) -> int:
         return 0
 
-    def num_tokens_stored(self) -> int:
-        return 0
 
-
-class ContiguousCache:
+class ContiguousAttention:
     """One K/V tensor per sequence; capacity doubles (copying) when a step would overflow it."""
 
     retains_kv = True
@@ -61,7 +58,6 @@ class ContiguousCache:
         self.device = device
         self.store: dict[str, torch.Tensor] = {}
         self.lengths: dict[str, int] = {}
-        self.batch: StepBatch | None = None
         self._scores = torch.empty(0, dtype=torch.float32)  # scratch of the C decode attention
 
     def _ensure_capacity(self, seq_id: str, num_tokens: int) -> torch.Tensor:
@@ -79,19 +75,18 @@ class ContiguousCache:
         self.store[seq_id] = grown
         return grown
 
-    def begin_step(self, batch: StepBatch) -> None:
-        for s in batch.seqs:
+    def prepare(self, meta: AttentionMetadata) -> None:
+        for s in meta.seqs:
             if self.lengths.get(s.seq_id, 0) != s.start_position:
                 raise RuntimeError(f"sequence {s.seq_id} has {self.lengths.get(s.seq_id, 0)} "
                                    f"cached tokens, step starts at {s.start_position}")
             self._ensure_capacity(s.seq_id, s.context_len)
-        self.batch = batch
 
-    def forward(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor,
-                v: torch.Tensor) -> torch.Tensor:
+    def forward(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
         out = torch.empty_like(q)
         last_layer = layer_idx == self.spec.num_layers - 1
-        for s in self.batch.seqs:
+        for s in meta.seqs:
             rows = slice(s.row_start, s.row_start + s.num_new_tokens)
             kv = self.store[s.seq_id][layer_idx]  # [2, num_kv_heads, capacity, head_dim]
             if (self.use_fast_decode and s.num_new_tokens == 1
@@ -124,12 +119,9 @@ class ContiguousCache:
         values = kv[1, :, :s.context_len].to(q.dtype)
         out[rows] = attention_sdpa(q[rows], keys, values)
 
-    def free(self, seq_id: str) -> None:
+    def release(self, seq_id: str) -> None:
         self.store.pop(seq_id, None)
         self.lengths.pop(seq_id, None)
 
     def num_bytes_allocated(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.store.values())
-
-    def num_tokens_stored(self) -> int:
-        return sum(self.lengths.values())

@@ -2,12 +2,12 @@
 
 A request's token at position p lives in block table[p // block_size], slot p % block_size. Tables
 grow a block at a time as tokens arrive (all or nothing per call) and are released whole when a
-request finishes, is aborted or is preempted. With a PrefixCache, a new request's table starts
+request finishes, is aborted or is preempted. With a PrefixIndex, a new request's table starts
 with the cached blocks its prompt begins with (shared by reference count), every block a request
-fills is offered to the cache, and a block the pool hands out again is forgotten by the cache.
+fills is offered to the index, and a block the pool hands out again is forgotten by the index.
 
 Only full blocks are ever shared, and a request writes only slots at or past its computed count,
-which lie past every block it was given from the cache (at least its last prompt token is always
+which lie past every block it was given from the index (at least its last prompt token is always
 computed): no sequence ever writes into a block another can read, so no copy-on-write is needed.
 No torch.
 """
@@ -16,20 +16,26 @@ from __future__ import annotations
 
 from collections import Counter
 
-from kvserve.cache.block_pool import BlockPool
-from kvserve.cache.prefix_cache import PrefixCache, chain_keys, root_key
+from kvserve.kvcache.block_pool import BlockPool
+from kvserve.kvcache.events import BlockEvent, BlockEventKind, EventLog
+from kvserve.kvcache.policy import FullHistory, RetentionPolicy
+from kvserve.kvcache.prefix_index import PrefixIndex, chain_keys, root_key
+from kvserve.kvcache.snapshot import EventCounts, PoolSnapshot, PrefixSnapshot, RequestBlocks
 from kvserve.request import Request
 
 
 class BlockManager:
-    def __init__(self, pool: BlockPool, block_size: int, prefix_cache: PrefixCache | None = None,
-                 model_key: str = ""):
+    def __init__(self, pool: BlockPool, block_size: int, prefix_index: PrefixIndex | None = None,
+                 model_key: str = "", policy: RetentionPolicy | None = None):
         self.pool = pool
         self.block_size = block_size
         self.tables: dict[str, list[int]] = {}
-        self.cache = prefix_cache  # None: prefix caching off
+        self.prefix_index = prefix_index  # None: prefix caching off
+        # One log for the index's stored/evicted events and the pool's freed ones.
+        self.events = prefix_index.events if prefix_index is not None else EventLog()
         self.model_key = model_key  # the model identity every block key starts from
-        self.num_indexed: dict[str, int] = {}  # request id -> leading blocks offered to the cache
+        self.policy: RetentionPolicy = policy or FullHistory()
+        self.num_indexed: dict[str, int] = {}  # request id -> leading blocks offered to the index
 
     def num_blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -54,9 +60,9 @@ class BlockManager:
     def allocate_blocks(self, num_blocks: int) -> list[int]:
         """Blocks for new K/V, least recently freed first: cached ones among them are evicted."""
         block_ids = self.pool.allocate(num_blocks)
-        if self.cache is not None:
+        if self.prefix_index is not None:
             for b in block_ids:
-                self.cache.evict(b)
+                self.prefix_index.evict(b)
         return block_ids
 
     # -- prefix caching ------------------------------------------------------------------------
@@ -73,13 +79,13 @@ class BlockManager:
         """Start the table of a request that holds no blocks with the longest cached run of its
         leading full blocks, stopping short of its last token (its logits must be computed);
         returns the tokens that need no prefill."""
-        if self.cache is None:
+        if self.prefix_index is None:
             return 0
         assert r.request_id not in self.tables, f"{r.request_id} already has blocks"
         bs = self.block_size
         max_blocks = (r.num_tokens - 1) // bs
         self._extend_keys(r, max_blocks * bs)
-        hits = self.cache.lookup(r.block_keys[:max_blocks],
+        hits = self.prefix_index.lookup(r.block_keys[:max_blocks],
                                  r.token_ids_between(0, max_blocks * bs), bs)
         self.pool.incref(hits)  # a hit on a free block takes it back out of the free queue
         self.tables[r.request_id] = list(hits)
@@ -89,23 +95,23 @@ class BlockManager:
     def record_admission(self, r: Request, num_hit_tokens: int) -> None:
         """Count one admitted request's prefix lookup in the hit rate (a lookup whose admission
         failed for want of blocks is retried later and counted then, once)."""
-        if self.cache is not None:
-            self.cache.record_query(r.num_tokens, num_hit_tokens)
+        if self.prefix_index is not None:
+            self.prefix_index.record_query(r.num_tokens, num_hit_tokens)
 
     def next_uncached_key(self, r: Request) -> bytes | None:
         """Key of the first full block of r's prompt that is not cached (None if there is none)."""
-        if self.cache is None:
+        if self.prefix_index is None:
             return None
         max_blocks = (r.num_tokens - 1) // self.block_size
         self._extend_keys(r, max_blocks * self.block_size)
         for key in r.block_keys[:max_blocks]:
-            if key not in self.cache.index:
+            if key not in self.prefix_index.index:
                 return key
         return None
 
     def cache_full_blocks(self, r: Request) -> None:
-        """Offer the cache every block of r that its computed tokens have filled."""
-        if self.cache is None or r.request_id not in self.tables:
+        """Offer the prefix index every block of r that its computed tokens have filled."""
+        if self.prefix_index is None or r.request_id not in self.tables:
             return
         bs, table = self.block_size, self.tables[r.request_id]
         num_full = min(r.num_computed_tokens // bs, len(table))
@@ -114,9 +120,11 @@ class BlockManager:
             return
         self._extend_keys(r, num_full * bs)
         tokens = r.token_ids_between(first * bs, num_full * bs)
+        tenant = self.events.tenant_hash(r.cache_salt)
         for i in range(first, num_full):
             offset = (i - first) * bs
-            self.cache.insert(r.block_keys[i], table[i], tokens[offset:offset + bs])
+            self.prefix_index.insert(r.block_keys[i], table[i], tokens[offset:offset + bs],
+                                     tenant)
         self.num_indexed[r.request_id] = num_full
 
     def adopt(self, request_id: str, block_ids: list[int]) -> None:
@@ -136,8 +144,42 @@ class BlockManager:
         self.num_indexed.pop(request_id, None)
         # Tail first: a chain's last blocks reach the head of the free queue (evicted first)
         # before the prefix blocks that other prompts are likelier to share.
-        self.pool.free(reversed(block_ids))
+        for b in self.pool.free(reversed(block_ids)):
+            index = self.prefix_index
+            key = index.key_of_block(b) if index is not None else None
+            tenant = index.tenant_of_block(b) if key is not None else None
+            self.events.emit(BlockEvent(BlockEventKind.FREED, b, key, tenant))
         return block_ids
+
+    def reset_prefix_index(self) -> bool:
+        """Forget every cached block (their memory stays with whoever holds it); False if
+        prefix caching is off."""
+        if self.prefix_index is None:
+            return False
+        self.prefix_index.reset()
+        return True
+
+    # -- reporting -----------------------------------------------------------------------------
+    def pool_snapshot(self, peak_used_blocks: int) -> PoolSnapshot:
+        return PoolSnapshot(self.block_size, self.pool.num_blocks, self.pool.num_used_blocks,
+                            peak_used_blocks)
+
+    def prefix_snapshot(self) -> PrefixSnapshot | None:
+        index = self.prefix_index
+        if index is None:
+            return None
+        return PrefixSnapshot(index.num_queried_tokens, index.num_hit_tokens,
+                              index.num_cached_blocks, index.num_evictions)
+
+    def event_counts(self) -> EventCounts:
+        c = self.events.counts
+        return EventCounts(c[BlockEventKind.STORED], c[BlockEventKind.EVICTED],
+                           c[BlockEventKind.FREED], self.events.num_dropped)
+
+    def request_blocks(self, requests: list[Request]) -> tuple[RequestBlocks, ...]:
+        return tuple(RequestBlocks(r.request_id, r.num_computed_tokens,
+                                   tuple(self.tables.get(r.request_id, ())))
+                     for r in requests)
 
     def check_invariants(self) -> None:
         self.pool.check_invariants()
@@ -147,8 +189,8 @@ class BlockManager:
                 f"block {b} is in {count} tables but has {self.pool.ref_counts[b]} references")
             assert b not in self.pool.free_queue, f"block {b} is in a table and free"
         assert sum(self.pool.ref_counts) == sum(held.values()), "a referenced block is in no table"
-        if self.cache is not None:
-            self.cache.check_invariants()
+        if self.prefix_index is not None:
+            self.prefix_index.check_invariants()
             # A shared block was full when shared: it lies among each holder's indexed blocks.
             for rid, table in self.tables.items():
                 tail = table[self.num_indexed.get(rid, 0):]

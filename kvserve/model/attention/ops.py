@@ -1,54 +1,11 @@
-"""The attention seam: the model hands each layer's new Q/K/V to a backend and gets outputs back.
-
-A backend owns where K/V live (nowhere, one growing tensor per sequence, paged blocks, quantized
-blocks...); the model never holds cache tensors. Batches are flat: tokens of several sequences are
-concatenated, and `StepBatch` says which rows belong to which sequence and at which positions.
-This module also holds the attention math itself: a plain reference and the SDPA fast path.
+"""The attention math for one sequence: a plain reference and the SDPA fast path it is tested
+against. Where K/V come from is the backends' business (dense.py, paged.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
-
 import torch
 import torch.nn.functional as F
-
-
-@dataclass(frozen=True)
-class SeqSlice:
-    """One sequence's rows in a flat step batch.
-
-    Rows [row_start, row_start + num_new_tokens) of the batch hold this sequence's positions
-    [start_position, start_position + num_new_tokens): the K/V of [0, start_position) must already
-    be in the backend's store (none for the no-cache backend, which always starts at 0).
-    """
-
-    seq_id: str
-    row_start: int
-    num_new_tokens: int
-    start_position: int
-    block_ids: tuple[int, ...] = ()  # paged backends: where positions [0, context_len) live
-
-    @property
-    def context_len(self) -> int:
-        return self.start_position + self.num_new_tokens
-
-
-@dataclass(frozen=True)
-class StepBatch:
-    seqs: tuple[SeqSlice, ...]
-    num_tokens: int
-
-
-class AttentionBackend(Protocol):
-    """What the model calls once per layer. Implementations: cache/dense.py (none, contiguous)."""
-
-    def forward(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor,
-                v: torch.Tensor) -> torch.Tensor:
-        """q [num_tokens, num_heads, head_dim], k/v [num_tokens, num_kv_heads, head_dim]
-        -> [num_tokens, num_heads, head_dim]; stores k/v for later steps if it keeps a cache."""
-        ...
 
 
 def causal_mask(num_queries: int, num_keys: int, device: torch.device) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """The block pool: which physical KV blocks exist, who references them, which are free. No torch.
 
-Blocks are ids 0..num_blocks-1; the pool knows nothing of their contents (kv_storage.py holds the
-tensors) and nothing of requests (block_manager.py maps requests to blocks). A block whose
+Blocks are ids 0..num_blocks-1; the pool knows nothing of their contents (kvserve.kvstore holds
+the tensors) and nothing of requests (block_manager.py maps requests to blocks). A block whose
 reference count drops to zero goes to the tail of the free queue, so the queue is in eviction
 order (least recently freed first) for the prefix cache to build on. Allocation and free are O(1)
 per block.
@@ -57,14 +57,18 @@ class BlockPool:
                 del self.free_queue[b]  # revived from the free queue
             self.ref_counts[b] += 1
 
-    def free(self, block_ids: Iterable[int]) -> None:
-        """Drop one reference to each block; a block no one references becomes free."""
+    def free(self, block_ids: Iterable[int]) -> list[int]:
+        """Drop one reference to each block; a block no one references becomes free. Returns
+        the blocks that became free, in the order they joined the free queue."""
+        freed = []
         for b in block_ids:
             if self.ref_counts[b] <= 0:
                 raise RuntimeError(f"block {b} freed more often than allocated")
             self.ref_counts[b] -= 1
             if self.ref_counts[b] == 0:
                 self.free_queue[b] = None
+                freed.append(b)
+        return freed
 
     def check_invariants(self) -> None:
         assert all(rc >= 0 for rc in self.ref_counts), "negative reference count"

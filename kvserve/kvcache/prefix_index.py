@@ -1,5 +1,6 @@
-"""Automatic prefix caching: full blocks are indexed by a chained hash of everything that decides
-their K/V, so a request whose prompt starts with cached blocks reuses them. No torch.
+"""The prefix index of automatic prefix caching: full blocks are indexed by a chained hash of
+everything that decides their K/V, so a request whose prompt starts with cached blocks reuses them.
+No torch.
 
 A block's key is sha256(parent key, its token ids); the root key carries the extra keys (model
 identity, adapter, the request's cache salt), so every key in a chain inherits them and blocks
@@ -15,6 +16,8 @@ import hashlib
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from kvserve.kvcache.events import BlockEvent, BlockEventKind, EventLog
 
 BlockKey = bytes
 
@@ -45,10 +48,12 @@ def chain_keys(parent: BlockKey, token_ids: Sequence[int], block_size: int,
 class CachedBlock:
     block_id: int
     token_ids: tuple[int, ...]
+    tenant: str | None  # events.tenant_hash of the salt it was made under
 
 
-class PrefixCache:
-    def __init__(self) -> None:
+class PrefixIndex:
+    def __init__(self, events: EventLog | None = None) -> None:
+        self.events = events if events is not None else EventLog()
         self.index: dict[BlockKey, CachedBlock] = {}
         self.key_of: dict[int, BlockKey] = {}  # block id -> its key, for eviction
         self.num_queried_tokens = 0
@@ -76,14 +81,16 @@ class PrefixCache:
         self.num_queried_tokens += num_queried_tokens
         self.num_hit_tokens += num_hit_tokens
 
-    def insert(self, key: BlockKey, block_id: int, token_ids: Sequence[int]) -> bool:
+    def insert(self, key: BlockKey, block_id: int, token_ids: Sequence[int],
+               tenant: str | None = None) -> bool:
         """Index a block that has just been filled; False if the key is already cached (another
         sequence computed the same block first: that copy stays the one found) or the block
         already carries a key."""
         if key in self.index or block_id in self.key_of:
             return False
-        self.index[key] = CachedBlock(block_id, tuple(token_ids))
+        self.index[key] = CachedBlock(block_id, tuple(token_ids), tenant)
         self.key_of[block_id] = key
+        self.events.emit(BlockEvent(BlockEventKind.STORED, block_id, key, tenant))
         return True
 
     def evict(self, block_id: int) -> bool:
@@ -91,17 +98,29 @@ class PrefixCache:
         key = self.key_of.pop(block_id, None)
         if key is None:
             return False
-        del self.index[key]
+        cached = self.index.pop(key)
         self.num_evictions += 1
+        self.events.emit(BlockEvent(BlockEventKind.EVICTED, block_id, key, cached.tenant))
         return True
 
     def reset(self) -> int:
         """Forget every cached block (their memory stays with whoever holds it); returns how many
-        were forgotten."""
+        were forgotten. Each counts as an eviction, and is reported as one."""
         n = len(self.index)
+        self.num_evictions += n
+        for key, cached in self.index.items():
+            self.events.emit(BlockEvent(BlockEventKind.EVICTED, cached.block_id, key,
+                                        cached.tenant))
         self.index.clear()
         self.key_of.clear()
         return n
+
+    def key_of_block(self, block_id: int) -> BlockKey | None:
+        return self.key_of.get(block_id)
+
+    def tenant_of_block(self, block_id: int) -> str | None:
+        key = self.key_of.get(block_id)
+        return None if key is None else self.index[key].tenant
 
     def check_invariants(self) -> None:
         assert len(self.index) == len(self.key_of), "index and reverse map differ in size"

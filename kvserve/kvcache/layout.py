@@ -3,10 +3,10 @@
 The pool sizes itself with it, the storage allocates tensors of its shapes, and the planner reports
 its numbers; a test checks the formula against the bytes of tensors actually allocated. No torch.
 
-KV formats are the plain float dtypes and three quantized ones. A quantized format stores each
+KV formats are the plain float dtypes and four quantized ones. A quantized format stores each
 element in fewer bits plus scales; the scales are part of the bill:
-- fp8: FP8 E4M3, one float32 scale per layer for K and one for V (per tensor, as vLLM does):
-  no per-token overhead, 8 bytes per layer in all;
+- fp8_e4m3, fp8_e5m2: FP8, one float32 scale per layer for K and one for V (per tensor, as vLLM
+  does): no per-token overhead, 8 bytes per layer in all;
 - int8: symmetric, one fp16 scale per token per KV head (per head vector);
 - int4: asymmetric, an fp16 scale and an fp16 zero point per group of 32 elements (KIVI-style).
 """
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from kvserve.config import ModelSpec
 from kvserve.errors import ConfigError
+from kvserve.kv_dtypes import KV_CACHE_DTYPES, canonical_kv_dtype
 
 
 @dataclass(frozen=True)
@@ -43,24 +44,29 @@ KV_FORMATS: dict[str, KVFormat] = {f.name: f for f in (
     KVFormat("float32", 32, None, description="IEEE float32"),
     KVFormat("bfloat16", 16, None, description="bfloat16"),
     KVFormat("float16", 16, None, description="IEEE float16"),
-    KVFormat("fp8", 8, "tensor", 4, "FP8 E4M3, one float32 scale per layer for K and for V"),
+    KVFormat("fp8_e4m3", 8, "tensor", 4, "FP8 E4M3, one float32 scale per layer for K and for V"),
+    KVFormat("fp8_e5m2", 8, "tensor", 4, "FP8 E5M2, one float32 scale per layer for K and for V"),
     KVFormat("int8", 8, "head", 2, "int8, one fp16 scale per token per KV head"),
     KVFormat("int4", 4, 32, 4, "int4, fp16 scale + zero point per 32 elements"),
 )}
-KV_FORMAT_ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16",
-                     "f16": "float16", "half": "float16", "fp8_e4m3": "fp8", "q8": "int8",
-                     "q4": "int4"}
-# The short names people type, in the order tables show them.
-KV_FORMAT_SHORT_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "fp8": "fp8",
-                         "int8": "int8", "int4": "int4"}
+assert set(KV_FORMATS) == set(KV_CACHE_DTYPES) - {"auto"}, "kv_dtypes and layout list other formats"
+# The short names tables show, in their order (fp8_e5m2 costs what fp8_e4m3 costs: no own row).
+KV_FORMAT_SHORT_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16",
+                         "fp8_e4m3": "fp8", "int8": "int8", "int4": "int4"}
+
+
+def short_kv_dtype(name: str) -> str:
+    """The name tables show: 'float16' -> 'fp16', 'fp8_e4m3' -> 'fp8'."""
+    key = canonical_kv_dtype(name)
+    return KV_FORMAT_SHORT_NAMES.get(key, key)
 
 
 def kv_format(name: str) -> KVFormat:
     """The format for a dtype name ('fp16', 'bfloat16', 'int4', ...); ConfigError if unknown."""
-    key = KV_FORMAT_ALIASES.get(str(name).lower(), str(name).lower())
-    if key not in KV_FORMATS:
-        names = ", ".join(KV_FORMAT_SHORT_NAMES.values())
-        raise ConfigError(f"unknown KV dtype {name!r} (one of {names})")
+    key = canonical_kv_dtype(name)
+    if key == "auto":
+        raise ConfigError("kv_cache_dtype 'auto' must be resolved (resolve_kv_cache_dtype) "
+                          "before it has a format")
     return KV_FORMATS[key]
 
 
@@ -68,14 +74,14 @@ def kv_format(name: str) -> KVFormat:
 class KVLayout:
     spec: ModelSpec
     block_size: int  # tokens per block
-    kv_dtype: str  # a KV_FORMATS name or alias: "float32", "bf16", "fp8", "int4", ...
+    kv_cache_dtype: str  # a KV_FORMATS name or alias: "float32", "bf16", "fp8", "int4", ...
 
     def __post_init__(self) -> None:
-        kv_format(self.kv_dtype)
+        kv_format(self.kv_cache_dtype)
 
     @property
     def format(self) -> KVFormat:
-        return kv_format(self.kv_dtype)
+        return kv_format(self.kv_cache_dtype)
 
     @property
     def bytes_per_token_per_layer(self) -> int:

@@ -1,0 +1,68 @@
+"""Builds the K/V side of an engine from its CacheConfig: the attention backend, and for the paged
+mode the pool's tensors and the block manager that hands their blocks out.
+
+Resolves the paged pool's memory budget (bytes, or a fraction of free device memory) into a number
+of blocks with KVLayout, and refuses at start-up a budget that cannot hold one max-length request.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from kvserve.config import CacheConfig, ModelSpec, format_bytes
+from kvserve.errors import ConfigError
+from kvserve.kvcache.block_manager import BlockManager
+from kvserve.kvcache.block_pool import BlockPool
+from kvserve.kvcache.layout import KVLayout
+from kvserve.kvcache.prefix_index import PrefixIndex
+from kvserve.kvstore.paged import TORCH_KV_DTYPES, PagedKVStore
+from kvserve.model.attention import AttentionBackend
+from kvserve.model.attention.dense import ContiguousAttention, NoCacheAttention
+from kvserve.model.attention.paged import PagedAttention
+
+
+@dataclass(frozen=True)
+class KVSetup:
+    attention: AttentionBackend
+    kv_cache_dtype: str  # the resolved storage format
+    layout: KVLayout  # bytes per token and block of that format (the planner's formula)
+    kv_store: PagedKVStore | None = None  # paged only
+    block_manager: BlockManager | None = None  # paged only
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def build_kv(config: CacheConfig, spec: ModelSpec, dtype: str, device: torch.device,
+             max_model_len: int, model_key: str = "") -> KVSetup:
+    """The attention backend for config.cache_mode with K/V stored in the format "auto" (or the
+    setting) gives for compute dtype `dtype`; for paged, its store and block manager (with a
+    prefix index whose keys start from model_key, unless prefix caching is off)."""
+    kv_dtype = config.resolved_kv_cache_dtype(dtype)
+    layout = KVLayout(spec, config.block_size, kv_dtype)
+    if config.cache_mode == "none":
+        return KVSetup(NoCacheAttention(spec), kv_dtype, layout)
+    if config.cache_mode == "contiguous":
+        return KVSetup(ContiguousAttention(spec, TORCH_KV_DTYPES[kv_dtype], device), kv_dtype,
+                       layout)
+    budget = config.kv_cache_memory_spec
+    num_bytes = int(budget * free_memory_bytes(device)) if isinstance(budget, float) else budget
+    num_blocks = layout.num_blocks_for_bytes(num_bytes)
+    needed = layout.num_blocks_for_tokens(max_model_len)
+    if num_blocks < needed:
+        need_bytes = format_bytes(needed * layout.bytes_per_block)
+        raise ConfigError(
+            f"kv_cache_memory {config.kv_cache_memory!r} ({format_bytes(num_bytes)}) holds "
+            f"{num_blocks} blocks of {config.block_size} tokens, but one max_model_len "
+            f"({max_model_len}) request needs {needed} ({need_bytes}): raise kv_cache_memory "
+            f"or lower max_model_len")
+    store = PagedKVStore(layout, num_blocks, device)
+    index = PrefixIndex() if config.enable_prefix_caching else None
+    manager = BlockManager(BlockPool(num_blocks), config.block_size, index, model_key)
+    return KVSetup(PagedAttention(store), kv_dtype, layout, store, manager)

@@ -1,0 +1,58 @@
+"""Host-memory copies of device blocks, each under the key a BlockTransfer names it by.
+
+Swap preemption parks a request's blocks here (keys owned by the request, dropped when it ends);
+lower tiers of cached blocks will use the same copies keyed by block key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+
+import torch
+
+
+class HostBlockStore:
+    def __init__(self, pin_memory: bool = False) -> None:
+        # key -> that block's parts, each [num_layers, 2, 1, ...] (a view of one batched copy)
+        self.blocks: dict[Hashable, dict[str, torch.Tensor]] = {}
+        self.owner_of: dict[Hashable, str] = {}  # key -> the request that parked it (swap)
+        self.owned: dict[str, set[Hashable]] = {}  # request id -> keys it has parked here
+        self.pin_memory = pin_memory  # page-locked batches: asynchronous copies to CUDA
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def put(self, keys: tuple[Hashable, ...], parts: dict[str, torch.Tensor],
+            owner: str | None = None) -> None:
+        """Keep block i of every part (dimension 2) under keys[i]."""
+        for i, key in enumerate(keys):
+            self.blocks[key] = {name: t[:, :, i:i + 1] for name, t in parts.items()}
+            if owner is not None:
+                self.owner_of[key] = owner
+                self.owned.setdefault(owner, set()).add(key)
+
+    def take(self, keys: tuple[Hashable, ...]) -> dict[str, torch.Tensor]:
+        """Remove these blocks and return them batched in key order, by part (in page-locked
+        memory when pin_memory)."""
+        entries = [self._pop(k) for k in keys]
+        out = {}
+        for name, first in entries[0].items():
+            shape = (*first.shape[:2], len(entries), *first.shape[3:])
+            batch = torch.empty(shape, dtype=first.dtype, pin_memory=self.pin_memory)
+            torch.cat([e[name] for e in entries], dim=2, out=batch)
+            out[name] = batch
+        return out
+
+    def _pop(self, key: Hashable) -> dict[str, torch.Tensor]:
+        owner = self.owner_of.pop(key, None)
+        if owner is not None:
+            self.owned[owner].discard(key)
+            if not self.owned[owner]:
+                del self.owned[owner]
+        return self.blocks.pop(key)
+
+    def release_owner(self, owner: str) -> None:
+        """Forget every block a request parked here (it ended while swapped out)."""
+        for key in self.owned.pop(owner, ()):
+            self.blocks.pop(key, None)
+            self.owner_of.pop(key, None)

@@ -1,0 +1,38 @@
+"""The attention backend protocol: the model hands each layer's new Q/K/V to a backend, with the
+step's metadata, and gets the attention output back. A backend owns where K/V live (nowhere, one
+tensor per sequence, paged blocks); the model never holds cache tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from kvserve.model.attention.metadata import AttentionMetadata
+
+
+class AttentionBackend(Protocol):
+    """Implementations: dense.py (NoCacheAttention, ContiguousAttention), paged.py."""
+
+    # Whether K/V persist between steps; False: every step refeeds whole sequences from 0.
+    retains_kv: bool
+
+    def prepare(self, meta: AttentionMetadata) -> None:
+        """Check the step against what is stored and make room for its tokens (before the
+        forward). Keeps nothing of `meta`."""
+        ...
+
+    def forward(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """q [num_tokens, num_heads, head_dim], k/v [num_tokens, num_kv_heads, head_dim]
+        -> [num_tokens, num_heads, head_dim]; stores k/v for later steps if it keeps a cache."""
+        ...
+
+    def release(self, seq_id: str) -> None:
+        """Forget K/V the backend keeps per sequence (paged blocks are the block manager's)."""
+        ...
+
+    def num_bytes_allocated(self) -> int:
+        """Bytes of K/V storage the backend holds now."""
+        ...

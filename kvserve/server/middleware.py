@@ -1,0 +1,55 @@
+"""The ASGI middleware in front of every route: a body over max_body_bytes is answered 413 before
+a handler reads it, and API responses are counted by endpoint and status. Routing is the app's.
+"""
+
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from kvserve.server.errors import APIError, error_response
+from kvserve.server.state import ServerState
+
+API_PATHS = ("/v1/models", "/v1/completions", "/v1/chat/completions")
+
+
+class BodyTooLarge(StarletteHTTPException):
+    def __init__(self, size: str, limit: int):
+        super().__init__(413, f"the request body has {size} bytes, over the server's limit "
+                         f"({limit})")
+
+
+class BodyLimitAndCount:
+    """Plain ASGI middleware (Starlette's BaseHTTPMiddleware would hide client disconnects
+    from the handlers): answers 413 to a body over the limit, whether it declares its length
+    or comes in chunks, and counts API responses by endpoint and status."""
+
+    def __init__(self, app, state: ServerState):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.state.config.max_body_bytes
+        path = scope.get("path", "")
+        endpoint = path if path in API_PATHS else "other"
+        length = dict(scope.get("headers", ())).get(b"content-length", b"")
+        if length.isdigit() and int(length) > limit:
+            err = BodyTooLarge(length.decode(), limit)
+            self.state.metrics.count_response(endpoint, 413)
+            return await error_response(APIError(413, str(err.detail),
+                                                 code="request_too_large"))(scope, receive, send)
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge(f"more than {limit}", limit)
+            return message
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start" and path.startswith("/v1/"):
+                self.state.metrics.count_response(endpoint, message["status"])
+            await send(message)
+
+        return await self.app(scope, limited_receive, counting_send)

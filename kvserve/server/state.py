@@ -1,0 +1,60 @@
+"""What every handler shares: the engine, the server's config, the served model name, its metrics
+and its tenants (API key -> cache salt), plus the limits read off the engine. No HTTP here.
+"""
+
+import dataclasses
+import hashlib
+from collections.abc import Sequence
+from typing import Protocol
+
+from kvserve.config import ServerConfig
+from kvserve.engine.async_engine import AsyncLLMEngine
+from kvserve.server.metrics import ServerMetrics
+
+
+class Tokenizer(Protocol):
+    """What the server uses of the engine's tokenizer (AsyncLLMEngine.tokenizer)."""
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
+
+    def apply_chat_template(self, messages: list[dict],
+                            add_generation_prompt: bool = True) -> str: ...
+
+    def token_bytes(self, token_id: int) -> list[int]: ...
+
+
+@dataclasses.dataclass
+class ServerState:
+    engine: AsyncLLMEngine
+    config: ServerConfig
+    model_name: str
+    metrics: ServerMetrics
+    tenants: dict[str, str]  # api key -> tenant salt
+
+    @classmethod
+    def create(cls, engine: AsyncLLMEngine, config: ServerConfig,
+               model_name: str) -> "ServerState":
+        return cls(engine, config, model_name, ServerMetrics(lambda: engine.stats, model_name),
+                   {key: tenant_salt(key) for key in config.api_keys})
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def max_new_tokens(self) -> int:
+        """The largest max_tokens this server takes: the context less one prompt token, or
+        the max_output_tokens limit."""
+        limit = self.engine.max_output_tokens
+        most = self.max_model_len - 1
+        return most if limit is None else min(most, limit)
+
+
+def tenant_salt(api_key: str) -> str:
+    return "tenant:" + hashlib.sha256(api_key.encode()).hexdigest()[:32]

@@ -1,0 +1,88 @@
+"""From a parsed request to queued sequences: the checks both endpoints share, its SamplingParams,
+tokenizing and the all-or-nothing submit (and abort). Reading the outputs is streaming.py's job.
+"""
+
+import asyncio
+import dataclasses
+from typing import Any
+
+from kvserve.engine.stream import SequenceInput, Submission
+from kvserve.request import SamplingParams, derive_seed
+from kvserve.server import protocol as P
+from kvserve.server.errors import APIError
+from kvserve.server.state import ServerState
+
+MAX_STOP_STRINGS = 16
+
+
+def check_model(state: ServerState, model: str | None) -> None:
+    if model is not None and model != state.model_name:
+        raise APIError(404, f"the model '{model}' does not exist (this server serves "
+                       f"'{state.model_name}')", param="model", code="model_not_found")
+
+
+def check_unsupported(body: P._Sampling, **fields: Any) -> None:
+    if body.stream_options is not None and not body.stream:
+        raise APIError(400, "stream_options is only allowed with stream: true",
+                       param="stream_options")
+    if body.logit_bias:  # type: ignore[attr-defined]
+        raise APIError(400, "logit_bias is not supported", param="logit_bias")
+    for name, ok in fields.items():
+        if not ok:
+            raise APIError(400, f"{name} is not supported", param=name)
+
+
+def cache_salt(tenant: str | None, salt: str | None) -> str | None:
+    """The request's cache salt: its tenant's (its API key's), then its own cache_salt."""
+    if tenant is None:
+        return salt
+    return tenant if salt is None else f"{tenant}/{salt}"
+
+
+def sampling(body: P._Sampling, max_tokens: int | None, state: ServerState,
+             **extra: Any) -> SamplingParams:
+    limit = state.engine.max_output_tokens
+    if max_tokens is None and limit is not None:
+        max_tokens = limit  # "as many as allowed" under a max_output_tokens limit
+    stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
+    if len(stop) > MAX_STOP_STRINGS:
+        raise APIError(400, f"stop has {len(stop)} strings; at most {MAX_STOP_STRINGS} are "
+                       "allowed", param="stop")
+    return SamplingParams(
+        n=body.n, temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=0 if body.top_k in (None, -1) else body.top_k,
+        min_p=body.min_p or 0.0, presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        seed=body.seed, stop=tuple(stop), stop_token_ids=tuple(body.stop_token_ids or ()),
+        ignore_eos=body.ignore_eos, max_tokens=max_tokens, min_tokens=body.min_tokens,
+        skip_special_tokens=body.skip_special_tokens,
+        include_stop_str_in_output=body.include_stop_str_in_output, **extra)
+
+
+async def submit(state: ServerState, request_id: str,
+                 prompts: list[tuple[str | None, str | list[int]]], params: SamplingParams,
+                 salt: str | None) -> tuple[list[SequenceInput], Submission]:
+    """Tokenize and check every prompt (off the event loop), check the queue and submit, all
+    or nothing: no await between the queue check and the submit, so no other request can
+    take the room in between."""
+    checked = []
+    for _, prompt in prompts:
+        checked.append(await asyncio.to_thread(state.engine.validate, prompt, params))
+    seqs = []
+    for i, ((text, _), ids) in enumerate(zip(prompts, checked)):
+        for j in range(params.n):
+            p = params
+            if j > 0:  # sample 0 scores the prompt (echo); the others may reuse its blocks
+                p = dataclasses.replace(
+                    p, prompt_logprobs=None,
+                    seed=None if p.seed is None else derive_seed(p.seed, j))
+            seqs.append(SequenceInput(f"{request_id}-{i}-{j}", ids, p, text, salt))
+    state.engine.check_queue(len(seqs))
+    return seqs, state.engine.submit(seqs)
+
+
+def abort(state: ServerState, submission: Submission) -> None:
+    for request_id in submission.request_ids:
+        state.engine.abort(request_id)  # a no-op for finished ones
