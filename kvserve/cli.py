@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 
@@ -69,9 +70,21 @@ def add_serve_parser(sub) -> None:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", action="append", default=[], metavar="KEY",
                        help="require 'Authorization: Bearer KEY' (repeatable: each key is its "
-                       "own prefix-cache tenant)")
-    serve.add_argument("--max-queue", type=int, default=None,
-                       help="waiting sequences before new requests get 429 (default: unbounded)")
+                       "own tenant: prefix-cache salt, fair share, queue limit). Keys on the "
+                       "command line show in `ps`: prefer --api-key-file or KVSERVE_API_KEYS")
+    serve.add_argument("--api-key-file", default=None, metavar="PATH",
+                       help="read API keys from a file, one per line ('#' starts a comment)")
+    serve.add_argument("--max-queue", type=int, default=1024,
+                       help="sequences waiting in all before new requests get 429 "
+                       "(default: 1024)")
+    serve.add_argument("--max-queue-per-tenant", type=int, default=256,
+                       help="sequences one API key may have waiting before its requests get "
+                       "429 (default: 256)")
+    serve.add_argument("--max-sequences-per-request", type=int, default=256,
+                       help="prompts x n of one request (default: 256)")
+    serve.add_argument("--max-logprob-entries", type=int, default=100_000,
+                       help="n x max_tokens x (top_logprobs + 1) of one request "
+                       "(default: 100000)")
     serve.add_argument("--served-model-name", default=None,
                        help="the model name clients send (default: the model's own)")
     serve.add_argument("--shutdown-timeout", type=float, default=30.0,
@@ -86,8 +99,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from kvserve.config import EngineConfig, ServerConfig
 
     # Both configs are checked before torch loads: a typo fails in a fraction of a second.
-    server = ServerConfig(host=args.host, port=args.port, api_keys=tuple(args.api_key),
-                          max_queue=args.max_queue, served_model_name=args.served_model_name,
+    server = ServerConfig(host=args.host, port=args.port, api_keys=api_keys(args),
+                          max_queue=args.max_queue,
+                          max_queue_per_tenant=args.max_queue_per_tenant,
+                          max_sequences_per_request=args.max_sequences_per_request,
+                          max_logprob_entries=args.max_logprob_entries,
+                          served_model_name=args.served_model_name,
                           shutdown_timeout_s=args.shutdown_timeout)
     engine = EngineConfig.create(**engine_kwargs(args))
     try:
@@ -96,6 +113,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise KVServeError(f"the server needs the 'serve' extra ({err.name} is missing): "
                            "pip install 'kvserve[serve]'") from None
     return serve(engine, server, args.log_level)
+
+
+def api_keys(args: argparse.Namespace) -> tuple[str, ...]:
+    """--api-key values, then the --api-key-file's lines, then KVSERVE_API_KEYS (comma- or
+    whitespace-separated), without repeats."""
+    keys = list(args.api_key)
+    if args.api_key_file is not None:
+        try:
+            with open(args.api_key_file, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except OSError as err:
+            raise KVServeError(f"cannot read --api-key-file: {err.strerror}: "
+                               f"{args.api_key_file}") from None
+        keys += [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    keys += os.environ.get("KVSERVE_API_KEYS", "").replace(",", " ").split()
+    return tuple(dict.fromkeys(keys))
 
 
 def add_bench_parser(sub) -> None:

@@ -299,8 +299,13 @@ class ServerConfig:
 
     host: str = "127.0.0.1"
     port: int = 8000
-    api_keys: tuple[str, ...] = ()  # empty: no auth; else each key is its own cache tenant
-    max_queue: int | None = None  # waiting sequences before 429 (None: unbounded)
+    # empty: no auth; else each key is its own tenant (cache salt, fair share, queue limit)
+    api_keys: tuple[str, ...] = ()
+    # Limits every client is held to (429 past the queues, 400 past the per-request ones).
+    max_queue: int = 1024  # sequences waiting in all
+    max_queue_per_tenant: int = 256  # sequences one API key may have waiting (with keys)
+    max_sequences_per_request: int = 256  # prompts x n of one request
+    max_logprob_entries: int = 100_000  # n x max_tokens x (top_logprobs + 1) of one request
     served_model_name: str | None = None  # None: the model's own name
     shutdown_timeout_s: float = 30.0  # SIGTERM: how long in-flight requests may finish
     max_body_bytes: int = 16 * 2**20  # larger request bodies are answered 413
@@ -310,9 +315,11 @@ class ServerConfig:
             raise ConfigError(f"port must be in [0, 65535], got {self.port!r}")
         if any(not isinstance(k, str) or not k.strip() for k in self.api_keys):
             raise ConfigError("api keys must be non-empty strings")
-        if self.max_queue is not None and (not isinstance(self.max_queue, int)
-                                           or self.max_queue < 1):
-            raise ConfigError(f"max_queue must be a positive integer, got {self.max_queue!r}")
+        for name in ("max_queue", "max_queue_per_tenant", "max_sequences_per_request",
+                     "max_logprob_entries"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if not self.shutdown_timeout_s >= 0:
             raise ConfigError(f"shutdown_timeout must be >= 0 seconds, "
                               f"got {self.shutdown_timeout_s!r}")

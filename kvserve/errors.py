@@ -15,3 +15,7 @@ class ModelLoadError(KVServeError):
 
 class InvalidRequestError(KVServeError, ValueError):
     """A prompt or sampling parameter is invalid (empty prompt, too long, out-of-range value)."""
+
+
+class EngineStepError(KVServeError):
+    """A step failed for one request (the engine ran the others on without it)."""

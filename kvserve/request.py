@@ -20,6 +20,11 @@ MAX_PENALTY = 100.0
 MAX_N = 128
 MAX_LOGPROBS = 20
 MAX_TOKEN_ID = 2**31 - 1  # bounds top_k and token ids: they become int64 tensors
+# Each id is checked every step, by every sample: a client must not make that cost unbounded.
+MAX_STOP_TOKEN_IDS = 64
+# Below this a temperature is greedy (vLLM's _SAMPLING_EPS): logits / 1e-38 overflow to inf, and
+# the softmax of inf is NaN.
+SAMPLING_EPS = 1e-5
 
 
 def _check(ok: bool, message: str) -> None:
@@ -100,6 +105,9 @@ class SamplingParams:
                f"{self.seed!r}")
         _check(all(isinstance(s, str) and s for s in self.stop),
                "stop must be a list of non-empty strings")
+        _check(len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS,
+               f"stop_token_ids has {len(self.stop_token_ids)} ids; at most "
+               f"{MAX_STOP_TOKEN_IDS} are allowed")
         _check(all(_is_int(t) and 0 <= t <= MAX_TOKEN_ID for t in self.stop_token_ids),
                f"stop_token_ids must be integers in [0, {MAX_TOKEN_ID}]")
         _check(self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1),
@@ -118,7 +126,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Temperature 0, or so close to it that dividing by it would overflow."""
+        return self.temperature < SAMPLING_EPS
 
 
 def derive_seed(seed: int, sample_index: int) -> int:
@@ -149,9 +158,10 @@ class RequestStatus(enum.IntEnum):
         return self > RequestStatus.RUNNING
 
 
-@dataclass
+@dataclass(eq=False)
 class Request:
-    """One sequence being generated. Owns its tokens and how many of them have K/V computed."""
+    """One sequence being generated. Owns its tokens and how many of them have K/V computed.
+    Compared by identity: queues find requests by id, never by comparing every field."""
 
     request_id: str
     prompt_token_ids: list[int]
@@ -184,6 +194,9 @@ class Request:
     # [i * block_size, (i + 1) * block_size)), and the prompt tokens its first admission found
     # cached (None until admitted).
     cache_salt: str | None = None
+    # Fair scheduling: whose turn this request waits for (the server's API-key tenant); None:
+    # the shared default. Independent of cache_salt, which a client may choose.
+    tenant: str | None = None
     block_keys: list[bytes] = field(default_factory=list)
     num_cached_tokens: int | None = None
 

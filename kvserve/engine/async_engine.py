@@ -24,16 +24,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kvserve.config import EngineConfig
+from kvserve.engine.admission import Admission
 from kvserve.engine.engine import LLMEngine
 from kvserve.engine.stream import (
     EngineDeadError,
     EngineStats,
-    QueueFullError,
     SequenceInput,
     StreamOutput,
     Submission,
 )
-from kvserve.errors import InvalidRequestError
 from kvserve.request import FinishReason, Request, SamplingParams
 
 if TYPE_CHECKING:
@@ -45,11 +44,7 @@ IDLE_WAIT_S = 0.5  # how long the idle loop sleeps between checks for stop
 
 @dataclass
 class _Add:
-    request_id: str
-    token_ids: list[int]
-    params: SamplingParams
-    prompt_text: str | None
-    cache_salt: str | None
+    seq: SequenceInput
     sink: asyncio.Queue
 
 
@@ -59,27 +54,26 @@ class _Abort:
 
 
 class AsyncLLMEngine:
-    def __init__(self, engine: LLMEngine, max_queue: int | None = None):
+    def __init__(self, engine: LLMEngine, max_queue: int | None = None,
+                 max_queue_per_tenant: int | None = None):
         self.engine = engine
-        self.max_queue = max_queue
+        self.admission = Admission(max_queue, max_queue_per_tenant)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sinks: dict[str, asyncio.Queue] = {}  # engine thread only
-        self._pending = 0  # submitted, not yet in the scheduler (loop thread writes, +/-)
-        self._pending_lock = threading.Lock()
         self._submit_lock = threading.Lock()
         self._stats = EngineStats()
-        self._recent_finishes: list[float] = []  # finish times, for Retry-After
-        self.dead = False
+        self.dead = False  # no new requests: shutting down, or the loop stopped
 
     @classmethod
-    def from_config(cls, config: EngineConfig, max_queue: int | None = None) -> AsyncLLMEngine:
+    def from_config(cls, config: EngineConfig, max_queue: int | None = None,
+                    max_queue_per_tenant: int | None = None) -> AsyncLLMEngine:
         """Build the engine `config` describes (loads the model: slow) behind an async front
         end; start() it from the event loop that will read its outputs."""
-        return cls(LLMEngine(config), max_queue)
+        return cls(LLMEngine(config), max_queue, max_queue_per_tenant)
 
     # -- what callers may read: fixed once the engine is built, safe from any thread ----------
     @property
@@ -124,8 +118,25 @@ class AsyncLLMEngine:
         self._thread = threading.Thread(target=self._run, name="kvserve-engine", daemon=True)
         self._thread.start()
 
+    def stop_accepting(self) -> None:
+        """Refuse new submissions (EngineDeadError: 503) while in-flight ones run on."""
+        with self._submit_lock:
+            self.dead = True
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Wait (blocking: call it in a thread) until nothing is queued or running, for at
+        most timeout_s; True if it got there."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if (self._stats.num_running == 0 and self._stats.num_waiting == 0
+                    and self.admission.num_pending_total() == 0 and self._commands.empty()):
+                return True
+            time.sleep(0.05)
+        return False
+
     def shutdown(self, timeout_s: float = 10.0) -> None:
-        """Abort whatever is still in flight and stop the loop thread."""
+        """Abort whatever is still in flight (its readers get EngineDeadError) and stop the
+        loop thread."""
         self.dead = True
         self._stop.set()
         self._wake.set()
@@ -144,30 +155,17 @@ class AsyncLLMEngine:
         self.engine.check_fits(len(token_ids), params)
         return token_ids
 
-    def check_queue(self, num_new: int) -> None:
-        """Raise QueueFullError when num_new more waiting sequences would pass max_queue (call
-        submit() right after, with no await between: the check and the submit are then one
-        step of the event loop and no other request can slip in)."""
-        if self.max_queue is None:
-            return
-        if num_new > self.max_queue:
-            raise InvalidRequestError(
-                f"the request has {num_new} sequences (prompts x n) but at most max_queue "
-                f"({self.max_queue}) may wait")
-        waiting = self._stats.num_waiting + self._pending
-        if waiting + num_new > self.max_queue:
-            raise QueueFullError(
-                f"the waiting queue is full ({waiting} waiting, max_queue {self.max_queue}); "
-                f"retry later", self._retry_after_s(waiting + num_new))
+    def check_text_length(self, text: str) -> None:
+        """InvalidRequestError if the text certainly has more tokens than the context, decided
+        from its length alone (no tokenizing)."""
+        self.engine.check_text_length(text)
 
-    def _retry_after_s(self, waiting: int) -> int:
-        """Seconds until about `waiting` requests have finished at the recent finish rate."""
-        now = time.monotonic()
-        recent = [t for t in self._recent_finishes if now - t < 60.0]
-        if len(recent) < 2 or recent[-1] <= recent[0]:
-            return 1
-        rate = (len(recent) - 1) / (recent[-1] - recent[0])
-        return max(1, min(60, round(waiting / rate)))
+    def check_queue(self, num_new: int, tenant: str | None = None) -> None:
+        """Raise QueueFullError when num_new more waiting sequences would pass max_queue or the
+        tenant's max_queue_per_tenant (call submit() right after, with no await between: the
+        check and the submit are then one step of the event loop and no other request can
+        slip in)."""
+        self.admission.check(num_new, tenant, self._stats)
 
     def submit(self, seqs: Sequence[SequenceInput]) -> Submission:
         """Queue sequences now (synchronously); read their outputs with outputs()."""
@@ -175,11 +173,9 @@ class AsyncLLMEngine:
         with self._submit_lock:  # the engine thread's final drain takes it too: no lost add
             if self.dead:
                 raise EngineDeadError("the server is shutting down")
-            with self._pending_lock:
-                self._pending += len(seqs)
             for q in seqs:
-                self._commands.put(_Add(q.request_id, q.token_ids, q.params, q.prompt_text,
-                                        q.cache_salt, sink))
+                self.admission.submitted(q.tenant, 1)
+                self._commands.put(_Add(q, sink))
         self._wake.set()
         return Submission(sink, {q.request_id for q in seqs})
 
@@ -236,19 +232,19 @@ class AsyncLLMEngine:
                 break
             handled = True
             if isinstance(cmd, _Add):
-                with self._pending_lock:
-                    self._pending -= 1
-                if self._stop.is_set() or self.dead:
+                q = cmd.seq
+                self.admission.taken(q.tenant)
+                if self._stop.is_set():
                     self._send(cmd.sink, EngineDeadError("the server is shutting down"))
                     continue
                 try:
-                    self.engine.add_request(cmd.request_id, cmd.token_ids, cmd.params,
-                                            prompt_text=cmd.prompt_text,
-                                            cache_salt=cmd.cache_salt)
+                    self.engine.add_request(q.request_id, q.token_ids, q.params,
+                                            prompt_text=q.prompt_text, cache_salt=q.cache_salt,
+                                            tenant=q.tenant)
                 except Exception as err:  # invalid after all (e.g. a duplicate id)
                     self._send(cmd.sink, err)
                     continue
-                self._sinks[cmd.request_id] = cmd.sink
+                self._sinks[q.request_id] = cmd.sink
             else:
                 if cmd.request_id in self._sinks:
                     del self._sinks[cmd.request_id]
@@ -270,18 +266,22 @@ class AsyncLLMEngine:
             sink = self._sinks.pop(d.request_id, None) if d.finished else \
                 self._sinks.get(d.request_id)
             if r is not None and sink is not None:
-                outputs.append((sink, _output(r, d.new_text, d.new_token_ids, now)))
+                outputs.append((sink, _output(r, d.new_text, d.new_token_ids, now, d.error)))
             if d.finished and r is not None:
                 self.engine.pop_finished(d.request_id)
-                self._recent_finishes = [*self._recent_finishes[-63:], now]
+                self.admission.finished(now)
+            if d.error is not None:
+                self._stats = dataclasses.replace(
+                    self._stats, num_step_errors=self._stats.num_step_errors + 1)
         self._stats = dataclasses.replace(self._stats, num_steps=self._stats.num_steps + 1)
         self._publish_stats()
         if outputs and self._loop is not None:
             self._loop.call_soon_threadsafe(_deliver, outputs)
 
     def _fail_step(self, err: Exception, running_before: list[str]) -> None:
-        """A step raised: end the requests it was running (their state is suspect) with an
-        error, keep the rest queued, and go on."""
+        """A step raised outside the forward pass (the engine isolates failures inside it to
+        the request that raised): end the requests it was running (their state is suspect)
+        with an error, keep the rest queued, and go on."""
         log.exception("engine step failed; ending the %d request(s) in it", len(running_before))
         self._stats = dataclasses.replace(self._stats,
                                           num_step_errors=self._stats.num_step_errors + 1)
@@ -316,6 +316,7 @@ class AsyncLLMEngine:
         e, old = self.engine, self._stats
         self._stats = EngineStats(  # one reference swap: readers never see half an update
             num_running=len(e.scheduler.running), num_waiting=len(e.scheduler.waiting),
+            waiting_by_tenant=tuple(e.scheduler.waiting.counts_by_tenant().items()),
             num_steps=old.num_steps, num_step_errors=old.num_step_errors,
             kv=e.cache_snapshot())
 

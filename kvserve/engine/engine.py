@@ -7,6 +7,8 @@ batching decisions to the scheduler and every tensor to the runner.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 import time
 from collections.abc import Sequence
@@ -30,9 +32,11 @@ from kvserve.request import (
     SamplingParams,
 )
 from kvserve.runner.model_runner import ModelRunner
+from kvserve.scheduler.plan import StepPlan, StepResult
 from kvserve.scheduler.scheduler import Scheduler
 
 DEBUG = os.environ.get("KVSERVE_DEBUG") == "1"  # check block invariants after every step
+log = logging.getLogger("kvserve.engine")
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -44,6 +48,7 @@ class RequestDelta:
     new_text: str
     new_token_ids: tuple[int, ...]
     finished: bool
+    error: str | None = None  # the step failed for this request alone: it ended, aborted
 
 
 def resolve_device(name: str) -> torch.device:
@@ -91,6 +96,7 @@ class LLMEngine:
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequestError("prompt is empty")
+            self.check_text_length(prompt)
             token_ids = self.tokenizer.encode(prompt)
         else:
             token_ids = list(prompt)
@@ -106,11 +112,22 @@ class LLMEngine:
                 f"{self.max_model_len}: nothing left to generate")
         return token_ids
 
+    def check_text_length(self, text: str) -> None:
+        """Refuse, without tokenizing it, a text certainly longer than the context: no token
+        spans more than tokenizer.max_token_bytes bytes of text, so a text of more than
+        max_model_len times that many bytes has more tokens than fit."""
+        limit = self.max_model_len * self.tokenizer.max_token_bytes
+        if len(text) > limit or len(text.encode("utf-8", "surrogatepass")) > limit:
+            raise InvalidRequestError(
+                f"prompt has more than {limit:,} bytes of text, certainly more tokens than the "
+                f"context length (max_model_len) of {self.max_model_len}")
+
     def add_request(self, request_id: str, prompt: str | Sequence[int],
                     params: SamplingParams, prompt_text: str | None = None,
-                    cache_salt: str | None = None) -> Request:
+                    cache_salt: str | None = None, tenant: str | None = None) -> Request:
         """Validate and queue one sequence (n > 1 is expanded by the caller into n requests).
-        A cache_salt confines its prefix-cache hits to blocks made under the same salt."""
+        A cache_salt confines its prefix-cache hits to blocks made under the same salt; a
+        tenant is whose turn it waits for in the scheduler's round robin."""
         if request_id in self.requests:
             raise InvalidRequestError(f"request id '{request_id}' is already in use")
         if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
@@ -119,7 +136,7 @@ class LLMEngine:
         self.check_fits(len(token_ids), params)
         text = prompt if isinstance(prompt, str) else prompt_text
         r = Request(request_id, token_ids, params, prompt=text, arrival_time=time.monotonic(),
-                    cache_salt=cache_salt)
+                    cache_salt=cache_salt, tenant=tenant)
         if params.prompt_logprobs is not None:
             r.prompt_logprobs.append(None)  # the first token has nothing before it to score it
         self.requests[request_id] = r
@@ -165,10 +182,13 @@ class LLMEngine:
     # -- the loop ----------------------------------------------------------------------------
     def step(self) -> list[RequestDelta]:
         plan = self.scheduler.schedule()
+        self.runner.apply_transfers(plan)  # even a step with nothing to run may preempt
         if not plan.seqs:
-            self.runner.apply_transfers(plan)  # a preemption can leave a step with nothing to run
             return []
-        result = self.runner.execute(plan, self.requests)
+        result, failed = self._execute(plan)
+        if failed:
+            plan = dataclasses.replace(
+                plan, seqs=tuple(s for s in plan.seqs if s.request_id not in failed))
         self.peak_kv_bytes = max(self.peak_kv_bytes, self.runner.num_kv_bytes_allocated())
         if self.block_manager is not None:
             self.peak_blocks_used = max(self.peak_blocks_used,
@@ -176,7 +196,7 @@ class LLMEngine:
             if DEBUG:
                 self.block_manager.check_invariants()
         finished = {r.request_id for r in self.scheduler.update(plan, result)}
-        deltas = []
+        deltas = self._fail(failed)
         for sampled in result.sampled:
             r = self.requests[sampled.request_id]
             detok = self.detokenizer.update(r, r.status.finished)
@@ -189,6 +209,42 @@ class LLMEngine:
                                        r.status.finished))
         for request_id in finished:
             self.runner.free(request_id)
+        return deltas
+
+    def _execute(self, plan: StepPlan) -> tuple[StepResult, dict[str, str]]:
+        """Run the step; if it raises, run its sequences one at a time so that only those that
+        fail alone fail (each with its own error, never another request's details); the
+        others' results stand. K/V writes go to each sequence's own slots, so running a
+        sequence again only rewrites them."""
+        try:
+            return self.runner.execute(plan, self.requests), {}
+        except Exception as err:  # noqa: BLE001 - isolated and reported below
+            if len(plan.seqs) == 1:
+                log.exception("step failed for request %s", plan.seqs[0].request_id)
+                return StepResult(()), {plan.seqs[0].request_id: _error_text(err)}
+            log.warning("a step of %d sequences failed (%s); retrying them one at a time",
+                        len(plan.seqs), type(err).__name__)
+        sampled, scores, failed = [], [], {}
+        for s in plan.seqs:
+            try:
+                one = self.runner.execute(dataclasses.replace(plan, seqs=(s,), transfers=()),
+                                          self.requests)
+            except Exception as err:  # noqa: BLE001
+                log.exception("step failed for request %s", s.request_id)
+                failed[s.request_id] = _error_text(err)
+                continue
+            sampled += one.sampled
+            scores += one.prompt_scores
+        return StepResult(tuple(sampled), tuple(scores)), failed
+
+    def _fail(self, failed: dict[str, str]) -> list[RequestDelta]:
+        """End the requests whose step failed; their deltas carry their own error."""
+        deltas = []
+        for request_id, error in failed.items():
+            r = self.requests[request_id]
+            self.scheduler.finish(r, FinishReason.ABORT)
+            self.runner.free(request_id)
+            deltas.append(RequestDelta(request_id, "", (), True, error))
         return deltas
 
     def pop_finished(self, request_id: str) -> Request:
@@ -254,6 +310,10 @@ class LLMEngine:
     def drain_kv_events(self) -> tuple[BlockEvent, ...]:
         """Block stored / evicted / freed events recorded since the last drain, oldest first."""
         return self.block_manager.events.drain() if self.block_manager is not None else ()
+
+
+def _error_text(err: Exception) -> str:
+    return f"engine error: {type(err).__name__}: {err}"
 
 
 def request_metrics(r: Request) -> dict[str, float]:

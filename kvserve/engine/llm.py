@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from kvserve.config import EngineConfig, engine_settings
 from kvserve.engine.engine import LLMEngine
-from kvserve.errors import InvalidRequestError
+from kvserve.errors import EngineStepError, InvalidRequestError
 from kvserve.request import Request, RequestOutput, SamplingParams, derive_seed
 
 PromptInput = str | dict[str, Any]
@@ -126,7 +126,11 @@ class LLM:
                    disable=not use_tqdm or num_seqs < 2)
         try:
             while self.engine.has_unfinished_requests():
-                bar.update(sum(d.finished for d in self.engine.step()))
+                deltas = self.engine.step()
+                failed = next((d for d in deltas if d.error is not None), None)
+                if failed is not None:  # generate() aborts the rest of this call's requests
+                    raise EngineStepError(f"request {failed.request_id}: {failed.error}")
+                bar.update(sum(d.finished for d in deltas))
         finally:
             bar.close()
 
@@ -159,6 +163,8 @@ class LLM:
         try:
             while not r.status.finished:
                 for delta in self.engine.step():
+                    if delta.request_id == request_id and delta.error is not None:
+                        raise EngineStepError(delta.error)
                     if delta.request_id == request_id and delta.new_text:
                         yield delta.new_text
         finally:

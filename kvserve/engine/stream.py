@@ -51,6 +51,7 @@ class EngineStats:
 
     num_running: int = 0
     num_waiting: int = 0
+    waiting_by_tenant: tuple[tuple[str | None, int], ...] = ()  # (tenant, sequences waiting)
     num_steps: int = 0
     num_step_errors: int = 0
     kv: CacheSnapshot | None = None  # None until the engine thread first publishes
@@ -65,6 +66,7 @@ class SequenceInput:
     params: SamplingParams
     prompt_text: str | None = None
     cache_salt: str | None = None
+    tenant: str | None = None  # whose turn it waits for (fair scheduling), and whose queue
 
 
 @dataclass(frozen=True)

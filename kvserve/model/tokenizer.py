@@ -6,6 +6,7 @@ Incremental (streaming) detokenization is left to engine/detokenizer.py; weights
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -264,6 +265,16 @@ class Tokenizer:
 
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """An upper bound on the bytes of text one token stands for: the longest piece in the
+        vocabulary (UTF-8), times 4 when a normalizer may shrink text before it is split (NFKC
+        folds some 3-byte characters into fewer). A text of more than n times this has more
+        than n tokens."""
+        pieces = (self.backend.id_to_token(i) for i in range(self.vocab_size))
+        longest = max((len(p.encode("utf-8", "surrogatepass")) for p in pieces if p), default=1)
+        return longest * (4 if self.backend.normalizer is not None else 1)
 
     def token_bytes(self, token_id: int) -> list[int]:
         """The token's own bytes: exact for byte-level vocabularies (a piece of a multi-byte

@@ -56,7 +56,8 @@ class ModelRunner:
                 self.kv_store.write_blocks(t.block_ids, self.host_blocks.take(t.block_keys))
 
     def execute(self, plan: StepPlan, requests: dict[str, Request]) -> StepResult:
-        self.apply_transfers(plan)
+        """The forward pass and sampling of the plan's sequences (its transfers are
+        apply_transfers', run before)."""
         step = self.inputs.build(plan)
         meta = step.meta
         sampling = [(s, sl) for s, sl in zip(plan.seqs, meta.seqs) if s.sample]

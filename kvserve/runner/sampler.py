@@ -170,7 +170,9 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None,
         probs = sorted_logits.softmax(dim=-1)  # [num_seqs, vocab]
         mass_before = probs.cumsum(dim=-1) - probs  # mass of the more likely tokens
         limit = torch.where(top_p < 1.0, top_p, math.inf).unsqueeze(-1)  # [num_seqs, 1]
-        sorted_logits.masked_fill_(mass_before >= limit, -math.inf)
+        drop = mass_before >= limit
+        drop[:, 0] = False  # the most likely token always stays (top_p 1e-300 is 0 in float32)
+        sorted_logits.masked_fill_(drop, -math.inf)
     logits.scatter_(-1, order, sorted_logits)
 
 

@@ -2,8 +2,10 @@
 
 One rule covers prefill, chunked prefill, decode and resume: a request feeds tokens
 [num_computed_tokens, num_tokens), cut to what is left of the step's token budget. Running requests
-are served first (oldest first), then waiting ones are admitted in arrival order while budget,
-sequence slots and blocks last; the head of the queue is never skipped, so nothing starves. When a
+are served first (oldest first), then waiting ones are admitted while budget, sequence slots and
+blocks last: preempted ones first, then new ones first come first served within a tenant, the
+tenants taking turns (queues.py); the request whose turn it is is never skipped, so nothing
+starves. When a
 running request needs a block and none is free, the newest running request is preempted: by
 recompute (its blocks are freed and it is requeued at the front with its generated tokens) or by
 swap (its blocks are copied to host memory and freed, then copied back on resume).
@@ -17,7 +19,6 @@ Token-level stops are decided here; stop strings need text, so the engine decide
 from __future__ import annotations
 
 import time
-from collections import deque
 
 from kvserve.config import SchedulerConfig
 from kvserve.kvcache.block_manager import BlockManager
@@ -30,6 +31,7 @@ from kvserve.scheduler.plan import (
     Tier,
     swap_keys,
 )
+from kvserve.scheduler.queues import WaitingQueue
 
 _FINISH_STATUS = {
     FinishReason.STOP: RequestStatus.FINISHED_STOPPED,
@@ -46,13 +48,13 @@ class Scheduler:
         self.retains_kv = retains_kv
         self.eos_token_ids = frozenset(eos_token_ids)
         self.blocks = block_manager  # None: K/V memory is not managed in blocks
-        self.waiting: deque[Request] = deque()
+        self.waiting = WaitingQueue()  # O(1) by id; round robin between tenants
         self.running: list[Request] = []
         self.swapped: dict[str, tuple[str, ...]] = {}  # request id -> its blocks' host keys
         self.num_preemptions = 0
 
     def add(self, request: Request) -> None:
-        self.waiting.append(request)
+        self.waiting.add(request)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -83,7 +85,7 @@ class Scheduler:
         # its blocks to one that arrived after it.
         while (not preempted and self.waiting and len(self.running) < self.config.max_num_seqs
                and (budget is None or budget > 0)):
-            r = self.waiting[0]
+            r = self.waiting.peek()
             if self._over_long_limit(r):
                 break  # FCFS: the head waits for a long request to finish; none jumps it
             if r.request_id in self.swapped:
@@ -96,7 +98,7 @@ class Scheduler:
                 num_new = self._admit_with_prefix(r, budget)
                 if num_new is None:
                     break
-            self.waiting.popleft()
+            self.waiting.pop(r)
             r.status = RequestStatus.RUNNING
             self.running.append(r)
             seqs.append(self._scheduled(r, num_new))
@@ -179,7 +181,7 @@ class Scheduler:
         else:
             self.blocks.free(r.request_id)
             r.num_computed_tokens = 0  # recompute: its K/V will be rebuilt from its tokens
-        self.waiting.appendleft(r)
+        self.waiting.push_front(r)
 
     def _swap_in(self, r: Request, num_new: int, transfers: list[BlockTransfer]) -> bool:
         """Bring a swapped request back with room for this step's tokens, or leave it out: a
@@ -242,10 +244,10 @@ class Scheduler:
     def finish(self, r: Request, reason: FinishReason,
                stop_reason: str | int | None = None) -> None:
         """Move a request out of the queues for good (stop, length or abort); free its blocks."""
-        if r in self.running:
-            self.running.remove(r)
-        elif r in self.waiting:
-            self.waiting.remove(r)
+        if r.status is RequestStatus.RUNNING:
+            self.running.remove(r)  # by identity (Request compares by identity), few running
+        else:
+            self.waiting.remove(r.request_id)
         self.swapped.pop(r.request_id, None)
         if self.blocks is not None:
             self.blocks.free(r.request_id)
@@ -255,7 +257,7 @@ class Scheduler:
         r.finish_time = time.monotonic()
 
     def find(self, request_id: str) -> Request | None:
-        for r in (*self.running, *self.waiting):
+        for r in self.running:
             if r.request_id == request_id:
                 return r
-        return None
+        return next((r for r in self.waiting if r.request_id == request_id), None)

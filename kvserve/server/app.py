@@ -18,9 +18,9 @@ from kvserve.engine.stream import EngineDeadError
 from kvserve.server import protocol as P
 from kvserve.server.chat import create_chat_completion
 from kvserve.server.completions import create_completion
-from kvserve.server.errors import ERROR_RESPONSES, APIError, install_error_handlers
+from kvserve.server.errors import ERROR_RESPONSES, install_error_handlers
 from kvserve.server.metrics import CONTENT_TYPE
-from kvserve.server.middleware import BodyLimitAndCount
+from kvserve.server.middleware import UNAUTHORIZED, BodyLimitAndCount
 from kvserve.server.state import ServerState
 
 Tenant = Callable[..., Any]  # a FastAPI dependency: the caller's cache salt, or None
@@ -63,11 +63,13 @@ def _tenant_dependency(state: ServerState) -> Tenant:
 
     async def tenant(credentials: Annotated[HTTPAuthorizationCredentials | None,
                                             Depends(bearer)]) -> str | None:
-        key = credentials.credentials if credentials is not None else None
-        if key is None or key not in state.tenants:
-            raise APIError(401, "missing or incorrect API key (send 'Authorization: Bearer "
-                           "KEY')", code="invalid_api_key")
-        return state.tenants[key]
+        # The middleware has already refused a missing or wrong key, before the body was read;
+        # this names the key's tenant (and declares the scheme in /openapi.json).
+        header = None if credentials is None else f"Bearer {credentials.credentials}"
+        salt = state.authenticate(header)
+        if salt is None:
+            raise UNAUTHORIZED
+        return salt
 
     return tenant
 
@@ -81,8 +83,10 @@ def _add_info_routes(app: FastAPI, state: ServerState, tenant: Tenant) -> None:
 
     @app.get("/metrics", response_class=Response,
              responses={200: {"content": {CONTENT_TYPE: {"schema": {"type": "string"}}},
-                              "description": "Prometheus text format"}})
-    async def metrics() -> Response:
+                              "description": "Prometheus text format"},
+                        401: ERROR_RESPONSES[401]})
+    async def metrics(_: Annotated[str | None, Depends(tenant)]) -> Response:
+        # with API keys, one is needed: the totals describe every tenant's traffic
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models", response_model=P.ModelList,

@@ -14,7 +14,7 @@ from kvserve.server import protocol as P
 from kvserve.server.errors import APIError, param_of
 from kvserve.server.responses import ChoiceState, chat_logprobs, usage_of
 from kvserve.server.state import ServerState
-from kvserve.server.streaming import chunk, collect, stream, usage_options
+from kvserve.server.streaming import chunk, collect, json_response, stream, usage_options
 from kvserve.server.submission import (
     cache_salt,
     check_model,
@@ -39,7 +39,7 @@ async def create_chat_completion(state: ServerState, body: P.ChatCompletionReque
     if not body.stream:
         if not await collect(state, raw, submission, choices):
             return Response(status_code=499)
-        return answer.response()
+        return await json_response(answer.response)
     return stream(state, submission, choices, answer.roles(), answer.render,
                   answer.usage_chunk)
 
@@ -64,6 +64,8 @@ def chat_prompt(state: ServerState, body: P.ChatCompletionRequest) -> list[int]:
         if isinstance(content, list):
             content = "".join(part.text for part in content)
         messages.append({"role": m.role, "content": content or ""})
+    # cheap first: no template rendering or tokenizing of text that cannot fit the context
+    state.engine.check_text_length("".join(m["content"] for m in messages))
     tok = state.tokenizer
     if body.continue_final_message:
         if body.add_generation_prompt:
@@ -89,7 +91,7 @@ async def _submit(state: ServerState, body: P.ChatCompletionRequest, request_id:
     params = sampling(body, max_tokens, state,
                       logprobs=(body.top_logprobs or 0) if body.logprobs else None)
     try:
-        return await submit(state, request_id, [(None, prompt_ids)], params,
+        return await submit(state, request_id, [(None, prompt_ids)], params, tenant,
                             cache_salt(tenant, body.cache_salt))
     except InvalidRequestError as err:  # the chat endpoint has no "prompt": name its field
         param = param_of(str(err))

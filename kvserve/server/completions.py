@@ -14,7 +14,7 @@ from kvserve.server import protocol as P
 from kvserve.server.errors import APIError
 from kvserve.server.responses import ChoiceState, completion_logprobs, usage_of
 from kvserve.server.state import ServerState
-from kvserve.server.streaming import chunk, collect, stream, usage_options
+from kvserve.server.streaming import chunk, collect, json_response, stream, usage_options
 from kvserve.server.submission import (
     cache_salt,
     check_model,
@@ -35,7 +35,7 @@ async def create_completion(state: ServerState, body: P.CompletionRequest, raw: 
     prompts = completion_prompts(body.prompt)
     params = _params(state, body)
     request_id = P.new_id("cmpl")
-    seqs, submission = await submit(state, request_id, prompts, params,
+    seqs, submission = await submit(state, request_id, prompts, params, tenant,
                                     cache_salt(tenant, body.cache_salt))
     choices = {s.request_id: ChoiceState(index, prompts[index // params.n][0], s.token_ids,
                                          index % params.n == 0)
@@ -44,7 +44,7 @@ async def create_completion(state: ServerState, body: P.CompletionRequest, raw: 
     if not body.stream:
         if not await collect(state, raw, submission, choices):
             return Response(status_code=499)  # nobody is left to read it
-        return answer.response()
+        return await json_response(answer.response)
     return stream(state, submission, choices, [], answer.render, answer.usage_chunk)
 
 

@@ -1,5 +1,7 @@
-"""The ASGI middleware in front of every route: a body over max_body_bytes is answered 413 before
-a handler reads it, and API responses are counted by endpoint and status. Routing is the app's.
+"""The ASGI middleware in front of every route. With API keys, a request to /v1/* or /metrics
+without a valid key is answered 401 from its headers alone, before a byte of its body is read or
+parsed; a body over max_body_bytes is answered 413 before a handler reads it; API responses are
+counted by endpoint and status. Routing is the app's.
 """
 
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -8,6 +10,12 @@ from kvserve.server.errors import APIError, error_response
 from kvserve.server.state import ServerState
 
 API_PATHS = ("/v1/models", "/v1/completions", "/v1/chat/completions")
+UNAUTHORIZED = APIError(401, "missing or incorrect API key (send 'Authorization: Bearer KEY')",
+                        code="invalid_api_key")
+
+
+def needs_key(path: str) -> bool:
+    return path.startswith("/v1/") or path == "/metrics"
 
 
 class BodyTooLarge(StarletteHTTPException):
@@ -30,7 +38,13 @@ class BodyLimitAndCount:
         limit = self.state.config.max_body_bytes
         path = scope.get("path", "")
         endpoint = path if path in API_PATHS else "other"
-        length = dict(scope.get("headers", ())).get(b"content-length", b"")
+        headers = dict(scope.get("headers", ()))
+        if self.state.tenants and needs_key(path) and self.state.authenticate(
+                headers.get(b"authorization", b"").decode("latin-1")) is None:
+            if path.startswith("/v1/"):
+                self.state.metrics.count_response(endpoint, 401)
+            return await error_response(UNAUTHORIZED)(scope, receive, send)
+        length = headers.get(b"content-length", b"")
         if length.isdigit() and int(length) > limit:
             err = BodyTooLarge(length.decode(), limit)
             self.state.metrics.count_response(endpoint, 413)

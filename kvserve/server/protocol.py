@@ -14,7 +14,14 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from kvserve.request import MAX_LOGPROBS, MAX_N, MAX_PENALTY, MAX_TEMPERATURE, MAX_TOKEN_ID
+from kvserve.request import (
+    MAX_LOGPROBS,
+    MAX_N,
+    MAX_PENALTY,
+    MAX_STOP_TOKEN_IDS,
+    MAX_TEMPERATURE,
+    MAX_TOKEN_ID,
+)
 
 TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
 Text = Annotated[str, Field(min_length=1)]
@@ -54,7 +61,7 @@ class _Sampling(_Request):
     repetition_penalty: float | None = Field(None, gt=0.0, le=MAX_PENALTY)
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)
     stop: Stop = Field(None, description="up to 16 strings that end the text (not included)")
-    stop_token_ids: list[TokenId] | None = None
+    stop_token_ids: list[TokenId] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0)
     skip_special_tokens: bool = True

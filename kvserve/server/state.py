@@ -4,6 +4,7 @@ and its tenants (API key -> cache salt), plus the limits read off the engine. No
 
 import dataclasses
 import hashlib
+import hmac
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -38,6 +39,23 @@ class ServerState:
                model_name: str) -> "ServerState":
         return cls(engine, config, model_name, ServerMetrics(lambda: engine.stats, model_name),
                    {key: tenant_salt(key) for key in config.api_keys})
+
+    def __post_init__(self) -> None:
+        # sha256 of each key: every comparison then takes the same time whatever the key's
+        # length or how much of it a guess gets right
+        self._key_digests = [(hashlib.sha256(k.encode()).digest(), salt)
+                             for k, salt in self.tenants.items()]
+
+    def authenticate(self, authorization: str | None) -> str | None:
+        """The tenant salt of an 'Authorization: Bearer KEY' header value, or None if it names
+        no key. Compares against every key in constant time (no early exit, no dict lookup)."""
+        scheme, _, key = (authorization or "").partition(" ")
+        given = hashlib.sha256(key.strip().encode()).digest()
+        found = None
+        for digest, salt in self._key_digests:
+            if hmac.compare_digest(digest, given) and scheme.lower() == "bearer":
+                found = salt
+        return found
 
     @property
     def tokenizer(self) -> Tokenizer:

@@ -10,7 +10,8 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel
 
 from kvserve.engine.stream import EngineDeadError, StreamOutput, Submission
 from kvserve.server import protocol as P
@@ -21,6 +22,16 @@ from kvserve.server.submission import abort
 
 DISCONNECT_POLL_S = 0.25
 Render = Callable[[ChoiceState, StreamOutput], list[dict[str, Any]]]
+
+
+async def json_response(build: Callable[[], BaseModel]) -> Response:
+    """A whole response built and serialized in a worker thread: a response with thousands of
+    log-probs takes long enough to build that on the event loop it would stall every other
+    client."""
+    def render() -> bytes:
+        return build().model_dump_json().encode()
+
+    return Response(await asyncio.to_thread(render), media_type="application/json")
 
 
 async def collect(state: ServerState, raw: Request, submission: Submission,

@@ -61,12 +61,32 @@ def sampling(body: P._Sampling, max_tokens: int | None, state: ServerState,
         include_stop_str_in_output=body.include_stop_str_in_output, **extra)
 
 
+def check_volume(state: ServerState, num_prompts: int, params: SamplingParams) -> None:
+    """The per-request limits, checked before any prompt is tokenized: sequences (prompts x n)
+    and log-prob entries (n x max_tokens x (top alternatives + the chosen one) per prompt)."""
+    limits = state.config
+    num_seqs = num_prompts * params.n
+    if num_seqs > limits.max_sequences_per_request:
+        raise APIError(400, f"the request has {num_seqs} sequences ({num_prompts} prompts x n "
+                       f"{params.n}); at most {limits.max_sequences_per_request} are allowed",
+                       param="n" if num_prompts == 1 else "prompt")
+    if params.logprobs is not None:
+        tokens = params.max_tokens or state.max_new_tokens
+        entries = num_seqs * tokens * (params.logprobs + 1)
+        if entries > limits.max_logprob_entries:
+            raise APIError(400, f"the request asks for {entries:,} log-prob entries (sequences "
+                           f"x max_tokens x (top_logprobs + 1)); at most "
+                           f"{limits.max_logprob_entries:,} are allowed: lower n, max_tokens or "
+                           f"top_logprobs", param="logprobs")
+
+
 async def submit(state: ServerState, request_id: str,
                  prompts: list[tuple[str | None, str | list[int]]], params: SamplingParams,
-                 salt: str | None) -> tuple[list[SequenceInput], Submission]:
-    """Tokenize and check every prompt (off the event loop), check the queue and submit, all
-    or nothing: no await between the queue check and the submit, so no other request can
-    take the room in between."""
+                 tenant: str | None, salt: str | None) -> tuple[list[SequenceInput], Submission]:
+    """Check the request's volume, tokenize and check every prompt (off the event loop), check
+    the queues and submit, all or nothing: no await between the queue check and the submit, so
+    no other request can take the room in between."""
+    check_volume(state, len(prompts), params)
     checked = []
     for _, prompt in prompts:
         checked.append(await asyncio.to_thread(state.engine.validate, prompt, params))
@@ -78,8 +98,8 @@ async def submit(state: ServerState, request_id: str,
                 p = dataclasses.replace(
                     p, prompt_logprobs=None,
                     seed=None if p.seed is None else derive_seed(p.seed, j))
-            seqs.append(SequenceInput(f"{request_id}-{i}-{j}", ids, p, text, salt))
-    state.engine.check_queue(len(seqs))
+            seqs.append(SequenceInput(f"{request_id}-{i}-{j}", ids, p, text, salt, tenant))
+    state.engine.check_queue(len(seqs), tenant)
     return seqs, state.engine.submit(seqs)
 
 

@@ -16,7 +16,13 @@ import fixtures
 import pytest
 
 from kvserve import LLM, SamplingParams
-from kvserve.errors import ConfigError, InvalidRequestError, KVServeError, ModelLoadError
+from kvserve.errors import (
+    ConfigError,
+    EngineStepError,
+    InvalidRequestError,
+    KVServeError,
+    ModelLoadError,
+)
 
 LONG_PROMPT = "The KV cache keeps the keys and values of earlier tokens, so each new token " \
     "costs less."  # > 16 tokens for the tiny tokenizer
@@ -234,14 +240,14 @@ def test_failure_mid_run_leaves_nothing_behind(llm, monkeypatch):
     runner = llm.engine.runner
     real_execute, calls = runner.execute, []
 
-    def failing_execute(plan, requests):
+    def failing_execute(plan, requests):  # from the third step on, for every request
         calls.append(plan)
-        if len(calls) == 3:
+        if len(calls) >= 3:
             raise RuntimeError("simulated device failure")
         return real_execute(plan, requests)
 
     monkeypatch.setattr(runner, "execute", failing_execute)
-    with pytest.raises(RuntimeError, match="simulated"):
+    with pytest.raises(EngineStepError, match="RuntimeError: simulated device failure"):
         llm.generate(["first", "second", "third"], GREEDY, use_tqdm=False)
     monkeypatch.undo()
     _assert_clean(llm)

@@ -355,3 +355,30 @@ def test_build_rejects_mismatched_lengths():
 def test_empty_batch():
     out = Sampler()(torch.zeros(0, VOCAB), make_batch([]))
     assert out.token_ids.shape == (0,)
+
+
+def test_vanishing_temperature_is_greedy_not_nan():
+    """1e-38 would overflow logits / temperature to inf (NaN after softmax, token 0)."""
+    logits = torch.randn(3, VOCAB, generator=torch.Generator().manual_seed(5))
+    params = [SamplingParams(temperature=t, seed=1) for t in (1e-38, 1e-6, 0.0)]
+    assert all(p.greedy for p in params) and not SamplingParams(temperature=1e-4).greedy
+    out = Sampler()(logits, make_batch(params, generators=[torch.Generator()] * 3))
+    assert out.token_ids.tolist() == logits.argmax(-1).tolist()
+
+
+def test_top_p_below_float32_range_keeps_the_top_token():
+    """1e-300 is 0.0 as float32: every token would be masked and the softmax NaN."""
+    logits = torch.randn(2, VOCAB, generator=torch.Generator().manual_seed(6))
+    params = [SamplingParams(temperature=1.0, top_p=1e-300, seed=s) for s in (1, 2)]
+    out = Sampler()(logits, make_batch(params, generators=[torch.Generator().manual_seed(s)
+                                                           for s in (1, 2)]))
+    assert out.token_ids.tolist() == logits.argmax(-1).tolist()
+
+
+def test_stop_token_ids_are_bounded():
+    from kvserve.errors import InvalidRequestError
+    from kvserve.request import MAX_STOP_TOKEN_IDS
+
+    SamplingParams(stop_token_ids=list(range(MAX_STOP_TOKEN_IDS)))
+    with pytest.raises(InvalidRequestError, match=f"at most {MAX_STOP_TOKEN_IDS} are allowed"):
+        SamplingParams(stop_token_ids=list(range(MAX_STOP_TOKEN_IDS + 1)))
