@@ -1,8 +1,10 @@
 """Shared pytest fixtures: the tiny random-weight Llama in Hugging Face and GGUF form (see
-tests/fixtures.py), written once per session."""
+tests/fixtures.py), written once per session, and real `kvserve serve` processes
+(tests/serving.py)."""
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
@@ -14,6 +16,7 @@ for entry in (ROOT, ROOT / "tests"):  # kvserve without an install; `import fixt
         sys.path.insert(0, str(entry))
 
 import fixtures  # noqa: E402
+from serving import Server, start_server  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -35,3 +38,24 @@ def tiny_gguf_quant_paths(tiny_hf_dir, tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("gguf-quant")
     return {q: fixtures.write_tiny_gguf(folder / f"tiny-llama.{q}.gguf", tiny_hf_dir, qtype=q)
             for q in fixtures.QUANT_TYPES}
+
+
+@pytest.fixture(scope="module")
+def server_factory(tmp_path_factory):
+    """start(*flags, prelude=, env=) -> Server; every server started is killed when the module
+    ends."""
+    started: list[Server] = []
+
+    def start(*flags: str, **options) -> Server:
+        server = start_server(tmp_path_factory.mktemp("server"), *flags, **options)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop(signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def tiny_flags(tiny_hf_dir) -> tuple[str, ...]:
+    return ("--model", str(tiny_hf_dir), "--block-size", "4", "--kv-cache-memory", "4MiB")

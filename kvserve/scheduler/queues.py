@@ -1,40 +1,39 @@
 """The waiting requests: who is admitted next. No torch.
 
-Preempted requests resume first, in the order they had been running. New requests wait in one
-queue per tenant, first come first served inside a queue, and the queues take turns: after a
-tenant's request is admitted, the next admission is offered to the next tenant with a request
-waiting (round robin), so one tenant's burst cannot starve another's requests. With one tenant
-(no API keys) this is plain FCFS. Every operation is O(1): requests are indexed by id, never
-searched for or compared by value.
+One queue per tenant, first come first served inside it; a preempted request goes back to the
+front of its own tenant's queue. Between tenants, the next admission goes to the waiting tenant
+with the fewest requests running (ties: whoever waited longest for a turn, round robin), so one
+tenant's burst cannot starve another's requests; the scheduler may also preempt a tenant holding
+more than its share of the running slots while another waits with less (scheduler.py). With one
+tenant (no API keys) this is plain FCFS with preempted requests first. Every operation is O(1) in
+the number of waiting requests: they are indexed by id, never searched for or compared by value.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 from kvserve.request import Request
 
 
 class WaitingQueue:
     def __init__(self) -> None:
-        self._resume: OrderedDict[str, Request] = OrderedDict()  # preempted, resume order
-        # tenant -> its requests in arrival order; the dict's order is the round-robin turn
+        # tenant -> its requests in admission order; the dict's order is the round-robin turn
         self._tenants: OrderedDict[str | None, OrderedDict[str, Request]] = OrderedDict()
-        self._where: dict[str, str | None] = {}  # request id -> its tenant (not resuming)
+        self._where: dict[str, str | None] = {}  # request id -> its tenant
 
     def __len__(self) -> int:
-        return len(self._resume) + len(self._where)
+        return len(self._where)
 
     def __bool__(self) -> bool:
-        return bool(self._resume or self._where)
+        return bool(self._where)
 
     def __contains__(self, request_id: str) -> bool:
-        return request_id in self._resume or request_id in self._where
+        return request_id in self._where
 
     def __iter__(self) -> Iterator[Request]:
-        """Every waiting request (resuming ones first), for reporting and checks."""
-        yield from self._resume.values()
+        """Every waiting request, tenant by tenant, for reporting and checks."""
         for queue in self._tenants.values():
             yield from queue.values()
 
@@ -44,35 +43,34 @@ class WaitingQueue:
         self._where[r.request_id] = r.tenant
 
     def push_front(self, r: Request) -> None:
-        """A preempted request: it resumes before every new request and every earlier-preempted
-        one (preemption takes the newest running first, so the oldest ends up in front)."""
-        self._resume[r.request_id] = r
-        self._resume.move_to_end(r.request_id, last=False)
+        """A preempted request goes before every other request of its tenant (preemption takes
+        the newest running first, so the oldest of several ends up in front)."""
+        queue = self._tenants.setdefault(r.tenant, OrderedDict())
+        queue[r.request_id] = r
+        queue.move_to_end(r.request_id, last=False)
+        self._where[r.request_id] = r.tenant
 
-    def peek(self) -> Request | None:
-        """The request to admit next (not removed)."""
-        if self._resume:
-            return next(iter(self._resume.values()))
-        for queue in self._tenants.values():
-            return next(iter(queue.values()))
-        return None
+    def tenants(self) -> Iterator[str | None]:
+        return iter(self._tenants)
+
+    def peek(self, num_running: Mapping[str | None, int] | None = None) -> Request | None:
+        """The request to admit next (not removed): the head of the queue of the waiting tenant
+        with the fewest running requests, the earliest in turn among equals."""
+        best, best_running = None, None
+        for tenant, queue in self._tenants.items():
+            running = num_running.get(tenant, 0) if num_running else 0
+            if best_running is None or running < best_running:
+                best, best_running = queue, running
+        return None if best is None else next(iter(best.values()))
 
     def pop(self, r: Request) -> None:
         """Remove the request peek() gave, after admitting it; its tenant's turn passes."""
-        if self._resume.pop(r.request_id, None) is not None:
-            return
-        tenant = self._where.pop(r.request_id)
-        queue = self._tenants[tenant]
-        del queue[r.request_id]
-        if queue:
-            self._tenants.move_to_end(tenant)
-        else:
-            del self._tenants[tenant]
+        self.remove(r.request_id)
+        if r.tenant in self._tenants:
+            self._tenants.move_to_end(r.tenant)
 
     def remove(self, request_id: str) -> bool:
         """Drop a request wherever it waits (an abort); False if it is not waiting."""
-        if self._resume.pop(request_id, None) is not None:
-            return True
         if request_id not in self._where:
             return False
         tenant = self._where.pop(request_id)
@@ -83,8 +81,5 @@ class WaitingQueue:
         return True
 
     def counts_by_tenant(self) -> dict[str | None, int]:
-        """Requests waiting per tenant, resuming ones included."""
-        counts = {tenant: len(queue) for tenant, queue in self._tenants.items()}
-        for r in self._resume.values():
-            counts[r.tenant] = counts.get(r.tenant, 0) + 1
-        return counts
+        """Requests waiting per tenant."""
+        return {tenant: len(queue) for tenant, queue in self._tenants.items()}

@@ -3,9 +3,10 @@
 One rule covers prefill, chunked prefill, decode and resume: a request feeds tokens
 [num_computed_tokens, num_tokens), cut to what is left of the step's token budget. Running requests
 are served first (oldest first), then waiting ones are admitted while budget, sequence slots and
-blocks last: preempted ones first, then new ones first come first served within a tenant, the
-tenants taking turns (queues.py); the request whose turn it is is never skipped, so nothing
-starves. When a
+blocks last: first come first served within a tenant (preempted ones first), the waiting tenant
+with the fewest running requests first (queues.py), and a tenant over its share of the running
+slots gives one back while another waits; the request whose turn it is is never skipped, so
+nothing starves. When a
 running request needs a block and none is free, the newest running request is preempted: by
 recompute (its blocks are freed and it is requeued at the front with its generated tokens) or by
 swap (its blocks are copied to host memory and freed, then copied back on resume).
@@ -19,6 +20,7 @@ Token-level stops are decided here; stop strings need text, so the engine decide
 from __future__ import annotations
 
 import time
+from collections import Counter
 
 from kvserve.config import SchedulerConfig
 from kvserve.kvcache.block_manager import BlockManager
@@ -51,7 +53,8 @@ class Scheduler:
         self.waiting = WaitingQueue()  # O(1) by id; round robin between tenants
         self.running: list[Request] = []
         self.swapped: dict[str, tuple[str, ...]] = {}  # request id -> its blocks' host keys
-        self.num_preemptions = 0
+        self.num_preemptions = 0  # all of them, fair-share ones included
+        self.num_fair_share_preemptions = 0
 
     def add(self, request: Request) -> None:
         self.waiting.add(request)
@@ -64,6 +67,7 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens if self.retains_kv else None
         seqs: list[ScheduledSeq] = []
         transfers: list[BlockTransfer] = []  # swap-outs (running loop) before swap-ins
+        self._preempt_for_fair_share(transfers)
         preempted = False
         for r in list(self.running):
             if r not in self.running:  # preempted earlier in this loop
@@ -85,7 +89,7 @@ class Scheduler:
         # its blocks to one that arrived after it.
         while (not preempted and self.waiting and len(self.running) < self.config.max_num_seqs
                and (budget is None or budget > 0)):
-            r = self.waiting.peek()
+            r = self.waiting.peek(Counter(x.tenant for x in self.running))
             if self._over_long_limit(r):
                 break  # FCFS: the head waits for a long request to finish; none jumps it
             if r.request_id in self.swapped:
@@ -104,6 +108,29 @@ class Scheduler:
             seqs.append(self._scheduled(r, num_new))
             budget = None if budget is None else budget - num_new
         return StepPlan(tuple(seqs), tuple(transfers))
+
+    def _preempt_for_fair_share(self, transfers: list[BlockTransfer]) -> None:
+        """Every running slot taken, and a tenant waits with fewer running requests than its
+        share (the slots divided among the tenants with requests): take one slot back from the
+        tenant furthest above its share, by preempting its newest running request as memory
+        pressure would (recompute or swap). At most one a step; with one tenant, or K/V not in
+        blocks (the unpaged modes never preempt), never."""
+        if (self.blocks is None or len(self.running) < self.config.max_num_seqs
+                or not self.waiting):
+            return
+        running = Counter(r.tenant for r in self.running)
+        active = set(running) | set(self.waiting.tenants())
+        if len(active) < 2:
+            return
+        share = max(1, self.config.max_num_seqs // len(active))
+        if all(running.get(t, 0) >= share for t in self.waiting.tenants()):
+            return
+        donor, held = running.most_common(1)[0]
+        if held <= share:
+            return
+        victim = next(r for r in reversed(self.running) if r.tenant == donor)
+        self._preempt(victim, transfers)
+        self.num_fair_share_preemptions += 1
 
     def is_long(self, r: Request) -> bool:
         max_tokens = r.params.max_tokens or self.max_model_len

@@ -15,14 +15,9 @@ from pathlib import Path
 import openai
 import pytest
 import requests
-from conftest import free_port
+from serving import free_port
 
 TOKENS = list(range(5, 45))  # a 40-token prompt of plain token ids: 10 blocks of 4
-
-
-@pytest.fixture(scope="module")
-def tiny_flags(tiny_hf_dir) -> tuple[str, ...]:
-    return ("--model", str(tiny_hf_dir), "--block-size", "4", "--kv-cache-memory", "4MiB")
 
 
 def _completion(server, key: str | None, **body) -> requests.Response:

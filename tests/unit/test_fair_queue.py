@@ -1,7 +1,10 @@
-"""Waiting requests: round robin between tenants, FCFS inside a tenant, preempted requests first,
-removal by id; requests compare by identity (no field-by-field equality in any queue)."""
+"""Waiting requests: FCFS inside a tenant (preempted ones first), the tenant with the fewest running
+requests next, round robin among equals, removal by id; a tenant over its share of the running
+slots gives one back; requests compare by identity (no field-by-field equality in any queue)."""
 
 from kvserve.config import SchedulerConfig
+from kvserve.kvcache.block_manager import BlockManager
+from kvserve.kvcache.block_pool import BlockPool
 from kvserve.request import Request, SamplingParams
 from kvserve.scheduler.plan import SampledToken, StepResult
 from kvserve.scheduler.queues import WaitingQueue
@@ -40,13 +43,24 @@ def test_without_tenants_it_is_plain_fcfs():
     assert drain(q) == list("abcd")
 
 
-def test_preempted_requests_resume_first_oldest_first():
+def test_preempted_requests_go_first_in_their_tenant_oldest_first():
     q = WaitingQueue()
     q.add(req("new", "A"))
     q.push_front(req("victim2", "B"))  # the newest running is preempted first
     q.push_front(req("victim1", "A"))
     assert q.counts_by_tenant() == {"A": 2, "B": 1}
-    assert drain(q) == ["victim1", "victim2", "new"]
+    assert drain(q) == ["victim1", "victim2", "new"]  # A, B, A in turn
+    q.add(req("a1", "A"))
+    q.push_front(req("a0", "A"))
+    assert drain(q) == ["a0", "a1"]
+
+
+def test_the_tenant_with_fewest_running_goes_next():
+    q = WaitingQueue()
+    for rid, tenant in (("a0", "A"), ("a1", "A"), ("b0", "B")):
+        q.add(req(rid, tenant))
+    assert q.peek({"A": 3, "B": 1}).request_id == "b0"
+    assert q.peek({"A": 1, "B": 1}).request_id == "a0"  # equals: whoever is first in turn
 
 
 def test_remove_by_id_anywhere():
@@ -89,3 +103,28 @@ def test_aborting_thousands_of_waiting_requests_touches_only_them():
         s.finish(r, FinishReason.ABORT)
     assert len(s.waiting) == 10_000 and all(r.status.finished for r in rs[::2])
     assert s.waiting.peek() is rs[3]  # tenant t0 keeps its turn; r0 was aborted, r3 is next
+
+
+def test_a_tenant_over_its_share_gives_a_slot_back():
+    """B fills all four slots; A arrives: one of B's is preempted (the newest) and A admitted in
+    the same step, until A holds its share (two of four)."""
+    blocks = BlockManager(BlockPool(64), 4)
+    s = Scheduler(SchedulerConfig(max_num_seqs=4), 64, True, (2,), blocks)
+    for i in range(6):
+        s.add(req(f"b{i}", "B", max_tokens=20, ignore_eos=True))
+
+    def step() -> list[str]:
+        plan = s.schedule()
+        s.update(plan, StepResult(tuple(SampledToken(q.request_id, 9) for q in plan.seqs)))
+        return [q.request_id for q in plan.seqs]
+
+    assert step() == ["b0", "b1", "b2", "b3"]
+    s.add(req("a0", "A", max_tokens=20, ignore_eos=True))
+    s.add(req("a1", "A", max_tokens=20, ignore_eos=True))
+    assert step() == ["b0", "b1", "b2", "a0"]  # b3 preempted, a0 admitted at once
+    assert step() == ["b0", "b1", "a0", "a1"]  # b2 too: A now holds its share
+    assert sorted(r.request_id for r in s.running) == ["a0", "a1", "b0", "b1"]
+    assert step() == ["b0", "b1", "a0", "a1"]  # at the share: nobody else is preempted
+    assert s.num_fair_share_preemptions == 2 and s.num_preemptions == 2
+    assert [r.request_id for r in s.waiting][:2] == ["b2", "b3"]  # back at the front of B
+    blocks.check_invariants()

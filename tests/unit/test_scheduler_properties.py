@@ -86,7 +86,9 @@ def test_random_interleavings_keep_blocks_consistent(ops, mode, budget, max_seqs
     requests = []
     for op, a, b in ops:
         if op == "add":
-            r = Request(f"r{len(requests)}", [1] * a, SamplingParams(max_tokens=b))
+            # three tenants: fair-share preemption runs among the memory-pressure ones
+            r = Request(f"r{len(requests)}", [1] * a, SamplingParams(max_tokens=b),
+                        tenant=f"t{a % 3}")
             requests.append(r)
             scheduler.add(r)
         elif op == "abort":
@@ -162,7 +164,7 @@ def test_prefix_caching_shares_only_same_salt_same_tokens(ops, mode, budget, max
     for op, prompt, n, salt in ops:
         if op == "add":
             r = Request(f"r{len(requests)}", list(prompt), SamplingParams(max_tokens=n),
-                        cache_salt=salt)
+                        cache_salt=salt, tenant=salt)
             requests.append(r)
             scheduler.add(r)
         elif op == "abort":

@@ -1,4 +1,5 @@
-"""Servers under test: `kvserve serve` started as a real process on a free loopback port."""
+"""Servers under test: `kvserve serve` started as a real process on a free loopback port (used by
+tests/server and tests/abuse)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 import requests
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 120
 
 
@@ -41,10 +41,14 @@ class Server:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def metrics(self) -> dict[str, float]:
-        """name{labels} -> value, from GET /metrics (label sets folded into one key)."""
+    def metrics(self, key: str | None = None) -> dict[str, float]:
+        """name{labels} -> value, from GET /metrics (label sets folded into one key); `key`:
+        the API key a server with keys wants."""
         values: dict[str, float] = {}
-        for line in requests.get(self.url + "/metrics", timeout=10).text.splitlines():
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        response = requests.get(self.url + "/metrics", timeout=10, headers=headers)
+        response.raise_for_status()
+        for line in response.text.splitlines():
             if line and not line.startswith("#"):
                 key, value = line.rsplit(" ", 1)
                 name = key.split("{", 1)[0]
@@ -70,15 +74,18 @@ class Server:
         return self.proc.returncode
 
 
-def start_server(tmp_path: Path, *flags: str) -> Server:
+def start_server(tmp_path: Path, *flags: str, prelude: str = "",
+                 env: dict[str, str] | None = None) -> Server:
+    """`kvserve serve --port P *flags` in a process of its own; `prelude` is Python run in that
+    process first (a test's fault injection), `env` extra environment variables."""
     port = free_port()
     log_path = tmp_path / f"server-{port}.log"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    argv = ["serve", "--port", str(port), "--log-level", "warning", *flags]
+    code = f"{prelude}\nimport sys\nfrom kvserve.cli import main\nsys.exit(main({argv!r}))"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "kvserve.cli", "serve", "--port", str(port),
-             "--log-level", "warning", *flags],
-            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=log,
+                                stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     server = Server(proc, port, log_path)
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -94,16 +101,3 @@ def start_server(tmp_path: Path, *flags: str) -> Server:
     raise RuntimeError(f"server did not start in {START_TIMEOUT_S} s:\n{server.log()}")
 
 
-@pytest.fixture(scope="module")
-def server_factory(tmp_path_factory):
-    """start(*flags) -> Server; every server started is stopped when the module ends."""
-    started: list[Server] = []
-
-    def start(*flags: str) -> Server:
-        server = start_server(tmp_path_factory.mktemp("server"), *flags)
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.stop(signal.SIGKILL)
