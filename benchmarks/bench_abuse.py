@@ -16,18 +16,21 @@ read from KVSERVE_API_KEYS; --max-num-seqs 40 so every stream below runs at once
       Attacks (each as the hostile client sent it; the server's answer is counted):
         cancel-huge    2,000 prompts x n=4 (8,000 sequences), client gone after 1 s
         cancel-big     64 prompts x n=4 (256 sequences, the most allowed), gone after 1 s
-        huge-text      a 15.6 MB text prompt
+        huge-text      a 15.6 MB text prompt (over the body limit)
+        big-text       a 3.9 MB text prompt (under it; over the context by its length)
         stop-ids       300,000 stop_token_ids, n=128
         no-key-body    an 8 MB body without an API key
         logprobs       n=8, 300 tokens, top_logprobs 20 (allowed: 50,400 entries)
+        same-no-lp     the same 8 x 300 tokens without logprobs: the control that tells the
+                       cost of 8 more sequences in the batch from that of the log-probs
         tiny-sampling  temperature 1e-38 and top_p 1e-300 (allowed; 32 tokens)
         metrics-scrape GET /metrics without a key
-  (b) Fair scheduling. Tenant A sends --fair-requests (8) streamed requests one after another
-      (closed loop, --max-tokens each); tenant B floods: in one phase the same number as A at
-      once, in the other 10x as many. max_num_seqs is --fair-seqs (8) here, so B's flood
-      queues. A's median TTFT with B at 10x / with B at 1x: fair share keeps it near 1 (target
-      at most 2x). The same traffic on a server without API keys (one FCFS queue for everyone)
-      is shown beside it, in the same run.
+  (b) Fair scheduling. Tenant A runs --fair-a-clients (1) closed-loop streaming clients
+      (--max-tokens each), tenant B first as many, then 10x as many, each phase for
+      --fair-seconds (40) after a --fair-ramp-s (5) ramp; max_num_seqs is --fair-seqs (8), so
+      B at 10x keeps every slot busy and some requests waiting. A's median TTFT (requests sent
+      after the ramp) with B at 10x / with B at 1x: target at most 2x. The same traffic on a
+      server without API keys (one FCFS queue for everyone) is shown beside it, same run.
 """
 
 from __future__ import annotations
@@ -135,12 +138,15 @@ def attacks(stop_ids_body: bytes) -> dict[str, object]:
         "cancel-big": completion({"prompt": [[1, 2, 3, 4]] * 64, "n": 4, "max_tokens": 50,
                                   "ignore_eos": True}, timeout=1.0),
         "huge-text": completion({"prompt": huge_text, "max_tokens": 2}),
+        "big-text": completion({"prompt": huge_text[:3_900_000], "max_tokens": 2}),
         "stop-ids": lambda port: raw_request(port, "POST", "/v1/completions", stop_ids_body,
                                              headers("evil")),
         "no-key-body": lambda port: raw_request(port, "POST", "/v1/completions",
                                                 b"x" * 8_000_000, headers(None)),
         "logprobs": completion({"prompt": "Tell me a story.", "n": 8, "max_tokens": 300,
                                 "logprobs": 20, "ignore_eos": True}),
+        "same-no-lp": completion({"prompt": "Tell me a story.", "n": 8, "max_tokens": 300,
+                                  "ignore_eos": True}),
         "tiny-sampling": completion({"prompt": "Tell me a story.", "max_tokens": 32,
                                      "temperature": 1e-38, "top_p": 1e-300}),
         "metrics-scrape": lambda port: raw_request(port, "GET", "/metrics", b"", headers(None)),
@@ -212,21 +218,31 @@ def bench_attacks(args) -> dict:
         proc.wait(60)
 
 
-def fairness_phase(port: int, args, b_count: int, offset: int, keyed: bool) -> float:
-    """A's median TTFT while B floods b_count requests at once."""
+def fairness_phase(port: int, args, b_clients: int, offset: int, keyed: bool) -> dict:
+    """A's --fair-a-clients and B's b_clients closed-loop clients for --fair-seconds; A's TTFTs
+    of the requests it sent after a ramp of --fair-ramp-s."""
+    t0 = time.perf_counter()
+    end, ramp = t0 + args.fair_ramp_s + args.fair_seconds, t0 + args.fair_ramp_s
     ttfts: list[float] = []
-    b_threads = [threading.Thread(target=stream, args=(
-        port, "b" if keyed else None, PROMPTS[offset + 100 + i], args.max_tokens))
-        for i in range(b_count)]
-    for t in b_threads:
+    counter = iter(range(offset, offset + 100_000))
+
+    def client(tenant: str) -> None:
+        while time.perf_counter() < end:
+            sent = time.perf_counter()
+            r = stream(port, tenant if keyed else None, PROMPTS[next(counter) % len(PROMPTS)],
+                       args.max_tokens)
+            if tenant == "a" and sent >= ramp:
+                ttfts.append(r["ttft"])
+
+    threads = [threading.Thread(target=client, args=("a",)) for _ in range(args.fair_a_clients)]
+    threads += [threading.Thread(target=client, args=("b",)) for _ in range(b_clients)]
+    for t in threads:
         t.start()
-    time.sleep(0.5)  # B's flood is queued before A starts
-    for i in range(args.fair_requests):
-        ttfts.append(stream(port, "a" if keyed else None, PROMPTS[offset + i],
-                            args.max_tokens)["ttft"])
-    for t in b_threads:
+    for t in threads:
         t.join()
-    return statistics.median(ttfts)
+    if not ttfts:
+        raise SystemExit("bench_abuse: tenant A completed no request in the window")
+    return {"ttft_median_s": statistics.median(ttfts), "requests": len(ttfts)}
 
 
 def bench_fairness(args) -> dict:
@@ -235,12 +251,15 @@ def bench_fairness(args) -> dict:
         proc, port = start_server("--max-num-seqs", str(args.fair_seqs), keys=keyed)
         try:
             stream(port, "a" if keyed else None, PROMPTS[0], 4)  # warm-up
-            log(f"(b) {label}: B sends as many as A ...")
-            even = fairness_phase(port, args, args.fair_requests, 1000, keyed)
-            log(f"(b) {label}: B sends 10x ...")
-            flood = fairness_phase(port, args, 10 * args.fair_requests, 2000, keyed)
-            out[label] = {"ttft_median_even_s": even, "ttft_median_flood_s": flood,
-                          "ratio": flood / even}
+            phases = {}
+            for times in (1, 10):
+                log(f"(b) {label}: B runs {times}x A's clients ...")
+                phases[times] = fairness_phase(port, args, times * args.fair_a_clients,
+                                               1000 * times, keyed)
+            out[label] = {"ttft_median_even_s": phases[1]["ttft_median_s"],
+                          "ttft_median_flood_s": phases[10]["ttft_median_s"],
+                          "a_requests": [phases[1]["requests"], phases[10]["requests"]],
+                          "ratio": phases[10]["ttft_median_s"] / phases[1]["ttft_median_s"]}
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
@@ -254,14 +273,17 @@ def main() -> None:
     p.add_argument("--attackers", type=int, default=1, help="attacking client threads")
     p.add_argument("--attack-pause-s", type=float, default=1.0,
                    help="pause between one attacker's requests")
-    p.add_argument("--attacks", default="cancel-huge,cancel-big,huge-text,stop-ids,no-key-body,"
-                   "logprobs,tiny-sampling,metrics-scrape")
-    p.add_argument("--fair-requests", type=int, default=8)
-    p.add_argument("--fair-seqs", type=int, default=8)
+    p.add_argument("--attacks", default="cancel-huge,cancel-big,huge-text,big-text,stop-ids,"
+                   "no-key-body,"
+                   "logprobs,same-no-lp,tiny-sampling,metrics-scrape")
+    p.add_argument("--fair-a-clients", type=int, default=1)
+    p.add_argument("--fair-seqs", type=int, default=8, help="max_num_seqs in (b)")
+    p.add_argument("--fair-seconds", type=float, default=40.0)
+    p.add_argument("--fair-ramp-s", type=float, default=5.0)
     p.add_argument("--quick", action="store_true", help="smoke run: few streams and tokens")
     args = p.parse_args()
     if args.quick:
-        args.streams, args.max_tokens, args.fair_requests = 4, 8, 2
+        args.streams, args.max_tokens, args.fair_seconds, args.fair_ramp_s = 4, 8, 5.0, 1.0
         args.attacks = "huge-text,no-key-body"
     attack = bench_attacks(args)
     fair = bench_fairness(args)
@@ -275,11 +297,12 @@ def main() -> None:
         answers = ", ".join(f"{k} x{v}" for k, v in r["attack_statuses"].items())
         print(f"{name:<16} {r['p50'] * 1e3:>10.1f} {r['p99'] * 1e3:>8.1f} "
               f"{r['ratio_p50']:>5.2f}x {r['ratio_p99']:>5.2f}x  {answers}")
-    print(f"\n(b) tenant A: {args.fair_requests} requests one at a time; tenant B floods; "
-          f"max_num_seqs {args.fair_seqs}\n")
+    print(f"\n(b) tenant A: {args.fair_a_clients} closed-loop client(s); tenant B: as many, then "
+          f"10x as many; {args.fair_seconds:.0f} s each; max_num_seqs {args.fair_seqs}\n")
     for label, r in fair.items():
         print(f"{label:<20} A's median TTFT {r['ttft_median_even_s'] * 1e3:8.0f} ms with B at "
-              f"1x, {r['ttft_median_flood_s'] * 1e3:8.0f} ms with B at 10x: {r['ratio']:.2f}x")
+              f"1x, {r['ttft_median_flood_s'] * 1e3:8.0f} ms with B at 10x: {r['ratio']:.2f}x "
+              f"(A's requests: {r['a_requests'][0]} / {r['a_requests'][1]})")
     print(json.dumps({"bench": "abuse", "machine": machine_info(),
                       "config": {k: v for k, v in vars(args).items()},
                       "attacks": attack, "fairness": fair}))

@@ -82,6 +82,10 @@ def add_serve_parser(sub) -> None:
                        "429 (default: 256)")
     serve.add_argument("--max-sequences-per-request", type=int, default=256,
                        help="prompts x n of one request (default: 256)")
+    serve.add_argument("--max-body-bytes", default=None, metavar="SIZE",
+                       help="larger request bodies get 413 from their headers, e.g. 16MiB "
+                       "(default: room for four of the longest prompts the context admits, at "
+                       "least 4 MiB)")
     serve.add_argument("--max-logprob-entries", type=int, default=100_000,
                        help="n x max_tokens x (top_logprobs + 1) of one request "
                        "(default: 100000)")
@@ -96,7 +100,7 @@ def add_serve_parser(sub) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from kvserve.config import EngineConfig, ServerConfig
+    from kvserve.config import EngineConfig, ServerConfig, parse_size
 
     # Both configs are checked before torch loads: a typo fails in a fraction of a second.
     server = ServerConfig(host=args.host, port=args.port, api_keys=api_keys(args),
@@ -104,6 +108,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           max_queue_per_tenant=args.max_queue_per_tenant,
                           max_sequences_per_request=args.max_sequences_per_request,
                           max_logprob_entries=args.max_logprob_entries,
+                          max_body_bytes=None if args.max_body_bytes is None else parse_size(
+                              args.max_body_bytes, "--max-body-bytes"),
                           served_model_name=args.served_model_name,
                           shutdown_timeout_s=args.shutdown_timeout)
     engine = EngineConfig.create(**engine_kwargs(args))

@@ -308,7 +308,9 @@ class ServerConfig:
     max_logprob_entries: int = 100_000  # n x max_tokens x (top_logprobs + 1) of one request
     served_model_name: str | None = None  # None: the model's own name
     shutdown_timeout_s: float = 30.0  # SIGTERM: how long in-flight requests may finish
-    max_body_bytes: int = 16 * 2**20  # larger request bodies are answered 413
+    # Larger request bodies are answered 413 from their headers, before a byte is parsed. None:
+    # what the model needs, at least 4 MiB (ServerState.max_body_bytes).
+    max_body_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
@@ -323,6 +325,7 @@ class ServerConfig:
         if not self.shutdown_timeout_s >= 0:
             raise ConfigError(f"shutdown_timeout must be >= 0 seconds, "
                               f"got {self.shutdown_timeout_s!r}")
-        if not isinstance(self.max_body_bytes, int) or self.max_body_bytes <= 0:
+        if self.max_body_bytes is not None and (not isinstance(self.max_body_bytes, int)
+                                                or self.max_body_bytes <= 0):
             raise ConfigError(f"max_body_bytes must be a positive integer, "
                               f"got {self.max_body_bytes!r}")

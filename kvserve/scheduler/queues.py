@@ -3,8 +3,8 @@
 One queue per tenant, first come first served inside it; a preempted request goes back to the
 front of its own tenant's queue. Between tenants, the next admission goes to the waiting tenant
 with the fewest requests running (ties: whoever waited longest for a turn, round robin), so one
-tenant's burst cannot starve another's requests; the scheduler may also preempt a tenant holding
-more than its share of the running slots while another waits with less (scheduler.py). With one
+tenant's burst cannot starve another's requests; when every slot is taken, the scheduler gives a
+tenant with nothing running a slot of the tenant holding the most (scheduler.py). With one
 tenant (no API keys) this is plain FCFS with preempted requests first. Every operation is O(1) in
 the number of waiting requests: they are indexed by id, never searched for or compared by value.
 """

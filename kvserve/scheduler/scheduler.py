@@ -4,9 +4,9 @@ One rule covers prefill, chunked prefill, decode and resume: a request feeds tok
 [num_computed_tokens, num_tokens), cut to what is left of the step's token budget. Running requests
 are served first (oldest first), then waiting ones are admitted while budget, sequence slots and
 blocks last: first come first served within a tenant (preempted ones first), the waiting tenant
-with the fewest running requests first (queues.py), and a tenant over its share of the running
-slots gives one back while another waits; the request whose turn it is is never skipped, so
-nothing starves. When a
+with the fewest running requests first (queues.py), and when every slot is taken a tenant with
+nothing running gets one back from the tenant holding the most; the request whose turn it is is
+never skipped, so nothing starves. When a
 running request needs a block and none is free, the newest running request is preempted: by
 recompute (its blocks are freed and it is requeued at the front with its generated tokens) or by
 swap (its blocks are copied to host memory and freed, then copied back on resume).
@@ -110,23 +110,21 @@ class Scheduler:
         return StepPlan(tuple(seqs), tuple(transfers))
 
     def _preempt_for_fair_share(self, transfers: list[BlockTransfer]) -> None:
-        """Every running slot taken, and a tenant waits with fewer running requests than its
-        share (the slots divided among the tenants with requests): take one slot back from the
-        tenant furthest above its share, by preempting its newest running request as memory
-        pressure would (recompute or swap). At most one a step; with one tenant, or K/V not in
-        blocks (the unpaged modes never preempt), never."""
+        """Every running slot taken, and a tenant waits with nothing running: take one slot
+        back from the tenant holding the most, by preempting its newest running request as
+        memory pressure would (recompute or swap), so no tenant is locked out for as long as
+        another's burst lasts. Beyond that first slot, fairness comes from admission order
+        (the fewest running first) as slots free up, never from preempting more: a tenant
+        keeps the streams it runs. At most one a step; with one tenant, or K/V not in blocks
+        (the unpaged modes never preempt), never."""
         if (self.blocks is None or len(self.running) < self.config.max_num_seqs
                 or not self.waiting):
             return
         running = Counter(r.tenant for r in self.running)
-        active = set(running) | set(self.waiting.tenants())
-        if len(active) < 2:
-            return
-        share = max(1, self.config.max_num_seqs // len(active))
-        if all(running.get(t, 0) >= share for t in self.waiting.tenants()):
+        if all(running.get(t, 0) > 0 for t in self.waiting.tenants()):
             return
         donor, held = running.most_common(1)[0]
-        if held <= share:
+        if held < 2:
             return
         victim = next(r for r in reversed(self.running) if r.tenant == donor)
         self._preempt(victim, transfers)

@@ -35,7 +35,7 @@ class BodyLimitAndCount:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        limit = self.state.config.max_body_bytes
+        limit = self.state.max_body_bytes
         path = scope.get("path", "")
         endpoint = path if path in API_PATHS else "other"
         headers = dict(scope.get("headers", ()))

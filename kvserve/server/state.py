@@ -62,6 +62,17 @@ class ServerState:
         return self.engine.tokenizer
 
     @property
+    def max_body_bytes(self) -> int:
+        """--max-body-bytes, or by default room for four of the longest text prompts the context
+        admits (max_model_len x the longest token, in bytes; JSON escapes can double them), and
+        never under 4 MiB: a bigger body cannot be a valid single-prompt request, and rejecting
+        it from its headers spares the event loop from receiving and parsing it."""
+        if self.config.max_body_bytes is not None:
+            return self.config.max_body_bytes
+        longest = self.engine.max_model_len * self.engine.tokenizer.max_token_bytes
+        return max(4 * 2**20, 4 * longest)
+
+    @property
     def max_model_len(self) -> int:
         return self.engine.max_model_len
 
