@@ -38,17 +38,15 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import os
 import signal
 import statistics
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 from bench_core import log, machine_info
-from bench_serve import free_port, percentiles
+from bench_serve import launch, percentiles
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [f"Tenant note {i}: explain in a few plain sentences why reusing the keys and values "
@@ -57,27 +55,8 @@ KEYS = {"good": "good-key", "evil": "evil-key", "a": "tenant-a-key", "b": "tenan
 
 
 def start_server(*flags: str, keys: bool = True) -> tuple[subprocess.Popen, int]:
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    if keys:
-        env["KVSERVE_API_KEYS"] = ",".join(KEYS.values())
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kvserve.cli", "serve", "--port", str(port), "--log-level",
-         "error", "--dtype", "float32", *flags], env=env, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"bench_abuse: server exited with {proc.returncode}")
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            conn.request("GET", "/health")
-            if conn.getresponse().status == 200:
-                return proc, port
-        except OSError:
-            pass
-        time.sleep(0.25)
-    proc.kill()
-    raise SystemExit("bench_abuse: server did not start")
+    env = {"KVSERVE_API_KEYS": ",".join(KEYS.values())} if keys else {}
+    return launch(list(flags), env, log_level="error")
 
 
 def headers(tenant: str | None) -> dict[str, str]:

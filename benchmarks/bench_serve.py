@@ -46,11 +46,17 @@ def free_port() -> int:
 
 
 def start_server(max_num_seqs: int) -> tuple[subprocess.Popen, int]:
+    return launch(["--max-num-seqs", str(max_num_seqs)])
+
+
+def launch(flags: list[str], env: dict[str, str] | None = None,
+           log_level: str = "warning") -> tuple[subprocess.Popen, int]:
+    """`kvserve serve` (float32) with these flags on a free port, once /health answers."""
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "kvserve.cli", "serve", "--port", str(port), "--log-level",
-         "warning", "--max-num-seqs", str(max_num_seqs), "--dtype", "float32"],
-        env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=subprocess.DEVNULL)
+         log_level, "--dtype", "float32", *flags],
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if proc.poll() is not None:
