@@ -117,6 +117,8 @@ class LLMEngine:
         spans more than tokenizer.max_token_bytes bytes of text, so a text of more than
         max_model_len times that many bytes has more tokens than fit."""
         limit = self.max_model_len * self.tokenizer.max_token_bytes
+        if 4 * len(text) <= limit:  # UTF-8 takes at most 4 bytes a character: no need to count
+            return
         if len(text) > limit or len(text.encode("utf-8", "surrogatepass")) > limit:
             raise InvalidRequestError(
                 f"prompt has more than {limit:,} bytes of text, certainly more tokens than the "

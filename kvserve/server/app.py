@@ -20,7 +20,7 @@ from kvserve.server.chat import create_chat_completion
 from kvserve.server.completions import create_completion
 from kvserve.server.errors import ERROR_RESPONSES, install_error_handlers
 from kvserve.server.metrics import CONTENT_TYPE
-from kvserve.server.middleware import UNAUTHORIZED, BodyLimitAndCount
+from kvserve.server.middleware import TENANT, UNAUTHORIZED, BodyLimitAndCount
 from kvserve.server.state import ServerState
 
 Tenant = Callable[..., Any]  # a FastAPI dependency: the caller's cache salt, or None
@@ -61,12 +61,11 @@ def _tenant_dependency(state: ServerState) -> Tenant:
         return no_tenant
     bearer = HTTPBearer(auto_error=False, description="one of the server's --api-key values")
 
-    async def tenant(credentials: Annotated[HTTPAuthorizationCredentials | None,
-                                            Depends(bearer)]) -> str | None:
-        # The middleware has already refused a missing or wrong key, before the body was read;
-        # this names the key's tenant (and declares the scheme in /openapi.json).
-        header = None if credentials is None else f"Bearer {credentials.credentials}"
-        salt = state.authenticate(header)
+    async def tenant(request: Request, _: Annotated[HTTPAuthorizationCredentials | None,
+                                                    Depends(bearer)]) -> str | None:
+        # The middleware checked the key from the headers, before the body was read, and left
+        # the key's tenant here; the bearer dependency declares the scheme in /openapi.json.
+        salt = getattr(request.state, TENANT, None)
         if salt is None:
             raise UNAUTHORIZED
         return salt

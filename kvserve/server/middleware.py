@@ -14,6 +14,9 @@ UNAUTHORIZED = APIError(401, "missing or incorrect API key (send 'Authorization:
                         code="invalid_api_key")
 
 
+TENANT = "kvserve_tenant"  # request.state key: the authenticated caller's tenant salt
+
+
 def needs_key(path: str) -> bool:
     return path.startswith("/v1/") or path == "/metrics"
 
@@ -39,11 +42,13 @@ class BodyLimitAndCount:
         path = scope.get("path", "")
         endpoint = path if path in API_PATHS else "other"
         headers = dict(scope.get("headers", ()))
-        if self.state.tenants and needs_key(path) and self.state.authenticate(
-                headers.get(b"authorization", b"").decode("latin-1")) is None:
-            if path.startswith("/v1/"):
-                self.state.metrics.count_response(endpoint, 401)
-            return await error_response(UNAUTHORIZED)(scope, receive, send)
+        if self.state.tenants and needs_key(path):
+            tenant = self.state.authenticate(headers.get(b"authorization", b"").decode("latin-1"))
+            if tenant is None:
+                if path.startswith("/v1/"):
+                    self.state.metrics.count_response(endpoint, 401)
+                return await error_response(UNAUTHORIZED)(scope, receive, send)
+            scope.setdefault("state", {})[TENANT] = tenant  # the routes' tenant dependency
         length = headers.get(b"content-length", b"")
         if length.isdigit() and int(length) > limit:
             err = BodyTooLarge(length.decode(), limit)
