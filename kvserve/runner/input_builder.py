@@ -9,7 +9,12 @@ from dataclasses import dataclass
 
 import torch
 
-from kvserve.model.attention.metadata import AttentionMetadata, PagedMetadata, SeqSlice
+from kvserve.model.attention.metadata import (
+    AttentionMetadata,
+    DecodeRows,
+    PagedMetadata,
+    SeqSlice,
+)
 from kvserve.scheduler.plan import StepPlan
 
 
@@ -65,4 +70,21 @@ class InputBuilder:
             output_size=len(positions))  # [num_tokens]
         blocks = block_tables.long()[seq_of_row, positions // bs]
         slot_mapping = blocks * bs + positions % bs  # [num_tokens]
-        return PagedMetadata(bs, slot_mapping, block_tables, context_lens, tuple(num_blocks))
+        return PagedMetadata(bs, slot_mapping, block_tables, context_lens, tuple(num_blocks),
+                             _decode_rows(seqs, block_tables, context_lens))
+
+
+def _decode_rows(seqs: list[SeqSlice], block_tables: torch.Tensor,
+                 context_lens: torch.Tensor) -> DecodeRows | None:
+    """The one-token sequences: the whole batch, a part of it (a mixed step), or none."""
+    index = [i for i, s in enumerate(seqs) if s.num_new_tokens == 1]
+    if not index:
+        return None
+    max_len = max(seqs[i].context_len for i in index)
+    if len(index) == len(seqs):
+        return DecodeRows(None, block_tables, context_lens, max_len)
+    device = block_tables.device
+    rows = torch.tensor([seqs[i].row_start for i in index], dtype=torch.long, device=device)
+    pick = torch.tensor(index, dtype=torch.long)
+    return DecodeRows(rows, block_tables.index_select(0, pick.to(device)),
+                      context_lens.index_select(0, pick), max_len)

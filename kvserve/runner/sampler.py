@@ -36,7 +36,7 @@ def _stop_ids_for_min_tokens(params: SamplingParams, eos_token_ids: Sequence[int
 class SamplingBatch:
     """Per-step sampling tensors. An optional field is None when no row needs that step."""
 
-    greedy_mask: torch.Tensor  # [num_seqs] bool
+    random_rows: torch.Tensor  # [num_random] long: the rows that sample (not greedy)
     temperature: torch.Tensor  # [num_seqs] float32, 1.0 on greedy rows (never divides by 0)
     top_k: torch.Tensor | None  # [num_seqs] long, 0 = off
     top_p: torch.Tensor | None  # [num_seqs] float32, 1.0 = off
@@ -49,7 +49,7 @@ class SamplingBatch:
     min_tokens_banned: TokenIndex | None  # stop/EOS ids of rows still short of min_tokens
     max_num_logprobs: int | None  # largest params.logprobs in the batch; None: nobody asked
     generators: list[torch.Generator | None]
-    seeded_rows: list[int]  # random rows that draw from their own generator
+    seeded: list[tuple[int, int]]  # (row, its index among random_rows) with their own generator
     any_unseeded: bool  # some random row draws from torch's default generator
     all_greedy: bool
     any_greedy: bool
@@ -78,7 +78,7 @@ class SamplingBatch:
         logprob_counts = [p.logprobs for p in ps if p.logprobs is not None]
         random_rows = [i for i, g in enumerate(greedy) if not g]
         return cls(
-            greedy_mask=torch.tensor(greedy, dtype=torch.bool, device=device),
+            random_rows=torch.tensor(random_rows, dtype=torch.long, device=device),
             temperature=torch.tensor([1.0 if p.greedy else p.temperature for p in ps],
                                      dtype=torch.float32, device=device),
             top_k=column([p.top_k for p in ps], 0, torch.long),
@@ -98,7 +98,8 @@ class SamplingBatch:
                  if len(output_token_ids[i]) < p.min_tokens], device),
             max_num_logprobs=max(logprob_counts) if logprob_counts else None,
             generators=list(generators),
-            seeded_rows=[i for i in random_rows if generators[i] is not None],
+            seeded=[(row, j) for j, row in enumerate(random_rows)
+                    if generators[row] is not None],
             any_unseeded=any(generators[i] is None for i in random_rows),
             all_greedy=not random_rows,
             any_greedy=any(greedy),
@@ -183,24 +184,35 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> None:
 
 
 def _exponential(out: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Exp(1) draws, floored above 0 so that 0 / 0 never makes a NaN."""
-    return out.exponential_(generator=generator).clamp_min_(torch.finfo(out.dtype).tiny)
+    """Exp(1) draws as -log(1 - U), U uniform on [0, 1) (4-5x faster on CPU than torch's
+    exponential_), floored above 0 so that 0 / 0 never makes a NaN."""
+    return (out.uniform_(generator=generator).neg_().log1p_().neg_()
+            .clamp_min_(torch.finfo(out.dtype).tiny))
 
 
 def _sample_random(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """Temperature, top-k, top-p, min-p, then the exponential race argmax(probs / Exp(1)), which
-    samples from probs; each seeded row draws vocab values from its own generator."""
-    logits.div_(batch.temperature.unsqueeze(-1))
-    if batch.top_k is not None or batch.top_p is not None:
-        apply_top_k_top_p(logits, batch.top_k, batch.top_p)
-    if batch.min_p is not None:
-        apply_min_p(logits, batch.min_p)
-    probs = logits.softmax(dim=-1)  # [num_seqs, vocab]
-    race = torch.empty_like(probs)  # [num_seqs, vocab] Exp(1) arrival times
+    samples from probs; each seeded row draws vocab values from its own generator. Only the
+    random rows are worked on (greedy rows cost nothing here): returns [num_random] token ids."""
+    rows = batch.random_rows
+    subset = len(rows) < logits.shape[0]
+
+    def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+        return t.index_select(0, rows) if t is not None and subset else t
+
+    work = logits.index_select(0, rows) if subset else logits  # [num_random, vocab]
+    work.div_(pick(batch.temperature).unsqueeze(-1))
+    top_k, top_p, min_p = pick(batch.top_k), pick(batch.top_p), pick(batch.min_p)
+    if top_k is not None or top_p is not None:
+        apply_top_k_top_p(work, top_k, top_p)
+    if min_p is not None:
+        apply_min_p(work, min_p)
+    probs = work.softmax(dim=-1)  # [num_random, vocab]
+    race = torch.empty_like(probs)  # [num_random, vocab] Exp(1) arrival times
     if batch.any_unseeded:
         _exponential(race, None)
-    for row in batch.seeded_rows:
-        _exponential(race[row], batch.generators[row])
+    for row, j in batch.seeded:
+        _exponential(race[j], batch.generators[row])
     return probs.div_(race).argmax(dim=-1)
 
 
@@ -217,9 +229,9 @@ class Sampler:
         logprobs = self._logprobs(work, batch)
         token_ids = work.argmax(dim=-1) if batch.any_greedy else None  # [num_seqs]
         if not batch.all_greedy:
-            sampled = _sample_random(work, batch)
-            token_ids = sampled if token_ids is None else torch.where(
-                batch.greedy_mask, token_ids, sampled)
+            sampled = _sample_random(work, batch)  # [num_random]
+            token_ids = sampled if token_ids is None else token_ids.index_copy_(
+                0, batch.random_rows, sampled)
         return self._output(token_ids, logprobs, batch)
 
     @staticmethod

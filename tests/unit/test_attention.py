@@ -139,3 +139,49 @@ def test_c_paged_decode_matches_reference_over_scattered_blocks(heads, kv_heads,
         v = values[table].flatten(0, 1)[:n].float()
         ref = attention_reference(q[b:b + 1], k, v)[0]
         torch.testing.assert_close(out[b], ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_mixed_step_decodes_through_c_and_prefills_through_pytorch_match_pytorch(dtype):
+    """A step mixing decodes, a prefill and a chunk after cached blocks, in interleaved order:
+    the decode rows take the C kernel and the rest the PyTorch path; the result equals the
+    all-PyTorch path, and both write the same K/V."""
+    from kvserve.kernels import cpu as cpu_kernels
+    from kvserve.kvcache.layout import KVLayout
+    from kvserve.kvstore.paged import PagedKVStore
+    from kvserve.model.attention.paged import PagedAttention
+    from kvserve.runner.input_builder import InputBuilder
+    from kvserve.scheduler.plan import ScheduledSeq, StepPlan
+
+    if not cpu_kernels.available():
+        pytest.skip("no C compiler: reference path only")
+    spec, bs = _spec(), 4
+    g = torch.Generator().manual_seed(11)
+    step = InputBuilder(torch.device("cpu"), bs).build(StepPlan((
+        ScheduledSeq("d1", (1,), 9, True, (0, 2, 5)),  # decode at position 9
+        ScheduledSeq("p", (5, 6, 7, 8, 9, 10), 0, True, (3, 7)),  # prefill of 6
+        ScheduledSeq("d2", (2,), 4, True, (8, 9)),  # decode at position 4
+        ScheduledSeq("c", (12, 13, 14), 5, False, (4, 1, 6)),  # a chunk after 5 cached
+    )))
+    assert step.meta.paged.decode.rows.tolist() == [0, 7]
+    n = step.meta.num_tokens
+    q = torch.randn(n, 4, 4, generator=g)
+    k = torch.randn(n, 2, 4, generator=g)
+    v = torch.randn(n, 2, 4, generator=g)
+    history = torch.randn(2, 10, bs, 2, 4, generator=g)  # what earlier steps wrote
+    outs, stores = [], []
+    for fast in (True, False):
+        store = PagedKVStore(KVLayout(spec, bs, dtype), 10, torch.device("cpu"))
+        for layer in range(spec.num_layers):
+            store.keys(layer).copy_(history[0])
+            store.values(layer).copy_(history[1])
+        attn = PagedAttention(store)
+        attn.use_fast_decode = fast
+        attn.prepare(step.meta)
+        outs.append([attn.forward(layer, q, k, v, step.meta) for layer in range(2)])
+        stores.append(store)
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for layer in range(spec.num_layers):
+        assert torch.equal(stores[0].keys(layer), stores[1].keys(layer))
+        assert torch.equal(stores[0].values(layer), stores[1].values(layer))

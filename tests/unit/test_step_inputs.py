@@ -38,6 +38,19 @@ def test_slot_mapping_positions_and_tables_match_the_per_token_reference():
     assert paged.num_blocks == (2, 3, 2)
     assert [(s.row_start, s.num_new_tokens) for s in meta.seqs] == [(0, 6), (6, 1), (7, 3)]
     assert not meta.is_decode and meta.max_context_len == 10
+    decode = paged.decode  # the one decode sequence of this mixed step: b, in row 6
+    assert decode.rows.tolist() == [6] and decode.block_tables.tolist() == [[0, 2, 5]]
+    assert decode.context_lens.tolist() == [10] and decode.max_context_len == 10
+
+
+def test_a_decode_step_uses_its_own_tables_and_a_prefill_step_has_no_decode_rows():
+    decode_only = StepPlan((ScheduledSeq("b", (11,), 9, True, (0, 2, 5)),
+                            ScheduledSeq("d", (3,), 2, True, (1,))))
+    paged = InputBuilder(torch.device("cpu"), BS).build(decode_only).meta.paged
+    assert paged.decode.rows is None and paged.decode.block_tables is paged.block_tables
+    assert paged.decode.max_context_len == 10
+    prefill_only = StepPlan((plan().seqs[0], plan().seqs[2]))
+    assert InputBuilder(torch.device("cpu"), BS).build(prefill_only).meta.paged.decode is None
 
 
 def test_unpaged_steps_carry_no_block_tables():

@@ -30,6 +30,18 @@ class SeqSlice:
 
 
 @dataclass(frozen=True)
+class DecodeRows:
+    """The sequences of a step that feed one token each, for a decode kernel: all of a decode
+    step's (rows None: the batch's own tables), or the decode part of a mixed step, whose
+    prefills then take the general path while the decodes keep the fast one."""
+
+    rows: torch.Tensor | None  # [m] long: their rows in the flat batch; None: every row
+    block_tables: torch.Tensor  # [m, max_blocks] int32
+    context_lens: torch.Tensor  # [m] int32, on the CPU
+    max_context_len: int
+
+
+@dataclass(frozen=True)
 class PagedMetadata:
     """Where K/V live in the paged pool for this step (paged backends only)."""
 
@@ -38,6 +50,7 @@ class PagedMetadata:
     block_tables: torch.Tensor  # [num_seqs, max_blocks] int32, each row padded with block 0
     context_lens: torch.Tensor  # [num_seqs] int32, on the CPU (the C decode kernel reads it)
     num_blocks: tuple[int, ...]  # blocks each sequence reads: ceil(context_len / block_size)
+    decode: DecodeRows | None = None  # the one-token sequences, when there are any
 
 
 @dataclass(frozen=True)
