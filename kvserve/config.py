@@ -17,6 +17,7 @@ from kvserve.errors import ConfigError
 from kvserve.kv_dtypes import (
     BUILT_KV_CACHE_DTYPES,
     KV_CACHE_DTYPES,
+    QUANTIZED_DTYPES,
     canonical_kv_dtype,
     check_kv_cache_dtype_built,
     resolve_kv_cache_dtype,
@@ -151,8 +152,8 @@ class CacheConfig:
                               "sequence, or no cache (recompute everything)", choices=CACHE_MODES)
     kv_cache_dtype: str = setting(
         "auto", "storage format of K/V; auto: the model's dtype if a float format, else "
-        "float16 (the planner sizes every format; the engine stores "
-        f"{', '.join(BUILT_KV_CACHE_DTYPES[1:])} today, the quantized ones are planned)",
+        "float16; fp8_* and int8 are quantized (paged mode only; the planner sizes every "
+        f"format, the engine stores {', '.join(BUILT_KV_CACHE_DTYPES[1:])} today)",
         choices=KV_CACHE_DTYPES, normalize=canonical_kv_dtype)
     block_size: int = setting(16, "tokens per KV block (a power of two)", kind="int")
     kv_cache_memory: str | int | float = setting(
@@ -168,6 +169,10 @@ class CacheConfig:
             raise ConfigError(f"cache_mode must be one of {', '.join(CACHE_MODES)}, "
                               f"got {self.cache_mode!r}")
         check_kv_cache_dtype_built(self.kv_cache_dtype)
+        kv_dtype = canonical_kv_dtype(self.kv_cache_dtype)
+        if self.cache_mode != "paged" and kv_dtype in QUANTIZED_DTYPES:
+            raise ConfigError(f"kv_cache_dtype {kv_dtype!r} is stored in the paged "
+                              f"pool only; cache_mode {self.cache_mode!r} keeps float K/V")
         bs = self.block_size
         if (not isinstance(bs, int) or isinstance(bs, bool) or bs <= 0 or bs & (bs - 1)
                 or bs > MAX_BLOCK_SIZE):

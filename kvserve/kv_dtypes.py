@@ -10,9 +10,12 @@ from kvserve.errors import ConfigError
 
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "fp8_e4m3", "fp8_e5m2", "int8",
                    "int4")
-# What the engine's paged and contiguous stores hold today; the quantized formats are planned
-# (the planner already prices them) and refused by the engine with a clear error until built.
-BUILT_KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+# What the engine stores today: every float format in every cache mode, the quantized ones in the
+# paged pool (codes and scales block by block); int4 is planned (the planner already prices it)
+# and refused with a clear error until built.
+BUILT_KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "fp8_e4m3", "fp8_e5m2",
+                         "int8")
+QUANTIZED_DTYPES = ("fp8_e4m3", "fp8_e5m2", "int8", "int4")
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 KV_DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16",
                     "f16": "float16", "half": "float16", "fp8": "fp8_e4m3", "q8": "int8",
@@ -45,5 +48,5 @@ def check_kv_cache_dtype_built(name: str) -> None:
     key = canonical_kv_dtype(name)
     if key not in BUILT_KV_CACHE_DTYPES:
         raise ConfigError(f"kv_cache_dtype {key!r} is not implemented in the engine yet "
-                          f"(quantized KV is planned; `kvserve plan` already sizes it); use one "
-                          f"of {', '.join(BUILT_KV_CACHE_DTYPES)}")
+                          f"(`kvserve plan` already sizes it); use one of "
+                          f"{', '.join(BUILT_KV_CACHE_DTYPES)}")

@@ -29,6 +29,10 @@ _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 MAX_M = 64  # rows the fused C path takes (MAX_M in gemv.c); prefill-sized batches use torch
 _lib: ctypes.CDLL | None = None
 _tried = False
+# KV format -> the C paged decode attention over codes of that format
+_QUANT_DECODE = {"int8": "kv_paged_decode_attention_i8",
+                 "fp8_e4m3": "kv_paged_decode_attention_e4m3",
+                 "fp8_e5m2": "kv_paged_decode_attention_e5m2"}
 
 
 def reference_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -122,12 +126,20 @@ def _declare(lib: ctypes.CDLL) -> None:
         + [ptr, ptr],
         "kv_paged_decode_attention_bf16": [ptr, i32, ptr, ptr, ptr, i32, ptr] + [i32] * 6
         + [ptr, ptr],
+        "kv_set_fp8_lut": [i32, ptr],
     }
+    for name in _QUANT_DECODE.values():
+        signatures[name] = [ptr, i32, ptr, ptr, ptr, ptr, f32, f32, ptr, i32, ptr] + [i32] * 6 \
+            + [ptr, ptr]
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)
         fn.argtypes = argtypes
         fn.restype = ctypes.c_double if name == "kv_read_sum" else None
     lib.kv_max_m.restype = i32
+    for which, dtype in enumerate((torch.float8_e4m3fn, torch.float8_e5m2)):
+        # the C side reads fp8 codes through torch's own conversion of all 256 bytes
+        lut = torch.arange(256, dtype=torch.uint8).view(dtype).float().contiguous()
+        lib.kv_set_fp8_lut(which, lut.data_ptr())
 
 
 def available() -> bool:
@@ -254,6 +266,29 @@ def paged_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Te
     fn(q.data_ptr(), q.stride(0), keys.data_ptr(), values.data_ptr(), block_tables.data_ptr(),
        block_tables.shape[1], context_lens.data_ptr(), batch, keys.shape[1], num_heads,
        keys.shape[2], d, max_context, out.data_ptr(), scores.data_ptr())
+    return out
+
+
+def paged_decode_attention_codes(kv_format: str, q: torch.Tensor, k_codes: torch.Tensor,
+                                 v_codes: torch.Tensor,
+                                 k_scales: torch.Tensor | None, v_scales: torch.Tensor | None,
+                                 k_tensor_scale: float, v_tensor_scale: float,
+                                 block_tables: torch.Tensor, context_lens: torch.Tensor,
+                                 max_context: int, scores: torch.Tensor) -> torch.Tensor:
+    """paged_decode_attention over a quantized store, read as codes: k_codes/v_codes
+    [num_blocks, block_size, num_kv, d] of kv_format (int8, or fp8 held as uint8);
+    k_scales/v_scales [num_blocks, block_size, num_kv] float32 per-token scales (int8) or None;
+    the tensor scales multiply all of K / V (fp8).
+    Reference: codecs.decode of the gathered blocks, then attention_reference."""
+    batch, num_heads, d = q.shape
+    out = torch.empty((batch, num_heads, d), dtype=torch.float32)
+    fn = getattr(_lib, _QUANT_DECODE[kv_format])
+    fn(q.data_ptr(), q.stride(0), k_codes.data_ptr(), v_codes.data_ptr(),
+       None if k_scales is None else k_scales.data_ptr(),
+       None if v_scales is None else v_scales.data_ptr(), k_tensor_scale, v_tensor_scale,
+       block_tables.data_ptr(), block_tables.shape[1], context_lens.data_ptr(), batch,
+       k_codes.shape[1], num_heads, k_codes.shape[2], d, max_context, out.data_ptr(),
+       scores.data_ptr())
     return out
 
 

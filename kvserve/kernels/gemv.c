@@ -456,3 +456,83 @@ PAGED_HELPERS(bf16_t, load8_bf16, LOAD1_BF16)
   }
 PAGED_DECODE(kv_paged_decode_attention_f32, float, LOAD1_F32)
 PAGED_DECODE(kv_paged_decode_attention_bf16, bf16_t, LOAD1_BF16)
+
+/* Quantized K/V (kvserve/kvstore/codecs.py is the reference): int8 codes with a float32 scale per
+ * token per KV head, or fp8 codes read through a 256-entry table (filled from torch's own
+ * conversion by kv_set_fp8_lut) with one scale per tensor. The codes are read where they lie, as
+ * above; a token's scale multiplies its score (K) and its softmax weight (V), so no K or V row is
+ * ever widened in memory. */
+typedef int8_t i8_t;
+typedef uint8_t e4m3_t;
+typedef uint8_t e5m2_t;
+static float kv_fp8_lut[2][256];
+void kv_set_fp8_lut(int which, const float *lut) {
+  memcpy(kv_fp8_lut[which], lut, sizeof kv_fp8_lut[which]);
+}
+#define LOAD1_I8(v) ((float)(v))
+#define LOAD1_E4M3(v) (kv_fp8_lut[0][(v)])
+#define LOAD1_E5M2(v) (kv_fp8_lut[1][(v)])
+#ifdef KV_AVX2
+static inline __m256 load8_i8(const int8_t *p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+static inline __m256 load8_e4m3(const uint8_t *p) {
+  return _mm256_i32gather_ps(kv_fp8_lut[0],
+                             _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)), 4);
+}
+static inline __m256 load8_e5m2(const uint8_t *p) {
+  return _mm256_i32gather_ps(kv_fp8_lut[1],
+                             _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)), 4);
+}
+#endif
+DOT_TILE(i8_t, load8_i8, LOAD1_I8)
+DOT_TILE(e4m3_t, load8_e4m3, LOAD1_E4M3)
+DOT_TILE(e5m2_t, load8_e5m2, LOAD1_E5M2)
+PAGED_HELPERS(i8_t, load8_i8, LOAD1_I8)
+PAGED_HELPERS(e4m3_t, load8_e4m3, LOAD1_E4M3)
+PAGED_HELPERS(e5m2_t, load8_e5m2, LOAD1_E5M2)
+
+/* As PAGED_DECODE, over codes: Ks / Vs are [num_blocks, block_size, num_kv] per-token scales (or
+ * NULL), k_tensor_scale / v_tensor_scale one scale for the whole K / V of this layer (1 if none). */
+#define PAGED_DECODE_Q(NAME, KTYPE)                                                               \
+  void NAME(const float *restrict q, int q_row_stride, const KTYPE *restrict K,                  \
+            const KTYPE *restrict V, const float *restrict Ks, const float *restrict Vs,          \
+            float k_tensor_scale, float v_tensor_scale, const int *restrict block_tables,         \
+            int max_blocks, const int *restrict context_lens, int batch, int block_size,          \
+            int num_heads, int num_kv, int d, int max_context, float *restrict out,               \
+            float *restrict scores) {                                                             \
+    int group = num_heads / num_kv;                                                               \
+    float scale = k_tensor_scale / sqrtf((float)d);                                               \
+    size_t row_elems = (size_t)num_kv * d, block_elems = (size_t)block_size * row_elems;          \
+    _Pragma("omp parallel for schedule(dynamic, 1) num_threads(kv_team())")                       \
+    for (int bg = 0; bg < batch * num_kv; bg++) {                                                 \
+      int b = bg / num_kv, g = bg % num_kv, len = context_lens[b], h0 = g * group;                \
+      const int *table = block_tables + (size_t)b * max_blocks;                                   \
+      const float *qg = q + (size_t)b * q_row_stride + (size_t)h0 * d;                            \
+      float *s = scores + ((size_t)b * num_heads + h0) * max_context;                             \
+      paged_qk_##KTYPE(qg, group, d, K + (size_t)g * d, table, block_size, block_elems,           \
+                       row_elems, len, scale, s, max_context);                                    \
+      if (Ks)                                                                                     \
+        for (int t = 0; t < len; t++) {                                                           \
+          float ks = Ks[((size_t)table[t / block_size] * block_size + t % block_size) * num_kv +  \
+                        g];                                                                       \
+          for (int hh = 0; hh < group; hh++) s[(size_t)hh * max_context + t] *= ks;               \
+        }                                                                                         \
+      for (int hh = 0; hh < group; hh++) {                                                        \
+        float *sh = s + (size_t)hh * max_context;                                                 \
+        float inv = v_tensor_scale / exp_shifted(sh, len);                                        \
+        for (int t = 0; t < len; t++) sh[t] *= inv;                                               \
+      }                                                                                           \
+      if (Vs)                                                                                     \
+        for (int t = 0; t < len; t++) {                                                           \
+          float vs = Vs[((size_t)table[t / block_size] * block_size + t % block_size) * num_kv +  \
+                        g];                                                                       \
+          for (int hh = 0; hh < group; hh++) s[(size_t)hh * max_context + t] *= vs;               \
+        }                                                                                         \
+      paged_pv_##KTYPE(s, max_context, group, d, V + (size_t)g * d, table, block_size,            \
+                       block_elems, row_elems, len, out + ((size_t)b * num_heads + h0) * d);      \
+    }                                                                                             \
+  }
+PAGED_DECODE_Q(kv_paged_decode_attention_i8, i8_t)
+PAGED_DECODE_Q(kv_paged_decode_attention_e4m3, e4m3_t)
+PAGED_DECODE_Q(kv_paged_decode_attention_e5m2, e5m2_t)

@@ -7,7 +7,7 @@ KV formats are the plain float dtypes and four quantized ones. A quantized forma
 element in fewer bits plus scales; the scales are part of the bill:
 - fp8_e4m3, fp8_e5m2: FP8, one float32 scale per layer for K and one for V (per tensor, as vLLM
   does): no per-token overhead, 8 bytes per layer in all;
-- int8: symmetric, one fp16 scale per token per KV head (per head vector);
+- int8: symmetric, one float32 scale per token per KV head (per head vector);
 - int4: asymmetric, an fp16 scale and an fp16 zero point per group of 32 elements (KIVI-style).
 """
 
@@ -46,7 +46,7 @@ KV_FORMATS: dict[str, KVFormat] = {f.name: f for f in (
     KVFormat("float16", 16, None, description="IEEE float16"),
     KVFormat("fp8_e4m3", 8, "tensor", 4, "FP8 E4M3, one float32 scale per layer for K and for V"),
     KVFormat("fp8_e5m2", 8, "tensor", 4, "FP8 E5M2, one float32 scale per layer for K and for V"),
-    KVFormat("int8", 8, "head", 2, "int8, one fp16 scale per token per KV head"),
+    KVFormat("int8", 8, "head", 4, "int8, one float32 scale per token per KV head"),
     KVFormat("int4", 4, 32, 4, "int4, fp16 scale + zero point per 32 elements"),
 )}
 assert set(KV_FORMATS) == set(KV_CACHE_DTYPES) - {"auto"}, "kv_dtypes and layout list other formats"

@@ -131,7 +131,8 @@ def test_api_bad_model_files(bad_models, kind):
     ({"cache_mode": "paged-ish"}, "cache_mode must be one of"),
     ({"dtype": "int8"}, "dtype must be one of"),
     ({"max_num_seqs": 0}, "max_num_seqs must be a positive integer"),
-    ({"kv_cache_dtype": "fp8_e5m2"}, "kv_cache_dtype 'fp8_e5m2' is not implemented"),
+    ({"kv_cache_dtype": "int4"}, "kv_cache_dtype 'int4' is not implemented"),
+    ({"kv_cache_dtype": "int8", "cache_mode": "contiguous"}, "is stored in the paged pool only"),
     ({"kv_cache_dtype": "fp4"}, "kv_cache_dtype must be one of auto, float32"),
     ({"kv_caching": True}, "unknown engine setting 'kv_caching'"),
 ])

@@ -141,7 +141,7 @@ def test_c_paged_decode_matches_reference_over_scattered_blocks(heads, kv_heads,
         torch.testing.assert_close(out[b], ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8", "fp8_e4m3", "fp8_e5m2"])
 def test_mixed_step_decodes_through_c_and_prefills_through_pytorch_match_pytorch(dtype):
     """A step mixing decodes, a prefill and a chunk after cached blocks, in interleaved order:
     the decode rows take the C kernel and the rest the PyTorch path; the result equals the
@@ -172,9 +172,9 @@ def test_mixed_step_decodes_through_c_and_prefills_through_pytorch_match_pytorch
     outs, stores = [], []
     for fast in (True, False):
         store = PagedKVStore(KVLayout(spec, bs, dtype), 10, torch.device("cpu"))
+        every_slot = torch.arange(10 * bs)
         for layer in range(spec.num_layers):
-            store.keys(layer).copy_(history[0])
-            store.values(layer).copy_(history[1])
+            store.write(layer, every_slot, history[0].flatten(0, 1), history[1].flatten(0, 1))
         attn = PagedAttention(store)
         attn.use_fast_decode = fast
         attn.prepare(step.meta)
@@ -182,6 +182,5 @@ def test_mixed_step_decodes_through_c_and_prefills_through_pytorch_match_pytorch
         stores.append(store)
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    for layer in range(spec.num_layers):
-        assert torch.equal(stores[0].keys(layer), stores[1].keys(layer))
-        assert torch.equal(stores[0].values(layer), stores[1].values(layer))
+    for name, part in stores[0].parts.items():
+        assert torch.equal(part.view(torch.uint8), stores[1].parts[name].view(torch.uint8))

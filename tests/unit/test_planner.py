@@ -54,7 +54,7 @@ def test_quantized_kv_dtypes_count_their_scales():
     assert d["fp32"].bytes_per_token == 46_080
     assert d["bf16"].bytes_per_token == d["fp16"].bytes_per_token == 23_040
     assert d["fp8"].bytes_per_token == 11_520  # per-tensor scales: nothing per token
-    assert d["int8"].bytes_per_token == 30 * 2 * 3 * (64 + 2)  # + fp16 scale per head vector
+    assert d["int8"].bytes_per_token == 30 * 2 * 3 * (64 + 4)  # + a float32 scale per head
     assert d["int4"].bytes_per_token == 30 * 2 * 3 * (32 + 2 * 4)  # + scale, zero per 32
 
 

@@ -18,6 +18,9 @@ from kvserve.kvstore.paged import PagedKVStore
 from kvserve.model.attention.metadata import AttentionMetadata, DecodeRows
 from kvserve.model.attention.ops import attention_sdpa
 
+# formats the C decode kernel reads where they lie (float32 or bfloat16 K/V, or codes)
+FAST_FORMATS = ("float32", "bfloat16", "int8", "fp8_e4m3", "fp8_e5m2")
+
 
 class PagedAttention:
     retains_kv = True
@@ -40,39 +43,42 @@ class PagedAttention:
 
     def _fast_ok(self) -> bool:
         return (self.use_fast_decode and self.store.device.type == "cpu"
-                and self.store.dtype in (torch.float32, torch.bfloat16)
-                and cpu_kernels.available())
+                and self.store.codec.name in FAST_FORMATS and cpu_kernels.available())
 
     def forward(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
-        paged = meta.paged
-        keys, values = self.store.keys(layer_idx), self.store.values(layer_idx)
-        num_kv, d = k.shape[1], k.shape[2]
-        # Write this step's K/V into their slots: [num_slots, num_kv, d] views of the store.
-        keys.view(-1, num_kv, d).index_copy_(0, paged.slot_mapping, k.to(keys.dtype))
-        values.view(-1, num_kv, d).index_copy_(0, paged.slot_mapping, v.to(values.dtype))
-        decode = paged.decode
+        # Write this step's K/V into their slots, in the store's format (quantized on write).
+        self.store.write(layer_idx, meta.paged.slot_mapping, k, v)
+        decode = meta.paged.decode
         if decode is None or q.dtype != torch.float32 or not self._fast_ok():
-            return self._attend_gathered(q, keys, values, meta, out=None, skip_decode=False)
+            return self._attend_gathered(q, layer_idx, meta, out=None, skip_decode=False)
         if decode.rows is None:  # a decode step: one C call for the whole batch
-            return self._decode(q, keys, values, decode)
+            return self._decode(q, layer_idx, decode)
         # A mixed step: the decodes still take the C kernel; only the prefills gather.
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         out.index_copy_(0, decode.rows,
-                        self._decode(q.index_select(0, decode.rows), keys, values, decode))
-        return self._attend_gathered(q, keys, values, meta, out=out, skip_decode=True)
+                        self._decode(q.index_select(0, decode.rows), layer_idx, decode))
+        return self._attend_gathered(q, layer_idx, meta, out=out, skip_decode=True)
 
-    def _decode(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                decode: DecodeRows) -> torch.Tensor:
-        return cpu_kernels.paged_decode_attention(q, keys, values, decode.block_tables,
-                                                  decode.context_lens, decode.max_context_len,
-                                                  self._scores)
+    def _decode(self, q: torch.Tensor, layer_idx: int, decode: DecodeRows) -> torch.Tensor:
+        st = self.store
+        if st.dtype is not None:  # a float format
+            return cpu_kernels.paged_decode_attention(
+                q, st.keys(layer_idx), st.values(layer_idx), decode.block_tables,
+                decode.context_lens, decode.max_context_len, self._scores)
+        per_token = "scales" in st.parts
+        k_scale, v_scale = st.tensor_scale(layer_idx, 0), st.tensor_scale(layer_idx, 1)
+        return cpu_kernels.paged_decode_attention_codes(
+            st.codec.name, q, st.part("codes", layer_idx, 0), st.part("codes", layer_idx, 1),
+            st.part("scales", layer_idx, 0) if per_token else None,
+            st.part("scales", layer_idx, 1) if per_token else None,
+            1.0 if k_scale is None else float(k_scale), 1.0 if v_scale is None else float(v_scale),
+            decode.block_tables, decode.context_lens, decode.max_context_len, self._scores)
 
-    def _attend_gathered(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                         meta: AttentionMetadata, out: torch.Tensor | None,
-                         skip_decode: bool) -> torch.Tensor:
-        """The PyTorch path (the reference of the C kernel): each sequence's blocks gathered;
-        skip_decode leaves the one-token sequences' rows of `out` as they are."""
+    def _attend_gathered(self, q: torch.Tensor, layer_idx: int, meta: AttentionMetadata,
+                         out: torch.Tensor | None, skip_decode: bool) -> torch.Tensor:
+        """The PyTorch path (the reference of the C kernel): each sequence's blocks gathered and
+        decoded; skip_decode leaves the one-token sequences' rows of `out` as they are."""
         if out is None:
             out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         paged = meta.paged
@@ -81,10 +87,9 @@ class PagedAttention:
                 continue
             rows = slice(s.row_start, s.row_start + s.num_new_tokens)
             index = paged.block_tables[i, :paged.num_blocks[i]]
-            # Only this sequence's blocks: [n_blocks * block_size, kv, d] -> [kv, L, d]
-            k_seq = keys.index_select(0, index).flatten(0, 1)[:s.context_len].transpose(0, 1)
-            v_seq = values.index_select(0, index).flatten(0, 1)[:s.context_len].transpose(0, 1)
-            out[rows] = attention_sdpa(q[rows], k_seq.to(q.dtype), v_seq.to(q.dtype))
+            # Only this sequence's blocks, decoded: [kv, context_len, d] each
+            k_seq, v_seq = self.store.gather(layer_idx, index, s.context_len, q.dtype)
+            out[rows] = attention_sdpa(q[rows], k_seq, v_seq)
         return out
 
     def release(self, seq_id: str) -> None:

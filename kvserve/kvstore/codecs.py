@@ -1,0 +1,120 @@
+"""How K/V vectors become the bytes of a KV format, and back: one codec per format.
+
+A codec turns new tokens' K (or V) [n, num_kv_heads, head_dim] into named parts, each with the
+token on dimension 0 ([n, num_kv_heads, ...]), which the paged store scatters into the same slots
+of same-named tensors; reading gathers those parts and decodes them. This file is the plain
+PyTorch reference of every format: the C decode kernel (kernels/gemv.c) reads the same codes and
+scales where they lie, and tests check it against decode() here.
+
+Formats (KVLayout prices each with the same rule):
+- float32 / bfloat16 / float16: one part, "kv", in that dtype (rounding on write, nothing else).
+- int8: symmetric, one float32 scale per token per KV head: scale = max|x| / 127 over the head's
+  head_dim values, codes = round(x / scale). Per token (not per channel, as KIVI does for K)
+  because a token's codes are then final the moment it is written: no group has to fill first,
+  every block can be shared, swapped and prefix-cached as soon as it is full, and the decode
+  kernel folds one scale into each dot product. float32 (not fp16) scales: exact and read without
+  F16C, at 4 bytes per 64 values (6% over the codes; fp16 would be 3%).
+- fp8_e4m3 / fp8_e5m2: torch's float8 dtypes (held as their bytes), with one float32 scale per
+  layer for K and one for V (per tensor, as vLLM does), x / scale stored, saturating at the
+  format's largest finite value; the scale is 1.0 unless calibrated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+FLOAT_KV_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+                   "float16": torch.float16}
+FP8_KV_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+INT8_MAX = 127
+
+
+@dataclass(frozen=True)
+class PartSpec:
+    """One tensor of a format: per token per KV head, `tail` more dims of `dtype`."""
+
+    tail: tuple[int, ...]
+    dtype: torch.dtype
+
+
+class KVCodec:
+    name: str
+    per_tensor_scale = False  # one scale per layer for K and for V (fp8)
+
+    def parts(self, head_dim: int) -> dict[str, PartSpec]:
+        raise NotImplementedError
+
+    def encode(self, x: torch.Tensor, tensor_scale: torch.Tensor | None = None
+               ) -> dict[str, torch.Tensor]:
+        """x [n, num_kv, head_dim] -> parts, each [n, num_kv, ...]."""
+        raise NotImplementedError
+
+    def decode(self, parts: dict[str, torch.Tensor], dtype: torch.dtype,
+               tensor_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """parts (as encode made them, any leading dims) -> [..., num_kv, head_dim] in dtype."""
+        raise NotImplementedError
+
+
+class FloatCodec(KVCodec):
+    def __init__(self, name: str):
+        self.name, self.dtype = name, FLOAT_KV_DTYPES[name]
+
+    def parts(self, head_dim: int) -> dict[str, PartSpec]:
+        return {"kv": PartSpec((head_dim,), self.dtype)}
+
+    def encode(self, x, tensor_scale=None):
+        return {"kv": x.to(self.dtype)}
+
+    def decode(self, parts, dtype, tensor_scale=None):
+        return parts["kv"].to(dtype)
+
+
+class Int8Codec(KVCodec):
+    name = "int8"
+
+    def parts(self, head_dim: int) -> dict[str, PartSpec]:
+        return {"codes": PartSpec((head_dim,), torch.int8), "scales": PartSpec((), torch.float32)}
+
+    def encode(self, x, tensor_scale=None):
+        x = x.float()
+        scale = x.abs().amax(dim=-1) / INT8_MAX  # [n, num_kv]
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero vectors
+        codes = (x / scale.unsqueeze(-1)).round_().clamp_(-INT8_MAX, INT8_MAX)
+        return {"codes": codes.to(torch.int8), "scales": scale}
+
+    def decode(self, parts, dtype, tensor_scale=None):
+        return (parts["codes"].float() * parts["scales"].unsqueeze(-1)).to(dtype)
+
+
+class Fp8Codec(KVCodec):
+    per_tensor_scale = True
+
+    def __init__(self, name: str):
+        self.name, self.dtype = name, FP8_KV_DTYPES[name]
+        self.max = torch.finfo(self.dtype).max
+
+    def parts(self, head_dim: int) -> dict[str, PartSpec]:
+        # held as raw bytes: torch's CPU copy kernels (index_copy_, index_select) skip float8
+        return {"codes": PartSpec((head_dim,), torch.uint8)}
+
+    def encode(self, x, tensor_scale=None):
+        y = x.float() if tensor_scale is None else x.float() / tensor_scale
+        codes = y.clamp_(-self.max, self.max).to(self.dtype)  # saturate, never inf
+        return {"codes": codes.view(torch.uint8)}
+
+    def decode(self, parts, dtype, tensor_scale=None):
+        y = parts["codes"].view(self.dtype).float()
+        return (y if tensor_scale is None else y * tensor_scale).to(dtype)
+
+
+def codec_for(name: str) -> KVCodec:
+    """The codec of a canonical KV format name (kv_dtypes.canonical_kv_dtype)."""
+    if name in FLOAT_KV_DTYPES:
+        return FloatCodec(name)
+    if name in FP8_KV_DTYPES:
+        return Fp8Codec(name)
+    if name == "int8":
+        return Int8Codec()
+    raise NotImplementedError(f"KV format {name!r} has no codec yet")

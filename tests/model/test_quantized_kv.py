@@ -1,0 +1,94 @@
+"""Quantized K/V in the paged pool on the tiny model: preemption (recompute and swap), prefix
+hits and n > 1 samples give exactly the outputs of an unpreempted, uncached run in the same
+format; the C decode path gives the PyTorch path's tokens; the format is part of every block key;
+the dense cache modes refuse a quantized format with one line."""
+
+import pytest
+
+from kvserve import LLM, SamplingParams
+from kvserve.errors import ConfigError
+from kvserve.kvcache.layout import KVLayout
+
+BLOCK = 4
+MAX_LEN = 48
+PROMPTS = [{"prompt_token_ids": [(7 * i + 3 * j) % 200 + 10 for j in range(n)]}
+           for i, n in enumerate([10, 1, 14, 5, 8])]
+GREEDY = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+SEEDED = [SamplingParams(max_tokens=30, temperature=1.0, seed=i, ignore_eos=True)
+          for i in range(5)]
+FORMATS = ["int8", "fp8_e4m3"]
+
+
+def run(llm: LLM, params) -> list[tuple[int, ...]]:
+    return [o.token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+
+
+def make(tiny_hf_dir, kv_cache_dtype: str, **kwargs) -> LLM:
+    return LLM(model=str(tiny_hf_dir), block_size=BLOCK, max_model_len=MAX_LEN,
+               kv_cache_dtype=kv_cache_dtype, **{"max_num_seqs": 8, **kwargs})
+
+
+@pytest.fixture(scope="module", params=FORMATS)
+def quantized(request, tiny_hf_dir):
+    """(format, an ample uncached engine in it, its greedy and seeded outputs)."""
+    llm = make(tiny_hf_dir, request.param, enable_prefix_caching=False)
+    return request.param, llm, {"greedy": run(llm, GREEDY), "seeded": run(llm, SEEDED)}
+
+
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+@pytest.mark.parametrize("which", ["greedy", "seeded"])
+def test_preemption_gives_the_unpreempted_outputs_in_the_same_format(tiny_hf_dir, quantized,
+                                                                     mode, which):
+    name, _, expected = quantized
+    llm = make(tiny_hf_dir, name, enable_prefix_caching=False)
+    block_bytes = KVLayout(llm.engine.spec, BLOCK, name).bytes_per_block
+    fixed = KVLayout(llm.engine.spec, BLOCK, name).fixed_bytes
+    tight = make(tiny_hf_dir, name, kv_cache_memory=13 * block_bytes + fixed,
+                 preemption_mode=mode, max_num_batched_tokens=16)
+    assert tight.engine.block_manager.pool.num_blocks == 13
+    assert run(tight, GREEDY if which == "greedy" else SEEDED) == expected[which]
+    snap = tight.engine.cache_snapshot()
+    assert snap.num_preemptions > 0 and snap.pool.num_used_blocks == 0
+    assert not tight.engine.runner.host_blocks
+
+
+def test_prefix_hits_and_n_samples_give_the_uncached_outputs(tiny_hf_dir, quantized):
+    name, _, expected = quantized
+    llm = make(tiny_hf_dir, name)
+    assert run(llm, GREEDY) == expected["greedy"]
+    again = llm.generate(PROMPTS, GREEDY, use_tqdm=False)  # every full block now a hit
+    assert [o.token_ids for o in again] == expected["greedy"]
+    assert sum(o.num_cached_tokens for o in again) > 0
+    n3 = SamplingParams(n=3, max_tokens=12, temperature=1.0, seed=4, ignore_eos=True)
+    shared = llm.generate(PROMPTS[2], n3, use_tqdm=False)
+    alone = make(tiny_hf_dir, name, enable_prefix_caching=False).generate(PROMPTS[2], n3,
+                                                                          use_tqdm=False)
+    assert [s.token_ids for s in shared[0].outputs] == [s.token_ids for s in alone[0].outputs]
+    llm.engine.block_manager.check_invariants()
+
+
+def test_c_decode_over_codes_gives_the_pytorch_paths_tokens(tiny_hf_dir, quantized):
+    name, llm, expected = quantized
+    attention = llm.engine.runner.attention
+    attention.use_fast_decode = False
+    try:
+        assert run(llm, GREEDY) == expected["greedy"]
+    finally:
+        attention.use_fast_decode = True
+
+
+def test_the_format_is_part_of_every_block_key(tiny_hf_dir):
+    keys = {}
+    for name in ("float32", "int8", "fp8_e4m3"):
+        llm = make(tiny_hf_dir, name)
+        llm.engine.record_kv_events()
+        llm.generate(PROMPTS[0], SamplingParams(max_tokens=1), use_tqdm=False)
+        keys[name] = {e.block_key for e in llm.engine.drain_kv_events() if e.block_key}
+    assert keys["float32"] and not (keys["float32"] & keys["int8"])
+    assert not (keys["int8"] & keys["fp8_e4m3"]) and not (keys["float32"] & keys["fp8_e4m3"])
+
+
+@pytest.mark.parametrize("mode", ["contiguous", "none"])
+def test_dense_modes_refuse_a_quantized_format(tiny_hf_dir, mode):
+    with pytest.raises(ConfigError, match="paged pool only"):
+        make(tiny_hf_dir, "int8", cache_mode=mode)

@@ -1,0 +1,125 @@
+"""Quantized K/V formats: the codecs' round-trip error within their bounds on random and
+outlier-heavy K/V, the pool's bytes equal to the layout formula for every format, and the C decode
+kernel over codes equal to decoding the gathered blocks and attending in PyTorch."""
+
+import pytest
+import torch
+
+from kvserve.config import ModelSpec
+from kvserve.kv_dtypes import BUILT_KV_CACHE_DTYPES
+from kvserve.kvcache.layout import KVLayout
+from kvserve.kvstore.codecs import codec_for
+from kvserve.kvstore.paged import PagedKVStore
+from kvserve.model.attention.ops import attention_reference
+
+QUANTIZED = ["int8", "fp8_e4m3", "fp8_e5m2"]
+
+
+def kv_like(n: int, heads: int, d: int, outliers: bool, seed: int = 0) -> torch.Tensor:
+    """K/V-like vectors; with outliers, a few channels 50x larger (as real K caches have)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, heads, d, generator=g) * 2.0
+    if outliers:
+        x[..., [3, d - 5]] *= 50.0
+        x[n // 2, 0, 11] = -900.0  # one extreme value
+    return x
+
+
+@pytest.mark.parametrize("outliers", [False, True], ids=["gaussian", "outliers"])
+def test_int8_error_is_at_most_half_a_step_of_each_head_vector(outliers):
+    x = kv_like(64, 3, 32, outliers)
+    codec = codec_for("int8")
+    parts = codec.encode(x)
+    assert parts["codes"].dtype == torch.int8 and parts["scales"].shape == (64, 3)
+    back = codec.decode(parts, torch.float32)
+    step = x.abs().amax(dim=-1, keepdim=True) / 127  # one code step per token per head
+    assert ((back - x).abs() <= step / 2 + 1e-6).all()
+    assert (parts["codes"].abs() <= 127).all()
+
+
+def test_int8_of_an_all_zero_vector_is_zero_not_nan():
+    codec = codec_for("int8")
+    back = codec.decode(codec.encode(torch.zeros(2, 1, 8)), torch.float32)
+    assert torch.equal(back, torch.zeros(2, 1, 8))
+
+
+@pytest.mark.parametrize("name, mantissa_bits", [("fp8_e4m3", 3), ("fp8_e5m2", 2)])
+@pytest.mark.parametrize("outliers", [False, True], ids=["gaussian", "outliers"])
+def test_fp8_relative_error_is_within_its_mantissa_and_large_values_saturate(name, mantissa_bits,
+                                                                            outliers):
+    x = kv_like(64, 3, 32, outliers)
+    codec = codec_for(name)
+    back = codec.decode(codec.encode(x), torch.float32)
+    normal = x.abs() > 2 ** -6  # above the subnormal range of both formats
+    rel = ((back - x).abs() / x.abs())[normal]
+    assert rel.max() <= 2.0 ** -(mantissa_bits + 1) + 1e-6
+    huge = codec.decode(codec.encode(torch.tensor([[[1e6, -1e6]]])), torch.float32)
+    assert torch.equal(huge, torch.tensor([[[codec.max, -codec.max]]]))  # saturated, never inf
+
+
+def spec() -> ModelSpec:
+    return ModelSpec(name="t", num_layers=3, hidden_size=32, intermediate_size=64, num_heads=6,
+                     num_kv_heads=2, head_dim=16, vocab_size=50, max_position_embeddings=64)
+
+
+@pytest.mark.parametrize("name", BUILT_KV_CACHE_DTYPES[1:])
+def test_the_store_allocates_exactly_the_layout_formula(name):
+    layout = KVLayout(spec(), 4, name)
+    store = PagedKVStore(layout, num_blocks=7, device=torch.device("cpu"))
+    assert store.num_bytes_allocated() == 7 * layout.bytes_per_block + layout.fixed_bytes
+    one_slot = sum(t[:, :, 0, 0].numel() * t.element_size() for t in store.parts.values())
+    assert one_slot == layout.bytes_per_token
+    assert layout.num_blocks_for_bytes(store.num_bytes_allocated()) == 7
+
+
+@pytest.mark.parametrize("name", QUANTIZED)
+def test_write_then_gather_decodes_what_the_codec_decodes(name):
+    """Slots written out of order land where the slot mapping says, in every part."""
+    layout = KVLayout(spec(), 4, name)
+    store = PagedKVStore(layout, num_blocks=6, device=torch.device("cpu"))
+    k, v = kv_like(10, 2, 16, True, seed=1), kv_like(10, 2, 16, False, seed=2)
+    blocks = [4, 1, 5]  # a sequence of 10 tokens in these blocks
+    slots = torch.tensor([blocks[t // 4] * 4 + t % 4 for t in range(10)])
+    order = torch.randperm(10, generator=torch.Generator().manual_seed(0))
+    store.write(1, slots[order], k[order], v[order])
+    got_k, got_v = store.gather(1, torch.tensor(blocks), 10, torch.float32)
+    codec = store.codec
+    torch.testing.assert_close(got_k, codec.decode(codec.encode(k), torch.float32).transpose(0, 1))
+    torch.testing.assert_close(got_v, codec.decode(codec.encode(v), torch.float32).transpose(0, 1))
+
+
+@pytest.mark.parametrize("name", QUANTIZED)
+@pytest.mark.parametrize("outliers", [False, True], ids=["gaussian", "outliers"])
+def test_c_decode_over_codes_equals_decoding_then_attending(name, outliers):
+    """A decode batch over shuffled blocks, read as codes by the C kernel, against the gathered,
+    decoded K/V through the plain reference attention."""
+    from kvserve.kernels import cpu as cpu_kernels
+    from kvserve.model.attention.metadata import DecodeRows
+    from kvserve.model.attention.paged import PagedAttention
+
+    if not cpu_kernels.available():
+        pytest.skip("no C compiler: reference path only")
+    bs, lens = 4, [1, 5, 16, 23, 9]
+    layout = KVLayout(spec(), bs, name)
+    num_blocks = sum(-(-n // bs) for n in lens) + 3
+    store = PagedKVStore(layout, num_blocks, torch.device("cpu"))
+    if store.tensor_scales is not None:  # a calibrated per-tensor scale, not the default 1
+        store.tensor_scales.copy_(torch.tensor([[0.5, 2.0]] * 3))
+    g = torch.Generator().manual_seed(5)
+    order = torch.randperm(num_blocks, generator=g).tolist()
+    tables = [[order.pop() for _ in range(-(-n // bs))] for n in lens]
+    for table, n in zip(tables, lens):
+        slots = torch.tensor([table[t // bs] * bs + t % bs for t in range(n)])
+        store.write(2, slots, kv_like(n, 2, 16, outliers, seed=n),
+                    kv_like(n, 2, 16, outliers, seed=100 + n))
+    width = max(len(t) for t in tables)
+    block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+    q = torch.randn(len(lens), 6, 16, generator=g)
+    attn = PagedAttention(store)
+    decode = DecodeRows(None, block_tables, torch.tensor(lens, dtype=torch.int32), max(lens))
+    attn._scores = torch.empty(len(lens) * 6 * max(lens))
+    out = attn._decode(q, 2, decode)
+    for b, (n, table) in enumerate(zip(lens, tables)):
+        k, v = store.gather(2, torch.tensor(table), n, torch.float32)  # [kv, n, d]
+        ref = attention_reference(q[b:b + 1], k.transpose(0, 1), v.transpose(0, 1))[0]
+        torch.testing.assert_close(out[b], ref, rtol=1e-4, atol=1e-4)
