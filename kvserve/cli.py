@@ -221,6 +221,13 @@ def print_stats(llm, wall_s: float) -> None:
             f"({p.hit_rate:.1%}); blocks cached: {p.num_cached_blocks}, evicted: "
             f"{p.num_evictions}; block events: {e.num_stored} stored, {e.num_evicted} evicted, "
             f"{e.num_freed} freed")
+    if kv.quant_check is not None:
+        q = kv.quant_check
+        lines.append(
+            f"quantized-KV check ({q.kv_cache_dtype} vs {q.reference} K/V, "
+            f"{q.num_predictions} positions of calibration text): mean KL {q.mean_kl:.4f} nats, "
+            f"top-1 agreement {q.top1_agreement:.1%}, perplexity {q.perplexity:.2f} vs "
+            f"{q.perplexity_reference:.2f}")
     lines += [
         f"K/V projections computed: {engine.model.num_kv_projections:,}",
     ]

@@ -24,6 +24,7 @@ from kvserve.kv_dtypes import (
 )
 
 CACHE_MODES = ("none", "contiguous", "paged")
+KV_QUANT_CHECKS = ("refuse", "warn", "off")  # engine/kv_check.py judges
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -156,6 +157,10 @@ class CacheConfig:
         f"format, the engine stores {', '.join(BUILT_KV_CACHE_DTYPES[1:])} today)",
         choices=KV_CACHE_DTYPES, normalize=canonical_kv_dtype)
     block_size: int = setting(16, "tokens per KV block (a power of two)", kind="int")
+    kv_quant_check: str = setting(
+        "refuse", "quantized KV formats only: compare next-token distributions with float32 "
+        "K/V on ~1,000 tokens of calibration text at start-up, and refuse to start (or warn) "
+        "when mean KL > 0.1 nats or top-1 agreement < 80%", choices=KV_QUANT_CHECKS)
     kv_cache_memory: str | int | float = setting(
         "1GiB", "paged KV pool size, e.g. 2GiB, or a fraction of free memory (0.5)", kind="size")
     enable_prefix_caching: bool = setting(
@@ -169,6 +174,9 @@ class CacheConfig:
             raise ConfigError(f"cache_mode must be one of {', '.join(CACHE_MODES)}, "
                               f"got {self.cache_mode!r}")
         check_kv_cache_dtype_built(self.kv_cache_dtype)
+        if self.kv_quant_check not in KV_QUANT_CHECKS:
+            raise ConfigError(f"kv_quant_check must be one of {', '.join(KV_QUANT_CHECKS)}, "
+                              f"got {self.kv_quant_check!r}")
         kv_dtype = canonical_kv_dtype(self.kv_cache_dtype)
         if self.cache_mode != "paged" and kv_dtype in QUANTIZED_DTYPES:
             raise ConfigError(f"kv_cache_dtype {kv_dtype!r} is stored in the paged "

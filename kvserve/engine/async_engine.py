@@ -36,6 +36,7 @@ from kvserve.engine.stream import (
 from kvserve.request import FinishReason, Request, SamplingParams
 
 if TYPE_CHECKING:
+    from kvserve.kvcache.snapshot import KVQuality
     from kvserve.model.tokenizer import Tokenizer
 
 log = logging.getLogger("kvserve.engine")
@@ -105,6 +106,17 @@ class AsyncLLMEngine:
     def device(self) -> str:
         """Where the model runs ("cpu", "cuda:0", ...)."""
         return str(self.engine.device)
+
+    @property
+    def kv_cache_dtype(self) -> str:
+        """The format K/V are stored in ("auto" resolved)."""
+        return self.engine.kv_cache_dtype
+
+    @property
+    def kv_quant_check(self) -> KVQuality | None:
+        """The start-up guardrail's measure of a quantized KV format (None for float formats
+        or with --kv-quant-check off)."""
+        return self.engine.kv_quality
 
     @property
     def load_time_s(self) -> float:

@@ -18,10 +18,11 @@ import torch
 
 from kvserve.config import EngineConfig
 from kvserve.engine.detokenizer import Detokenizer
+from kvserve.engine.kv_check import check_kv_format
 from kvserve.engine.kv_setup import build_kv
 from kvserve.errors import ConfigError, InvalidRequestError
 from kvserve.kvcache.events import BlockEvent
-from kvserve.kvcache.snapshot import CacheSnapshot, EventCounts
+from kvserve.kvcache.snapshot import CacheSnapshot, EventCounts, KVQuality
 from kvserve.model.llama import LlamaModel
 from kvserve.model.loader import load_checkpoint
 from kvserve.request import (
@@ -81,6 +82,13 @@ class LLMEngine:
                       model_key)
         self.kv_cache_dtype = kv.kv_cache_dtype
         self.kv_bytes_per_token = kv.layout.bytes_per_token
+        self.kv_quality: KVQuality | None = None  # the guardrail's measure (quantized KV)
+        if kv.kv_store is not None and kv.kv_store.codec.quantized and \
+                config.cache.kv_quant_check != "off":
+            self.kv_quality = check_kv_format(
+                self.model, self.tokenizer, kv.kv_cache_dtype, kv.kv_store.codec,
+                config.cache.block_size, self.spec.max_position_embeddings,
+                config.cache.kv_quant_check)
         self.block_manager = kv.block_manager
         self.runner = ModelRunner(self.model, kv.attention, self.tokenizer.eos_token_ids,
                                   kv.kv_store)
@@ -301,7 +309,8 @@ class LLMEngine:
             pool=m.pool_snapshot(self.peak_blocks_used) if m is not None else None,
             prefix=m.prefix_snapshot() if m is not None else None,
             events=m.event_counts() if m is not None else EventCounts(),
-            requests=m.request_blocks(live) if m is not None and with_requests else ())
+            requests=m.request_blocks(live) if m is not None and with_requests else (),
+            quant_check=self.kv_quality)
 
     def record_kv_events(self) -> None:
         """Keep block events for drain_kv_events() from now on (until then only their counts

@@ -6,6 +6,7 @@ the runner's byte counts; nobody reads the live bookkeeping objects for reportin
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -53,6 +54,34 @@ class RequestBlocks:
 
 
 @dataclass(frozen=True)
+class KVQuality:
+    """How much a KV format changed the model's predictions on a text (engine/kv_quality.py
+    measures it; the start-up guardrail judges it)."""
+
+    kv_cache_dtype: str
+    reference: str  # the format it was compared with
+    num_predictions: int  # positions compared (each predicts the next token)
+    mean_kl: float  # mean KL(reference || format) of the next-token distributions, nats
+    top1_agreement: float  # fraction of positions whose most likely next token is the same
+    nll_reference: float  # mean negative log-likelihood of the text's next tokens, reference
+    nll: float  # the same in the format under test
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll)
+
+    @property
+    def perplexity_reference(self) -> float:
+        return math.exp(self.nll_reference)
+
+    def to_dict(self) -> dict:
+        return {"kv_cache_dtype": self.kv_cache_dtype, "reference": self.reference,
+                "num_predictions": self.num_predictions, "mean_kl": self.mean_kl,
+                "top1_agreement": self.top1_agreement, "perplexity": self.perplexity,
+                "perplexity_reference": self.perplexity_reference}
+
+
+@dataclass(frozen=True)
 class CacheSnapshot:
     cache_mode: str  # none | contiguous | paged
     kv_cache_dtype: str  # the resolved storage format ("auto" already decided)
@@ -68,6 +97,7 @@ class CacheSnapshot:
     prefix: PrefixSnapshot | None = None  # paged with prefix caching only
     events: EventCounts = EventCounts()
     requests: tuple[RequestBlocks, ...] = ()
+    quant_check: KVQuality | None = None  # the start-up guardrail's measure (quantized formats)
 
     @property
     def num_bytes_used(self) -> int:

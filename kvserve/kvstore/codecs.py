@@ -41,6 +41,7 @@ class PartSpec:
 
 class KVCodec:
     name: str
+    quantized = True  # fewer bits than any float format the model computes in
     per_tensor_scale = False  # one scale per layer for K and for V (fp8)
 
     def parts(self, head_dim: int) -> dict[str, PartSpec]:
@@ -58,6 +59,8 @@ class KVCodec:
 
 
 class FloatCodec(KVCodec):
+    quantized = False
+
     def __init__(self, name: str):
         self.name, self.dtype = name, FLOAT_KV_DTYPES[name]
 

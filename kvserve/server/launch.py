@@ -70,8 +70,12 @@ def serve(engine_config: EngineConfig, config: ServerConfig, log_level: str = "i
         config.max_queue_per_tenant if config.api_keys else None)
     name = config.served_model_name or engine.model_name
     app = build_app(engine, config, name)
+    q = engine.kv_quant_check
+    check = "" if q is None else (f": check mean KL {q.mean_kl:.4f} nats, top-1 "
+                                  f"{q.top1_agreement:.1%} vs {q.reference}")
     print(f"kvserve: serving {name} ({engine_config.dtype}, {engine.device}, "
-          f"cache {engine_config.cache.cache_mode}) on http://{config.host}:{config.port}/v1 "
+          f"cache {engine_config.cache.cache_mode}, KV {engine.kv_cache_dtype}{check}) on "
+          f"http://{config.host}:{config.port}/v1 "
           f"- loaded in {engine.load_time_s:.1f} s"
           + (f"; {len(config.api_keys)} API key(s), one cache tenant each"
              if config.api_keys else ""), file=sys.stderr, flush=True)

@@ -77,6 +77,19 @@ class _EngineCollector:
                     prefix.num_cached_blocks if prefix else 0)
         yield counter("kvserve_num_preemptions", "Requests preempted to free KV blocks.",
                       kv.num_preemptions)
+        if kv.quant_check is not None:  # a quantized KV format: the start-up guardrail's figures
+            q = kv.quant_check
+            yield gauge("kvserve_kv_quant_check_mean_kl",
+                        f"Mean KL divergence (nats) of next-token distributions, "
+                        f"{q.kv_cache_dtype} vs {q.reference} K/V, calibration text.", q.mean_kl)
+            yield gauge("kvserve_kv_quant_check_top1_agreement",
+                        f"Fraction of calibration positions whose top token is the same with "
+                        f"{q.kv_cache_dtype} as with {q.reference} K/V.", q.top1_agreement)
+            yield gauge("kvserve_kv_quant_check_perplexity",
+                        f"Calibration text perplexity with {q.kv_cache_dtype} K/V.", q.perplexity)
+            yield gauge("kvserve_kv_quant_check_perplexity_reference",
+                        f"Calibration text perplexity with {q.reference} K/V.",
+                        q.perplexity_reference)
         c = CounterMetricFamily("kvserve_kv_block_events",
                                 "KV block events: stored in the prefix index, evicted from it, "
                                 "freed by every holder.", labels=[*names, "event"])

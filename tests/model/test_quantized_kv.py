@@ -1,13 +1,19 @@
 """Quantized K/V in the paged pool on the tiny model: preemption (recompute and swap), prefix
 hits and n > 1 samples give exactly the outputs of an unpreempted, uncached run in the same
 format; the C decode path gives the PyTorch path's tokens; the format is part of every block key;
-the dense cache modes refuse a quantized format with one line."""
+the dense cache modes refuse a quantized format with one line; the start-up guardrail passes the
+real codecs and refuses (or warns about) a broken one."""
+
+import logging
 
 import pytest
+import torch
 
 from kvserve import LLM, SamplingParams
 from kvserve.errors import ConfigError
 from kvserve.kvcache.layout import KVLayout
+from kvserve.kvstore import paged
+from kvserve.kvstore.codecs import Int8Codec
 
 BLOCK = 4
 MAX_LEN = 48
@@ -92,3 +98,46 @@ def test_the_format_is_part_of_every_block_key(tiny_hf_dir):
 def test_dense_modes_refuse_a_quantized_format(tiny_hf_dir, mode):
     with pytest.raises(ConfigError, match="paged pool only"):
         make(tiny_hf_dir, "int8", cache_mode=mode)
+
+
+class ForgetsItsScales(Int8Codec):
+    """A plausible bug: decodes the int8 codes as if every scale were 1."""
+
+    def decode(self, parts, dtype, tensor_scale=None):
+        return parts["codes"].to(dtype)
+
+
+@pytest.fixture
+def broken_int8(monkeypatch):
+    real = paged.codec_for
+    monkeypatch.setattr(paged, "codec_for",
+                        lambda name: ForgetsItsScales() if name == "int8" else real(name))
+
+
+def test_the_guardrail_measures_a_quantized_format_at_start_up(tiny_hf_dir, quantized):
+    name, llm, _ = quantized
+    check = llm.engine.cache_snapshot().quant_check
+    assert check is not None and check.kv_cache_dtype == name and check.reference == "float32"
+    context = llm.engine.spec.max_position_embeddings  # the tiny model's: under 1,024
+    assert check.num_predictions == min(1024, context) - 1
+    assert 0 <= check.mean_kl < 0.1 and check.top1_agreement >= 0.8
+    assert check.perplexity == pytest.approx(check.perplexity_reference, rel=0.2)
+    float_run = make(tiny_hf_dir, "float32")
+    assert float_run.engine.cache_snapshot().quant_check is None  # float formats: no check
+
+
+def test_the_guardrail_refuses_a_broken_codec(tiny_hf_dir, broken_int8):
+    with pytest.raises(ConfigError, match="int8 fails the quantized-KV check: mean KL"):
+        make(tiny_hf_dir, "int8")
+
+
+def test_the_guardrail_can_warn_or_be_off(tiny_hf_dir, broken_int8, caplog):
+    with caplog.at_level(logging.WARNING, logger="kvserve.engine"):
+        warned = make(tiny_hf_dir, "int8", kv_quant_check="warn")
+    assert "fails the quantized-KV check" in caplog.text
+    check = warned.engine.cache_snapshot().quant_check
+    assert check.mean_kl > 0.1 or check.top1_agreement < 0.8
+    off = make(tiny_hf_dir, "int8", kv_quant_check="off")
+    assert off.engine.cache_snapshot().quant_check is None
+    assert isinstance(off.engine.runner.kv_store.codec, ForgetsItsScales)
+    assert torch.is_tensor(off.engine.runner.kv_store.parts["scales"])

@@ -165,3 +165,18 @@ def test_openapi_schema_fuzzed_finds_no_server_error(server_factory, tiny_flags,
     assert result.returncode == 0, result.stdout[-6000:]
     assert "5/5" in result.stdout  # every operation was tested
     assert requests.get(server.url + "/health", timeout=5).status_code == 200
+
+
+def test_a_quantized_kv_format_reports_its_start_up_check_in_metrics(server_factory, tiny_flags):
+    server = server_factory(*tiny_flags, "--kv-cache-dtype", "int8")
+    client = openai.OpenAI(base_url=server.base_url, api_key="unused")
+    out = client.completions.create(model=client.models.list().data[0].id, prompt="hello",
+                                    max_tokens=4, temperature=0)
+    assert out.usage.completion_tokens == 4
+    m = server.metrics()
+    assert 0 <= m["kvserve_kv_quant_check_mean_kl"] < 0.1
+    assert 0.8 <= m["kvserve_kv_quant_check_top1_agreement"] <= 1.0
+    assert m["kvserve_kv_quant_check_perplexity"] > 1 and \
+        m["kvserve_kv_quant_check_perplexity_reference"] > 1
+    assert m["kvserve_kv_cache_bytes_per_token"] == 2 * 2 * 2 * (16 + 4)  # tiny model, int8
+    assert "KV int8: check mean KL" in server.log()
