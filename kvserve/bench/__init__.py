@@ -22,6 +22,9 @@ LABS: dict[str, Lab] = {lab.name: lab for lab in (
     Lab("cache", "cache_lab",
         "generation with and without the KV cache: time per token as context grows, K/V "
         "projections computed, KV memory per step"),
+    Lab("quant", "quant_lab",
+        "KV formats side by side: bytes per token, requests that fit, perplexity, KL and "
+        "greedy agreement vs float32 K/V, decode speed at 1k-8k context"),
 )}
 
 

@@ -24,7 +24,7 @@ from kvserve.errors import ConfigError, InvalidRequestError
 from kvserve.kvcache.events import BlockEvent
 from kvserve.kvcache.snapshot import CacheSnapshot, EventCounts, KVQuality
 from kvserve.model.llama import LlamaModel
-from kvserve.model.loader import load_checkpoint
+from kvserve.model.loader import load_checkpoint, model_fingerprint
 from kvserve.request import (
     CompletionOutput,
     FinishReason,
@@ -88,7 +88,7 @@ class LLMEngine:
             self.kv_quality = check_kv_format(
                 self.model, self.tokenizer, kv.kv_cache_dtype, kv.kv_store.codec,
                 config.cache.block_size, self.spec.max_position_embeddings,
-                config.cache.kv_quant_check)
+                config.cache.kv_quant_check, model_fingerprint(config.model))
         self.block_manager = kv.block_manager
         self.runner = ModelRunner(self.model, kv.attention, self.tokenizer.eos_token_ids,
                                   kv.kv_store)

@@ -14,8 +14,16 @@ format cannot hold.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import inspect
+import json
 import logging
+import os
 import time
+from pathlib import Path
+
+import torch
 
 from kvserve.engine.kv_quality import CALIBRATION_TOKENS, compare, corpus_text
 from kvserve.errors import ConfigError
@@ -35,18 +43,27 @@ def calibration_tokens(tokenizer: Tokenizer, context: int) -> list[int]:
 
 
 def check_kv_format(model: LlamaModel, tokenizer: Tokenizer, kv_cache_dtype: str, codec: KVCodec,
-                    block_size: int, context: int, mode: str) -> KVQuality:
-    """Measure the format against float32 K/V on the calibration text and judge it: ConfigError
-    (mode "refuse") or a warning ("warn") naming the figures when over the limits."""
+                    block_size: int, context: int, mode: str, model_id: str = "") -> KVQuality:
+    """Measure the format against float32 K/V on the calibration text (or read the measure a
+    start with the same model files, compute dtype, device, format, codec and calibration
+    tokens saved) and judge it: ConfigError (mode "refuse") or a warning ("warn") naming the
+    figures when over the limits. model_id: the model files' fingerprint ("" : never cached)."""
     tokens = calibration_tokens(tokenizer, context)
-    t0, projections = time.perf_counter(), model.num_kv_projections
-    q = compare(model, [tokens], kv_cache_dtype, block_size=block_size, codec=codec)
-    model.num_kv_projections = projections  # the check is not the engine's work
+    key = _cache_key(model, model_id, kv_cache_dtype, codec, block_size, tokens)
+    t0 = time.perf_counter()
+    q = _load(key)
+    cached = q is not None
+    if q is None:
+        projections = model.num_kv_projections
+        q = compare(model, [tokens], kv_cache_dtype, block_size=block_size, codec=codec)
+        model.num_kv_projections = projections  # the check is not the engine's work
+        _save(key, q)
     took = time.perf_counter() - t0
     figures = (f"mean KL {q.mean_kl:.4f} nats (limit {MAX_MEAN_KL}), top-1 agreement "
                f"{q.top1_agreement:.1%} (at least {MIN_TOP1_AGREEMENT:.0%}), perplexity "
                f"{q.perplexity:.2f} vs {q.perplexity_reference:.2f} in float32, over "
-               f"{q.num_predictions} positions of calibration text ({took:.1f} s)")
+               f"{q.num_predictions} positions of calibration text "
+               + ("(saved by an earlier start)" if cached else f"({took:.1f} s)"))
     if q.mean_kl <= MAX_MEAN_KL and q.top1_agreement >= MIN_TOP1_AGREEMENT:
         log.info("quantized-KV check: %s passes: %s", kv_cache_dtype, figures)
         return q
@@ -56,3 +73,45 @@ def check_kv_format(model: LlamaModel, tokenizer: Tokenizer, kv_cache_dtype: str
         raise ConfigError(message)
     log.warning("%s", message)
     return q
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("KVSERVE_CACHE_DIR") or os.path.join(os.path.expanduser("~"),
+                                                               ".cache", "kvserve")
+    return Path(root) / "kv_checks"
+
+
+def _cache_key(model: LlamaModel, model_id: str, kv_cache_dtype: str, codec: KVCodec,
+               block_size: int, tokens: list[int]) -> str | None:
+    if not model_id:
+        return None
+    try:
+        codec_source = inspect.getsource(type(codec))  # a changed codec is measured afresh
+    except (OSError, TypeError):  # no source to key on: measure every time
+        return None
+    blob = json.dumps([model_id, str(model.act_dtype), model.device.type, kv_cache_dtype,
+                       f"{type(codec).__module__}.{type(codec).__qualname__}", codec_source,
+                       block_size, tokens, torch.__version__])
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _load(key: str | None) -> KVQuality | None:
+    if key is None:
+        return None
+    try:
+        return KVQuality(**json.loads((_cache_dir() / f"{key}.json").read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _save(key: str | None, q: KVQuality) -> None:
+    if key is None:
+        return
+    try:
+        folder = _cache_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f"{key}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(dataclasses.asdict(q)))
+        tmp.replace(folder / f"{key}.json")
+    except OSError as err:  # a read-only home: measure again next time
+        log.warning("quantized-KV check: result not cached (%s)", err)

@@ -12,13 +12,14 @@ start-up guardrail and `kvserve bench quant` both measure with this.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from importlib import resources
 
 import torch
 
 from kvserve.kvcache.layout import KVLayout
 from kvserve.kvcache.snapshot import KVQuality
-from kvserve.kvstore.codecs import KVCodec
+from kvserve.kvstore.codecs import INT8_MAX, FloatCodec, KVCodec
 from kvserve.kvstore.paged import PagedKVStore
 from kvserve.model.attention.paged import PagedAttention
 from kvserve.model.llama import LlamaModel
@@ -34,16 +35,27 @@ def corpus_text() -> str:
     return resources.files("kvserve").joinpath("data/moby_dick.txt").read_text(encoding="utf-8")
 
 
-def log_probs(model: LlamaModel, kv_cache_dtype: str, token_ids: Sequence[int],
-              block_size: int = 16, codec: KVCodec | None = None) -> Iterator[torch.Tensor]:
+@dataclass(frozen=True)
+class Variant:
+    """A way of storing K/V to measure: a KV format, or (a lab's experiment) that format's layout
+    with other codecs for K and for V holding the same parts."""
+
+    label: str
+    kv_cache_dtype: str
+    codec: KVCodec | None = None  # K's codec (and V's, unless v_codec); None: the format's
+    v_codec: KVCodec | None = None
+
+
+def log_probs(model: LlamaModel, variant: Variant, token_ids: Sequence[int],
+              block_size: int = 16) -> Iterator[torch.Tensor]:
     """log_softmax of the next-token logits at every position of token_ids, [rows, vocab] float32
-    a chunk at a time, with K/V stored in kv_cache_dtype (codec: another codec for that format's
-    parts, e.g. a test's broken one)."""
-    layout = KVLayout(model.spec, block_size, kv_cache_dtype)
+    a chunk at a time, with K/V stored as `variant` says."""
+    layout = KVLayout(model.spec, block_size, variant.kv_cache_dtype)
     num_blocks = layout.num_blocks_for_tokens(len(token_ids))
     store = PagedKVStore(layout, num_blocks, model.device)
-    if codec is not None:
-        store.codec = codec
+    if variant.codec is not None:
+        store.codec = variant.codec
+    store.v_codec = variant.v_codec
     attention = PagedAttention(store)
     inputs = InputBuilder(model.device, block_size)
     blocks = tuple(range(num_blocks))
@@ -56,33 +68,86 @@ def log_probs(model: LlamaModel, kv_cache_dtype: str, token_ids: Sequence[int],
         yield logits.log_softmax(dim=-1)
 
 
-def compare(model: LlamaModel, texts: Sequence[Sequence[int]], kv_cache_dtype: str,
-            reference: str = "float32", block_size: int = 16,
-            codec: KVCodec | None = None, progress=None) -> KVQuality:
-    """Each text (its own sequence, positions from 0) in both formats; the statistics over every
-    position but each text's last (which predicts nothing in the text). progress: called with the
-    number of positions done after each chunk."""
-    kl = agree = nll_ref = nll = 0.0
+def compare_many(model: LlamaModel, texts: Sequence[Sequence[int]],
+                 variants: Sequence[Variant], reference: str = "float32", block_size: int = 16,
+                 progress=None) -> dict[str, KVQuality]:
+    """Each text (its own sequence, positions from 0) in the reference format and in every
+    variant, chunk by chunk in lockstep (the reference runs once); the statistics over every
+    position but each text's last (which predicts nothing in the text), by variant label.
+    progress: called with the number of positions done after each chunk."""
+    sums = {v.label: [0.0, 0.0, 0.0, 0.0] for v in variants}  # kl, agree, nll_ref, nll
     count = 0
     for ids in texts:
-        pairs = zip(log_probs(model, reference, ids, block_size),
-                    log_probs(model, kv_cache_dtype, ids, block_size, codec))
+        runs = [log_probs(model, Variant(reference, reference), ids, block_size)]
+        runs += [log_probs(model, v, ids, block_size) for v in variants]
         start = 0
-        for ref, test in pairs:
+        for ref, *tests in zip(*runs):
             n = ref.shape[0]
             targets = torch.tensor(ids[start + 1:start + n + 1], dtype=torch.long,
-                                   device=ref.device)
+                                   device=ref.device).unsqueeze(-1)
             m = targets.shape[0]  # the text's last position has no next token
-            ref, test = ref[:m], test[:m]
-            kl += float((ref.exp() * (ref - test)).sum())
-            agree += float((ref.argmax(-1) == test.argmax(-1)).sum())
-            nll_ref -= float(ref.gather(-1, targets.unsqueeze(-1)).sum())
-            nll -= float(test.gather(-1, targets.unsqueeze(-1)).sum())
+            ref = ref[:m]
+            p_ref, top_ref = ref.exp(), ref.argmax(-1)
+            nll_ref = -float(ref.gather(-1, targets).sum())
+            for v, test in zip(variants, tests):
+                test = test[:m]
+                acc = sums[v.label]
+                acc[0] += float((p_ref * (ref - test)).sum())
+                acc[1] += float((top_ref == test.argmax(-1)).sum())
+                acc[2] += nll_ref
+                acc[3] -= float(test.gather(-1, targets).sum())
             count += m
             start += n
             if progress is not None:
                 progress(n)
     if count == 0:
         raise ValueError("no positions to compare: every text needs at least two tokens")
-    return KVQuality(kv_cache_dtype, reference, count, kl / count, agree / count,
-                     nll_ref / count, nll / count)
+    return {v.label: KVQuality(v.label, reference, count, *(x / count for x in sums[v.label]))
+            for v in variants}
+
+
+def compare(model: LlamaModel, texts: Sequence[Sequence[int]], kv_cache_dtype: str,
+            reference: str = "float32", block_size: int = 16,
+            codec: KVCodec | None = None, progress=None) -> KVQuality:
+    """compare_many for one KV format (codec: another codec for its parts, e.g. the store's)."""
+    variant = Variant(kv_cache_dtype, kv_cache_dtype, codec)
+    return compare_many(model, texts, [variant], reference, block_size, progress)[kv_cache_dtype]
+
+
+class SimulatedInt8(FloatCodec):
+    """Int8 with another scale granularity, simulated for the quant lab: the values are rounded
+    as that scheme would round them and kept in float32 (a different K/V layout is not built, only
+    measured). per="token": a scale per token per KV head (what the int8 format stores, as a
+    check of the simulation); per="channel": a scale per channel per KV head over each group of
+    `group` consecutive tokens of one write (KIVI's choice for K). The groups line up with the
+    pool's blocks when a text is written from position 0 in chunks that are multiples of `group`
+    (as compare_many writes); a text's last group may be short."""
+
+    def __init__(self, per: str, group: int = 16):
+        super().__init__("float32")
+        self.name, self.per, self.group = f"int8-{per}", per, group
+
+    def encode(self, x, tensor_scale=None):
+        x = x.float()
+        if self.per == "token":
+            return {"kv": _round_int8(x, x.abs().amax(dim=-1, keepdim=True))}
+        out = torch.empty_like(x)
+        for g0 in range(0, x.shape[0], self.group):
+            grp = x[g0:g0 + self.group]  # [g, num_kv, d]
+            out[g0:g0 + self.group] = _round_int8(grp, grp.abs().amax(dim=0, keepdim=True))
+        return {"kv": out}
+
+
+def _round_int8(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+    scale = torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
+    return (x / scale).round_().clamp_(-INT8_MAX, INT8_MAX) * scale
+
+
+def scale_alternatives(block_size: int) -> list[Variant]:
+    """The int8 scale granularities the quant lab measures beside the int8 format."""
+    return [
+        Variant("int8 sim: per-token K and V", "float32", SimulatedInt8("token", block_size)),
+        Variant("int8 sim: per-channel K, per-token V", "float32",
+                SimulatedInt8("channel", block_size), SimulatedInt8("token", block_size)),
+        Variant("int8 sim: per-channel K and V", "float32", SimulatedInt8("channel", block_size)),
+    ]

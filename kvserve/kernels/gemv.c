@@ -476,6 +476,21 @@ void kv_set_fp8_lut(int which, const float *lut) {
 static inline __m256 load8_i8(const int8_t *p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
 }
+#ifdef __F16C__
+/* Both fp8 formats widen exactly through fp16 (F16C): e5m2 is the top byte of an fp16; e4m3's
+ * sign, exponent and mantissa bits placed in an fp16 (exponent bias 15, not 7) give its value
+ * times 2^-8, subnormals included (e4m3fn's NaN, 0x7f, is never stored: codes saturate). */
+static inline __m256 load8_e4m3(const uint8_t *p) {
+  __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)p));
+  __m128i h = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x80)), 8),
+                           _mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x7f)), 7));
+  return _mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_set1_ps(256.0f));
+}
+static inline __m256 load8_e5m2(const uint8_t *p) {
+  __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)p));
+  return _mm256_cvtph_ps(_mm_slli_epi16(b, 8));
+}
+#else
 static inline __m256 load8_e4m3(const uint8_t *p) {
   return _mm256_i32gather_ps(kv_fp8_lut[0],
                              _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)), 4);
@@ -484,6 +499,7 @@ static inline __m256 load8_e5m2(const uint8_t *p) {
   return _mm256_i32gather_ps(kv_fp8_lut[1],
                              _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)), 4);
 }
+#endif
 #endif
 DOT_TILE(i8_t, load8_i8, LOAD1_I8)
 DOT_TILE(e4m3_t, load8_e4m3, LOAD1_E4M3)

@@ -22,6 +22,9 @@ class PagedKVStore:
         self.layout = layout
         self.num_blocks = num_blocks
         self.codec: KVCodec = codec_for(layout.format.name)
+        # V's codec when it is not K's (an experiment with the same parts: the quant lab's
+        # alternatives); None: the one codec for both
+        self.v_codec: KVCodec | None = None
         # the float dtype K/V are stored in, or None for a quantized format
         self.dtype = FLOAT_KV_DTYPES.get(layout.format.name)
         self.device = device
@@ -68,12 +71,15 @@ class PagedKVStore:
     def tensor_scale(self, layer_idx: int, which: int) -> torch.Tensor | None:
         return None if self.tensor_scales is None else self.tensor_scales[layer_idx, which]
 
+    def _codec(self, which: int) -> KVCodec:
+        return self.v_codec if which == 1 and self.v_codec is not None else self.codec
+
     def write(self, layer_idx: int, slot_mapping: torch.Tensor, k: torch.Tensor,
               v: torch.Tensor) -> None:
         """Encode new tokens' K and V [n, num_kv, d] into their slots (slot = block *
         block_size + offset), every part of the format alike."""
         for which, x in ((0, k), (1, v)):
-            encoded = self.codec.encode(x, self.tensor_scale(layer_idx, which))
+            encoded = self._codec(which).encode(x, self.tensor_scale(layer_idx, which))
             for name, values in encoded.items():
                 t = self._parts[name][layer_idx, which]
                 t.view(-1, *t.shape[2:]).index_copy_(0, slot_mapping, values)
@@ -85,7 +91,7 @@ class PagedKVStore:
         for which in (0, 1):
             parts = {name: t[layer_idx, which].index_select(0, block_ids).flatten(0, 1)[:length]
                      for name, t in self._parts.items()}
-            x = self.codec.decode(parts, dtype, self.tensor_scale(layer_idx, which))
+            x = self._codec(which).decode(parts, dtype, self.tensor_scale(layer_idx, which))
             out.append(x.transpose(0, 1))
         return out[0], out[1]
 

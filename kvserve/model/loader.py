@@ -7,6 +7,8 @@ Reading the files is gguf.py's and hf.py's; building the network is llama.py's.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
 
 from kvserve.model.checkpoint import Checkpoint
 from kvserve.model.gguf import load_gguf
@@ -23,3 +25,16 @@ def load_checkpoint(model: str | None = None) -> Checkpoint:
         return checkpoint
     kind, path = locate_model(model)
     return load_gguf(path) if kind == "gguf" else load_hf_folder(path)
+
+
+def model_fingerprint(model: str | None = None) -> str:
+    """A cheap identity of `model`'s files (path, names, sizes, modification times; nothing is
+    read): what a result computed from the weights can be cached under."""
+    path = default_model_path() if model is None else locate_model(model)[1]
+    path = os.path.realpath(path)
+    names = sorted(os.listdir(path)) if os.path.isdir(path) else [""]
+    parts = [path]
+    for name in names:
+        st = os.stat(os.path.join(path, name) if name else path)
+        parts.append(f"{name}:{st.st_size}:{st.st_mtime_ns}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()

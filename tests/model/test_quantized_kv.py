@@ -141,3 +141,26 @@ def test_the_guardrail_can_warn_or_be_off(tiny_hf_dir, broken_int8, caplog):
     assert off.engine.cache_snapshot().quant_check is None
     assert isinstance(off.engine.runner.kv_store.codec, ForgetsItsScales)
     assert torch.is_tensor(off.engine.runner.kv_store.parts["scales"])
+
+
+def test_the_check_is_measured_once_per_model_format_and_codec(tiny_hf_dir, tmp_path,
+                                                               monkeypatch):
+    from kvserve.engine import kv_check
+
+    monkeypatch.setenv("KVSERVE_CACHE_DIR", str(tmp_path))
+    first = make(tiny_hf_dir, "int8").engine.cache_snapshot().quant_check
+    assert len(list((tmp_path / "kv_checks").glob("*.json"))) == 1
+
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(kv_check, "compare", no_measuring)
+    again = make(tiny_hf_dir, "int8").engine.cache_snapshot().quant_check
+    assert again == first  # read back, not measured
+    with pytest.raises(AssertionError, match="measured again"):  # another format: measured
+        make(tiny_hf_dir, "fp8_e4m3")
+    real = paged.codec_for
+    monkeypatch.setattr(paged, "codec_for",
+                        lambda name: ForgetsItsScales() if name == "int8" else real(name))
+    with pytest.raises(AssertionError, match="measured again"):  # another codec: measured
+        make(tiny_hf_dir, "int8")

@@ -43,7 +43,8 @@ class PagedAttention:
 
     def _fast_ok(self) -> bool:
         return (self.use_fast_decode and self.store.device.type == "cpu"
-                and self.store.codec.name in FAST_FORMATS and cpu_kernels.available())
+                and self.store.codec.name in FAST_FORMATS and self.store.v_codec is None
+                and cpu_kernels.available())
 
     def forward(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:

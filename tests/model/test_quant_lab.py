@@ -1,0 +1,64 @@
+"""The quant lab on the tiny model, end to end through the CLI: every format's row (bytes per token
+from the pool, requests that fit, perplexity, KL, agreement, decode speed), the simulated int8
+per-token variant equal to the real int8 format, the JSON and the plot; bad flags are one line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def run_lab(tiny_hf_dir, tmp_path, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "kvserve.cli", "bench", "quant", "--model", str(tiny_hf_dir),
+         "--block-size", "4", "--kv-cache-memory", "2MiB", "--out", str(tmp_path),
+         "--no-progress", "--json", *flags], capture_output=True, text=True, timeout=600)
+
+
+def test_the_lab_measures_every_format_and_the_scale_alternatives(tiny_hf_dir, tmp_path):
+    proc = run_lab(tiny_hf_dir, tmp_path, "--formats", "float32,fp8_e4m3,int8", "--windows", "2",
+                   "--window-tokens", "40", "--prompts", "3", "--prompt-tokens", "8",
+                   "--new-tokens", "12", "--contexts", "16,32", "--decode-tokens", "4",
+                   "--budget", "1MiB", "--budget-context", "64")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows = {r["label"]: r for r in result["rows"]}
+    assert result["perplexity_tokens"] == 2 * 39
+    f32, int8, fp8 = rows["float32"], rows["int8"], rows["fp8_e4m3"]
+    assert f32["bytes_per_token"] == 2 * 2 * 2 * 16 * 4  # tiny model: 2 layers, 2 KV heads x 16
+    assert int8["bytes_per_token"] == 2 * 2 * 2 * (16 + 4)
+    assert fp8["bytes_per_token"] == 2 * 2 * 2 * 16
+    per_request = 64 // 4  # blocks of a 64-token request
+    assert int8["requests_in_budget"] == (1 << 20) // (int8["bytes_per_token"] * 4) // per_request
+    assert f32["greedy_agreement_all"] == 12 and f32["mean_kl"] == 0.0
+    for r in (int8, fp8):
+        assert 0 <= r["mean_kl"] < 0.1 and 0.5 <= r["top1_agreement"] <= 1.0
+        assert 0 <= r["greedy_agreement_min_128"] <= r["greedy_agreement_128"] <= 12
+        assert set(r["decode_tokens_per_s"]) == {"16", "32"}
+        assert all(v > 0 for v in r["decode_tokens_per_s"].values())
+    sim = rows["int8 sim: per-token K and V"]
+    assert sim["simulated"] and sim["bytes_per_token"] is None
+    # the simulation rounds as the int8 format stores: the same figures
+    assert sim["mean_kl"] == pytest.approx(int8["mean_kl"], rel=1e-6, abs=1e-9)
+    assert sim["perplexity"] == pytest.approx(int8["perplexity"], rel=1e-6)
+    assert "int8 sim: per-channel K, per-token V" in rows
+    assert "greedy/128 (min)" in proc.stdout and "float32" in proc.stdout
+    assert (tmp_path / "quant_lab.json").exists()
+    assert (tmp_path / "quant_lab_memory_vs_quality.png").read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--formats", "int8,float32"], "--formats must start with float32"),
+    (["--formats", "float32,int4"], "int4 not built"),
+    (["--windows", "0"], "--windows must be at least 1"),
+    (["--windows", "500"], "the corpus has"),
+])
+def test_bad_flags_are_one_line(tiny_hf_dir, tmp_path, flags, message):
+    proc = run_lab(tiny_hf_dir, tmp_path, *flags)
+    assert proc.returncode != 0 and message in proc.stderr
+    assert "Traceback" not in proc.stderr
