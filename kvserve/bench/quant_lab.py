@@ -96,8 +96,9 @@ def check_arguments(args: argparse.Namespace) -> tuple[list[str], list[int]]:
                  "decode_tokens", "budget_context"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.window_tokens < 2 or any(c < 1 for c in contexts):
-        raise ConfigError("--window-tokens must be at least 2 and --contexts positive")
+    if args.window_tokens < 2 or any(c <= args.decode_tokens for c in contexts):
+        raise ConfigError("--window-tokens must be at least 2 and each of --contexts more than "
+                          "--decode-tokens")
     if not isinstance(parse_memory(args.budget), int):
         raise ConfigError(f"--budget must be a size (e.g. 1GiB), got {args.budget!r}")
     return formats, contexts
@@ -146,11 +147,12 @@ def agreement(tokens: list[tuple[int, ...]], reference: list[tuple[int, ...]]) -
 
 
 def decode_speed(llm, ids: list[int], context: int, decode_tokens: int) -> float:
-    """Decode tokens/s of one sequence after a prompt of `context` corpus tokens (repeated if
-    the corpus is shorter); fails loudly if any of the prompt was found cached."""
+    """Decode tokens/s of one sequence over the last decode_tokens positions of a `context`-token
+    context (a prompt of corpus tokens, repeated if the corpus is shorter, then the decode); fails
+    loudly if any of the prompt was found cached."""
     from kvserve.request import SamplingParams
 
-    prompt = (ids * (context // len(ids) + 1))[:context]
+    prompt = (ids * (context // len(ids) + 1))[:context - decode_tokens]  # decode up to context
     params = SamplingParams(max_tokens=decode_tokens, temperature=0.0, ignore_eos=True)
     out = llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0]
     if out.num_cached_tokens:
@@ -165,7 +167,7 @@ def main(args: argparse.Namespace) -> int:
     from kvserve.request import SamplingParams
 
     budget = parse_memory(args.budget)
-    max_len = max(max(contexts), args.prompt_tokens + args.new_tokens) + args.decode_tokens
+    max_len = max(max(contexts), args.prompt_tokens + args.new_tokens)
     rows = {f: FormatRow(f, f) for f in formats}
     greedy_ref: list[tuple[int, ...]] = []
     bar = tqdm(total=len(formats) * (args.prompts * args.new_tokens // 16 + len(contexts)),
@@ -174,6 +176,9 @@ def main(args: argparse.Namespace) -> int:
     for name in formats:
         bar.set_description(f"quant lab: {name}")
         llm = make_llm(args, name, max_len)
+        if llm.engine.max_model_len < max_len:
+            raise ConfigError(f"the model's context is {llm.engine.max_model_len:,} tokens: "
+                              f"--contexts and --prompt-tokens + --new-tokens must fit in it")
         row = rows[name]
         snap = llm.engine.cache_snapshot()
         row.bytes_per_token = snap.bytes_per_token

@@ -127,6 +127,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "kv_paged_decode_attention_bf16": [ptr, i32, ptr, ptr, ptr, i32, ptr] + [i32] * 6
         + [ptr, ptr],
         "kv_set_fp8_lut": [i32, ptr],
+        "kv_quant_write_i8": [ptr, ptr, i32, i32, i32, ptr, ptr],
     }
     for name in _QUANT_DECODE.values():
         signatures[name] = [ptr, i32, ptr, ptr, ptr, ptr, f32, f32, ptr, i32, ptr] + [i32] * 6 \
@@ -290,6 +291,18 @@ def paged_decode_attention_codes(kv_format: str, q: torch.Tensor, k_codes: torch
        k_codes.shape[1], num_heads, k_codes.shape[2], d, max_context, out.data_ptr(),
        scores.data_ptr())
     return out
+
+
+def quant_write_int8(x: torch.Tensor, slot_mapping: torch.Tensor, codes: torch.Tensor,
+                     scales: torch.Tensor) -> None:
+    """Int8Codec.encode of x [n, num_kv, d] (float32), scattered to the slots: codes
+    [num_blocks, block_size, num_kv, d] int8 and scales [num_blocks, block_size, num_kv] float32,
+    both contiguous. Reference: PagedKVStore.write with the int8 codec."""
+    x = x.contiguous()
+    slots = slot_mapping.contiguous()
+    n, num_kv, d = x.shape
+    _lib.kv_quant_write_i8(x.data_ptr(), slots.data_ptr(), n, num_kv, d, codes.data_ptr(),
+                           scales.data_ptr())
 
 
 def read_bandwidth_bytes_per_s(num_bytes: int = 1 << 30, repeats: int = 5) -> float:

@@ -552,3 +552,26 @@ PAGED_HELPERS(e5m2_t, load8_e5m2, LOAD1_E5M2)
 PAGED_DECODE_Q(kv_paged_decode_attention_i8, i8_t)
 PAGED_DECODE_Q(kv_paged_decode_attention_e4m3, e4m3_t)
 PAGED_DECODE_Q(kv_paged_decode_attention_e5m2, e5m2_t)
+
+/* Quantize n rows of K (or V) [n, num_kv, d] float32 to int8, one scale per row per KV head
+ * (max |x| / 127, or 1 for an all-zero vector), and write them at their slots: codes
+ * [slot, g, 0..d), scales [slot, g]. The same operations in the same order as
+ * kvserve.kvstore.codecs.Int8Codec.encode (its reference), so the codes are identical; one call
+ * replaces the ~8 small torch ops per layer that dominated a short-context quantized step. */
+void kv_quant_write_i8(const float *restrict x, const int64_t *restrict slots, int n, int num_kv,
+                       int d, int8_t *restrict codes, float *restrict scales) {
+  for (int i = 0; i < n; i++)
+    for (int g = 0; g < num_kv; g++) {
+      const float *v = x + ((size_t)i * num_kv + g) * d;
+      float amax = 0.f;
+      for (int j = 0; j < d; j++) amax = fmaxf(amax, fabsf(v[j]));
+      float scale = amax > 0.f ? amax / 127.0f : 1.0f;
+      size_t at = (size_t)slots[i] * num_kv + g;
+      int8_t *c = codes + at * d;
+      for (int j = 0; j < d; j++) {
+        float q = nearbyintf(v[j] / scale);
+        c[j] = (int8_t)(q > 127.f ? 127.f : (q < -127.f ? -127.f : q));
+      }
+      scales[at] = scale;
+    }
+}

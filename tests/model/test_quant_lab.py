@@ -56,7 +56,9 @@ def test_the_lab_measures_every_format_and_the_scale_alternatives(tiny_hf_dir, t
     (["--formats", "int8,float32"], "--formats must start with float32"),
     (["--formats", "float32,int4"], "int4 not built"),
     (["--windows", "0"], "--windows must be at least 1"),
-    (["--windows", "500"], "the corpus has"),
+    (["--windows", "500", "--contexts", "64", "--decode-tokens", "4", "--new-tokens", "8"],
+     "the corpus has"),
+    (["--contexts", "100000"], "the model's context is"),
 ])
 def test_bad_flags_are_one_line(tiny_hf_dir, tmp_path, flags, message):
     proc = run_lab(tiny_hf_dir, tmp_path, *flags)

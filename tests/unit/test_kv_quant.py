@@ -123,3 +123,24 @@ def test_c_decode_over_codes_equals_decoding_then_attending(name, outliers):
         k, v = store.gather(2, torch.tensor(table), n, torch.float32)  # [kv, n, d]
         ref = attention_reference(q[b:b + 1], k.transpose(0, 1), v.transpose(0, 1))[0]
         torch.testing.assert_close(out[b], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_c_int8_write_equals_the_codec_written_by_the_store():
+    """The C quantize-and-scatter against PagedKVStore.write with Int8Codec: identical codes
+    and scales, outliers and an all-zero vector included, slots out of order."""
+    from kvserve.kernels import cpu as cpu_kernels
+
+    if not cpu_kernels.available():
+        pytest.skip("no C compiler: reference path only")
+    layout = KVLayout(spec(), 4, "int8")
+    fast = PagedKVStore(layout, num_blocks=6, device=torch.device("cpu"))
+    ref = PagedKVStore(layout, num_blocks=6, device=torch.device("cpu"))
+    x = kv_like(9, 2, 16, True, seed=3)
+    x[4] = 0.0
+    slots = torch.tensor([22, 3, 17, 0, 9, 8, 5, 12, 23])
+    ref.write(1, slots, x, -x)
+    for which, y in ((0, x), (1, -x)):
+        cpu_kernels.quant_write_int8(y, slots, fast.part("codes", 1, which),
+                                     fast.part("scales", 1, which))
+    for name in ("codes", "scales"):
+        assert torch.equal(fast.parts[name], ref.parts[name])

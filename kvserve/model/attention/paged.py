@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from kvserve.kernels import cpu as cpu_kernels
+from kvserve.kvstore.codecs import Int8Codec
 from kvserve.kvstore.paged import PagedKVStore
 from kvserve.model.attention.metadata import AttentionMetadata, DecodeRows
 from kvserve.model.attention.ops import attention_sdpa
@@ -49,7 +50,14 @@ class PagedAttention:
     def forward(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         # Write this step's K/V into their slots, in the store's format (quantized on write).
-        self.store.write(layer_idx, meta.paged.slot_mapping, k, v)
+        if self._fast_int8_write(k):
+            st = self.store
+            for which, x in ((0, k), (1, v)):
+                cpu_kernels.quant_write_int8(x, meta.paged.slot_mapping,
+                                             st.part("codes", layer_idx, which),
+                                             st.part("scales", layer_idx, which))
+        else:
+            self.store.write(layer_idx, meta.paged.slot_mapping, k, v)
         decode = meta.paged.decode
         if decode is None or q.dtype != torch.float32 or not self._fast_ok():
             return self._attend_gathered(q, layer_idx, meta, out=None, skip_decode=False)
@@ -60,6 +68,11 @@ class PagedAttention:
         out.index_copy_(0, decode.rows,
                         self._decode(q.index_select(0, decode.rows), layer_idx, decode))
         return self._attend_gathered(q, layer_idx, meta, out=out, skip_decode=True)
+
+    def _fast_int8_write(self, k: torch.Tensor) -> bool:
+        """The C write takes the int8 codec itself (a subclass, e.g. a test's, keeps its own)."""
+        return (type(self.store.codec) is Int8Codec and self.store.v_codec is None
+                and k.dtype == torch.float32 and self._fast_ok())
 
     def _decode(self, q: torch.Tensor, layer_idx: int, decode: DecodeRows) -> torch.Tensor:
         st = self.store
