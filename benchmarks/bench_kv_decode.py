@@ -4,7 +4,7 @@ format, in one process on this machine (run it alone). Prefix caching is off and
 that nothing of its prompt was found cached.
 
     .venv/bin/python benchmarks/bench_kv_decode.py [--contexts 1024,4096,8192]
-        [--formats float32,fp8_e4m3,int8]
+        [--formats float32,fp8_e4m3,int8,int4]
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ DECODE = 48
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--contexts", default="1024,4096,8192")
-    p.add_argument("--formats", default="float32,fp8_e4m3,int8")
+    p.add_argument("--formats", default="float32,fp8_e4m3,int8,int4")
     args = p.parse_args()
     torch.set_num_threads(2)
     contexts = [int(c) for c in args.contexts.split(",")]

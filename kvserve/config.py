@@ -15,12 +15,13 @@ from typing import Any
 
 from kvserve.errors import ConfigError
 from kvserve.kv_dtypes import (
-    BUILT_KV_CACHE_DTYPES,
+    BUILT_KV_CACHE_DTYPES,  # noqa: F401 (re-exported: labs import config, not kv_dtypes)
     KV_CACHE_DTYPES,
     QUANTIZED_DTYPES,
     canonical_kv_dtype,
     check_kv_cache_dtype_built,
-    resolve_kv_cache_dtype,
+    resolve_kv_pair,
+    split_kv_dtype,
 )
 
 CACHE_MODES = ("none", "contiguous", "paged")
@@ -153,9 +154,18 @@ class CacheConfig:
                               "sequence, or no cache (recompute everything)", choices=CACHE_MODES)
     kv_cache_dtype: str = setting(
         "auto", "storage format of K/V; auto: the model's dtype if a float format, else "
-        "float16; fp8_* and int8 are quantized (paged mode only; the planner sizes every "
-        f"format, the engine stores {', '.join(BUILT_KV_CACHE_DTYPES[1:])} today)",
+        "float16; fp8_*, int8 and int4 are quantized (paged mode only)",
         choices=KV_CACHE_DTYPES, normalize=canonical_kv_dtype)
+    k_cache_dtype: str | None = setting(
+        None, "storage format of K alone (default: --kv-cache-dtype's); K is usually the more "
+        "sensitive of the two", choices=KV_CACHE_DTYPES, normalize=canonical_kv_dtype)
+    v_cache_dtype: str | None = setting(
+        None, "storage format of V alone (default: --kv-cache-dtype's)",
+        choices=KV_CACHE_DTYPES, normalize=canonical_kv_dtype)
+    kv_residual_tokens: int | None = setting(
+        None, "int4 K/V: the residual window, the most recent tokens of each sequence kept in "
+        "float32 until their block fills and is quantized as one group; it is the block size "
+        "(default: --block-size's, 16)", kind="int")
     block_size: int = setting(16, "tokens per KV block (a power of two)", kind="int")
     kv_quant_check: str = setting(
         "refuse", "quantized KV formats only: compare next-token distributions with float32 "
@@ -173,15 +183,29 @@ class CacheConfig:
         if self.cache_mode not in CACHE_MODES:
             raise ConfigError(f"cache_mode must be one of {', '.join(CACHE_MODES)}, "
                               f"got {self.cache_mode!r}")
-        check_kv_cache_dtype_built(self.kv_cache_dtype)
+        for name in (self.kv_cache_dtype, self.k_cache_dtype, self.v_cache_dtype):
+            if name is not None:
+                check_kv_cache_dtype_built(name)
         if self.kv_quant_check not in KV_QUANT_CHECKS:
             raise ConfigError(f"kv_quant_check must be one of {', '.join(KV_QUANT_CHECKS)}, "
                               f"got {self.kv_quant_check!r}")
-        kv_dtype = canonical_kv_dtype(self.kv_cache_dtype)
-        if self.cache_mode != "paged" and kv_dtype in QUANTIZED_DTYPES:
-            raise ConfigError(f"kv_cache_dtype {kv_dtype!r} is stored in the paged "
-                              f"pool only; cache_mode {self.cache_mode!r} keeps float K/V")
-        bs = self.block_size
+        kv_dtypes = split_kv_dtype(self.resolved_kv_cache_dtype("float32"))
+        for kv_dtype in kv_dtypes:
+            if self.cache_mode != "paged" and kv_dtype in QUANTIZED_DTYPES:
+                raise ConfigError(f"kv_cache_dtype {kv_dtype!r} is stored in the paged "
+                                  f"pool only; cache_mode {self.cache_mode!r} keeps float K/V")
+        if self.cache_mode != "paged" and kv_dtypes[0] != kv_dtypes[1]:
+            raise ConfigError(f"K and V in different formats ({'/'.join(kv_dtypes)}) need the "
+                              f"paged pool; cache_mode {self.cache_mode!r} keeps one float dtype")
+        residual = self.kv_residual_tokens
+        if residual is not None:
+            if "int4" not in kv_dtypes:
+                raise ConfigError("kv_residual_tokens applies to int4 K or V only "
+                                  f"(the KV format is {'/'.join(dict.fromkeys(kv_dtypes))})")
+            if self.block_size not in (16, residual):
+                raise ConfigError(f"kv_residual_tokens ({residual}) is the block size of an "
+                                  f"int4 pool; block_size {self.block_size} differs")
+        bs = self.effective_block_size
         if (not isinstance(bs, int) or isinstance(bs, bool) or bs <= 0 or bs & (bs - 1)
                 or bs > MAX_BLOCK_SIZE):
             raise ConfigError(f"block_size must be a power of two from 1 to {MAX_BLOCK_SIZE}, "
@@ -194,8 +218,15 @@ class CacheConfig:
         return parse_memory(self.kv_cache_memory)
 
     def resolved_kv_cache_dtype(self, dtype: str) -> str:
-        """The format K/V are stored in when the model computes in `dtype`."""
-        return resolve_kv_cache_dtype(self.kv_cache_dtype, dtype)
+        """The format K/V are stored in when the model computes in `dtype` ('int8/int4' when
+        K's and V's differ: kv_dtypes.kv_dtype_pair)."""
+        return resolve_kv_pair(self.kv_cache_dtype, dtype, self.k_cache_dtype,
+                               self.v_cache_dtype)
+
+    @property
+    def effective_block_size(self) -> int:
+        """Tokens per block: kv_residual_tokens when given (int4), else block_size."""
+        return self.block_size if self.kv_residual_tokens is None else self.kv_residual_tokens
 
 
 PREEMPTION_MODES = ("recompute", "swap")

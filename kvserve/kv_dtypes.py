@@ -10,11 +10,9 @@ from kvserve.errors import ConfigError
 
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "fp8_e4m3", "fp8_e5m2", "int8",
                    "int4")
-# What the engine stores today: every float format in every cache mode, the quantized ones in the
-# paged pool (codes and scales block by block); int4 is planned (the planner already prices it)
-# and refused with a clear error until built.
-BUILT_KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "fp8_e4m3", "fp8_e5m2",
-                         "int8")
+# What the engine stores: every float format in every cache mode, the quantized ones in the paged
+# pool (codes and scales block by block).
+BUILT_KV_CACHE_DTYPES = KV_CACHE_DTYPES
 QUANTIZED_DTYPES = ("fp8_e4m3", "fp8_e5m2", "int8", "int4")
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 KV_DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16",
@@ -41,6 +39,28 @@ def resolve_kv_cache_dtype(kv_cache_dtype: str, dtype: str) -> str:
         return name
     model = KV_DTYPE_ALIASES.get(str(dtype).lower(), str(dtype).lower())
     return model if model in FLOAT_DTYPES else "float16"
+
+
+def kv_dtype_pair(k: str, v: str) -> str:
+    """One name for K in format k and V in format v (both canonical): 'int8' when they agree,
+    else 'int8/int4' (K's, then V's). Names with a slash are what layouts, keys and logs carry."""
+    return k if k == v else f"{k}/{v}"
+
+
+def split_kv_dtype(name: str) -> tuple[str, str]:
+    """(K's format, V's format) of a name kv_dtype_pair made, or of one format for both."""
+    k, _, v = str(name).partition("/")
+    return canonical_kv_dtype(k), canonical_kv_dtype(v or k)
+
+
+def resolve_kv_pair(kv_cache_dtype: str, dtype: str, k_cache_dtype: str | None = None,
+                    v_cache_dtype: str | None = None) -> str:
+    """The resolved name of K's and V's formats: each side's own setting if given, else
+    kv_cache_dtype's ("auto" follows the model's dtype, as resolve_kv_cache_dtype)."""
+    both = resolve_kv_cache_dtype(kv_cache_dtype, dtype)
+    k = resolve_kv_cache_dtype(k_cache_dtype, dtype) if k_cache_dtype else both
+    v = resolve_kv_cache_dtype(v_cache_dtype, dtype) if v_cache_dtype else both
+    return kv_dtype_pair(k, v)
 
 
 def check_kv_cache_dtype_built(name: str) -> None:

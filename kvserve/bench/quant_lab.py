@@ -31,7 +31,7 @@ from kvserve.cli_flags import add_setting_flags
 from kvserve.config import parse_memory
 from kvserve.errors import ConfigError
 
-DEFAULT_FORMATS = "float32,bfloat16,float16,fp8_e4m3,fp8_e5m2,int8"
+DEFAULT_FORMATS = "float32,bfloat16,float16,fp8_e4m3,fp8_e5m2,int8,int4,int8/int4"
 
 
 @dataclass
@@ -54,8 +54,8 @@ class FormatRow:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_setting_flags(p, ("model", "dtype", "device", "block_size", "kv_cache_memory"))
     p.add_argument("--formats", default=DEFAULT_FORMATS,
-                   help=f"KV formats, comma-separated; float32 first is the reference "
-                        f"(default {DEFAULT_FORMATS})")
+                   help=f"KV formats, comma-separated, 'k/v' for K and V in two formats; "
+                        f"float32 first is the reference (default {DEFAULT_FORMATS})")
     p.add_argument("--windows", type=int, default=24, help="perplexity windows (default 24)")
     p.add_argument("--window-tokens", type=int, default=1024,
                    help="tokens per perplexity window (default 1024)")
@@ -71,7 +71,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget-context", type=int, default=4096,
                    help="tokens per request in the requests-that-fit column (default 4096)")
     p.add_argument("--no-alternatives", action="store_true",
-                   help="skip the simulated int8 scale granularities")
+                   help="skip the other scale granularities (int8 simulated, int4 built)")
     p.add_argument("--out", default="kvserve-quant-lab", help="folder for the JSON and the plot")
     p.add_argument("--json", action="store_true", help="print the JSON summary as the last line")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -80,10 +80,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def check_arguments(args: argparse.Namespace) -> tuple[list[str], list[int]]:
     from kvserve.config import BUILT_KV_CACHE_DTYPES, canonical_kv_dtype
 
-    formats = [canonical_kv_dtype(f) for f in args.formats.split(",") if f.strip()]
+    formats = ["/".join(dict.fromkeys(canonical_kv_dtype(x) for x in f.split("/")))
+               for f in args.formats.split(",") if f.strip()]
     if not formats or formats[0] != "float32":
         raise ConfigError("--formats must start with float32 (the reference)")
-    unbuilt = [f for f in formats if f not in BUILT_KV_CACHE_DTYPES]
+    unbuilt = [f for f in formats if any(x not in BUILT_KV_CACHE_DTYPES for x in f.split("/"))]
     if unbuilt:
         raise ConfigError(f"--formats: {', '.join(unbuilt)} not built in the engine yet")
     if len(set(formats)) != len(formats):
@@ -128,8 +129,9 @@ def corpus_slices(tokenizer, args) -> tuple[list[list[int]], list[list[int]], li
 def make_llm(args, kv_cache_dtype: str, max_model_len: int):
     from kvserve.engine.llm import LLM
 
+    k, _, v = kv_cache_dtype.partition("/")
     return LLM(model=args.model, dtype=args.dtype, device=args.device,
-               block_size=args.block_size, kv_cache_dtype=kv_cache_dtype,
+               block_size=args.block_size, kv_cache_dtype=k, v_cache_dtype=v or None,
                kv_cache_memory=args.kv_cache_memory, max_model_len=max_model_len,
                max_num_seqs=args.prompts,
                enable_prefix_caching=False, kv_quant_check="off")
@@ -183,12 +185,17 @@ def main(args: argparse.Namespace) -> int:
         snap = llm.engine.cache_snapshot()
         row.bytes_per_token = snap.bytes_per_token
         per_block = snap.bytes_per_token * args.block_size
-        extra = snap.num_bytes_allocated - snap.pool.num_blocks * per_block
-        if not 0 <= extra <= 8 * llm.engine.spec.num_layers:  # fp8's per-layer scales at most
+        spec = llm.engine.spec
+        # int4's residual windows: a float32 block per int4 side per sequence (max_num_seqs)
+        window = name.split("/").count("int4") * (1 if "/" in name else 2) * spec.num_layers \
+            * args.block_size * spec.num_kv_heads * spec.head_dim * 4
+        extra = snap.num_bytes_allocated - snap.pool.num_blocks * per_block \
+            - args.prompts * window
+        if not 0 <= extra <= 8 * spec.num_layers:  # fp8's per-layer scales at most
             raise RuntimeError(f"quant lab: the {name} pool allocates {snap.num_bytes_allocated:,}"
                                f" bytes for {snap.pool.num_blocks} blocks of {per_block:,}")
         blocks_per_request = -(-args.budget_context // args.block_size)
-        row.requests_in_budget = (budget // per_block) // blocks_per_request
+        row.requests_in_budget = budget // (blocks_per_request * per_block + window)
         if name == formats[0]:
             windows, prompts, ids = corpus_slices(llm.tokenizer, args)
             model = llm.engine.model
@@ -209,7 +216,7 @@ def main(args: argparse.Namespace) -> int:
         del llm
     variants = [Variant(f, f) for f in formats[1:]]
     if not args.no_alternatives:
-        variants += scale_alternatives(args.block_size)
+        variants += scale_alternatives(args.block_size, formats)
     bar.close()
     with tqdm(total=len(windows) * args.window_tokens, unit="pos", disable=args.no_progress,
               file=sys.stderr, desc="quant lab: perplexity and KL") as pbar:

@@ -77,17 +77,17 @@ class LLMEngine:
         self.max_model_len = min(config.scheduler.max_model_len or context, context)
         # Cached blocks are keyed by what made their K/V: the weights and the KV format.
         model_key = "|".join((config.model or self.model_name, config.dtype,
-                              config.kv_cache_dtype))
+                              config.cache.resolved_kv_cache_dtype(config.dtype)))
         kv = build_kv(config.cache, self.spec, config.dtype, self.device, self.max_model_len,
-                      model_key)
+                      model_key, config.scheduler.max_num_seqs)
         self.kv_cache_dtype = kv.kv_cache_dtype
         self.kv_bytes_per_token = kv.layout.bytes_per_token
         self.kv_quality: KVQuality | None = None  # the guardrail's measure (quantized KV)
-        if kv.kv_store is not None and kv.kv_store.codec.quantized and \
+        if kv.kv_store is not None and kv.kv_store.quantized and \
                 config.cache.kv_quant_check != "off":
             self.kv_quality = check_kv_format(
-                self.model, self.tokenizer, kv.kv_cache_dtype, kv.kv_store.codec,
-                config.cache.block_size, self.spec.max_position_embeddings,
+                self.model, self.tokenizer, kv.kv_cache_dtype, kv.kv_store.codecs,
+                config.cache.effective_block_size, self.spec.max_position_embeddings,
                 config.cache.kv_quant_check, model_fingerprint(config.model))
         self.block_manager = kv.block_manager
         self.runner = ModelRunner(self.model, kv.attention, self.tokenizer.eos_token_ids,

@@ -19,7 +19,7 @@ import torch
 
 from kvserve.kvcache.layout import KVLayout
 from kvserve.kvcache.snapshot import KVQuality
-from kvserve.kvstore.codecs import INT8_MAX, FloatCodec, KVCodec
+from kvserve.kvstore.codecs import INT8_MAX, FloatCodec, Int4VCodec, KVCodec
 from kvserve.kvstore.paged import PagedKVStore
 from kvserve.model.attention.paged import PagedAttention
 from kvserve.model.llama import LlamaModel
@@ -44,18 +44,20 @@ class Variant:
     kv_cache_dtype: str
     codec: KVCodec | None = None  # K's codec (and V's, unless v_codec); None: the format's
     v_codec: KVCodec | None = None
+    block_size: int | None = None  # another block size (int4: its group and residual window)
 
 
 def log_probs(model: LlamaModel, variant: Variant, token_ids: Sequence[int],
               block_size: int = 16) -> Iterator[torch.Tensor]:
     """log_softmax of the next-token logits at every position of token_ids, [rows, vocab] float32
     a chunk at a time, with K/V stored as `variant` says."""
+    block_size = variant.block_size or block_size
     layout = KVLayout(model.spec, block_size, variant.kv_cache_dtype)
     num_blocks = layout.num_blocks_for_tokens(len(token_ids))
     store = PagedKVStore(layout, num_blocks, model.device)
-    if variant.codec is not None:
-        store.codec = variant.codec
-    store.v_codec = variant.v_codec
+    if variant.codec is not None or variant.v_codec is not None:
+        store.use_codecs(variant.codec or store.codecs[0],
+                         variant.v_codec or variant.codec or store.codecs[1])
     attention = PagedAttention(store)
     inputs = InputBuilder(model.device, block_size)
     blocks = tuple(range(num_blocks))
@@ -108,9 +110,11 @@ def compare_many(model: LlamaModel, texts: Sequence[Sequence[int]],
 
 def compare(model: LlamaModel, texts: Sequence[Sequence[int]], kv_cache_dtype: str,
             reference: str = "float32", block_size: int = 16,
-            codec: KVCodec | None = None, progress=None) -> KVQuality:
-    """compare_many for one KV format (codec: another codec for its parts, e.g. the store's)."""
-    variant = Variant(kv_cache_dtype, kv_cache_dtype, codec)
+            codec: KVCodec | None = None, v_codec: KVCodec | None = None,
+            progress=None) -> KVQuality:
+    """compare_many for one KV format (codec, v_codec: other codecs for K's and V's parts, e.g.
+    the store's)."""
+    variant = Variant(kv_cache_dtype, kv_cache_dtype, codec, v_codec)
     return compare_many(model, texts, [variant], reference, block_size, progress)[kv_cache_dtype]
 
 
@@ -143,9 +147,19 @@ def _round_int8(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
     return (x / scale).round_().clamp_(-INT8_MAX, INT8_MAX) * scale
 
 
-def scale_alternatives(block_size: int) -> list[Variant]:
-    """The int8 scale granularities the quant lab measures beside the int8 format."""
-    return [
+def scale_alternatives(block_size: int, formats: Sequence[str] = ("int8", "int4")
+                       ) -> list[Variant]:
+    """The scale granularities the quant lab measures beside the formats: int8's simulated,
+    int4's built (K per token instead of per channel; a block, and so a residual window, of
+    twice the size)."""
+    out = []
+    if "int4" in formats:
+        out += [Variant("int4 alt: per-token K (V's rule)", "int4", Int4VCodec(), Int4VCodec()),
+                Variant(f"int4 alt: {2 * block_size}-token blocks", "int4",
+                        block_size=2 * block_size)]
+    if "int8" not in formats:
+        return out
+    return out + [
         Variant("int8 sim: per-token K and V", "float32", SimulatedInt8("token", block_size)),
         Variant("int8 sim: per-channel K, per-token V", "float32",
                 SimulatedInt8("channel", block_size), SimulatedInt8("token", block_size)),

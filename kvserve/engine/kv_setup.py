@@ -40,12 +40,14 @@ def free_memory_bytes(device: torch.device) -> int:
 
 
 def build_kv(config: CacheConfig, spec: ModelSpec, dtype: str, device: torch.device,
-             max_model_len: int, model_key: str = "") -> KVSetup:
+             max_model_len: int, model_key: str = "", max_num_seqs: int = 1) -> KVSetup:
     """The attention backend for config.cache_mode with K/V stored in the format "auto" (or the
     setting) gives for compute dtype `dtype`; for paged, its store and block manager (with a
-    prefix index whose keys start from model_key, unless prefix caching is off)."""
+    prefix index whose keys start from model_key, unless prefix caching is off). A
+    block-quantized format (int4) holds a residual window for each of max_num_seqs sequences."""
     kv_dtype = config.resolved_kv_cache_dtype(dtype)
-    layout = KVLayout(spec, config.block_size, kv_dtype)
+    block_size = config.effective_block_size
+    layout = KVLayout(spec, block_size, kv_dtype, residual_seqs=max_num_seqs)
     if config.cache_mode == "none":
         return KVSetup(NoCacheAttention(spec), kv_dtype, layout)
     if config.cache_mode == "contiguous":
@@ -59,10 +61,10 @@ def build_kv(config: CacheConfig, spec: ModelSpec, dtype: str, device: torch.dev
         need_bytes = format_bytes(needed * layout.bytes_per_block)
         raise ConfigError(
             f"kv_cache_memory {config.kv_cache_memory!r} ({format_bytes(num_bytes)}) holds "
-            f"{num_blocks} blocks of {config.block_size} tokens, but one max_model_len "
+            f"{num_blocks} blocks of {block_size} tokens, but one max_model_len "
             f"({max_model_len}) request needs {needed} ({need_bytes}): raise kv_cache_memory "
             f"or lower max_model_len")
-    store = PagedKVStore(layout, num_blocks, device)
+    store = PagedKVStore(layout, num_blocks, device, residual_slots=max_num_seqs)
     index = PrefixIndex() if config.enable_prefix_caching else None
-    manager = BlockManager(BlockPool(num_blocks), config.block_size, index, model_key)
+    manager = BlockManager(BlockPool(num_blocks), block_size, index, model_key)
     return KVSetup(PagedAttention(store), kv_dtype, layout, store, manager)

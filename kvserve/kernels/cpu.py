@@ -128,6 +128,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         + [ptr, ptr],
         "kv_set_fp8_lut": [i32, ptr],
         "kv_quant_write_i8": [ptr, ptr, i32, i32, i32, ptr, ptr],
+        "kv_paged_decode_attention_i4": [ptr, i32, ptr, ptr, ptr, ptr, ptr, ptr, i32, ptr, ptr,
+                                         ptr, ptr, i32, ptr] + [i32] * 6 + [ptr, ptr],
     }
     for name in _QUANT_DECODE.values():
         signatures[name] = [ptr, i32, ptr, ptr, ptr, ptr, f32, f32, ptr, i32, ptr] + [i32] * 6 \
@@ -290,6 +292,35 @@ def paged_decode_attention_codes(kv_format: str, q: torch.Tensor, k_codes: torch
        block_tables.data_ptr(), block_tables.shape[1], context_lens.data_ptr(), batch,
        k_codes.shape[1], num_heads, k_codes.shape[2], d, max_context, out.data_ptr(),
        scores.data_ptr())
+    return out
+
+
+I4_MAX_HEAD_DIM = 512
+I4_MAX_GROUP = 16  # query heads per KV head
+
+
+def paged_decode_attention_int4(q: torch.Tensor, k: dict[str, torch.Tensor],
+                                v: dict[str, torch.Tensor], k_residual: torch.Tensor,
+                                v_residual: torch.Tensor, slots: torch.Tensor,
+                                block_tables: torch.Tensor, context_lens: torch.Tensor,
+                                max_context: int, scores: torch.Tensor) -> torch.Tensor:
+    """paged_decode_attention over int4 K/V: k/v are one layer's parts (codes
+    [num_blocks, block_size, num_kv, d/2] uint8; K's scale/zero [num_blocks, num_kv, d] fp16,
+    V's [num_blocks, block_size, num_kv, d/group] fp16), each sequence's tokens past its last full
+    block read from its residual slot (k_residual/v_residual [slots, block_size, num_kv, d]
+    float32; slots [batch] long); scores needs batch * num_heads * max_context floats.
+    Reference: PagedKVStore.gather (Int4KCodec/Int4VCodec.decode_blocks), then attention."""
+    batch, num_heads, d = q.shape
+    num_kv = k["codes"].shape[2]
+    out = torch.empty((batch, num_heads, d), dtype=torch.float32)
+    vgroup = d // v["scale"].shape[-1]
+    _lib.kv_paged_decode_attention_i4(
+        q.data_ptr(), q.stride(0), k["codes"].data_ptr(), k["scale"].data_ptr(),
+        k["zero"].data_ptr(), v["codes"].data_ptr(), v["scale"].data_ptr(),
+        v["zero"].data_ptr(), vgroup, k_residual.data_ptr(), v_residual.data_ptr(),
+        slots.data_ptr(), block_tables.data_ptr(), block_tables.shape[1],
+        context_lens.data_ptr(), batch, k["codes"].shape[1], num_heads, num_kv, d, max_context,
+        out.data_ptr(), scores.data_ptr())
     return out
 
 

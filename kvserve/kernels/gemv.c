@@ -575,3 +575,174 @@ void kv_quant_write_i8(const float *restrict x, const int64_t *restrict slots, i
       scales[at] = scale;
     }
 }
+
+/* int4 K/V (kvserve/kvstore/codecs.py's Int4KCodec / Int4VCodec are the reference): two codes per
+ * byte (element 2i in the low nibble, 2i+1 in the high), x = code * scale + zero with fp16 scales
+ * and zeros: K per channel per block (Ks, Kz [num_blocks, num_kv, d]), V per token per `vgroup`
+ * channels (Vs, Vz [num_blocks, block_size, num_kv, d / vgroup]). A sequence's tokens past its
+ * last full block are float32 in its residual slot (Kr, Vr [slots, block_size, num_kv, d],
+ * slots[b]). K's per-channel scale folds into the query once per block (q' = q * scale, plus
+ * q . zero per block), V's per-token scale into the softmax weight: codes are never widened in
+ * memory. Even and odd channels are kept apart (q's and the output's), so a byte's two nibbles
+ * meet their own lanes without shuffles. */
+static inline float half_to_f32(uint16_t h) {
+  uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+  if (exp == 0) {
+    if (man == 0) {
+      bits = sign;
+    } else { /* subnormal: normalize */
+      int e = -1;
+      do { e++; man <<= 1; } while (!(man & 0x400));
+      bits = sign | ((uint32_t)(127 - 15 - e) << 23) | ((man & 0x3ff) << 13);
+    }
+  } else if (exp == 31) {
+    bits = sign | 0x7f800000u | (man << 13);
+  } else {
+    bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+  }
+  float f;
+  memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+static inline float h2f(uint16_t h) {
+#ifdef __F16C__
+  return _cvtsh_ss(h);
+#else
+  return half_to_f32(h);
+#endif
+}
+
+/* n bytes of codes -> their low nibbles in ce[0..n), high nibbles in co[0..n), as floats */
+static inline void unpack_i4(const uint8_t *restrict c, float *restrict ce, float *restrict co,
+                             int n) {
+  int i = 0;
+#ifdef KV_AVX2
+  __m128i mask = _mm_set1_epi8(0x0f);
+  for (; i + 8 <= n; i += 8) {
+    __m128i b = _mm_loadl_epi64((const __m128i *)(c + i));
+    _mm256_storeu_ps(ce + i, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(b, mask))));
+    _mm256_storeu_ps(co + i, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
+                                 _mm_and_si128(_mm_srli_epi16(b, 4), mask))));
+  }
+#endif
+  for (; i < n; i++) {
+    ce[i] = (float)(c[i] & 15);
+    co[i] = (float)(c[i] >> 4);
+  }
+}
+
+static inline float dot_f32(const float *restrict a, const float *restrict b, int n) {
+  float acc = 0.f;
+  int i = 0;
+#ifdef KV_AVX2
+  __m256 v = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) v = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), v);
+  acc = hsum256(v);
+#endif
+  for (; i < n; i++) acc += a[i] * b[i];
+  return acc;
+}
+
+static inline void axpy_f32(float w, const float *restrict x, float *restrict y, int n) {
+  int i = 0;
+#ifdef KV_AVX2
+  __m256 vw = _mm256_set1_ps(w);
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(vw, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+#endif
+  for (; i < n; i++) y[i] += w * x[i];
+}
+
+#define I4_MAX_D 512
+#define I4_MAX_GROUP 16
+/* One task per (sequence, KV head): each token's codes are unpacked once for all the query heads
+ * that share them (grouped-query attention). */
+void kv_paged_decode_attention_i4(
+    const float *restrict q, int q_row_stride, const uint8_t *restrict K,
+    const uint16_t *restrict Ks, const uint16_t *restrict Kz, const uint8_t *restrict V,
+    const uint16_t *restrict Vs, const uint16_t *restrict Vz, int vgroup,
+    const float *restrict Kr, const float *restrict Vr, const int64_t *restrict slots,
+    const int *restrict block_tables, int max_blocks, const int *restrict context_lens, int batch,
+    int block_size, int num_heads, int num_kv, int d, int max_context, float *restrict out,
+    float *restrict scores) {
+  int group = num_heads / num_kv, half = d / 2, ngroups = d / vgroup, gh = vgroup / 2;
+  float scale = 1.0f / sqrtf((float)d);
+  _Pragma("omp parallel for schedule(dynamic, 1) num_threads(kv_team())")
+  for (int bg = 0; bg < batch * num_kv; bg++) {
+    int b = bg / num_kv, g = bg % num_kv, len = context_lens[b], h0 = g * group;
+    int nfull = len / block_size, nres = len - nfull * block_size;
+    const int *table = block_tables + (size_t)b * max_blocks;
+    const float *qg = q + (size_t)b * q_row_stride + (size_t)h0 * d;
+    const float *kr = Kr + ((size_t)slots[b] * block_size * num_kv + g) * d;
+    const float *vr = Vr + ((size_t)slots[b] * block_size * num_kv + g) * d;
+    float *s = scores + ((size_t)b * num_heads + h0) * max_context;
+    float qe[I4_MAX_GROUP][I4_MAX_D / 2], qo[I4_MAX_GROUP][I4_MAX_D / 2], bias[I4_MAX_GROUP];
+    float oe[I4_MAX_GROUP][I4_MAX_D / 2], oo[I4_MAX_GROUP][I4_MAX_D / 2];
+    float zsum[I4_MAX_GROUP][I4_MAX_D / 32], ce[I4_MAX_D / 2], co[I4_MAX_D / 2];
+    float kse[I4_MAX_D / 2], kso[I4_MAX_D / 2], kze[I4_MAX_D / 2], kzo[I4_MAX_D / 2];
+    for (int j = 0; j < nfull; j++) {
+      size_t blk = (size_t)table[j];
+      const uint16_t *ks = Ks + (blk * num_kv + g) * d, *kz = Kz + (blk * num_kv + g) * d;
+      for (int i = 0; i < half; i++) {
+        kse[i] = h2f(ks[2 * i]) * scale;
+        kso[i] = h2f(ks[2 * i + 1]) * scale;
+        kze[i] = h2f(kz[2 * i]) * scale;
+        kzo[i] = h2f(kz[2 * i + 1]) * scale;
+      }
+      for (int hh = 0; hh < group; hh++) {
+        const float *qh = qg + (size_t)hh * d;
+        float acc = 0.f;
+        for (int i = 0; i < half; i++) {
+          qe[hh][i] = qh[2 * i] * kse[i];
+          qo[hh][i] = qh[2 * i + 1] * kso[i];
+          acc += qh[2 * i] * kze[i] + qh[2 * i + 1] * kzo[i];
+        }
+        bias[hh] = acc;
+      }
+      const uint8_t *kc = K + (blk * block_size * num_kv + g) * half;
+      for (int t = 0; t < block_size; t++) {
+        unpack_i4(kc + (size_t)t * num_kv * half, ce, co, half);
+        for (int hh = 0; hh < group; hh++)
+          s[(size_t)hh * max_context + j * block_size + t] =
+              dot_f32(qe[hh], ce, half) + dot_f32(qo[hh], co, half) + bias[hh];
+      }
+    }
+    for (int t = 0; t < nres; t++)
+      for (int hh = 0; hh < group; hh++)
+        s[(size_t)hh * max_context + nfull * block_size + t] =
+            dot_f32(qg + (size_t)hh * d, kr + (size_t)t * num_kv * d, d) * scale;
+    for (int hh = 0; hh < group; hh++) {
+      float *sh = s + (size_t)hh * max_context, inv = 1.0f / exp_shifted(sh, len);
+      for (int t = 0; t < len; t++) sh[t] *= inv;
+      for (int i = 0; i < half; i++) oe[hh][i] = oo[hh][i] = 0.f;
+      for (int gi = 0; gi < ngroups; gi++) zsum[hh][gi] = 0.f;
+    }
+    for (int j = 0; j < nfull; j++) {
+      size_t blk = (size_t)table[j];
+      for (int t = 0; t < block_size; t++) {
+        size_t row = (blk * block_size + t) * num_kv + g;
+        const uint16_t *vs = Vs + row * ngroups, *vz = Vz + row * ngroups;
+        unpack_i4(V + row * half, ce, co, half);
+        for (int gi = 0; gi < ngroups; gi++) {
+          float sc = h2f(vs[gi]), zc = h2f(vz[gi]);
+          for (int hh = 0; hh < group; hh++) {
+            float w = s[(size_t)hh * max_context + j * block_size + t];
+            axpy_f32(w * sc, ce + gi * gh, oe[hh] + gi * gh, gh);
+            axpy_f32(w * sc, co + gi * gh, oo[hh] + gi * gh, gh);
+            zsum[hh][gi] += w * zc;
+          }
+        }
+      }
+    }
+    for (int hh = 0; hh < group; hh++) {
+      float *o = out + ((size_t)b * num_heads + h0 + hh) * d;
+      const float *sh = s + (size_t)hh * max_context + nfull * block_size;
+      for (int i = 0; i < half; i++) {
+        o[2 * i] = oe[hh][i] + zsum[hh][(2 * i) / vgroup];
+        o[2 * i + 1] = oo[hh][i] + zsum[hh][(2 * i + 1) / vgroup];
+      }
+      for (int t = 0; t < nres; t++) axpy_f32(sh[t], vr + (size_t)t * num_kv * d, o, d);
+    }
+  }
+}

@@ -8,7 +8,12 @@ element in fewer bits plus scales; the scales are part of the bill:
 - fp8_e4m3, fp8_e5m2: FP8, one float32 scale per layer for K and one for V (per tensor, as vLLM
   does): no per-token overhead, 8 bytes per layer in all;
 - int8: symmetric, one float32 scale per token per KV head (per head vector);
-- int4: asymmetric, an fp16 scale and an fp16 zero point per group of 32 elements (KIVI-style).
+- int4 (KIVI-style, asymmetric, two codes per byte, fp16 scale and fp16 zero point): K per
+  channel over each block's tokens (one scale and zero per channel per block), V per token in
+  groups of 32 channels. A block is quantized when it fills; until then the tokens of each
+  sequence's last, partial block (its residual window) stay in float32 in a residual buffer of one
+  block per running sequence, priced as fixed bytes for `residual_seqs` sequences.
+K and V may use different formats (a name "int8/int4": K's, then V's).
 """
 
 from __future__ import annotations
@@ -17,27 +22,40 @@ from dataclasses import dataclass
 
 from kvserve.config import ModelSpec
 from kvserve.errors import ConfigError
-from kvserve.kv_dtypes import KV_CACHE_DTYPES, canonical_kv_dtype
+from kvserve.kv_dtypes import KV_CACHE_DTYPES, canonical_kv_dtype, kv_dtype_pair, split_kv_dtype
+
+RESIDUAL_BYTES = 4  # the residual window's tokens are float32
+INT4_V_GROUP = 32  # channels per scale of int4 V (the whole head when head_dim is not a multiple)
+
+
+def int4_v_group(head_dim: int) -> int:
+    return INT4_V_GROUP if head_dim % INT4_V_GROUP == 0 else head_dim
 
 
 @dataclass(frozen=True)
 class KVFormat:
     name: str
     bits: int  # per stored element
-    scale_group: str | int | None  # None: no scales; "tensor": per layer; "head": per head
-    # vector of each token; an int: per that many elements
+    scale_group: str | None  # None: no scales; "tensor": per layer; "head": per head vector of
+    # each token; "int4": per channel per block (K), per 32 channels per token (V)
     scale_bytes: int = 0  # bytes of one group's scale (and zero point)
     description: str = ""
 
-    def bytes_per_head_vector(self, head_dim: int) -> int:
-        """One token's K (or V) for one KV head, scales included."""
+    @property
+    def residual(self) -> bool:
+        """Quantized a block at a time: a sequence's partial block waits in float32."""
+        return self.scale_group == "int4"
+
+    def bytes_per_block_head(self, head_dim: int, block_size: int, which: int) -> int:
+        """One block's K (which=0) or V (1) for one KV head, scales included."""
+        codes = -(-block_size * head_dim * self.bits // 8)
         if self.scale_group == "head":
-            num_groups = 1
-        elif isinstance(self.scale_group, int):
-            num_groups = -(-head_dim // self.scale_group)
-        else:
-            num_groups = 0
-        return -(-head_dim * self.bits // 8) + num_groups * self.scale_bytes
+            return codes + block_size * self.scale_bytes
+        if self.scale_group == "int4":
+            if which == 0:  # a scale and zero per channel of the block
+                return codes + head_dim * self.scale_bytes
+            return codes + block_size * (head_dim // int4_v_group(head_dim)) * self.scale_bytes
+        return codes
 
 
 KV_FORMATS: dict[str, KVFormat] = {f.name: f for f in (
@@ -47,7 +65,8 @@ KV_FORMATS: dict[str, KVFormat] = {f.name: f for f in (
     KVFormat("fp8_e4m3", 8, "tensor", 4, "FP8 E4M3, one float32 scale per layer for K and for V"),
     KVFormat("fp8_e5m2", 8, "tensor", 4, "FP8 E5M2, one float32 scale per layer for K and for V"),
     KVFormat("int8", 8, "head", 4, "int8, one float32 scale per token per KV head"),
-    KVFormat("int4", 4, 32, 4, "int4, fp16 scale + zero point per 32 elements"),
+    KVFormat("int4", 4, "int4", 4, "int4, fp16 scale + zero point: K per channel per block, "
+             "V per 32 channels per token; the partial block in float32"),
 )}
 assert set(KV_FORMATS) == set(KV_CACHE_DTYPES) - {"auto"}, "kv_dtypes and layout list other formats"
 # The short names tables show, in their order (fp8_e5m2 costs what fp8_e4m3 costs: no own row).
@@ -56,9 +75,9 @@ KV_FORMAT_SHORT_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16
 
 
 def short_kv_dtype(name: str) -> str:
-    """The name tables show: 'float16' -> 'fp16', 'fp8_e4m3' -> 'fp8'."""
-    key = canonical_kv_dtype(name)
-    return KV_FORMAT_SHORT_NAMES.get(key, key)
+    """The name tables show: 'float16' -> 'fp16', 'fp8_e4m3' -> 'fp8', 'int8/int4' stays."""
+    k, v = split_kv_dtype(name)
+    return kv_dtype_pair(KV_FORMAT_SHORT_NAMES.get(k, k), KV_FORMAT_SHORT_NAMES.get(v, v))
 
 
 def kv_format(name: str) -> KVFormat:
@@ -74,34 +93,76 @@ def kv_format(name: str) -> KVFormat:
 class KVLayout:
     spec: ModelSpec
     block_size: int  # tokens per block
-    kv_cache_dtype: str  # a KV_FORMATS name or alias: "float32", "bf16", "fp8", "int4", ...
+    kv_cache_dtype: str  # a KV_FORMATS name or alias ("float32", "bf16", "int4", ...), or K's
+    # and V's as kv_dtypes.kv_dtype_pair names them ("int8/int4")
+    residual_seqs: int = 0  # sequences that hold a residual window at once (int4 K or V)
 
     def __post_init__(self) -> None:
-        kv_format(self.kv_cache_dtype)
+        for name in split_kv_dtype(self.kv_cache_dtype):
+            kv_format(name)
+
+    @property
+    def k_format(self) -> KVFormat:
+        return kv_format(split_kv_dtype(self.kv_cache_dtype)[0])
+
+    @property
+    def v_format(self) -> KVFormat:
+        return kv_format(split_kv_dtype(self.kv_cache_dtype)[1])
+
+    @property
+    def formats(self) -> tuple[KVFormat, KVFormat]:
+        return self.k_format, self.v_format
+
+    @property
+    def name(self) -> str:
+        """The canonical name: 'float32', or 'int8/int4' when K's and V's formats differ."""
+        return kv_dtype_pair(self.k_format.name, self.v_format.name)
 
     @property
     def format(self) -> KVFormat:
-        return kv_format(self.kv_cache_dtype)
+        """The one format of K and V (ConfigError when they differ: ask k_format/v_format)."""
+        if self.k_format != self.v_format:
+            raise ConfigError(f"K and V are stored in different formats ({self.name})")
+        return self.k_format
+
+    @property
+    def bytes_per_block_per_layer(self) -> int:
+        """K and V of one block in one layer, scales included."""
+        s = self.spec
+        return s.num_kv_heads * sum(f.bytes_per_block_head(s.head_dim, self.block_size, which)
+                                    for which, f in enumerate(self.formats))
 
     @property
     def bytes_per_token_per_layer(self) -> int:
-        """K and V of one token in one layer: 2 x kv_heads x (head_dim x bytes + scales)."""
-        return 2 * self.spec.num_kv_heads * self.format.bytes_per_head_vector(self.spec.head_dim)
+        """K and V of one token in one layer: 2 x kv_heads x (head_dim x bytes + scales); a
+        per-block scale (int4 K) is shared by the block's tokens (rounded up)."""
+        return -(-self.bytes_per_block_per_layer // self.block_size)
 
     @property
     def bytes_per_token(self) -> int:
-        return self.bytes_per_token_per_layer * self.spec.num_layers
+        return -(-self.bytes_per_block // self.block_size)
+
+    @property
+    def residual_bytes_per_seq(self) -> int:
+        """One sequence's residual window: a block of float32 K (V) per layer for each side
+        stored in a block-quantized format (int4)."""
+        s = self.spec
+        sides = sum(f.residual for f in self.formats)
+        return sides * s.num_layers * self.block_size * s.num_kv_heads * s.head_dim * \
+            RESIDUAL_BYTES
 
     @property
     def fixed_bytes(self) -> int:
-        """Bytes that do not grow with tokens: per-tensor scales (fp8)."""
-        f = self.format
-        return 2 * self.spec.num_layers * f.scale_bytes if f.scale_group == "tensor" else 0
+        """Bytes that do not grow with tokens: per-tensor scales (fp8), and the residual windows
+        of residual_seqs sequences (int4)."""
+        tensor = [f.scale_bytes for f in self.formats if f.scale_group == "tensor"]
+        scales = 2 * self.spec.num_layers * tensor[0] if tensor else 0  # K's and V's, per layer
+        return scales + self.residual_seqs * self.residual_bytes_per_seq
 
     @property
     def bytes_per_block(self) -> int:
         """K and V of one block across every layer (a block id names the same slots in each)."""
-        return self.bytes_per_token * self.block_size
+        return self.bytes_per_block_per_layer * self.spec.num_layers
 
     @property
     def block_shape(self) -> tuple[int, int, int]:

@@ -13,7 +13,7 @@ import torch
 
 class HostBlockStore:
     def __init__(self, pin_memory: bool = False) -> None:
-        # key -> that block's parts, each [num_layers, 2, 1, ...] (a view of one batched copy)
+        # key -> that block's parts, each [num_layers, 1, ...] (a view of one batched copy)
         self.blocks: dict[Hashable, dict[str, torch.Tensor]] = {}
         self.owner_of: dict[Hashable, str] = {}  # key -> the request that parked it (swap)
         self.owned: dict[str, set[Hashable]] = {}  # request id -> keys it has parked here
@@ -24,9 +24,9 @@ class HostBlockStore:
 
     def put(self, keys: tuple[Hashable, ...], parts: dict[str, torch.Tensor],
             owner: str | None = None) -> None:
-        """Keep block i of every part (dimension 2) under keys[i]."""
+        """Keep block i of every part (dimension 1) under keys[i]."""
         for i, key in enumerate(keys):
-            self.blocks[key] = {name: t[:, :, i:i + 1] for name, t in parts.items()}
+            self.blocks[key] = {name: t[:, i:i + 1] for name, t in parts.items()}
             if owner is not None:
                 self.owner_of[key] = owner
                 self.owned.setdefault(owner, set()).add(key)
@@ -37,9 +37,9 @@ class HostBlockStore:
         entries = [self._pop(k) for k in keys]
         out = {}
         for name, first in entries[0].items():
-            shape = (*first.shape[:2], len(entries), *first.shape[3:])
+            shape = (first.shape[0], len(entries), *first.shape[2:])
             batch = torch.empty(shape, dtype=first.dtype, pin_memory=self.pin_memory)
-            torch.cat([e[name] for e in entries], dim=2, out=batch)
+            torch.cat([e[name] for e in entries], dim=1, out=batch)
             out[name] = batch
         return out
 

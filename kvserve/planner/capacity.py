@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, replace
 
 from kvserve.config import MAX_BLOCK_SIZE, parse_size
 from kvserve.errors import ConfigError
-from kvserve.kv_dtypes import resolve_kv_cache_dtype
+from kvserve.kv_dtypes import resolve_kv_pair, split_kv_dtype
 from kvserve.kvcache.layout import KV_FORMAT_SHORT_NAMES, KVLayout, kv_format, short_kv_dtype
 from kvserve.planner.presets import find_preset, unknown_preset_error
 from kvserve.planner.shapes import ModelShape, read_gguf, read_hf_config
@@ -153,7 +153,7 @@ def request_bytes(layout: KVLayout, model: ModelShape, num_tokens: int) -> tuple
     """(blocks, bytes) one request of num_tokens holds: whole blocks in every full-attention
     layer; a sliding-window layer keeps at most the window's tokens."""
     blocks = layout.num_blocks_for_tokens(num_tokens)
-    per_layer_block = layout.bytes_per_token_per_layer * layout.block_size
+    per_layer_block = layout.bytes_per_block_per_layer
     full_layers = model.num_layers - model.num_sliding_layers
     num_bytes = blocks * full_layers * per_layer_block
     if model.num_sliding_layers:
@@ -163,8 +163,9 @@ def request_bytes(layout: KVLayout, model: ModelShape, num_tokens: int) -> tuple
 
 
 def _max_context(layout: KVLayout, model: ModelShape, concurrency: int, budget: int) -> int:
-    """The longest context (whole blocks) `concurrency` requests can each hold in `budget`."""
-    room = budget - layout.fixed_bytes
+    """The longest context (whole blocks) `concurrency` requests can each hold in `budget`
+    (each with its residual window, int4)."""
+    room = budget - layout.fixed_bytes - concurrency * layout.residual_bytes_per_seq
     lo, hi = 0, 1
     while concurrency * request_bytes(layout, model, hi * layout.block_size)[1] <= room:
         lo, hi = hi, hi * 2
@@ -181,12 +182,15 @@ def _max_context(layout: KVLayout, model: ModelShape, concurrency: int, budget: 
 
 def dtype_plan(model: ModelShape, kv_cache_dtype: str, block_size: int, context: int,
                concurrency: int, budget: int) -> KVDtypePlan:
+    """A request's bytes are its blocks plus, for int4 K or V, its residual window (one block
+    of float32 per int4 side: KVLayout.residual_bytes_per_seq)."""
     layout = KVLayout(model.to_spec(), block_size, kv_cache_dtype)
     blocks, per_request = request_bytes(layout, model, context)
+    per_request += layout.residual_bytes_per_seq
     room = max(0, budget - layout.fixed_bytes)
     max_requests = room // per_request
     return KVDtypePlan(
-        kv_cache_dtype=short_kv_dtype(layout.format.name),
+        kv_cache_dtype=short_kv_dtype(layout.name),
         bytes_per_token=layout.bytes_per_token,
         bytes_per_token_per_layer=layout.bytes_per_token_per_layer,
         bytes_per_block=layout.bytes_per_block, blocks_per_request=blocks,
@@ -198,13 +202,19 @@ def dtype_plan(model: ModelShape, kv_cache_dtype: str, block_size: int, context:
 def plan(model: str | ModelShape | None = None, context: int = 4000, concurrency: int = 20,
          memory: str | int = "24GiB", weights_dtype: str = "bf16", kv_cache_dtype: str = "auto",
          block_size: int = 16, reserve: str | int = DEFAULT_RESERVE,
-         weights_memory: str | int | None = None) -> CapacityPlan:
+         weights_memory: str | int | None = None, k_cache_dtype: str | None = None,
+         v_cache_dtype: str | None = None, kv_residual_tokens: int | None = None
+         ) -> CapacityPlan:
     """The KV capacity of `model` in `memory` at `context` tokens x `concurrency` requests.
     kv_cache_dtype "auto" is the engine's rule (kv_dtypes.resolve_kv_cache_dtype): the weights
     dtype when that is a float format, else fp16;
-    weights_memory overrides the weights' size (e.g. a measured figure)."""
+    weights_memory overrides the weights' size (e.g. a measured figure); k_cache_dtype /
+    v_cache_dtype one side's format; kv_residual_tokens an int4 pool's block size, as the
+    engine's settings of those names."""
     context = _positive_int(context, "context")
     concurrency = _positive_int(concurrency, "concurrency")
+    if kv_residual_tokens is not None:
+        block_size = _positive_int(kv_residual_tokens, "kv_residual_tokens")
     bs = _positive_int(block_size, "block_size")
     if bs & (bs - 1) or bs > MAX_BLOCK_SIZE:
         raise ConfigError(f"block_size must be a power of two from 1 to {MAX_BLOCK_SIZE}, "
@@ -212,7 +222,8 @@ def plan(model: str | ModelShape | None = None, context: int = 4000, concurrency
     memory_bytes = parse_size(memory, "memory")
     reserve_bytes, reserve_text, reserve_fraction = parse_reserve(reserve, memory_bytes)
     shape = model if isinstance(model, ModelShape) else resolve_model(model)
-    kv_cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype, weights_dtype)
+    kv_cache_dtype = resolve_kv_pair(kv_cache_dtype, weights_dtype, k_cache_dtype,
+                                     v_cache_dtype)
     if weights_memory is not None:  # a known size: the dtype no longer decides it
         weights, weights_dtype = parse_size(weights_memory, "weights memory"), "stated"
     else:
@@ -224,7 +235,8 @@ def plan(model: str | ModelShape | None = None, context: int = 4000, concurrency
         [] if chosen in KV_FORMAT_SHORT_NAMES.values() else [chosen])
     by_dtype = {name: dtype_plan(shape, name, bs, context, concurrency, budget) for name in rows}
     kv = by_dtype[chosen]
-    mha = 2 * shape.hidden_size * shape.num_layers * kv_format(chosen).bits // 8
+    bits = sum(kv_format(name).bits for name in split_kv_dtype(chosen))  # K's + V's
+    mha = shape.hidden_size * shape.num_layers * bits // 8
     problems, suggestions = _verdict(shape, kv, by_dtype, context, concurrency, memory_bytes,
                                      weights, reserve_bytes, reserve_fraction)
     return CapacityPlan(shape, context, concurrency, memory_bytes, bs, weights_dtype, weights,

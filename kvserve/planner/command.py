@@ -23,7 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="stored: the sizes of a GGUF file's tensors")
     p.add_argument("--weights-memory", default=None,
                    help="the weights' size if known (overrides --weights-dtype), e.g. 14GB")
-    add_setting_flags(p, ("kv_cache_dtype", "block_size"))  # the engine's own flags
+    add_setting_flags(p, ("kv_cache_dtype", "k_cache_dtype", "v_cache_dtype", "block_size",
+                          "kv_residual_tokens"))  # the engine's own flags
     p.add_argument("--reserve", default=DEFAULT_RESERVE,
                    help="memory kept for activations and the runtime: a percentage of "
                    f"--memory or a size (default {DEFAULT_RESERVE.replace('%', '%%')})")
@@ -99,6 +100,8 @@ def main(args: argparse.Namespace) -> int:
     result = plan(args.model, context=args.context, concurrency=args.concurrency,
                   memory=args.memory, weights_dtype=args.weights_dtype,
                   kv_cache_dtype=args.kv_cache_dtype, block_size=args.block_size,
+                  k_cache_dtype=args.k_cache_dtype, v_cache_dtype=args.v_cache_dtype,
+                  kv_residual_tokens=args.kv_residual_tokens,
                   reserve=args.reserve, weights_memory=args.weights_memory)
     out = result.to_dict()
     sim_text = ""

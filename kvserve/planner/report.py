@@ -4,7 +4,8 @@ common mistake explained, and what would fit when the numbers do not. No torch."
 from __future__ import annotations
 
 from kvserve.config import format_bytes as human
-from kvserve.kvcache.layout import kv_format
+from kvserve.kv_dtypes import split_kv_dtype
+from kvserve.kvcache.layout import kv_format, short_kv_dtype
 from kvserve.planner.capacity import CapacityPlan, gib
 from kvserve.planner.simulate import SimulationResult, StepCost, Workload
 
@@ -25,10 +26,11 @@ def _shape_line(p: CapacityPlan) -> str:
 
 def _arithmetic(p: CapacityPlan) -> list[str]:
     m, kv = p.model, p.kv
-    fmt = kv_format(kv.kv_cache_dtype)
-    element = f"{fmt.bits / 8:g} B ({kv.kv_cache_dtype})"
-    if fmt.scale_group not in (None, "tensor"):
-        element += f" + scales ({fmt.description})"
+    fmts = [kv_format(name) for name in dict.fromkeys(split_kv_dtype(kv.kv_cache_dtype))]
+    element = " / ".join(f"{f.bits / 8:g} B ({short_kv_dtype(f.name)})" for f in fmts)
+    described = [f.description for f in fmts if f.scale_group not in (None, "tensor")]
+    if described:
+        element += f" + scales ({'; '.join(described)})"
     return [
         f"  per token per layer  {kv.bytes_per_token_per_layer:>14,} B  = 2 (K and V) x "
         f"{m.num_kv_heads} KV heads x {m.head_dim} head_dim x {element}",
@@ -68,7 +70,8 @@ def _table(p: CapacityPlan) -> list[str]:
 def _mistake(p: CapacityPlan) -> list[str]:
     m, kv = p.model, p.kv
     mha, real = p.mha_formula_bytes_per_token, kv.bytes_per_token
-    bytes_each = f"{kv_format(kv.kv_cache_dtype).bits / 8:g} B"
+    bits = [kv_format(name).bits for name in split_kv_dtype(kv.kv_cache_dtype)]
+    bytes_each = f"{sum(bits) / 16:g} B"
     lines = [f"The common mistake: 2 x hidden ({m.hidden_size}) x layers ({m.num_layers}) x "
              f"{bytes_each} = {mha:,} B ({human(mha)}) per token, the multi-head formula,"]
     if m.attention_kind == "MHA" and m.num_heads * m.head_dim == m.hidden_size:

@@ -35,6 +35,8 @@ class ModelRunner:
                                    kv_store.layout.block_size if kv_store is not None else None)
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator | None] = {}
+        # swapped-out requests' residual windows (int4), host copies
+        self.parked_windows: dict[str, list[torch.Tensor | None]] = {}
 
     def _generator(self, r: Request) -> torch.Generator | None:
         if r.request_id not in self.generators:
@@ -47,13 +49,23 @@ class ModelRunner:
 
     def apply_transfers(self, plan: StepPlan) -> None:
         """Block copies in plan order (copies off the device first: the blocks they free may
-        be handed to others in this same step)."""
+        be handed to others in this same step); a swapped request's residual window (int4)
+        travels with its blocks. Requests preempted to recompute lose theirs first."""
+        for request_id in plan.dropped:
+            self.attention.release(request_id)
         for t in plan.transfers:
             if t.dst is Tier.HOST:
                 self.host_blocks.put(t.block_keys, self.kv_store.read_blocks(t.block_ids),
                                      owner=t.request_id)
+                window = (self.kv_store.take_residual(t.request_id)
+                          if t.request_id is not None else None)
+                if window is not None:
+                    self.parked_windows[t.request_id] = window
             else:
                 self.kv_store.write_blocks(t.block_ids, self.host_blocks.take(t.block_keys))
+                window = self.parked_windows.pop(t.request_id, None)
+                if window is not None:
+                    self.kv_store.put_residual(t.request_id, window)
 
     def execute(self, plan: StepPlan, requests: dict[str, Request]) -> StepResult:
         """The forward pass and sampling of the plan's sequences (its transfers are
@@ -147,6 +159,7 @@ class ModelRunner:
         sequence, host copies of its swapped-out blocks, its random generator."""
         self.attention.release(request_id)
         self.host_blocks.release_owner(request_id)
+        self.parked_windows.pop(request_id, None)
         self.generators.pop(request_id, None)
 
     def num_kv_bytes_allocated(self) -> int:

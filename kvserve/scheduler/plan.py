@@ -64,6 +64,9 @@ class StepPlan:
     # Run in order before the forward: copies off the device come first, so the blocks they
     # free can be handed to others (and written) in this same step.
     transfers: tuple[BlockTransfer, ...] = ()
+    # Requests preempted to recompute since the last plan: their K/V are gone, so the runner
+    # forgets what it kept beside their blocks (a residual window).
+    dropped: tuple[str, ...] = ()
 
     @property
     def num_tokens(self) -> int:

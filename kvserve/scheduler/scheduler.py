@@ -54,6 +54,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.swapped: dict[str, tuple[str, ...]] = {}  # request id -> its blocks' host keys
         self.num_preemptions = 0  # all of them, fair-share ones included
+        self._dropped: list[str] = []  # preempted to recompute since the last plan
         self.num_fair_share_preemptions = 0
 
     def add(self, request: Request) -> None:
@@ -107,7 +108,8 @@ class Scheduler:
             self.running.append(r)
             seqs.append(self._scheduled(r, num_new))
             budget = None if budget is None else budget - num_new
-        return StepPlan(tuple(seqs), tuple(transfers))
+        dropped, self._dropped = tuple(self._dropped), []
+        return StepPlan(tuple(seqs), tuple(transfers), dropped)
 
     def _preempt_for_fair_share(self, transfers: list[BlockTransfer]) -> None:
         """Every running slot taken, and a tenant waits with nothing running: take one slot
@@ -206,6 +208,7 @@ class Scheduler:
         else:
             self.blocks.free(r.request_id)
             r.num_computed_tokens = 0  # recompute: its K/V will be rebuilt from its tokens
+            self._dropped.append(r.request_id)
         self.waiting.push_front(r)
 
     def _swap_in(self, r: Request, num_new: int, transfers: list[BlockTransfer]) -> bool:

@@ -21,7 +21,8 @@ def run_lab(tiny_hf_dir, tmp_path, *flags: str) -> subprocess.CompletedProcess:
 
 
 def test_the_lab_measures_every_format_and_the_scale_alternatives(tiny_hf_dir, tmp_path):
-    proc = run_lab(tiny_hf_dir, tmp_path, "--formats", "float32,fp8_e4m3,int8", "--windows", "2",
+    proc = run_lab(tiny_hf_dir, tmp_path, "--formats", "float32,fp8_e4m3,int8,int4,int8/int4",
+                   "--windows", "2",
                    "--window-tokens", "40", "--prompts", "3", "--prompt-tokens", "8",
                    "--new-tokens", "12", "--contexts", "16,32", "--decode-tokens", "4",
                    "--budget", "1MiB", "--budget-context", "64")
@@ -34,9 +35,17 @@ def test_the_lab_measures_every_format_and_the_scale_alternatives(tiny_hf_dir, t
     assert int8["bytes_per_token"] == 2 * 2 * 2 * (16 + 4)
     assert fp8["bytes_per_token"] == 2 * 2 * 2 * 16
     per_request = 64 // 4  # blocks of a 64-token request
-    assert int8["requests_in_budget"] == (1 << 20) // (int8["bytes_per_token"] * 4) // per_request
+    assert int8["requests_in_budget"] == (1 << 20) // (int8["bytes_per_token"] * 4 * per_request)
+    int4, mixed = rows["int4"], rows["int8/int4"]
+    # int4 in 4-token blocks: K's fp16 scale and zero per channel per block, V's per token (the
+    # whole 16-channel head is one group)
+    assert int4["bytes_per_token"] == 2 * 2 * ((8 + 16 * 4 // 4) + (8 + 4))
+    assert mixed["bytes_per_token"] == 2 * 2 * ((16 + 4) + (8 + 4))
+    window = 2 * 2 * 4 * 2 * 16 * 4  # one float32 block of K and V per sequence
+    assert int4["requests_in_budget"] == (1 << 20) // (int4["bytes_per_token"] * 4 * per_request
+                                                      + window)
     assert f32["greedy_agreement_all"] == 12 and f32["mean_kl"] == 0.0
-    for r in (int8, fp8):
+    for r in (int8, fp8, int4, mixed):
         assert 0 <= r["mean_kl"] < 0.1 and 0.5 <= r["top1_agreement"] <= 1.0
         assert 0 <= r["greedy_agreement_min_128"] <= r["greedy_agreement_128"] <= 12
         assert set(r["decode_tokens_per_s"]) == {"16", "32"}
@@ -47,6 +56,8 @@ def test_the_lab_measures_every_format_and_the_scale_alternatives(tiny_hf_dir, t
     assert sim["mean_kl"] == pytest.approx(int8["mean_kl"], rel=1e-6, abs=1e-9)
     assert sim["perplexity"] == pytest.approx(int8["perplexity"], rel=1e-6)
     assert "int8 sim: per-channel K, per-token V" in rows
+    assert rows["int4 alt: per-token K (V's rule)"]["mean_kl"] > 0
+    assert rows["int4 alt: 8-token blocks"]["mean_kl"] > 0
     assert "greedy/128 (min)" in proc.stdout and "float32" in proc.stdout
     assert (tmp_path / "quant_lab.json").exists()
     assert (tmp_path / "quant_lab_memory_vs_quality.png").read_bytes()[:8] == PNG_MAGIC
@@ -54,7 +65,7 @@ def test_the_lab_measures_every_format_and_the_scale_alternatives(tiny_hf_dir, t
 
 @pytest.mark.parametrize("flags, message", [
     (["--formats", "int8,float32"], "--formats must start with float32"),
-    (["--formats", "float32,int4"], "int4 not built"),
+    (["--formats", "float32,int3"], "kv_cache_dtype must be one of"),
     (["--windows", "0"], "--windows must be at least 1"),
     (["--windows", "500", "--contexts", "64", "--decode-tokens", "4", "--new-tokens", "8"],
      "the corpus has"),

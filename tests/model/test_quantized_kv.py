@@ -22,7 +22,7 @@ PROMPTS = [{"prompt_token_ids": [(7 * i + 3 * j) % 200 + 10 for j in range(n)]}
 GREEDY = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
 SEEDED = [SamplingParams(max_tokens=30, temperature=1.0, seed=i, ignore_eos=True)
           for i in range(5)]
-FORMATS = ["int8", "fp8_e4m3"]
+FORMATS = ["int8", "fp8_e4m3", "int4", "int8/int4"]
 
 
 def run(llm: LLM, params) -> list[tuple[int, ...]]:
@@ -30,8 +30,10 @@ def run(llm: LLM, params) -> list[tuple[int, ...]]:
 
 
 def make(tiny_hf_dir, kv_cache_dtype: str, **kwargs) -> LLM:
+    """kv_cache_dtype 'k/v': K and V in two formats (--k-cache-dtype, --v-cache-dtype)."""
+    k, _, v = kv_cache_dtype.partition("/")
     return LLM(model=str(tiny_hf_dir), block_size=BLOCK, max_model_len=MAX_LEN,
-               kv_cache_dtype=kv_cache_dtype, **{"max_num_seqs": 8, **kwargs})
+               k_cache_dtype=k, v_cache_dtype=v or k, **{"max_num_seqs": 8, **kwargs})
 
 
 @pytest.fixture(scope="module", params=FORMATS)
@@ -44,18 +46,26 @@ def quantized(request, tiny_hf_dir):
 @pytest.mark.parametrize("mode", ["recompute", "swap"])
 @pytest.mark.parametrize("which", ["greedy", "seeded"])
 def test_preemption_gives_the_unpreempted_outputs_in_the_same_format(tiny_hf_dir, quantized,
-                                                                     mode, which):
+                                                                     mode, which, request):
     name, _, expected = quantized
+    if mode == "recompute" and name.endswith("int4"):
+        # Known gap (README, quantized KV): recompute rebuilds K/V through the prefill kernels,
+        # whose last bits differ from the decode kernel's; an int4 code at a rounding boundary
+        # then moves a whole step, and the random tiny model's near-ties flip. Swap is exact.
+        request.applymarker(pytest.mark.xfail(reason="int4 codes of recomputed K/V can differ "
+                                                     "by a step", strict=False))
     llm = make(tiny_hf_dir, name, enable_prefix_caching=False)
     block_bytes = KVLayout(llm.engine.spec, BLOCK, name).bytes_per_block
-    fixed = KVLayout(llm.engine.spec, BLOCK, name).fixed_bytes
+    fixed = KVLayout(llm.engine.spec, BLOCK, name, residual_seqs=8).fixed_bytes  # int4 windows
     tight = make(tiny_hf_dir, name, kv_cache_memory=13 * block_bytes + fixed,
                  preemption_mode=mode, max_num_batched_tokens=16)
     assert tight.engine.block_manager.pool.num_blocks == 13
     assert run(tight, GREEDY if which == "greedy" else SEEDED) == expected[which]
     snap = tight.engine.cache_snapshot()
     assert snap.num_preemptions > 0 and snap.pool.num_used_blocks == 0
-    assert not tight.engine.runner.host_blocks
+    assert not tight.engine.runner.host_blocks and not tight.engine.runner.parked_windows
+    store = tight.engine.runner.kv_store
+    assert not store._slot_of  # every residual window given back
 
 
 def test_prefix_hits_and_n_samples_give_the_uncached_outputs(tiny_hf_dir, quantized):
@@ -85,13 +95,16 @@ def test_c_decode_over_codes_gives_the_pytorch_paths_tokens(tiny_hf_dir, quantiz
 
 def test_the_format_is_part_of_every_block_key(tiny_hf_dir):
     keys = {}
-    for name in ("float32", "int8", "fp8_e4m3"):
+    for name in ("float32", "int8", "fp8_e4m3", "int4", "int8/int4"):
         llm = make(tiny_hf_dir, name)
         llm.engine.record_kv_events()
         llm.generate(PROMPTS[0], SamplingParams(max_tokens=1), use_tqdm=False)
         keys[name] = {e.block_key for e in llm.engine.drain_kv_events() if e.block_key}
     assert keys["float32"] and not (keys["float32"] & keys["int8"])
-    assert not (keys["int8"] & keys["fp8_e4m3"]) and not (keys["float32"] & keys["fp8_e4m3"])
+    names = list(keys)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert keys[a] and not (keys[a] & keys[b]), (a, b)
 
 
 @pytest.mark.parametrize("mode", ["contiguous", "none"])
@@ -111,7 +124,8 @@ class ForgetsItsScales(Int8Codec):
 def broken_int8(monkeypatch):
     real = paged.codec_for
     monkeypatch.setattr(paged, "codec_for",
-                        lambda name: ForgetsItsScales() if name == "int8" else real(name))
+                        lambda name, which=0: ForgetsItsScales() if name == "int8"
+                        else real(name, which))
 
 
 def test_the_guardrail_measures_a_quantized_format_at_start_up(tiny_hf_dir, quantized):
@@ -140,7 +154,7 @@ def test_the_guardrail_can_warn_or_be_off(tiny_hf_dir, broken_int8, caplog):
     off = make(tiny_hf_dir, "int8", kv_quant_check="off")
     assert off.engine.cache_snapshot().quant_check is None
     assert isinstance(off.engine.runner.kv_store.codec, ForgetsItsScales)
-    assert torch.is_tensor(off.engine.runner.kv_store.parts["scales"])
+    assert torch.is_tensor(off.engine.runner.kv_store.parts["k.scales"])
 
 
 def test_the_check_is_measured_once_per_model_format_and_codec(tiny_hf_dir, tmp_path,
@@ -161,6 +175,7 @@ def test_the_check_is_measured_once_per_model_format_and_codec(tiny_hf_dir, tmp_
         make(tiny_hf_dir, "fp8_e4m3")
     real = paged.codec_for
     monkeypatch.setattr(paged, "codec_for",
-                        lambda name: ForgetsItsScales() if name == "int8" else real(name))
+                        lambda name, which=0: ForgetsItsScales() if name == "int8"
+                        else real(name, which))
     with pytest.raises(AssertionError, match="measured again"):  # another codec: measured
         make(tiny_hf_dir, "int8")

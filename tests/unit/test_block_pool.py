@@ -71,7 +71,7 @@ def test_layout_formula_equals_the_bytes_of_the_allocated_store():
                         (torch.float16, "float16")):
         layout = KVLayout(spec, 4, name)
         storage = PagedKVStore(layout, num_blocks=5, device=torch.device("cpu"))
-        assert storage.kv.dtype == dtype
+        assert storage.keys(0).dtype == storage.values(0).dtype == dtype
         assert storage.num_bytes_allocated() == 5 * layout.bytes_per_block
-        per_token = storage.kv[:, :, 0, 0].numel() * storage.kv.element_size()
+        per_token = sum(t[:, 0, 0].numel() * t.element_size() for t in storage.parts.values())
         assert per_token == layout.bytes_per_token

@@ -9,7 +9,7 @@ from kvserve.config import ModelSpec
 from kvserve.kv_dtypes import BUILT_KV_CACHE_DTYPES
 from kvserve.kvcache.layout import KVLayout
 from kvserve.kvstore.codecs import codec_for
-from kvserve.kvstore.paged import PagedKVStore
+from kvserve.kvstore.paged import PagedKVStore, SeqWrite
 from kvserve.model.attention.ops import attention_reference
 
 QUANTIZED = ["int8", "fp8_e4m3", "fp8_e5m2"]
@@ -62,14 +62,18 @@ def spec() -> ModelSpec:
                      num_kv_heads=2, head_dim=16, vocab_size=50, max_position_embeddings=64)
 
 
-@pytest.mark.parametrize("name", BUILT_KV_CACHE_DTYPES[1:])
+@pytest.mark.parametrize("name", [*BUILT_KV_CACHE_DTYPES[1:], "int8/int4", "bfloat16/fp8_e4m3"])
 def test_the_store_allocates_exactly_the_layout_formula(name):
-    layout = KVLayout(spec(), 4, name)
-    store = PagedKVStore(layout, num_blocks=7, device=torch.device("cpu"))
+    layout = KVLayout(spec(), 4, name, residual_seqs=3)
+    store = PagedKVStore(layout, num_blocks=7, device=torch.device("cpu"), residual_slots=3)
     assert store.num_bytes_allocated() == 7 * layout.bytes_per_block + layout.fixed_bytes
-    one_slot = sum(t[:, :, 0, 0].numel() * t.element_size() for t in store.parts.values())
-    assert one_slot == layout.bytes_per_token
+    one_block = sum(t[:, 0].numel() * t.element_size() for t in store.parts.values())
+    assert one_block == layout.bytes_per_block
+    assert layout.bytes_per_token == -(-one_block // 4)
     assert layout.num_blocks_for_bytes(store.num_bytes_allocated()) == 7
+    if "int4" in name:  # the residual windows: float32 blocks of each int4 side, 3 sequences
+        sides = 2 if name == "int4" else 1
+        assert layout.fixed_bytes == 3 * sides * 3 * 4 * 2 * 16 * 4
 
 
 @pytest.mark.parametrize("name", QUANTIZED)
@@ -142,5 +146,138 @@ def test_c_int8_write_equals_the_codec_written_by_the_store():
     for which, y in ((0, x), (1, -x)):
         cpu_kernels.quant_write_int8(y, slots, fast.part("codes", 1, which),
                                      fast.part("scales", 1, which))
-    for name in ("codes", "scales"):
+    for name in ("k.codes", "k.scales", "v.codes", "v.scales"):
         assert torch.equal(fast.parts[name], ref.parts[name])
+
+
+# -- int4: block codecs with a residual window ------------------------------------------------
+
+@pytest.mark.parametrize("outliers", [False, True], ids=["gaussian", "outliers"])
+def test_int4_error_is_at_most_half_a_step_of_its_group(outliers):
+    """K: per channel over a block's tokens; V: per token per 32 channels. Each value is within
+    half a code step (range / 15) of its group, plus the fp16 rounding of scale and zero."""
+    x = kv_like(64, 3, 64, outliers).view(4, 16, 3, 64)  # 4 blocks of 16 tokens
+    k_codec, v_codec = codec_for("int4", 0), codec_for("int4", 1)
+    kp = k_codec.encode_blocks(x)
+    assert kp["codes"].shape == (4, 16, 3, 32) and kp["scale"].shape == (4, 3, 64)
+    back = k_codec.decode_blocks(kp, torch.float32)
+    step = (x.amax(dim=1, keepdim=True) - x.amin(dim=1, keepdim=True)) / 15
+    slack = 1e-3 * x.abs().amax(dim=1, keepdim=True) + 1e-5  # fp16 scale and zero
+    assert ((back - x).abs() <= step / 2 + slack).all()
+    vp = v_codec.encode_blocks(x)
+    assert vp["scale"].shape == (4, 16, 3, 2)
+    back = v_codec.decode_blocks(vp, torch.float32)
+    xg = x.unflatten(-1, (2, 32))
+    step = ((xg.amax(-1, keepdim=True) - xg.amin(-1, keepdim=True)) / 15).expand_as(xg)
+    slack = 1e-3 * xg.abs().amax(-1, keepdim=True) + 1e-5
+    assert ((back.unflatten(-1, (2, 32)) - xg).abs() <= step / 2 + slack).all()
+    # per-channel K: an outlier channel does not coarsen the others (per-token would)
+    if outliers:
+        calm = [c for c in range(64) if c not in (3, 59, 11)]
+        err = (k_codec.decode_blocks(kp, torch.float32) - x)[..., calm].abs().max()
+        assert err < 0.5
+
+
+def test_int4_constant_and_zero_blocks_decode_exactly():
+    codec = codec_for("int4", 0)
+    for value in (0.0, 3.5):
+        x = torch.full((1, 4, 2, 8), value)
+        assert torch.equal(codec.decode_blocks(codec.encode_blocks(x), torch.float32), x)
+
+
+def write_in_steps(store, layer, seq_id, table, k, v, chunks):
+    """Write a sequence's K/V in steps of these sizes, as the engine would (a residual plan per
+    step); returns nothing, the store holds them."""
+    bs = store.layout.block_size
+    start = 0
+    for n in chunks:
+        plan = store.plan_residual([SeqWrite(seq_id, 0, n, start, tuple(table))])
+        slots = torch.tensor([table[p // bs] * bs + p % bs for p in range(start, start + n)])
+        store.write(layer, slots, k[start:start + n], v[start:start + n], plan)
+        start += n
+
+
+@pytest.mark.parametrize("chunks", [[23], [5, 1, 1, 9, 7], [1] * 23, [8, 8, 7]])
+def test_int4_blocks_are_quantized_when_full_and_the_partial_block_stays_exact(chunks):
+    """However the tokens arrive (a prefill chunk that ends mid-block, decodes one at a time),
+    full blocks hold what the codec makes of exactly their tokens, and the partial block is
+    read back exact from the sequence's residual window."""
+    layout = KVLayout(spec(), 4, "int4")
+    store = PagedKVStore(layout, num_blocks=9, device=torch.device("cpu"), residual_slots=2)
+    table = [7, 2, 5, 0, 8, 3]
+    k, v = kv_like(23, 2, 16, True, seed=4), kv_like(23, 2, 16, False, seed=5)
+    write_in_steps(store, 1, "a", table, k, v, chunks)
+    got_k, got_v = store.gather(1, torch.tensor(table), 23, torch.float32,
+                                store.residual_slot("a"))
+    for got, x, which in ((got_k, k, 0), (got_v, v, 1)):
+        codec = codec_for("int4", which)
+        full = codec.decode_blocks(codec.encode_blocks(x[:20].view(5, 4, 2, 16)), torch.float32)
+        assert torch.equal(got.transpose(0, 1)[:20], full.flatten(0, 1))
+        assert torch.equal(got.transpose(0, 1)[20:], x[20:])  # the residual window: exact
+
+
+def test_a_residual_window_travels_with_a_swap_and_is_freed_with_its_sequence():
+    layout = KVLayout(spec(), 4, "int4")
+    store = PagedKVStore(layout, num_blocks=6, device=torch.device("cpu"), residual_slots=1)
+    k, v = kv_like(6, 2, 16, False, seed=6), kv_like(6, 2, 16, False, seed=7)
+    write_in_steps(store, 0, "a", [1, 4], k, v, [6])
+    before = store.gather(0, torch.tensor([1, 4]), 6, torch.float32, store.residual_slot("a"))
+    window = store.take_residual("a")
+    write_in_steps(store, 0, "b", [0, 2], -k, -v, [6])  # another sequence takes the slot
+    store.release_residual("b")
+    store.put_residual("a", window)
+    after = store.gather(0, torch.tensor([1, 4]), 6, torch.float32, store.residual_slot("a"))
+    assert all(torch.equal(x, y) for x, y in zip(before, after))
+    store.release_residual("a")
+    assert store._free_slots == [0] and store._slot_of == {}
+
+
+@pytest.mark.parametrize("outliers", [False, True], ids=["gaussian", "outliers"])
+def test_c_int4_decode_reads_codes_and_residual_windows_as_the_reference(outliers):
+    """Sequences whose lengths end mid-block, at a block boundary and inside the first block,
+    blocks shuffled: the C kernel against the gathered, decoded K/V through the reference."""
+    from kvserve.kernels import cpu as cpu_kernels
+    from kvserve.model.attention.metadata import DecodeRows
+    from kvserve.model.attention.paged import PagedAttention
+
+    if not cpu_kernels.available():
+        pytest.skip("no C compiler: reference path only")
+    bs, lens = 4, [1, 5, 16, 23, 9]
+    s = ModelSpec(name="t", num_layers=3, hidden_size=32, intermediate_size=64, num_heads=6,
+                  num_kv_heads=2, head_dim=64, vocab_size=50, max_position_embeddings=64)
+    layout = KVLayout(s, bs, "int4")
+    num_blocks = sum(-(-n // bs) for n in lens) + 3
+    store = PagedKVStore(layout, num_blocks, torch.device("cpu"), residual_slots=2)
+    g = torch.Generator().manual_seed(5)
+    order = torch.randperm(num_blocks, generator=g).tolist()
+    tables = [[order.pop() for _ in range(-(-n // bs))] for n in lens]
+    for i, (table, n) in enumerate(zip(tables, lens)):
+        write_in_steps(store, 2, f"s{i}", table, kv_like(n, 2, 64, outliers, seed=n),
+                       kv_like(n, 2, 64, outliers, seed=100 + n), [max(1, n - 2), 1, 1][:n])
+    width = max(len(t) for t in tables)
+    block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+    q = torch.randn(len(lens), 6, 64, generator=g)
+    attn = PagedAttention(store)
+    attn._decode_slots = torch.tensor([store.residual_slot(f"s{i}") for i in range(len(lens))])
+    decode = DecodeRows(None, block_tables, torch.tensor(lens, dtype=torch.int32), max(lens))
+    attn._scores = torch.empty(len(lens) * 6 * max(lens))
+    out = attn._decode(q, 2, decode)
+    for b, (n, table) in enumerate(zip(lens, tables)):
+        k, v = store.gather(2, torch.tensor(table), n, torch.float32, store.residual_slot(f"s{b}"))
+        ref = attention_reference(q[b:b + 1], k.transpose(0, 1), v.transpose(0, 1))[0]
+        torch.testing.assert_close(out[b], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_k_and_v_in_different_formats_decode_each_with_its_own_codec():
+    layout = KVLayout(spec(), 4, "int8/int4")
+    store = PagedKVStore(layout, num_blocks=4, device=torch.device("cpu"))
+    assert sorted(store.parts) == ["k.codes", "k.scales", "v.codes", "v.scale", "v.zero"]
+    k, v = kv_like(7, 2, 16, True, seed=8), kv_like(7, 2, 16, False, seed=9)
+    write_in_steps(store, 0, "a", [3, 1], k, v, [6, 1])
+    got_k, got_v = store.gather(0, torch.tensor([3, 1]), 7, torch.float32, store.residual_slot("a"))
+    i8 = codec_for("int8")
+    torch.testing.assert_close(got_k, i8.decode(i8.encode(k), torch.float32).transpose(0, 1))
+    i4 = codec_for("int4", 1)
+    full = i4.decode_blocks(i4.encode_blocks(v[:4].view(1, 4, 2, 16)), torch.float32)[0]
+    assert torch.equal(got_v.transpose(0, 1)[:4], full)
+    assert torch.equal(got_v.transpose(0, 1)[4:], v[4:])

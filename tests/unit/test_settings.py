@@ -29,7 +29,7 @@ def test_every_setting_is_a_flag_a_keyword_and_a_create_argument():
             s.default, s.name
         if s.flag:
             assert s.flag_name in generate and s.flag_name in serve, s.flag_name
-    assert len(engine_settings()) == 18  # adding one is a field in config.py, nothing else
+    assert len(engine_settings()) == 21  # adding one is a field in config.py, nothing else
 
 
 def test_create_routes_flat_settings_to_their_config():
@@ -76,11 +76,22 @@ def test_one_kv_cache_dtype_rule_for_engine_and_planner():
         plan(None, kv_cache_dtype="fp8_e4m3").kv.bytes_per_token
 
 
-def test_formats_not_built_are_refused_with_one_line():
-    with pytest.raises(ConfigError, match="'int4' is not implemented in the engine yet"):
-        CacheConfig(kv_cache_dtype="int4")
-    for name in ("fp8_e4m3", "fp8_e5m2", "int8"):
+def test_quantized_formats_and_their_settings_are_checked_with_one_line():
+    for name in ("fp8_e4m3", "fp8_e5m2", "int8", "int4"):
         assert CacheConfig(kv_cache_dtype=name).kv_cache_dtype == name
         with pytest.raises(ConfigError, match=f"'{name}' is stored in the paged pool only"):
             CacheConfig(kv_cache_dtype=name, cache_mode="contiguous")
+    c = CacheConfig(kv_cache_dtype="bf16", k_cache_dtype="int8", v_cache_dtype="int4")
+    assert c.resolved_kv_cache_dtype("float32") == "int8/int4"
+    assert CacheConfig(v_cache_dtype="fp8").resolved_kv_cache_dtype("float32") == \
+        "float32/fp8_e4m3"
+    with pytest.raises(ConfigError, match="need the paged pool"):
+        CacheConfig(v_cache_dtype="bf16", cache_mode="contiguous")
+    assert CacheConfig(kv_cache_dtype="int4", kv_residual_tokens=32).effective_block_size == 32
+    with pytest.raises(ConfigError, match="applies to int4 K or V only"):
+        CacheConfig(kv_cache_dtype="int8", kv_residual_tokens=32)
+    with pytest.raises(ConfigError, match="block_size 64 differs"):
+        CacheConfig(kv_cache_dtype="int4", kv_residual_tokens=32, block_size=64)
+    with pytest.raises(ConfigError, match="power of two"):
+        CacheConfig(kv_cache_dtype="int4", kv_residual_tokens=24)
     SchedulerConfig()  # the other half of the settings needs nothing

@@ -76,17 +76,20 @@ def test_blocks_round_trip_through_host_memory_by_key(dtype):
     spec = ModelSpec(name="t", num_layers=2, hidden_size=16, intermediate_size=32, num_heads=4,
                      num_kv_heads=2, head_dim=4, vocab_size=10, max_position_embeddings=64)
     store = PagedKVStore(KVLayout(spec, BS, dtype), 6, torch.device("cpu"))
-    store.kv.copy_(torch.randn(store.kv.shape))
-    before = store.kv.clone()
+    for t in store.parts.values():
+        t.copy_(torch.randn(t.shape))
+    before = {name: t.clone() for name, t in store.parts.items()}
     host = HostBlockStore()
     keys = swap_keys("r", 2)
     host.put(keys, store.read_blocks((4, 1)), owner="r")
     assert len(host) == 2
-    store.kv.zero_()
+    for t in store.parts.values():
+        t.zero_()
     # back in other blocks, and in the opposite order of the keys
     store.write_blocks((0, 5), host.take((keys[1], keys[0])))
-    assert torch.equal(store.kv[:, :, 0], before[:, :, 1])
-    assert torch.equal(store.kv[:, :, 5], before[:, :, 4])
+    for name, t in store.parts.items():
+        assert torch.equal(t[:, 0], before[name][:, 1])
+        assert torch.equal(t[:, 5], before[name][:, 4])
     assert len(host) == 0
     assert host.owned == {} and host.owner_of == {}  # taking back forgets the owner too
     for _ in range(3):  # swapped out and in again: nothing accumulates

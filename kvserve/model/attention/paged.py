@@ -6,7 +6,8 @@ one C call that reads blocks where they lie (kernels/gemv.c) when on CPU; the re
 chunked prefill over cached blocks, anything on CUDA) gathers only the blocks each sequence uses
 and runs the PyTorch attention, which is also the reference the C path is
 tested against. Which blocks a sequence owns is the block manager's call; the tables arrive in
-the step's metadata.
+the step's metadata. A block-quantized format (int4) keeps each sequence's partial block in its
+residual window (kvstore/paged.py): prepare() plans the step's writes once for every layer.
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ import torch
 
 from kvserve.kernels import cpu as cpu_kernels
 from kvserve.kvstore.codecs import Int8Codec
-from kvserve.kvstore.paged import PagedKVStore
+from kvserve.kvstore.paged import PagedKVStore, ResidualPlan, SeqWrite
 from kvserve.model.attention.metadata import AttentionMetadata, DecodeRows
 from kvserve.model.attention.ops import attention_sdpa
 
-# formats the C decode kernel reads where they lie (float32 or bfloat16 K/V, or codes)
-FAST_FORMATS = ("float32", "bfloat16", "int8", "fp8_e4m3", "fp8_e5m2")
+_CODECS = "kvserve.kvstore.codecs"  # a test's own codec subclass takes the PyTorch path
+# formats the C decode kernel reads where they lie (float32 or bfloat16 K/V, or codes), when K
+# and V share one
+FAST_FORMATS = ("float32", "bfloat16", "int8", "fp8_e4m3", "fp8_e5m2", "int4")
 
 
 class PagedAttention:
@@ -30,10 +33,20 @@ class PagedAttention:
     def __init__(self, store: PagedKVStore):
         self.store = store
         self._scores = torch.empty(0, dtype=torch.float32)  # workspace of the C decode kernel
+        self._residual: ResidualPlan | None = None  # this step's plan (block formats)
+        self._decode_slots: torch.Tensor | None = None  # residual slots of the decode rows
 
     def prepare(self, meta: AttentionMetadata) -> None:
         if meta.paged is None:
             raise RuntimeError("a paged step needs block tables and a slot mapping")
+        if self.store.has_residual:
+            tables = meta.paged.block_tables.tolist()
+            self._residual = self.store.plan_residual(
+                [SeqWrite(s.seq_id, s.row_start, s.num_new_tokens, s.start_position,
+                          tuple(tables[i])) for i, s in enumerate(meta.seqs)])
+            self._decode_slots = torch.tensor(
+                [slot for s, slot in zip(meta.seqs, self._residual.slots)
+                 if s.num_new_tokens == 1], dtype=torch.long)
         decode = meta.paged.decode
         if decode is not None and self._fast_ok():
             need = (decode.context_lens.numel() * self.store.layout.spec.num_heads
@@ -43,8 +56,14 @@ class PagedAttention:
                                            dtype=torch.float32)
 
     def _fast_ok(self) -> bool:
-        return (self.use_fast_decode and self.store.device.type == "cpu"
-                and self.store.codec.name in FAST_FORMATS and self.store.v_codec is None
+        st = self.store
+        k_codec, v_codec = st.codecs
+        return (self.use_fast_decode and st.device.type == "cpu"
+                and type(k_codec).__module__ == type(v_codec).__module__ == _CODECS
+                and k_codec.name == v_codec.name and k_codec.name in FAST_FORMATS
+                and st.layout.spec.head_dim <= cpu_kernels.I4_MAX_HEAD_DIM
+                and st.layout.spec.num_heads // st.layout.spec.num_kv_heads
+                <= cpu_kernels.I4_MAX_GROUP
                 and cpu_kernels.available())
 
     def forward(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -57,7 +76,7 @@ class PagedAttention:
                                              st.part("codes", layer_idx, which),
                                              st.part("scales", layer_idx, which))
         else:
-            self.store.write(layer_idx, meta.paged.slot_mapping, k, v)
+            self.store.write(layer_idx, meta.paged.slot_mapping, k, v, self._residual)
         decode = meta.paged.decode
         if decode is None or q.dtype != torch.float32 or not self._fast_ok():
             return self._attend_gathered(q, layer_idx, meta, out=None, skip_decode=False)
@@ -71,7 +90,7 @@ class PagedAttention:
 
     def _fast_int8_write(self, k: torch.Tensor) -> bool:
         """The C write takes the int8 codec itself (a subclass, e.g. a test's, keeps its own)."""
-        return (type(self.store.codec) is Int8Codec and self.store.v_codec is None
+        return (all(type(c) is Int8Codec for c in self.store.codecs)
                 and k.dtype == torch.float32 and self._fast_ok())
 
     def _decode(self, q: torch.Tensor, layer_idx: int, decode: DecodeRows) -> torch.Tensor:
@@ -80,7 +99,14 @@ class PagedAttention:
             return cpu_kernels.paged_decode_attention(
                 q, st.keys(layer_idx), st.values(layer_idx), decode.block_tables,
                 decode.context_lens, decode.max_context_len, self._scores)
-        per_token = "scales" in st.parts
+        if st.codec.name == "int4":
+            parts = [{name: st.part(name, layer_idx, which) for name in ("codes", "scale", "zero")}
+                     for which in (0, 1)]
+            return cpu_kernels.paged_decode_attention_int4(
+                q, parts[0], parts[1], st.residual[0][layer_idx], st.residual[1][layer_idx],
+                self._decode_slots, decode.block_tables, decode.context_lens,
+                decode.max_context_len, self._scores)
+        per_token = "k.scales" in st.parts
         k_scale, v_scale = st.tensor_scale(layer_idx, 0), st.tensor_scale(layer_idx, 1)
         return cpu_kernels.paged_decode_attention_codes(
             st.codec.name, q, st.part("codes", layer_idx, 0), st.part("codes", layer_idx, 1),
@@ -102,12 +128,15 @@ class PagedAttention:
             rows = slice(s.row_start, s.row_start + s.num_new_tokens)
             index = paged.block_tables[i, :paged.num_blocks[i]]
             # Only this sequence's blocks, decoded: [kv, context_len, d] each
-            k_seq, v_seq = self.store.gather(layer_idx, index, s.context_len, q.dtype)
+            slot = None if self._residual is None else self._residual.slots[i]
+            k_seq, v_seq = self.store.gather(layer_idx, index, s.context_len, q.dtype, slot)
             out[rows] = attention_sdpa(q[rows], k_seq, v_seq)
         return out
 
     def release(self, seq_id: str) -> None:
-        """Blocks are returned by the block manager: nothing is kept per sequence here."""
+        """Blocks are returned by the block manager; a sequence's residual window (block
+        formats) is given back here."""
+        self.store.release_residual(seq_id)
 
     def num_bytes_allocated(self) -> int:
         return self.store.num_bytes_allocated()
