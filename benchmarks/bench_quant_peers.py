@@ -159,22 +159,21 @@ def corpus() -> str:
 
 
 def build_inputs(args) -> tuple[str, list[int], list[list[int]], list[list[int]]]:
-    """(text, its token ids, perplexity windows, greedy prompts), sliced as kvserve's quant lab
-    slices them (kvserve/bench/quant_lab.py, corpus_slices)."""
+    """(text, its token ids, perplexity windows, greedy prompts), sliced by kvserve's quant lab
+    itself (kvserve/bench/quant_lab.py, corpus_slices): the same positions as its table."""
+    from argparse import Namespace
+
+    from kvserve.bench.quant_lab import corpus_slices
+    from kvserve.errors import ConfigError
     from kvserve.model.loader import load_checkpoint
 
-    text = corpus()
-    ids = load_checkpoint(None).tokenizer.encode(text)
-    start, w = CALIBRATION_TOKENS, WINDOW_TOKENS
-    need = start + args.windows * w + args.prompts * PROMPT_TOKENS
-    if need > len(ids):
-        raise SystemExit(f"bench_quant_peers: the corpus has {len(ids):,} tokens; {args.windows} "
-                         f"windows and {args.prompts} prompts need {need:,}: ask for fewer")
-    windows = [ids[start + i * w:start + (i + 1) * w] for i in range(args.windows)]
-    p0 = start + args.windows * w
-    prompts = [ids[p0 + i * PROMPT_TOKENS:p0 + (i + 1) * PROMPT_TOKENS]
-               for i in range(args.prompts)]
-    return text, ids, windows, prompts
+    shape = Namespace(windows=args.windows, window_tokens=WINDOW_TOKENS, prompts=args.prompts,
+                      prompt_tokens=PROMPT_TOKENS)
+    try:
+        windows, prompts, ids = corpus_slices(load_checkpoint(None).tokenizer, shape)
+    except ConfigError as err:
+        raise SystemExit(f"bench_quant_peers: {err}") from None
+    return corpus(), ids, windows, prompts
 
 
 # -- shared measurement ------------------------------------------------------------------------

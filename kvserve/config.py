@@ -163,8 +163,8 @@ class CacheConfig:
         None, "storage format of V alone (default: --kv-cache-dtype's)",
         choices=KV_CACHE_DTYPES, normalize=canonical_kv_dtype)
     kv_residual_tokens: int | None = setting(
-        None, "int4 K/V: the residual window, the most recent tokens of each sequence kept in "
-        "float32 until their block fills and is quantized as one group; it is the block size "
+        None, "int8/int4 K/V: the residual window, the most recent tokens of each sequence kept "
+        "in float32 until their block fills and is quantized as one group; it is the block size "
         "(default: --block-size's, 16)", kind="int")
     block_size: int = setting(16, "tokens per KV block (a power of two)", kind="int")
     kv_quant_check: str = setting(
@@ -199,12 +199,12 @@ class CacheConfig:
                               f"paged pool; cache_mode {self.cache_mode!r} keeps one float dtype")
         residual = self.kv_residual_tokens
         if residual is not None:
-            if "int4" not in kv_dtypes:
-                raise ConfigError("kv_residual_tokens applies to int4 K or V only "
+            if not {"int8", "int4"} & set(kv_dtypes):
+                raise ConfigError("kv_residual_tokens applies to int8/int4 K or V only "
                                   f"(the KV format is {'/'.join(dict.fromkeys(kv_dtypes))})")
             if self.block_size not in (16, residual):
                 raise ConfigError(f"kv_residual_tokens ({residual}) is the block size of an "
-                                  f"int4 pool; block_size {self.block_size} differs")
+                                  f"int8/int4 pool; block_size {self.block_size} differs")
         bs = self.effective_block_size
         if (not isinstance(bs, int) or isinstance(bs, bool) or bs <= 0 or bs & (bs - 1)
                 or bs > MAX_BLOCK_SIZE):
@@ -225,7 +225,7 @@ class CacheConfig:
 
     @property
     def effective_block_size(self) -> int:
-        """Tokens per block: kv_residual_tokens when given (int4), else block_size."""
+        """Tokens per block: kv_residual_tokens when given (int8/int4), else block_size."""
         return self.block_size if self.kv_residual_tokens is None else self.kv_residual_tokens
 
 

@@ -5,12 +5,16 @@ tokens that fit a --budget of KV memory, perplexity over --windows windows of --
 tokens of the shipped public-domain text (the tokens after the guardrail's calibration text), mean
 KL divergence and top-1 agreement of the next-token distributions against float32 K/V, greedy
 agreement over --new-tokens generated tokens on --prompts prompts, and decode tokens/s at each of
---contexts. Beside the formats, int8 with other scale granularities, simulated (the values rounded
-as that scheme would, kept in float32), answers "per token or per channel?" by measurement.
+--contexts. Beside the formats, int8 and int4 with other scale granularities and block sizes
+(built), and kvserve's first int8 (one scale per token per head, simulated: the values rounded as
+it would, kept in float32), answer "per token or per channel?" by measurement.
 
 Greedy agreement counts, per prompt, the generated tokens equal to float32's before the first
 difference (after it the two texts have diverged and position-by-position matches mean nothing):
-of the first 128 tokens (mean and worst prompt), and of all --new-tokens (mean). Every engine
+of the first 128 tokens (mean and worst prompt), and of all --new-tokens (mean). Forced
+agreement feeds each format float32's own prompt + first 128 greedy tokens and counts the steps
+where it ranks float32's token first: every step judged on the same context, so one near-tie does
+not end the count (the figure behind "how often does the format change a decision"). Every engine
 runs without prefix caching; each speed run checks that its prompt was computed, not found
 cached.
 """
@@ -48,6 +52,9 @@ class FormatRow:
     greedy_agreement_128: float | None = None  # mean over prompts, of the first 128 tokens
     greedy_agreement_min_128: float | None = None  # the worst prompt's
     greedy_agreement_all: float | None = None  # mean, of all --new-tokens
+    # of float32's first 128 greedy tokens, those this format also ranks first when fed
+    # float32's text (teacher forcing: every step judged on the same context), mean per prompt
+    forced_agreement_128: float | None = None
     decode_tokens_per_s: dict[int, float] = field(default_factory=dict)
 
 
@@ -186,9 +193,10 @@ def main(args: argparse.Namespace) -> int:
         row.bytes_per_token = snap.bytes_per_token
         per_block = snap.bytes_per_token * args.block_size
         spec = llm.engine.spec
-        # int4's residual windows: a float32 block per int4 side per sequence (max_num_seqs)
-        window = name.split("/").count("int4") * (1 if "/" in name else 2) * spec.num_layers \
-            * args.block_size * spec.num_kv_heads * spec.head_dim * 4
+        # int8/int4 residual windows: a float32 block per such side per sequence (max_num_seqs)
+        k, _, v = name.partition("/")
+        sides = sum(x in ("int8", "int4") for x in (k, v or k))
+        window = sides * spec.num_layers * args.block_size * spec.num_kv_heads * spec.head_dim * 4
         extra = snap.num_bytes_allocated - snap.pool.num_blocks * per_block \
             - args.prompts * window
         if not 0 <= extra <= 8 * spec.num_layers:  # fp8's per-layer scales at most
@@ -215,8 +223,15 @@ def main(args: argparse.Namespace) -> int:
             bar.update(1)
         del llm
     variants = [Variant(f, f) for f in formats[1:]]
+    forced_len = min(128, args.new_tokens)
+    forced = compare_many(model, [list(p) + list(t[:forced_len])
+                                  for p, t in zip(prompts, greedy_ref)],
+                          variants, block_size=args.block_size, skip=args.prompt_tokens - 1)
+    rows["float32"].forced_agreement_128 = float(forced_len)
+    for v in variants:
+        rows[v.label].forced_agreement_128 = forced[v.label].top1_agreement * forced_len
     if not args.no_alternatives:
-        variants += scale_alternatives(args.block_size, formats)
+        variants = variants + scale_alternatives(args.block_size, formats)
     bar.close()
     with tqdm(total=len(windows) * args.window_tokens, unit="pos", disable=args.no_progress,
               file=sys.stderr, desc="quant lab: perplexity and KL") as pbar:
@@ -251,6 +266,7 @@ def summary(result: dict) -> str:
     ctx, n_all = result["contexts"], result["new_tokens"]
     head = (f"{'KV format':<38} {'B/token':>8} {'fit':>5} {'ppl':>8} {'ppl +%':>7} "
             f"{'mean KL':>8} {'top-1':>6} {'greedy/128 (min)':>16} {'/' + str(n_all):>5} "
+            f"{'forced/128':>10} "
             + " ".join(f"{'tok/s@' + str(c):>10}" for c in ctx))
     lines = [f"Quant lab: {result['model']} ({result['dtype']}, {result['device']}); perplexity "
              f"over {result['perplexity_tokens']:,} predictions ({result['windows']} windows of "
@@ -272,6 +288,7 @@ def summary(result: dict) -> str:
             f"{cell(change, '+.2f'):>7} {cell(r['mean_kl'], '.5f'):>8} "
             f"{cell(r['top1_agreement'], '.2%'):>6} "
             f"{greedy:>16} {cell(r['greedy_agreement_all'], '.0f'):>5} "
+            f"{cell(r.get('forced_agreement_128'), '.1f'):>10} "
             + " ".join(f"{cell(r['decode_tokens_per_s'].get(c), '.1f'):>10}" for c in ctx))
     files = result.get("files", {})
     lines.append("")

@@ -19,7 +19,7 @@ import torch
 
 from kvserve.kvcache.layout import KVLayout
 from kvserve.kvcache.snapshot import KVQuality
-from kvserve.kvstore.codecs import INT8_MAX, FloatCodec, Int4VCodec, KVCodec
+from kvserve.kvstore.codecs import INT8_MAX, FloatCodec, Int4VCodec, Int8VCodec, KVCodec
 from kvserve.kvstore.paged import PagedKVStore
 from kvserve.model.attention.paged import PagedAttention
 from kvserve.model.llama import LlamaModel
@@ -72,11 +72,11 @@ def log_probs(model: LlamaModel, variant: Variant, token_ids: Sequence[int],
 
 def compare_many(model: LlamaModel, texts: Sequence[Sequence[int]],
                  variants: Sequence[Variant], reference: str = "float32", block_size: int = 16,
-                 progress=None) -> dict[str, KVQuality]:
+                 progress=None, skip: int = 0) -> dict[str, KVQuality]:
     """Each text (its own sequence, positions from 0) in the reference format and in every
     variant, chunk by chunk in lockstep (the reference runs once); the statistics over every
-    position but each text's last (which predicts nothing in the text), by variant label.
-    progress: called with the number of positions done after each chunk."""
+    position but each text's last (which predicts nothing in the text) and its first `skip`, by
+    variant label. progress: called with the number of positions done after each chunk."""
     sums = {v.label: [0.0, 0.0, 0.0, 0.0] for v in variants}  # kl, agree, nll_ref, nll
     count = 0
     for ids in texts:
@@ -88,17 +88,18 @@ def compare_many(model: LlamaModel, texts: Sequence[Sequence[int]],
             targets = torch.tensor(ids[start + 1:start + n + 1], dtype=torch.long,
                                    device=ref.device).unsqueeze(-1)
             m = targets.shape[0]  # the text's last position has no next token
-            ref = ref[:m]
+            lo = max(0, min(m, skip - start))  # positions not counted
+            ref, targets = ref[lo:m], targets[lo:]
             p_ref, top_ref = ref.exp(), ref.argmax(-1)
             nll_ref = -float(ref.gather(-1, targets).sum())
             for v, test in zip(variants, tests):
-                test = test[:m]
+                test = test[lo:m]
                 acc = sums[v.label]
                 acc[0] += float((p_ref * (ref - test)).sum())
                 acc[1] += float((top_ref == test.argmax(-1)).sum())
                 acc[2] += nll_ref
                 acc[3] -= float(test.gather(-1, targets).sum())
-            count += m
+            count += m - lo
             start += n
             if progress is not None:
                 progress(n)
@@ -121,8 +122,8 @@ def compare(model: LlamaModel, texts: Sequence[Sequence[int]], kv_cache_dtype: s
 class SimulatedInt8(FloatCodec):
     """Int8 with another scale granularity, simulated for the quant lab: the values are rounded
     as that scheme would round them and kept in float32 (a different K/V layout is not built, only
-    measured). per="token": a scale per token per KV head (what the int8 format stores, as a
-    check of the simulation); per="channel": a scale per channel per KV head over each group of
+    measured). per="token": a scale per token per KV head (kvserve's first int8 format);
+    per="channel": a scale per channel per KV head over each group of
     `group` consecutive tokens of one write (KIVI's choice for K). The groups line up with the
     pool's blocks when a text is written from position 0 in chunks that are multiples of `group`
     (as compare_many writes); a text's last group may be short."""
@@ -149,19 +150,17 @@ def _round_int8(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
 
 def scale_alternatives(block_size: int, formats: Sequence[str] = ("int8", "int4")
                        ) -> list[Variant]:
-    """The scale granularities the quant lab measures beside the formats: int8's simulated,
-    int4's built (K per token instead of per channel; a block, and so a residual window, of
-    twice the size)."""
+    """The scale granularities the quant lab measures beside the formats it runs: built, K per
+    token (V's rule) instead of per channel, and blocks (so groups and residual windows) of twice
+    the size; simulated, kvserve's first int8 (symmetric, one scale per token per head, no
+    residual window)."""
     out = []
-    if "int4" in formats:
-        out += [Variant("int4 alt: per-token K (V's rule)", "int4", Int4VCodec(), Int4VCodec()),
-                Variant(f"int4 alt: {2 * block_size}-token blocks", "int4",
-                        block_size=2 * block_size)]
-    if "int8" not in formats:
-        return out
-    return out + [
-        Variant("int8 sim: per-token K and V", "float32", SimulatedInt8("token", block_size)),
-        Variant("int8 sim: per-channel K, per-token V", "float32",
-                SimulatedInt8("channel", block_size), SimulatedInt8("token", block_size)),
-        Variant("int8 sim: per-channel K and V", "float32", SimulatedInt8("channel", block_size)),
-    ]
+    for name, codec in (("int8", Int8VCodec), ("int4", Int4VCodec)):
+        if name in formats:
+            out += [Variant(f"{name} alt: per-token K (V's rule)", name, codec(), codec()),
+                    Variant(f"{name} alt: {2 * block_size}-token blocks", name,
+                            block_size=2 * block_size)]
+    if "int8" in formats:
+        out.append(Variant("int8 sim: per-token K and V, no window", "float32",
+                           SimulatedInt8("token", block_size)))
+    return out

@@ -30,8 +30,8 @@ MAX_M = 64  # rows the fused C path takes (MAX_M in gemv.c); prefill-sized batch
 _lib: ctypes.CDLL | None = None
 _tried = False
 # KV format -> the C paged decode attention over codes of that format
-_QUANT_DECODE = {"int8": "kv_paged_decode_attention_i8",
-                 "fp8_e4m3": "kv_paged_decode_attention_e4m3",
+_AFFINE_DECODE = {"int4": "kv_paged_decode_attention_i4", "int8": "kv_paged_decode_attention_u8"}
+_QUANT_DECODE = {"fp8_e4m3": "kv_paged_decode_attention_e4m3",
                  "fp8_e5m2": "kv_paged_decode_attention_e5m2"}
 
 
@@ -127,13 +127,12 @@ def _declare(lib: ctypes.CDLL) -> None:
         "kv_paged_decode_attention_bf16": [ptr, i32, ptr, ptr, ptr, i32, ptr] + [i32] * 6
         + [ptr, ptr],
         "kv_set_fp8_lut": [i32, ptr],
-        "kv_quant_write_i8": [ptr, ptr, i32, i32, i32, ptr, ptr],
-        "kv_paged_decode_attention_i4": [ptr, i32, ptr, ptr, ptr, ptr, ptr, ptr, i32, ptr, ptr,
-                                         ptr, ptr, i32, ptr] + [i32] * 6 + [ptr, ptr],
     }
+    for name in _AFFINE_DECODE.values():
+        signatures[name] = [ptr, i32, ptr, ptr, ptr, ptr, ptr, ptr, i32, ptr, ptr, ptr, ptr, i32,
+                            ptr] + [i32] * 6 + [ptr, ptr]
     for name in _QUANT_DECODE.values():
-        signatures[name] = [ptr, i32, ptr, ptr, ptr, ptr, f32, f32, ptr, i32, ptr] + [i32] * 6 \
-            + [ptr, ptr]
+        signatures[name] = [ptr, i32, ptr, ptr, f32, f32, ptr, i32, ptr] + [i32] * 6 + [ptr, ptr]
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)
         fn.argtypes = argtypes
@@ -273,48 +272,45 @@ def paged_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Te
 
 
 def paged_decode_attention_codes(kv_format: str, q: torch.Tensor, k_codes: torch.Tensor,
-                                 v_codes: torch.Tensor,
-                                 k_scales: torch.Tensor | None, v_scales: torch.Tensor | None,
-                                 k_tensor_scale: float, v_tensor_scale: float,
-                                 block_tables: torch.Tensor, context_lens: torch.Tensor,
-                                 max_context: int, scores: torch.Tensor) -> torch.Tensor:
-    """paged_decode_attention over a quantized store, read as codes: k_codes/v_codes
-    [num_blocks, block_size, num_kv, d] of kv_format (int8, or fp8 held as uint8);
-    k_scales/v_scales [num_blocks, block_size, num_kv] float32 per-token scales (int8) or None;
-    the tensor scales multiply all of K / V (fp8).
+                                 v_codes: torch.Tensor, k_tensor_scale: float,
+                                 v_tensor_scale: float, block_tables: torch.Tensor,
+                                 context_lens: torch.Tensor, max_context: int,
+                                 scores: torch.Tensor) -> torch.Tensor:
+    """paged_decode_attention over an fp8 store, read as codes: k_codes/v_codes
+    [num_blocks, block_size, num_kv, d] (held as uint8); the tensor scales multiply all of K / V.
     Reference: codecs.decode of the gathered blocks, then attention_reference."""
     batch, num_heads, d = q.shape
     out = torch.empty((batch, num_heads, d), dtype=torch.float32)
     fn = getattr(_lib, _QUANT_DECODE[kv_format])
-    fn(q.data_ptr(), q.stride(0), k_codes.data_ptr(), v_codes.data_ptr(),
-       None if k_scales is None else k_scales.data_ptr(),
-       None if v_scales is None else v_scales.data_ptr(), k_tensor_scale, v_tensor_scale,
-       block_tables.data_ptr(), block_tables.shape[1], context_lens.data_ptr(), batch,
-       k_codes.shape[1], num_heads, k_codes.shape[2], d, max_context, out.data_ptr(),
+    fn(q.data_ptr(), q.stride(0), k_codes.data_ptr(), v_codes.data_ptr(), k_tensor_scale,
+       v_tensor_scale, block_tables.data_ptr(), block_tables.shape[1], context_lens.data_ptr(),
+       batch, k_codes.shape[1], num_heads, k_codes.shape[2], d, max_context, out.data_ptr(),
        scores.data_ptr())
     return out
 
 
 I4_MAX_HEAD_DIM = 512
 I4_MAX_GROUP = 16  # query heads per KV head
+I4_MAX_BLOCK_ELEMS = 16384  # block_size * head_dim
 
 
-def paged_decode_attention_int4(q: torch.Tensor, k: dict[str, torch.Tensor],
-                                v: dict[str, torch.Tensor], k_residual: torch.Tensor,
-                                v_residual: torch.Tensor, slots: torch.Tensor,
-                                block_tables: torch.Tensor, context_lens: torch.Tensor,
-                                max_context: int, scores: torch.Tensor) -> torch.Tensor:
-    """paged_decode_attention over int4 K/V: k/v are one layer's parts (codes
-    [num_blocks, block_size, num_kv, d/2] uint8; K's scale/zero [num_blocks, num_kv, d] fp16,
-    V's [num_blocks, block_size, num_kv, d/group] fp16), each sequence's tokens past its last full
-    block read from its residual slot (k_residual/v_residual [slots, block_size, num_kv, d]
-    float32; slots [batch] long); scores needs batch * num_heads * max_context floats.
-    Reference: PagedKVStore.gather (Int4KCodec/Int4VCodec.decode_blocks), then attention."""
+def paged_decode_attention_affine(kv_format: str, q: torch.Tensor, k: dict[str, torch.Tensor],
+                                  v: dict[str, torch.Tensor], k_residual: torch.Tensor,
+                                  v_residual: torch.Tensor, slots: torch.Tensor,
+                                  block_tables: torch.Tensor, context_lens: torch.Tensor,
+                                  max_context: int, scores: torch.Tensor) -> torch.Tensor:
+    """paged_decode_attention over int4 or int8 K/V: k/v are one layer's parts (codes
+    [num_blocks, block_size, num_kv, d * bits / 8] uint8; K's scale/zero [num_blocks, num_kv, d]
+    fp16, V's [num_blocks, block_size, num_kv, d/group] fp16), each sequence's tokens past its
+    last full block read from its residual slot (k_residual/v_residual
+    [slots, block_size, num_kv, d] float32; slots [batch] long); scores needs
+    batch * num_heads * max_context floats. Reference: PagedKVStore.gather
+    (ChannelBlockCodec/TokenGroupBlockCodec.decode_blocks), then attention."""
     batch, num_heads, d = q.shape
     num_kv = k["codes"].shape[2]
     out = torch.empty((batch, num_heads, d), dtype=torch.float32)
     vgroup = d // v["scale"].shape[-1]
-    _lib.kv_paged_decode_attention_i4(
+    getattr(_lib, _AFFINE_DECODE[kv_format])(
         q.data_ptr(), q.stride(0), k["codes"].data_ptr(), k["scale"].data_ptr(),
         k["zero"].data_ptr(), v["codes"].data_ptr(), v["scale"].data_ptr(),
         v["zero"].data_ptr(), vgroup, k_residual.data_ptr(), v_residual.data_ptr(),
@@ -322,18 +318,6 @@ def paged_decode_attention_int4(q: torch.Tensor, k: dict[str, torch.Tensor],
         context_lens.data_ptr(), batch, k["codes"].shape[1], num_heads, num_kv, d, max_context,
         out.data_ptr(), scores.data_ptr())
     return out
-
-
-def quant_write_int8(x: torch.Tensor, slot_mapping: torch.Tensor, codes: torch.Tensor,
-                     scales: torch.Tensor) -> None:
-    """Int8Codec.encode of x [n, num_kv, d] (float32), scattered to the slots: codes
-    [num_blocks, block_size, num_kv, d] int8 and scales [num_blocks, block_size, num_kv] float32,
-    both contiguous. Reference: PagedKVStore.write with the int8 codec."""
-    x = x.contiguous()
-    slots = slot_mapping.contiguous()
-    n, num_kv, d = x.shape
-    _lib.kv_quant_write_i8(x.data_ptr(), slots.data_ptr(), n, num_kv, d, codes.data_ptr(),
-                           scales.data_ptr())
 
 
 def read_bandwidth_bytes_per_s(num_bytes: int = 1 << 30, repeats: int = 5) -> float:

@@ -457,25 +457,19 @@ PAGED_HELPERS(bf16_t, load8_bf16, LOAD1_BF16)
 PAGED_DECODE(kv_paged_decode_attention_f32, float, LOAD1_F32)
 PAGED_DECODE(kv_paged_decode_attention_bf16, bf16_t, LOAD1_BF16)
 
-/* Quantized K/V (kvserve/kvstore/codecs.py is the reference): int8 codes with a float32 scale per
- * token per KV head, or fp8 codes read through a 256-entry table (filled from torch's own
- * conversion by kv_set_fp8_lut) with one scale per tensor. The codes are read where they lie, as
- * above; a token's scale multiplies its score (K) and its softmax weight (V), so no K or V row is
- * ever widened in memory. */
-typedef int8_t i8_t;
+/* fp8 K/V (kvserve/kvstore/codecs.py is the reference): codes widened in registers (F16C) or
+ * read through a 256-entry table (filled from torch's own conversion by kv_set_fp8_lut), with
+ * one scale per tensor. The codes are read where they lie, as above: no K or V row is ever
+ * widened in memory. */
 typedef uint8_t e4m3_t;
 typedef uint8_t e5m2_t;
 static float kv_fp8_lut[2][256];
 void kv_set_fp8_lut(int which, const float *lut) {
   memcpy(kv_fp8_lut[which], lut, sizeof kv_fp8_lut[which]);
 }
-#define LOAD1_I8(v) ((float)(v))
 #define LOAD1_E4M3(v) (kv_fp8_lut[0][(v)])
 #define LOAD1_E5M2(v) (kv_fp8_lut[1][(v)])
 #ifdef KV_AVX2
-static inline __m256 load8_i8(const int8_t *p) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
-}
 #ifdef __F16C__
 /* Both fp8 formats widen exactly through fp16 (F16C): e5m2 is the top byte of an fp16; e4m3's
  * sign, exponent and mantissa bits placed in an fp16 (exponent bias 15, not 7) give its value
@@ -501,22 +495,19 @@ static inline __m256 load8_e5m2(const uint8_t *p) {
 }
 #endif
 #endif
-DOT_TILE(i8_t, load8_i8, LOAD1_I8)
 DOT_TILE(e4m3_t, load8_e4m3, LOAD1_E4M3)
 DOT_TILE(e5m2_t, load8_e5m2, LOAD1_E5M2)
-PAGED_HELPERS(i8_t, load8_i8, LOAD1_I8)
 PAGED_HELPERS(e4m3_t, load8_e4m3, LOAD1_E4M3)
 PAGED_HELPERS(e5m2_t, load8_e5m2, LOAD1_E5M2)
 
-/* As PAGED_DECODE, over codes: Ks / Vs are [num_blocks, block_size, num_kv] per-token scales (or
- * NULL), k_tensor_scale / v_tensor_scale one scale for the whole K / V of this layer (1 if none). */
+/* As PAGED_DECODE, over fp8 codes: k_tensor_scale / v_tensor_scale one scale for the whole K / V
+ * of this layer (1 if none), folded into the scores' scale and the softmax weights. */
 #define PAGED_DECODE_Q(NAME, KTYPE)                                                               \
   void NAME(const float *restrict q, int q_row_stride, const KTYPE *restrict K,                  \
-            const KTYPE *restrict V, const float *restrict Ks, const float *restrict Vs,          \
-            float k_tensor_scale, float v_tensor_scale, const int *restrict block_tables,         \
-            int max_blocks, const int *restrict context_lens, int batch, int block_size,          \
-            int num_heads, int num_kv, int d, int max_context, float *restrict out,               \
-            float *restrict scores) {                                                             \
+            const KTYPE *restrict V, float k_tensor_scale, float v_tensor_scale,                  \
+            const int *restrict block_tables, int max_blocks, const int *restrict context_lens,   \
+            int batch, int block_size, int num_heads, int num_kv, int d, int max_context,         \
+            float *restrict out, float *restrict scores) {                                        \
     int group = num_heads / num_kv;                                                               \
     float scale = k_tensor_scale / sqrtf((float)d);                                               \
     size_t row_elems = (size_t)num_kv * d, block_elems = (size_t)block_size * row_elems;          \
@@ -528,53 +519,17 @@ PAGED_HELPERS(e5m2_t, load8_e5m2, LOAD1_E5M2)
       float *s = scores + ((size_t)b * num_heads + h0) * max_context;                             \
       paged_qk_##KTYPE(qg, group, d, K + (size_t)g * d, table, block_size, block_elems,           \
                        row_elems, len, scale, s, max_context);                                    \
-      if (Ks)                                                                                     \
-        for (int t = 0; t < len; t++) {                                                           \
-          float ks = Ks[((size_t)table[t / block_size] * block_size + t % block_size) * num_kv +  \
-                        g];                                                                       \
-          for (int hh = 0; hh < group; hh++) s[(size_t)hh * max_context + t] *= ks;               \
-        }                                                                                         \
       for (int hh = 0; hh < group; hh++) {                                                        \
         float *sh = s + (size_t)hh * max_context;                                                 \
         float inv = v_tensor_scale / exp_shifted(sh, len);                                        \
         for (int t = 0; t < len; t++) sh[t] *= inv;                                               \
       }                                                                                           \
-      if (Vs)                                                                                     \
-        for (int t = 0; t < len; t++) {                                                           \
-          float vs = Vs[((size_t)table[t / block_size] * block_size + t % block_size) * num_kv +  \
-                        g];                                                                       \
-          for (int hh = 0; hh < group; hh++) s[(size_t)hh * max_context + t] *= vs;               \
-        }                                                                                         \
       paged_pv_##KTYPE(s, max_context, group, d, V + (size_t)g * d, table, block_size,            \
                        block_elems, row_elems, len, out + ((size_t)b * num_heads + h0) * d);      \
     }                                                                                             \
   }
-PAGED_DECODE_Q(kv_paged_decode_attention_i8, i8_t)
 PAGED_DECODE_Q(kv_paged_decode_attention_e4m3, e4m3_t)
 PAGED_DECODE_Q(kv_paged_decode_attention_e5m2, e5m2_t)
-
-/* Quantize n rows of K (or V) [n, num_kv, d] float32 to int8, one scale per row per KV head
- * (max |x| / 127, or 1 for an all-zero vector), and write them at their slots: codes
- * [slot, g, 0..d), scales [slot, g]. The same operations in the same order as
- * kvserve.kvstore.codecs.Int8Codec.encode (its reference), so the codes are identical; one call
- * replaces the ~8 small torch ops per layer that dominated a short-context quantized step. */
-void kv_quant_write_i8(const float *restrict x, const int64_t *restrict slots, int n, int num_kv,
-                       int d, int8_t *restrict codes, float *restrict scales) {
-  for (int i = 0; i < n; i++)
-    for (int g = 0; g < num_kv; g++) {
-      const float *v = x + ((size_t)i * num_kv + g) * d;
-      float amax = 0.f;
-      for (int j = 0; j < d; j++) amax = fmaxf(amax, fabsf(v[j]));
-      float scale = amax > 0.f ? amax / 127.0f : 1.0f;
-      size_t at = (size_t)slots[i] * num_kv + g;
-      int8_t *c = codes + at * d;
-      for (int j = 0; j < d; j++) {
-        float q = nearbyintf(v[j] / scale);
-        c[j] = (int8_t)(q > 127.f ? 127.f : (q < -127.f ? -127.f : q));
-      }
-      scales[at] = scale;
-    }
-}
 
 /* int4 K/V (kvserve/kvstore/codecs.py's Int4KCodec / Int4VCodec are the reference): two codes per
  * byte (element 2i in the low nibble, 2i+1 in the high), x = code * scale + zero with fp16 scales
@@ -613,61 +568,77 @@ static inline float h2f(uint16_t h) {
 #endif
 }
 
-/* n bytes of codes -> their low nibbles in ce[0..n), high nibbles in co[0..n), as floats */
-static inline void unpack_i4(const uint8_t *restrict c, float *restrict ce, float *restrict co,
-                             int n) {
+/* n fp16 values -> floats */
+static inline void h2f_row(const uint16_t *restrict h, float *restrict x, int n) {
+  int i = 0;
+#if defined(KV_AVX2) && defined(__F16C__)
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(x + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
+#endif
+  for (; i < n; i++) x[i] = h2f(h[i]);
+}
+
+/* One row of d int4 codes (element 2i the low nibble of byte i) -> d bytes, in order */
+static inline void nibbles_to_bytes(const uint8_t *restrict c, uint8_t *restrict x, int d) {
   int i = 0;
 #ifdef KV_AVX2
   __m128i mask = _mm_set1_epi8(0x0f);
-  for (; i + 8 <= n; i += 8) {
-    __m128i b = _mm_loadl_epi64((const __m128i *)(c + i));
-    _mm256_storeu_ps(ce + i, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(b, mask))));
-    _mm256_storeu_ps(co + i, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
-                                 _mm_and_si128(_mm_srli_epi16(b, 4), mask))));
+  for (; i + 16 <= d; i += 16) {
+    __m128i b = _mm_loadl_epi64((const __m128i *)(c + i / 2));
+    _mm_storeu_si128((__m128i *)(x + i),
+                     _mm_unpacklo_epi8(_mm_and_si128(b, mask),
+                                       _mm_and_si128(_mm_srli_epi16(b, 4), mask)));
   }
 #endif
-  for (; i < n; i++) {
-    ce[i] = (float)(c[i] & 15);
-    co[i] = (float)(c[i] >> 4);
+  for (; i < d; i += 2) {
+    x[i] = c[i / 2] & 15;
+    x[i + 1] = c[i / 2] >> 4;
   }
-}
-
-static inline float dot_f32(const float *restrict a, const float *restrict b, int n) {
-  float acc = 0.f;
-  int i = 0;
-#ifdef KV_AVX2
-  __m256 v = _mm256_setzero_ps();
-  for (; i + 8 <= n; i += 8) v = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), v);
-  acc = hsum256(v);
-#endif
-  for (; i < n; i++) acc += a[i] * b[i];
-  return acc;
-}
-
-static inline void axpy_f32(float w, const float *restrict x, float *restrict y, int n) {
-  int i = 0;
-#ifdef KV_AVX2
-  __m256 vw = _mm256_set1_ps(w);
-  for (; i + 8 <= n; i += 8)
-    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(vw, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-#endif
-  for (; i < n; i++) y[i] += w * x[i];
 }
 
 #define I4_MAX_D 512
 #define I4_MAX_GROUP 16
-/* One task per (sequence, KV head): each token's codes are unpacked once for all the query heads
- * that share them (grouped-query attention). */
-void kv_paged_decode_attention_i4(
-    const float *restrict q, int q_row_stride, const uint8_t *restrict K,
+#define I4_MAX_BLOCK_ELEMS 16384 /* block_size * d of one widened block (64 KiB) */
+static const int kv_zero_table[1] = {0};
+
+/* int8 and int4, one task per (sequence, KV head): int8 codes are read where they lie, through the
+ * tiled products the other formats use; int4 codes are first widened to bytes, a block and a KV
+ * head at a time, into a buffer that stays in L1. K's per-channel scale folds into the query once
+ * per block (q * scale, and q . zero added to the block's scores); V's per-token, per-group scale
+ * into the softmax weights (one product per group of columns), its zero into a per-group sum of
+ * weights. A sequence's residual window is read as float rows where it lies. */
+typedef uint8_t u8_t;
+#define LOAD1_U8(v) ((float)(v))
+#ifdef KV_AVX2
+static inline __m256 load8_u8(const uint8_t *p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+#endif
+DOT_TILE(u8_t, load8_u8, LOAD1_U8)
+PAGED_HELPERS(u8_t, load8_u8, LOAD1_U8)
+
+/* The codes of block `blk`, KV head g: in place (int8: rows code_row bytes apart), or widened
+ * from int4 into `wide` (rows d bytes apart). */
+static inline const uint8_t *block_codes(int bits, const uint8_t *codes, size_t blk, int g,
+                                         int block_size, size_t code_row, int d, uint8_t *wide) {
+  const uint8_t *first = codes + blk * block_size * code_row + (size_t)g * d * bits / 8;
+  if (bits == 8) return first;
+  for (int t = 0; t < block_size; t++) nibbles_to_bytes(first + t * code_row, wide + t * d, d);
+  return wide;
+}
+static void paged_decode_affine(
+    int bits, const float *restrict q, int q_row_stride, const uint8_t *restrict K,
     const uint16_t *restrict Ks, const uint16_t *restrict Kz, const uint8_t *restrict V,
     const uint16_t *restrict Vs, const uint16_t *restrict Vz, int vgroup,
     const float *restrict Kr, const float *restrict Vr, const int64_t *restrict slots,
     const int *restrict block_tables, int max_blocks, const int *restrict context_lens, int batch,
     int block_size, int num_heads, int num_kv, int d, int max_context, float *restrict out,
     float *restrict scores) {
-  int group = num_heads / num_kv, half = d / 2, ngroups = d / vgroup, gh = vgroup / 2;
+  int group = num_heads / num_kv, ngroups = d / vgroup;
   float scale = 1.0f / sqrtf((float)d);
+  size_t row = (size_t)num_kv * d, code_row = row * bits / 8;
+  /* where a block's codes are read: in place (int8), or widened into `wide` (int4) */
+  size_t crow = bits == 8 ? row : (size_t)d;
   _Pragma("omp parallel for schedule(dynamic, 1) num_threads(kv_team())")
   for (int bg = 0; bg < batch * num_kv; bg++) {
     int b = bg / num_kv, g = bg % num_kv, len = context_lens[b], h0 = g * group;
@@ -677,72 +648,86 @@ void kv_paged_decode_attention_i4(
     const float *kr = Kr + ((size_t)slots[b] * block_size * num_kv + g) * d;
     const float *vr = Vr + ((size_t)slots[b] * block_size * num_kv + g) * d;
     float *s = scores + ((size_t)b * num_heads + h0) * max_context;
-    float qe[I4_MAX_GROUP][I4_MAX_D / 2], qo[I4_MAX_GROUP][I4_MAX_D / 2], bias[I4_MAX_GROUP];
-    float oe[I4_MAX_GROUP][I4_MAX_D / 2], oo[I4_MAX_GROUP][I4_MAX_D / 2];
-    float zsum[I4_MAX_GROUP][I4_MAX_D / 32], ce[I4_MAX_D / 2], co[I4_MAX_D / 2];
-    float kse[I4_MAX_D / 2], kso[I4_MAX_D / 2], kze[I4_MAX_D / 2], kzo[I4_MAX_D / 2];
+    float *o = out + ((size_t)b * num_heads + h0) * d;
+    float qs[I4_MAX_GROUP * I4_MAX_D], sc[I4_MAX_D], zc[I4_MAX_D];
+    float part[I4_MAX_GROUP * I4_MAX_D], wp[I4_MAX_GROUP * I4_MAX_BLOCK_ELEMS / 64];
+    float zsum[I4_MAX_GROUP * (I4_MAX_D / 32)];
+    uint8_t wide[I4_MAX_BLOCK_ELEMS];
     for (int j = 0; j < nfull; j++) {
       size_t blk = (size_t)table[j];
-      const uint16_t *ks = Ks + (blk * num_kv + g) * d, *kz = Kz + (blk * num_kv + g) * d;
-      for (int i = 0; i < half; i++) {
-        kse[i] = h2f(ks[2 * i]) * scale;
-        kso[i] = h2f(ks[2 * i + 1]) * scale;
-        kze[i] = h2f(kz[2 * i]) * scale;
-        kzo[i] = h2f(kz[2 * i + 1]) * scale;
-      }
+      h2f_row(Ks + (blk * num_kv + g) * d, sc, d);
+      h2f_row(Kz + (blk * num_kv + g) * d, zc, d);
+      float bias[I4_MAX_GROUP];
       for (int hh = 0; hh < group; hh++) {
         const float *qh = qg + (size_t)hh * d;
         float acc = 0.f;
-        for (int i = 0; i < half; i++) {
-          qe[hh][i] = qh[2 * i] * kse[i];
-          qo[hh][i] = qh[2 * i + 1] * kso[i];
-          acc += qh[2 * i] * kze[i] + qh[2 * i + 1] * kzo[i];
+        for (int c = 0; c < d; c++) {
+          qs[(size_t)hh * d + c] = qh[c] * sc[c];
+          acc += qh[c] * zc[c];
         }
-        bias[hh] = acc;
+        bias[hh] = acc * scale;
       }
-      const uint8_t *kc = K + (blk * block_size * num_kv + g) * half;
-      for (int t = 0; t < block_size; t++) {
-        unpack_i4(kc + (size_t)t * num_kv * half, ce, co, half);
-        for (int hh = 0; hh < group; hh++)
-          s[(size_t)hh * max_context + j * block_size + t] =
-              dot_f32(qe[hh], ce, half) + dot_f32(qo[hh], co, half) + bias[hh];
-      }
-    }
-    for (int t = 0; t < nres; t++)
+      float *sj = s + (size_t)j * block_size;
+      const uint8_t *kc = block_codes(bits, K, blk, g, block_size, code_row, d, wide);
+      paged_qk_u8_t(qs, group, d, kc, kv_zero_table, block_size, 0, crow, block_size, scale, sj,
+                    max_context);
       for (int hh = 0; hh < group; hh++)
-        s[(size_t)hh * max_context + nfull * block_size + t] =
-            dot_f32(qg + (size_t)hh * d, kr + (size_t)t * num_kv * d, d) * scale;
+        for (int t = 0; t < block_size; t++) sj[(size_t)hh * max_context + t] += bias[hh];
+    }
+    if (nres)
+      paged_qk_float(qg, group, d, kr, kv_zero_table, block_size, 0, row, nres, scale,
+                     s + (size_t)nfull * block_size, max_context);
     for (int hh = 0; hh < group; hh++) {
       float *sh = s + (size_t)hh * max_context, inv = 1.0f / exp_shifted(sh, len);
       for (int t = 0; t < len; t++) sh[t] *= inv;
-      for (int i = 0; i < half; i++) oe[hh][i] = oo[hh][i] = 0.f;
-      for (int gi = 0; gi < ngroups; gi++) zsum[hh][gi] = 0.f;
     }
+    for (int i = 0; i < group * d; i++) o[i] = 0.f;
+    for (int i = 0; i < group * ngroups; i++) zsum[i] = 0.f;
     for (int j = 0; j < nfull; j++) {
       size_t blk = (size_t)table[j];
-      for (int t = 0; t < block_size; t++) {
-        size_t row = (blk * block_size + t) * num_kv + g;
-        const uint16_t *vs = Vs + row * ngroups, *vz = Vz + row * ngroups;
-        unpack_i4(V + row * half, ce, co, half);
-        for (int gi = 0; gi < ngroups; gi++) {
-          float sc = h2f(vs[gi]), zc = h2f(vz[gi]);
+      const float *sj = s + (size_t)j * block_size;
+      const uint8_t *vc = block_codes(bits, V, blk, g, block_size, code_row, d, wide);
+      for (int gi = 0; gi < ngroups; gi++) {
+        for (int t = 0; t < block_size; t++) {
+          size_t r = ((blk * block_size + t) * num_kv + g) * ngroups + gi;
+          float a = h2f(Vs[r]), z = h2f(Vz[r]);
           for (int hh = 0; hh < group; hh++) {
-            float w = s[(size_t)hh * max_context + j * block_size + t];
-            axpy_f32(w * sc, ce + gi * gh, oe[hh] + gi * gh, gh);
-            axpy_f32(w * sc, co + gi * gh, oo[hh] + gi * gh, gh);
-            zsum[hh][gi] += w * zc;
+            float w = sj[(size_t)hh * max_context + t];
+            wp[(size_t)hh * block_size + t] = w * a;
+            zsum[hh * ngroups + gi] += w * z;
           }
+        }
+        paged_pv_u8_t(wp, block_size, group, vgroup, vc + (size_t)gi * vgroup, kv_zero_table,
+                      block_size, 0, crow, block_size, part);
+        for (int hh = 0; hh < group; hh++) {
+          float *oh = o + (size_t)hh * d + (size_t)gi * vgroup;
+          const float *ph = part + (size_t)hh * vgroup;
+          for (int c = 0; c < vgroup; c++) oh[c] += ph[c];
         }
       }
     }
-    for (int hh = 0; hh < group; hh++) {
-      float *o = out + ((size_t)b * num_heads + h0 + hh) * d;
-      const float *sh = s + (size_t)hh * max_context + nfull * block_size;
-      for (int i = 0; i < half; i++) {
-        o[2 * i] = oe[hh][i] + zsum[hh][(2 * i) / vgroup];
-        o[2 * i + 1] = oo[hh][i] + zsum[hh][(2 * i + 1) / vgroup];
+    for (int hh = 0; hh < group; hh++)
+      for (int gi = 0; gi < ngroups; gi++) {
+        float z = zsum[hh * ngroups + gi], *oh = o + (size_t)hh * d + (size_t)gi * vgroup;
+        for (int c = 0; c < vgroup; c++) oh[c] += z;
       }
-      for (int t = 0; t < nres; t++) axpy_f32(sh[t], vr + (size_t)t * num_kv * d, o, d);
+    if (nres) {
+      paged_pv_float(s + (size_t)nfull * block_size, max_context, group, d, vr, kv_zero_table,
+                     block_size, 0, row, nres, part);
+      for (int i = 0; i < group * d; i++) o[i] += part[i];
     }
   }
 }
+#define AFFINE_DECODE(NAME, BITS)                                                                 \
+  void NAME(const float *q, int q_row_stride, const uint8_t *K, const uint16_t *Ks,              \
+            const uint16_t *Kz, const uint8_t *V, const uint16_t *Vs, const uint16_t *Vz,         \
+            int vgroup, const float *Kr, const float *Vr, const int64_t *slots,                   \
+            const int *block_tables, int max_blocks, const int *context_lens, int batch,          \
+            int block_size, int num_heads, int num_kv, int d, int max_context, float *out,        \
+            float *scores) {                                                                      \
+    paged_decode_affine(BITS, q, q_row_stride, K, Ks, Kz, V, Vs, Vz, vgroup, Kr, Vr, slots,       \
+                        block_tables, max_blocks, context_lens, batch, block_size, num_heads,     \
+                        num_kv, d, max_context, out, scores);                                     \
+  }
+AFFINE_DECODE(kv_paged_decode_attention_u8, 8)
+AFFINE_DECODE(kv_paged_decode_attention_i4, 4)

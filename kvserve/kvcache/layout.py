@@ -7,12 +7,11 @@ KV formats are the plain float dtypes and four quantized ones. A quantized forma
 element in fewer bits plus scales; the scales are part of the bill:
 - fp8_e4m3, fp8_e5m2: FP8, one float32 scale per layer for K and one for V (per tensor, as vLLM
   does): no per-token overhead, 8 bytes per layer in all;
-- int8: symmetric, one float32 scale per token per KV head (per head vector);
-- int4 (KIVI-style, asymmetric, two codes per byte, fp16 scale and fp16 zero point): K per
-  channel over each block's tokens (one scale and zero per channel per block), V per token in
-  groups of 32 channels. A block is quantized when it fills; until then the tokens of each
-  sequence's last, partial block (its residual window) stay in float32 in a residual buffer of one
-  block per running sequence, priced as fixed bytes for `residual_seqs` sequences.
+- int8, int4 (KIVI's rules, asymmetric, fp16 scale and fp16 zero point; int4 two codes per
+  byte): K per channel over each block's tokens (one scale and zero per channel per block), V per
+  token in groups of 32 channels. A block is quantized when it fills; until then the tokens of
+  each sequence's last, partial block (its residual window) stay in float32 in a residual buffer
+  of one block per running sequence, priced as fixed bytes for `residual_seqs` sequences.
 K and V may use different formats (a name "int8/int4": K's, then V's).
 """
 
@@ -25,7 +24,7 @@ from kvserve.errors import ConfigError
 from kvserve.kv_dtypes import KV_CACHE_DTYPES, canonical_kv_dtype, kv_dtype_pair, split_kv_dtype
 
 RESIDUAL_BYTES = 4  # the residual window's tokens are float32
-INT4_V_GROUP = 32  # channels per scale of int4 V (the whole head when head_dim is not a multiple)
+INT4_V_GROUP = 32  # channels per scale of int8/int4 V (a whole head of another head_dim)
 
 
 def int4_v_group(head_dim: int) -> int:
@@ -36,22 +35,20 @@ def int4_v_group(head_dim: int) -> int:
 class KVFormat:
     name: str
     bits: int  # per stored element
-    scale_group: str | None  # None: no scales; "tensor": per layer; "head": per head vector of
-    # each token; "int4": per channel per block (K), per 32 channels per token (V)
+    scale_group: str | None  # None: no scales; "tensor": per layer; "block": per channel per
+    # block (K), per 32 channels per token (V)
     scale_bytes: int = 0  # bytes of one group's scale (and zero point)
     description: str = ""
 
     @property
     def residual(self) -> bool:
         """Quantized a block at a time: a sequence's partial block waits in float32."""
-        return self.scale_group == "int4"
+        return self.scale_group == "block"
 
     def bytes_per_block_head(self, head_dim: int, block_size: int, which: int) -> int:
         """One block's K (which=0) or V (1) for one KV head, scales included."""
         codes = -(-block_size * head_dim * self.bits // 8)
-        if self.scale_group == "head":
-            return codes + block_size * self.scale_bytes
-        if self.scale_group == "int4":
+        if self.scale_group == "block":
             if which == 0:  # a scale and zero per channel of the block
                 return codes + head_dim * self.scale_bytes
             return codes + block_size * (head_dim // int4_v_group(head_dim)) * self.scale_bytes
@@ -64,8 +61,9 @@ KV_FORMATS: dict[str, KVFormat] = {f.name: f for f in (
     KVFormat("float16", 16, None, description="IEEE float16"),
     KVFormat("fp8_e4m3", 8, "tensor", 4, "FP8 E4M3, one float32 scale per layer for K and for V"),
     KVFormat("fp8_e5m2", 8, "tensor", 4, "FP8 E5M2, one float32 scale per layer for K and for V"),
-    KVFormat("int8", 8, "head", 4, "int8, one float32 scale per token per KV head"),
-    KVFormat("int4", 4, "int4", 4, "int4, fp16 scale + zero point: K per channel per block, "
+    KVFormat("int8", 8, "block", 4, "int8, fp16 scale + zero point: K per channel per block, "
+             "V per 32 channels per token; the partial block in float32"),
+    KVFormat("int4", 4, "block", 4, "int4, fp16 scale + zero point: K per channel per block, "
              "V per 32 channels per token; the partial block in float32"),
 )}
 assert set(KV_FORMATS) == set(KV_CACHE_DTYPES) - {"auto"}, "kv_dtypes and layout list other formats"
@@ -95,7 +93,7 @@ class KVLayout:
     block_size: int  # tokens per block
     kv_cache_dtype: str  # a KV_FORMATS name or alias ("float32", "bf16", "int4", ...), or K's
     # and V's as kv_dtypes.kv_dtype_pair names them ("int8/int4")
-    residual_seqs: int = 0  # sequences that hold a residual window at once (int4 K or V)
+    residual_seqs: int = 0  # sequences holding a residual window at once (int8/int4 K or V)
 
     def __post_init__(self) -> None:
         for name in split_kv_dtype(self.kv_cache_dtype):

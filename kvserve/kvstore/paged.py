@@ -4,12 +4,13 @@ The store knows nothing of requests (block tables live in kvcache/block_manager.
 once, at start-up, and is never grown. K and V each have a format (one, or two: "int8/int4") whose
 codec (codecs.py) names its parts: float formats one, "kv"; a quantized format its codes and
 scales. Every part is a tensor [num_layers, num_blocks, ...] (block index on dimension 1), so block
-copies move every part of a block together; `parts` names them "k.codes", "v.scales", ...
+copies move every part of a block together; `parts` names them "k.codes", "v.scale", ...
 
-A block codec (int4) encodes whole blocks: the tokens of a sequence's last, partial block wait in
-float32 in that sequence's residual slot (its residual window) and are encoded together, with the
-new tokens that fill the block, the step it fills. Slots are handed out by sequence id and given
-back when the sequence ends, is preempted or is swapped out (its window travels with its blocks).
+A block codec (int8, int4) encodes whole blocks: the tokens of a sequence's last, partial block
+wait in float32 in that sequence's residual slot (its residual window) and are encoded together,
+with the new tokens that fill the block, the step it fills. Slots are handed out by sequence id
+and given back when the sequence ends, is preempted or is swapped out (its window travels with
+its blocks).
 """
 
 from __future__ import annotations

@@ -164,7 +164,7 @@ def request_bytes(layout: KVLayout, model: ModelShape, num_tokens: int) -> tuple
 
 def _max_context(layout: KVLayout, model: ModelShape, concurrency: int, budget: int) -> int:
     """The longest context (whole blocks) `concurrency` requests can each hold in `budget`
-    (each with its residual window, int4)."""
+    (each with its residual window, int8/int4)."""
     room = budget - layout.fixed_bytes - concurrency * layout.residual_bytes_per_seq
     lo, hi = 0, 1
     while concurrency * request_bytes(layout, model, hi * layout.block_size)[1] <= room:
@@ -182,8 +182,8 @@ def _max_context(layout: KVLayout, model: ModelShape, concurrency: int, budget: 
 
 def dtype_plan(model: ModelShape, kv_cache_dtype: str, block_size: int, context: int,
                concurrency: int, budget: int) -> KVDtypePlan:
-    """A request's bytes are its blocks plus, for int4 K or V, its residual window (one block
-    of float32 per int4 side: KVLayout.residual_bytes_per_seq)."""
+    """A request's bytes are its blocks plus, for int8/int4 K or V, its residual window (one
+    block of float32 per int8/int4 side: KVLayout.residual_bytes_per_seq)."""
     layout = KVLayout(model.to_spec(), block_size, kv_cache_dtype)
     blocks, per_request = request_bytes(layout, model, context)
     per_request += layout.residual_bytes_per_seq

@@ -35,7 +35,7 @@ class ModelRunner:
                                    kv_store.layout.block_size if kv_store is not None else None)
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator | None] = {}
-        # swapped-out requests' residual windows (int4), host copies
+        # swapped-out requests' residual windows (int8/int4), host copies
         self.parked_windows: dict[str, list[torch.Tensor | None]] = {}
 
     def _generator(self, r: Request) -> torch.Generator | None:
@@ -49,7 +49,7 @@ class ModelRunner:
 
     def apply_transfers(self, plan: StepPlan) -> None:
         """Block copies in plan order (copies off the device first: the blocks they free may
-        be handed to others in this same step); a swapped request's residual window (int4)
+        be handed to others in this same step); a swapped request's residual window (int8/int4)
         travels with its blocks. Requests preempted to recompute lose theirs first."""
         for request_id in plan.dropped:
             self.attention.release(request_id)

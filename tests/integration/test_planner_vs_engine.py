@@ -25,30 +25,42 @@ def test_planner_bytes_per_token_equal_the_allocated_pool(spec, dtype, explicit)
     check_against_planner(spec, compute, kv_dtype, dtype)
 
 
-@pytest.mark.parametrize("kv_dtype", ["int8", "fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("kv_dtype", ["int8", "int4", "fp8_e4m3", "fp8_e5m2"])
 def test_planner_bytes_per_token_equal_the_allocated_quantized_pool(spec, kv_dtype):
     check_against_planner(spec, "float32", kv_dtype, kv_dtype)
 
 
-def check_against_planner(spec, compute: str, kv_dtype: str, resolved: str) -> None:
-    block_size = 16
+@pytest.mark.parametrize("k, v", [("int8", "int4"), ("bfloat16", "int8"), ("fp8_e4m3", "int4")])
+def test_planner_equals_the_pool_with_k_and_v_in_two_formats(spec, k, v):
+    check_against_planner(spec, "float32", "auto", f"{k}/{v}", k_cache_dtype=k, v_cache_dtype=v)
+
+
+def check_against_planner(spec, compute: str, kv_dtype: str, resolved: str, **sides) -> None:
+    block_size, seqs = 16, 4
     built = build_kv(CacheConfig(kv_cache_memory="32MiB", block_size=block_size,
-                                 kv_cache_dtype=kv_dtype), spec, compute,
-                     torch.device("cpu"), max_model_len=256)
+                                 kv_cache_dtype=kv_dtype, **sides), spec, compute,
+                     torch.device("cpu"), max_model_len=256, max_num_seqs=seqs)
     assert built.kv_cache_dtype == resolved
     store = built.kv_store
     num_blocks = built.block_manager.pool.num_blocks
     per_block = sum(t.numel() * t.element_size() for t in store.parts.values())
-    # one token's K and V in every layer, every part (codes and scales)
-    measured = sum(t[:, :, 0, 0].numel() * t.element_size() for t in store.parts.values())
-    assert per_block == measured * num_blocks * block_size
-    fixed = store.num_bytes_allocated() - per_block  # per-tensor scales (fp8)
+    # one block's K and V in every layer, every part (codes and scales)
+    measured = sum(t[:, 0].numel() * t.element_size() for t in store.parts.values())
+    assert per_block == measured * num_blocks
+    # per-tensor scales (fp8) and the residual windows of `seqs` sequences (int8/int4)
+    fixed = store.num_bytes_allocated() - per_block
 
-    p = plan(None, kv_cache_dtype=short_kv_dtype(resolved), block_size=block_size,
-             memory="32MiB", weights_memory="1B", reserve="0")
-    assert p.kv.bytes_per_token == measured
-    assert p.kv.bytes_per_block * num_blocks == per_block
+    p = plan(None, kv_cache_dtype=short_kv_dtype(kv_dtype) if kv_dtype != "auto" else compute,
+             k_cache_dtype=sides.get("k_cache_dtype"), v_cache_dtype=sides.get("v_cache_dtype"),
+             block_size=block_size, memory="32MiB", weights_memory="1B", reserve="0",
+             concurrency=seqs)
+    assert p.kv.kv_cache_dtype == short_kv_dtype(resolved)
+    assert p.kv.bytes_per_block == measured
+    assert p.kv.bytes_per_token == -(-measured // block_size)
     assert built.layout.fixed_bytes == fixed
-    # the planner's budget holds exactly the pool's blocks
-    assert p.kv_budget_bytes // p.kv.bytes_per_block in (num_blocks, num_blocks + 1)
-    assert p.kv.bytes_per_request == p.kv.blocks_per_request * measured * block_size
+    window = built.layout.residual_bytes_per_seq
+    assert fixed == seqs * window + (2 * spec.num_layers * 4 if "fp8" in resolved else 0)
+    # the planner's budget holds exactly the pool's blocks beside the windows
+    room = p.kv_budget_bytes - fixed
+    assert room // p.kv.bytes_per_block in (num_blocks, num_blocks + 1)
+    assert p.kv.bytes_per_request == p.kv.blocks_per_request * measured + window

@@ -141,14 +141,15 @@ def test_c_paged_decode_matches_reference_over_scattered_blocks(heads, kv_heads,
         torch.testing.assert_close(out[b], ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8", "fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8", "int4", "fp8_e4m3",
+                                   "fp8_e5m2"])
 def test_mixed_step_decodes_through_c_and_prefills_through_pytorch_match_pytorch(dtype):
     """A step mixing decodes, a prefill and a chunk after cached blocks, in interleaved order:
     the decode rows take the C kernel and the rest the PyTorch path; the result equals the
     all-PyTorch path, and both write the same K/V."""
     from kvserve.kernels import cpu as cpu_kernels
     from kvserve.kvcache.layout import KVLayout
-    from kvserve.kvstore.paged import PagedKVStore
+    from kvserve.kvstore.paged import PagedKVStore, SeqWrite
     from kvserve.model.attention.paged import PagedAttention
     from kvserve.runner.input_builder import InputBuilder
     from kvserve.scheduler.plan import ScheduledSeq, StepPlan
@@ -171,10 +172,20 @@ def test_mixed_step_decodes_through_c_and_prefills_through_pytorch_match_pytorch
     history = torch.randn(2, 10, bs, 2, 4, generator=g)  # what earlier steps wrote
     outs, stores = [], []
     for fast in (True, False):
-        store = PagedKVStore(KVLayout(spec, bs, dtype), 10, torch.device("cpu"))
+        store = PagedKVStore(KVLayout(spec, bs, dtype), 10, torch.device("cpu"),
+                             residual_slots=4)
         every_slot = torch.arange(10 * bs)
         for layer in range(spec.num_layers):
-            store.write(layer, every_slot, history[0].flatten(0, 1), history[1].flatten(0, 1))
+            if not store.has_residual:
+                store.write(layer, every_slot, history[0].flatten(0, 1),
+                            history[1].flatten(0, 1))
+                continue
+            # block formats: each sequence's earlier tokens, written as the engine would
+            for seq_id, n, table in (("d1", 9, (0, 2, 5)), ("d2", 4, (8, 9)), ("c", 5, (4, 1, 6))):
+                plan = store.plan_residual([SeqWrite(seq_id, 0, n, 0, table)])
+                rows = torch.tensor([table[p // bs] * bs + p % bs for p in range(n)])
+                store.write(layer, rows, history[0].flatten(0, 1)[rows],
+                            history[1].flatten(0, 1)[rows], plan)
         attn = PagedAttention(store)
         attn.use_fast_decode = fast
         attn.prepare(step.meta)

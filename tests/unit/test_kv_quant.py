@@ -12,7 +12,7 @@ from kvserve.kvstore.codecs import codec_for
 from kvserve.kvstore.paged import PagedKVStore, SeqWrite
 from kvserve.model.attention.ops import attention_reference
 
-QUANTIZED = ["int8", "fp8_e4m3", "fp8_e5m2"]
+QUANTIZED = ["fp8_e4m3", "fp8_e5m2"]  # per-token codecs (int8/int4: block codecs, below)
 
 
 def kv_like(n: int, heads: int, d: int, outliers: bool, seed: int = 0) -> torch.Tensor:
@@ -23,24 +23,6 @@ def kv_like(n: int, heads: int, d: int, outliers: bool, seed: int = 0) -> torch.
         x[..., [3, d - 5]] *= 50.0
         x[n // 2, 0, 11] = -900.0  # one extreme value
     return x
-
-
-@pytest.mark.parametrize("outliers", [False, True], ids=["gaussian", "outliers"])
-def test_int8_error_is_at_most_half_a_step_of_each_head_vector(outliers):
-    x = kv_like(64, 3, 32, outliers)
-    codec = codec_for("int8")
-    parts = codec.encode(x)
-    assert parts["codes"].dtype == torch.int8 and parts["scales"].shape == (64, 3)
-    back = codec.decode(parts, torch.float32)
-    step = x.abs().amax(dim=-1, keepdim=True) / 127  # one code step per token per head
-    assert ((back - x).abs() <= step / 2 + 1e-6).all()
-    assert (parts["codes"].abs() <= 127).all()
-
-
-def test_int8_of_an_all_zero_vector_is_zero_not_nan():
-    codec = codec_for("int8")
-    back = codec.decode(codec.encode(torch.zeros(2, 1, 8)), torch.float32)
-    assert torch.equal(back, torch.zeros(2, 1, 8))
 
 
 @pytest.mark.parametrize("name, mantissa_bits", [("fp8_e4m3", 3), ("fp8_e5m2", 2)])
@@ -71,8 +53,8 @@ def test_the_store_allocates_exactly_the_layout_formula(name):
     assert one_block == layout.bytes_per_block
     assert layout.bytes_per_token == -(-one_block // 4)
     assert layout.num_blocks_for_bytes(store.num_bytes_allocated()) == 7
-    if "int4" in name:  # the residual windows: float32 blocks of each int4 side, 3 sequences
-        sides = 2 if name == "int4" else 1
+    if "int" in name:  # the residual windows: float32 blocks of each int side, 3 sequences
+        sides = name.count("int") if "/" in name else 2
         assert layout.fixed_bytes == 3 * sides * 3 * 4 * 2 * 16 * 4
 
 
@@ -129,46 +111,27 @@ def test_c_decode_over_codes_equals_decoding_then_attending(name, outliers):
         torch.testing.assert_close(out[b], ref, rtol=1e-4, atol=1e-4)
 
 
-def test_c_int8_write_equals_the_codec_written_by_the_store():
-    """The C quantize-and-scatter against PagedKVStore.write with Int8Codec: identical codes
-    and scales, outliers and an all-zero vector included, slots out of order."""
-    from kvserve.kernels import cpu as cpu_kernels
+# -- int8, int4: block codecs with a residual window ------------------------------------------
 
-    if not cpu_kernels.available():
-        pytest.skip("no C compiler: reference path only")
-    layout = KVLayout(spec(), 4, "int8")
-    fast = PagedKVStore(layout, num_blocks=6, device=torch.device("cpu"))
-    ref = PagedKVStore(layout, num_blocks=6, device=torch.device("cpu"))
-    x = kv_like(9, 2, 16, True, seed=3)
-    x[4] = 0.0
-    slots = torch.tensor([22, 3, 17, 0, 9, 8, 5, 12, 23])
-    ref.write(1, slots, x, -x)
-    for which, y in ((0, x), (1, -x)):
-        cpu_kernels.quant_write_int8(y, slots, fast.part("codes", 1, which),
-                                     fast.part("scales", 1, which))
-    for name in ("k.codes", "k.scales", "v.codes", "v.scales"):
-        assert torch.equal(fast.parts[name], ref.parts[name])
-
-
-# -- int4: block codecs with a residual window ------------------------------------------------
-
+@pytest.mark.parametrize("name, levels", [("int8", 255), ("int4", 15)])
 @pytest.mark.parametrize("outliers", [False, True], ids=["gaussian", "outliers"])
-def test_int4_error_is_at_most_half_a_step_of_its_group(outliers):
+def test_block_codec_error_is_at_most_half_a_step_of_its_group(name, levels, outliers):
     """K: per channel over a block's tokens; V: per token per 32 channels. Each value is within
-    half a code step (range / 15) of its group, plus the fp16 rounding of scale and zero."""
+    half a code step (range / levels) of its group, plus the fp16 rounding of scale and zero."""
     x = kv_like(64, 3, 64, outliers).view(4, 16, 3, 64)  # 4 blocks of 16 tokens
-    k_codec, v_codec = codec_for("int4", 0), codec_for("int4", 1)
+    k_codec, v_codec = codec_for(name, 0), codec_for(name, 1)
     kp = k_codec.encode_blocks(x)
-    assert kp["codes"].shape == (4, 16, 3, 32) and kp["scale"].shape == (4, 3, 64)
+    assert kp["codes"].shape == (4, 16, 3, 64 * len(bin(levels)[2:]) // 8)
+    assert kp["scale"].shape == (4, 3, 64)
     back = k_codec.decode_blocks(kp, torch.float32)
-    step = (x.amax(dim=1, keepdim=True) - x.amin(dim=1, keepdim=True)) / 15
+    step = (x.amax(dim=1, keepdim=True) - x.amin(dim=1, keepdim=True)) / levels
     slack = 1e-3 * x.abs().amax(dim=1, keepdim=True) + 1e-5  # fp16 scale and zero
     assert ((back - x).abs() <= step / 2 + slack).all()
     vp = v_codec.encode_blocks(x)
     assert vp["scale"].shape == (4, 16, 3, 2)
     back = v_codec.decode_blocks(vp, torch.float32)
     xg = x.unflatten(-1, (2, 32))
-    step = ((xg.amax(-1, keepdim=True) - xg.amin(-1, keepdim=True)) / 15).expand_as(xg)
+    step = ((xg.amax(-1, keepdim=True) - xg.amin(-1, keepdim=True)) / levels).expand_as(xg)
     slack = 1e-3 * xg.abs().amax(-1, keepdim=True) + 1e-5
     assert ((back.unflatten(-1, (2, 32)) - xg).abs() <= step / 2 + slack).all()
     # per-channel K: an outlier channel does not coarsen the others (per-token would)
@@ -178,11 +141,13 @@ def test_int4_error_is_at_most_half_a_step_of_its_group(outliers):
         assert err < 0.5
 
 
-def test_int4_constant_and_zero_blocks_decode_exactly():
-    codec = codec_for("int4", 0)
-    for value in (0.0, 3.5):
-        x = torch.full((1, 4, 2, 8), value)
-        assert torch.equal(codec.decode_blocks(codec.encode_blocks(x), torch.float32), x)
+@pytest.mark.parametrize("name", ["int8", "int4"])
+def test_constant_and_zero_blocks_decode_exactly(name):
+    for which in (0, 1):
+        codec = codec_for(name, which)
+        for value in (0.0, 3.5):
+            x = torch.full((1, 4, 2, 32), value)
+            assert torch.equal(codec.decode_blocks(codec.encode_blocks(x), torch.float32), x)
 
 
 def write_in_steps(store, layer, seq_id, table, k, v, chunks):
@@ -197,12 +162,13 @@ def write_in_steps(store, layer, seq_id, table, k, v, chunks):
         start += n
 
 
+@pytest.mark.parametrize("name", ["int8", "int4"])
 @pytest.mark.parametrize("chunks", [[23], [5, 1, 1, 9, 7], [1] * 23, [8, 8, 7]])
-def test_int4_blocks_are_quantized_when_full_and_the_partial_block_stays_exact(chunks):
+def test_blocks_are_quantized_when_full_and_the_partial_block_stays_exact(name, chunks):
     """However the tokens arrive (a prefill chunk that ends mid-block, decodes one at a time),
     full blocks hold what the codec makes of exactly their tokens, and the partial block is
     read back exact from the sequence's residual window."""
-    layout = KVLayout(spec(), 4, "int4")
+    layout = KVLayout(spec(), 4, name)
     store = PagedKVStore(layout, num_blocks=9, device=torch.device("cpu"), residual_slots=2)
     table = [7, 2, 5, 0, 8, 3]
     k, v = kv_like(23, 2, 16, True, seed=4), kv_like(23, 2, 16, False, seed=5)
@@ -210,7 +176,7 @@ def test_int4_blocks_are_quantized_when_full_and_the_partial_block_stays_exact(c
     got_k, got_v = store.gather(1, torch.tensor(table), 23, torch.float32,
                                 store.residual_slot("a"))
     for got, x, which in ((got_k, k, 0), (got_v, v, 1)):
-        codec = codec_for("int4", which)
+        codec = codec_for(name, which)
         full = codec.decode_blocks(codec.encode_blocks(x[:20].view(5, 4, 2, 16)), torch.float32)
         assert torch.equal(got.transpose(0, 1)[:20], full.flatten(0, 1))
         assert torch.equal(got.transpose(0, 1)[20:], x[20:])  # the residual window: exact
@@ -232,8 +198,9 @@ def test_a_residual_window_travels_with_a_swap_and_is_freed_with_its_sequence():
     assert store._free_slots == [0] and store._slot_of == {}
 
 
+@pytest.mark.parametrize("name", ["int8", "int4"])
 @pytest.mark.parametrize("outliers", [False, True], ids=["gaussian", "outliers"])
-def test_c_int4_decode_reads_codes_and_residual_windows_as_the_reference(outliers):
+def test_c_block_decode_reads_codes_and_residual_windows_as_the_reference(name, outliers):
     """Sequences whose lengths end mid-block, at a block boundary and inside the first block,
     blocks shuffled: the C kernel against the gathered, decoded K/V through the reference."""
     from kvserve.kernels import cpu as cpu_kernels
@@ -245,7 +212,7 @@ def test_c_int4_decode_reads_codes_and_residual_windows_as_the_reference(outlier
     bs, lens = 4, [1, 5, 16, 23, 9]
     s = ModelSpec(name="t", num_layers=3, hidden_size=32, intermediate_size=64, num_heads=6,
                   num_kv_heads=2, head_dim=64, vocab_size=50, max_position_embeddings=64)
-    layout = KVLayout(s, bs, "int4")
+    layout = KVLayout(s, bs, name)
     num_blocks = sum(-(-n // bs) for n in lens) + 3
     store = PagedKVStore(layout, num_blocks, torch.device("cpu"), residual_slots=2)
     g = torch.Generator().manual_seed(5)
@@ -269,14 +236,14 @@ def test_c_int4_decode_reads_codes_and_residual_windows_as_the_reference(outlier
 
 
 def test_k_and_v_in_different_formats_decode_each_with_its_own_codec():
-    layout = KVLayout(spec(), 4, "int8/int4")
+    layout = KVLayout(spec(), 4, "fp8_e4m3/int4")
     store = PagedKVStore(layout, num_blocks=4, device=torch.device("cpu"))
-    assert sorted(store.parts) == ["k.codes", "k.scales", "v.codes", "v.scale", "v.zero"]
+    assert sorted(store.parts) == ["k.codes", "v.codes", "v.scale", "v.zero"]
     k, v = kv_like(7, 2, 16, True, seed=8), kv_like(7, 2, 16, False, seed=9)
     write_in_steps(store, 0, "a", [3, 1], k, v, [6, 1])
     got_k, got_v = store.gather(0, torch.tensor([3, 1]), 7, torch.float32, store.residual_slot("a"))
-    i8 = codec_for("int8")
-    torch.testing.assert_close(got_k, i8.decode(i8.encode(k), torch.float32).transpose(0, 1))
+    fp8 = codec_for("fp8_e4m3")
+    torch.testing.assert_close(got_k, fp8.decode(fp8.encode(k), torch.float32).transpose(0, 1))
     i4 = codec_for("int4", 1)
     full = i4.decode_blocks(i4.encode_blocks(v[:4].view(1, 4, 2, 16)), torch.float32)[0]
     assert torch.equal(got_v.transpose(0, 1)[:4], full)

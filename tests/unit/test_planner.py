@@ -54,9 +54,9 @@ def test_quantized_kv_dtypes_count_their_scales():
     assert d["fp32"].bytes_per_token == 46_080
     assert d["bf16"].bytes_per_token == d["fp16"].bytes_per_token == 23_040
     assert d["fp8"].bytes_per_token == 11_520  # per-tensor scales: nothing per token
-    assert d["int8"].bytes_per_token == 30 * 2 * 3 * (64 + 4)  # + a float32 scale per head
-    # int4 in 16-token blocks: K's fp16 scale and zero per channel per block (64 x 4 B / 16
+    # int8/int4 in 16-token blocks: K's fp16 scale and zero per channel per block (64 x 4 B / 16
     # tokens), V's per 32 channels per token
+    assert d["int8"].bytes_per_token == 30 * 3 * ((64 + 64 * 4 // 16) + (64 + 2 * 4))
     assert d["int4"].bytes_per_token == 30 * 3 * ((32 + 64 * 4 // 16) + (32 + 2 * 4))
 
 

@@ -88,8 +88,8 @@ def test_quantized_formats_and_their_settings_are_checked_with_one_line():
     with pytest.raises(ConfigError, match="need the paged pool"):
         CacheConfig(v_cache_dtype="bf16", cache_mode="contiguous")
     assert CacheConfig(kv_cache_dtype="int4", kv_residual_tokens=32).effective_block_size == 32
-    with pytest.raises(ConfigError, match="applies to int4 K or V only"):
-        CacheConfig(kv_cache_dtype="int8", kv_residual_tokens=32)
+    with pytest.raises(ConfigError, match="applies to int8/int4 K or V only"):
+        CacheConfig(kv_cache_dtype="fp8", kv_residual_tokens=32)
     with pytest.raises(ConfigError, match="block_size 64 differs"):
         CacheConfig(kv_cache_dtype="int4", kv_residual_tokens=32, block_size=64)
     with pytest.raises(ConfigError, match="power of two"):

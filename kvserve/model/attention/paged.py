@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 
 from kvserve.kernels import cpu as cpu_kernels
-from kvserve.kvstore.codecs import Int8Codec
 from kvserve.kvstore.paged import PagedKVStore, ResidualPlan, SeqWrite
 from kvserve.model.attention.metadata import AttentionMetadata, DecodeRows
 from kvserve.model.attention.ops import attention_sdpa
@@ -58,25 +57,20 @@ class PagedAttention:
     def _fast_ok(self) -> bool:
         st = self.store
         k_codec, v_codec = st.codecs
+        spec, bs = st.layout.spec, st.layout.block_size
+        block_kernel_fits = k_codec.per_token or (  # the int8/int4 kernel's stack buffers
+            spec.head_dim <= cpu_kernels.I4_MAX_HEAD_DIM
+            and spec.num_heads // spec.num_kv_heads <= cpu_kernels.I4_MAX_GROUP
+            and bs * spec.head_dim <= cpu_kernels.I4_MAX_BLOCK_ELEMS)
         return (self.use_fast_decode and st.device.type == "cpu"
                 and type(k_codec).__module__ == type(v_codec).__module__ == _CODECS
                 and k_codec.name == v_codec.name and k_codec.name in FAST_FORMATS
-                and st.layout.spec.head_dim <= cpu_kernels.I4_MAX_HEAD_DIM
-                and st.layout.spec.num_heads // st.layout.spec.num_kv_heads
-                <= cpu_kernels.I4_MAX_GROUP
-                and cpu_kernels.available())
+                and block_kernel_fits and cpu_kernels.available())
 
     def forward(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         # Write this step's K/V into their slots, in the store's format (quantized on write).
-        if self._fast_int8_write(k):
-            st = self.store
-            for which, x in ((0, k), (1, v)):
-                cpu_kernels.quant_write_int8(x, meta.paged.slot_mapping,
-                                             st.part("codes", layer_idx, which),
-                                             st.part("scales", layer_idx, which))
-        else:
-            self.store.write(layer_idx, meta.paged.slot_mapping, k, v, self._residual)
+        self.store.write(layer_idx, meta.paged.slot_mapping, k, v, self._residual)
         decode = meta.paged.decode
         if decode is None or q.dtype != torch.float32 or not self._fast_ok():
             return self._attend_gathered(q, layer_idx, meta, out=None, skip_decode=False)
@@ -88,30 +82,22 @@ class PagedAttention:
                         self._decode(q.index_select(0, decode.rows), layer_idx, decode))
         return self._attend_gathered(q, layer_idx, meta, out=out, skip_decode=True)
 
-    def _fast_int8_write(self, k: torch.Tensor) -> bool:
-        """The C write takes the int8 codec itself (a subclass, e.g. a test's, keeps its own)."""
-        return (all(type(c) is Int8Codec for c in self.store.codecs)
-                and k.dtype == torch.float32 and self._fast_ok())
-
     def _decode(self, q: torch.Tensor, layer_idx: int, decode: DecodeRows) -> torch.Tensor:
         st = self.store
         if st.dtype is not None:  # a float format
             return cpu_kernels.paged_decode_attention(
                 q, st.keys(layer_idx), st.values(layer_idx), decode.block_tables,
                 decode.context_lens, decode.max_context_len, self._scores)
-        if st.codec.name == "int4":
+        if not st.codec.per_token:  # int4, int8: block codes and residual windows
             parts = [{name: st.part(name, layer_idx, which) for name in ("codes", "scale", "zero")}
                      for which in (0, 1)]
-            return cpu_kernels.paged_decode_attention_int4(
-                q, parts[0], parts[1], st.residual[0][layer_idx], st.residual[1][layer_idx],
-                self._decode_slots, decode.block_tables, decode.context_lens,
-                decode.max_context_len, self._scores)
-        per_token = "k.scales" in st.parts
+            return cpu_kernels.paged_decode_attention_affine(
+                st.codec.name, q, parts[0], parts[1], st.residual[0][layer_idx],
+                st.residual[1][layer_idx], self._decode_slots, decode.block_tables,
+                decode.context_lens, decode.max_context_len, self._scores)
         k_scale, v_scale = st.tensor_scale(layer_idx, 0), st.tensor_scale(layer_idx, 1)
         return cpu_kernels.paged_decode_attention_codes(
             st.codec.name, q, st.part("codes", layer_idx, 0), st.part("codes", layer_idx, 1),
-            st.part("scales", layer_idx, 0) if per_token else None,
-            st.part("scales", layer_idx, 1) if per_token else None,
             1.0 if k_scale is None else float(k_scale), 1.0 if v_scale is None else float(v_scale),
             decode.block_tables, decode.context_lens, decode.max_context_len, self._scores)
 
