@@ -78,7 +78,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget-context", type=int, default=4096,
                    help="tokens per request in the requests-that-fit column (default 4096)")
     p.add_argument("--no-alternatives", action="store_true",
-                   help="skip the other scale granularities (int8 simulated, int4 built)")
+                   help="skip the other scale granularities and block sizes (int8/int4 built; "
+                        "kvserve's first int8, simulated)")
     p.add_argument("--out", default="kvserve-quant-lab", help="folder for the JSON and the plot")
     p.add_argument("--json", action="store_true", help="print the JSON summary as the last line")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -243,7 +244,9 @@ def main(args: argparse.Namespace) -> int:
     rows["float32"].top1_agreement = 1.0
     for v in variants:
         q = quality[v.label]
-        row = rows.setdefault(v.label, FormatRow(v.label, v.kv_cache_dtype, simulated=True))
+        # an alternative: built (another codec or block size of a format) or simulated
+        row = rows.setdefault(v.label, FormatRow(v.label, v.kv_cache_dtype,
+                                                 simulated=v.kv_cache_dtype == "float32"))
         row.perplexity, row.mean_kl, row.top1_agreement = q.perplexity, q.mean_kl, \
             q.top1_agreement
         row.perplexity_change = q.perplexity / q.perplexity_reference - 1
@@ -277,8 +280,12 @@ def summary(result: dict) -> str:
     def cell(v, fmt):
         return format(v, fmt) if v is not None else "-"
 
+    def speed(r, c):  # keys are ints in the run, strings once read back from the JSON
+        tps = r["decode_tokens_per_s"]
+        return tps.get(c, tps.get(str(c)))
+
     for r in result["rows"]:
-        label = r["label"] + (" (simulated)" if r["simulated"] and "sim" not in r["label"] else "")
+        label = r["label"]
         change = None if r["perplexity_change"] is None else 100 * r["perplexity_change"]
         greedy = "-" if r["greedy_agreement_128"] is None else \
             f"{r['greedy_agreement_128']:.1f} ({r['greedy_agreement_min_128']})"
@@ -289,7 +296,7 @@ def summary(result: dict) -> str:
             f"{cell(r['top1_agreement'], '.2%'):>6} "
             f"{greedy:>16} {cell(r['greedy_agreement_all'], '.0f'):>5} "
             f"{cell(r.get('forced_agreement_128'), '.1f'):>10} "
-            + " ".join(f"{cell(r['decode_tokens_per_s'].get(c), '.1f'):>10}" for c in ctx))
+            + " ".join(f"{cell(speed(r, c), '.1f'):>10}" for c in ctx))
     files = result.get("files", {})
     lines.append("")
     lines += [f"{k}: {v}" for k, v in files.items()]

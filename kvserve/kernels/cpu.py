@@ -30,7 +30,7 @@ MAX_M = 64  # rows the fused C path takes (MAX_M in gemv.c); prefill-sized batch
 _lib: ctypes.CDLL | None = None
 _tried = False
 # KV format -> the C paged decode attention over codes of that format
-_AFFINE_DECODE = {"int4": "kv_paged_decode_attention_i4", "int8": "kv_paged_decode_attention_u8"}
+AFFINE_BITS = {"int8": 8, "int4": 4}  # the block formats the affine decode kernel reads
 _QUANT_DECODE = {"fp8_e4m3": "kv_paged_decode_attention_e4m3",
                  "fp8_e5m2": "kv_paged_decode_attention_e5m2"}
 
@@ -128,9 +128,9 @@ def _declare(lib: ctypes.CDLL) -> None:
         + [ptr, ptr],
         "kv_set_fp8_lut": [i32, ptr],
     }
-    for name in _AFFINE_DECODE.values():
-        signatures[name] = [ptr, i32, ptr, ptr, ptr, ptr, ptr, ptr, i32, ptr, ptr, ptr, ptr, i32,
-                            ptr] + [i32] * 6 + [ptr, ptr]
+    signatures["kv_paged_decode_attention_affine"] = [
+        i32, i32, ptr, i32, ptr, ptr, ptr, ptr, ptr, ptr, i32, ptr, ptr, ptr, ptr, i32, ptr] \
+        + [i32] * 6 + [ptr, ptr]
     for name in _QUANT_DECODE.values():
         signatures[name] = [ptr, i32, ptr, ptr, f32, f32, ptr, i32, ptr] + [i32] * 6 + [ptr, ptr]
     for name, argtypes in signatures.items():
@@ -294,29 +294,30 @@ I4_MAX_GROUP = 16  # query heads per KV head
 I4_MAX_BLOCK_ELEMS = 16384  # block_size * head_dim
 
 
-def paged_decode_attention_affine(kv_format: str, q: torch.Tensor, k: dict[str, torch.Tensor],
+def paged_decode_attention_affine(formats: tuple[str, str], q: torch.Tensor,
+                                  k: dict[str, torch.Tensor],
                                   v: dict[str, torch.Tensor], k_residual: torch.Tensor,
                                   v_residual: torch.Tensor, slots: torch.Tensor,
                                   block_tables: torch.Tensor, context_lens: torch.Tensor,
                                   max_context: int, scores: torch.Tensor) -> torch.Tensor:
-    """paged_decode_attention over int4 or int8 K/V: k/v are one layer's parts (codes
-    [num_blocks, block_size, num_kv, d * bits / 8] uint8; K's scale/zero [num_blocks, num_kv, d]
-    fp16, V's [num_blocks, block_size, num_kv, d/group] fp16), each sequence's tokens past its
-    last full block read from its residual slot (k_residual/v_residual
-    [slots, block_size, num_kv, d] float32; slots [batch] long); scores needs
-    batch * num_heads * max_context floats. Reference: PagedKVStore.gather
+    """paged_decode_attention over int8 or int4 K and V (formats: K's, V's). k/v are one
+    layer's parts: codes [num_blocks, block_size, num_kv, d * bits / 8] uint8; K's scale and
+    zero [num_blocks, num_kv, d] fp16, V's [num_blocks, block_size, num_kv, d / group] fp16.
+    Each sequence's tokens past its last full block are read from its residual slot
+    (k_residual/v_residual [slots, block_size, num_kv, d] float32; slots [batch] long); scores
+    needs batch * num_heads * max_context floats. Reference: PagedKVStore.gather
     (ChannelBlockCodec/TokenGroupBlockCodec.decode_blocks), then attention."""
     batch, num_heads, d = q.shape
     num_kv = k["codes"].shape[2]
     out = torch.empty((batch, num_heads, d), dtype=torch.float32)
     vgroup = d // v["scale"].shape[-1]
-    getattr(_lib, _AFFINE_DECODE[kv_format])(
-        q.data_ptr(), q.stride(0), k["codes"].data_ptr(), k["scale"].data_ptr(),
-        k["zero"].data_ptr(), v["codes"].data_ptr(), v["scale"].data_ptr(),
-        v["zero"].data_ptr(), vgroup, k_residual.data_ptr(), v_residual.data_ptr(),
-        slots.data_ptr(), block_tables.data_ptr(), block_tables.shape[1],
-        context_lens.data_ptr(), batch, k["codes"].shape[1], num_heads, num_kv, d, max_context,
-        out.data_ptr(), scores.data_ptr())
+    _lib.kv_paged_decode_attention_affine(
+        AFFINE_BITS[formats[0]], AFFINE_BITS[formats[1]], q.data_ptr(), q.stride(0),
+        k["codes"].data_ptr(), k["scale"].data_ptr(), k["zero"].data_ptr(),
+        v["codes"].data_ptr(), v["scale"].data_ptr(), v["zero"].data_ptr(), vgroup,
+        k_residual.data_ptr(), v_residual.data_ptr(), slots.data_ptr(), block_tables.data_ptr(),
+        block_tables.shape[1], context_lens.data_ptr(), batch, k["codes"].shape[1], num_heads,
+        num_kv, d, max_context, out.data_ptr(), scores.data_ptr())
     return out
 
 

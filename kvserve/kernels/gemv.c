@@ -601,7 +601,7 @@ static inline void nibbles_to_bytes(const uint8_t *restrict c, uint8_t *restrict
 #define I4_MAX_BLOCK_ELEMS 16384 /* block_size * d of one widened block (64 KiB) */
 static const int kv_zero_table[1] = {0};
 
-/* int8 and int4, one task per (sequence, KV head): int8 codes are read where they lie, through the
+/* int8 and int4 (K and V each either), one task per (sequence, KV head): int8 codes are read where they lie, through the
  * tiled products the other formats use; int4 codes are first widened to bytes, a block and a KV
  * head at a time, into a buffer that stays in L1. K's per-channel scale folds into the query once
  * per block (q * scale, and q . zero added to the block's scores); V's per-token, per-group scale
@@ -626,8 +626,8 @@ static inline const uint8_t *block_codes(int bits, const uint8_t *codes, size_t 
   for (int t = 0; t < block_size; t++) nibbles_to_bytes(first + t * code_row, wide + t * d, d);
   return wide;
 }
-static void paged_decode_affine(
-    int bits, const float *restrict q, int q_row_stride, const uint8_t *restrict K,
+void kv_paged_decode_attention_affine(
+    int k_bits, int v_bits, const float *restrict q, int q_row_stride, const uint8_t *restrict K,
     const uint16_t *restrict Ks, const uint16_t *restrict Kz, const uint8_t *restrict V,
     const uint16_t *restrict Vs, const uint16_t *restrict Vz, int vgroup,
     const float *restrict Kr, const float *restrict Vr, const int64_t *restrict slots,
@@ -636,9 +636,9 @@ static void paged_decode_affine(
     float *restrict scores) {
   int group = num_heads / num_kv, ngroups = d / vgroup;
   float scale = 1.0f / sqrtf((float)d);
-  size_t row = (size_t)num_kv * d, code_row = row * bits / 8;
+  size_t row = (size_t)num_kv * d, k_code_row = row * k_bits / 8, v_code_row = row * v_bits / 8;
   /* where a block's codes are read: in place (int8), or widened into `wide` (int4) */
-  size_t crow = bits == 8 ? row : (size_t)d;
+  size_t k_crow = k_bits == 8 ? row : (size_t)d, v_crow = v_bits == 8 ? row : (size_t)d;
   _Pragma("omp parallel for schedule(dynamic, 1) num_threads(kv_team())")
   for (int bg = 0; bg < batch * num_kv; bg++) {
     int b = bg / num_kv, g = bg % num_kv, len = context_lens[b], h0 = g * group;
@@ -668,8 +668,8 @@ static void paged_decode_affine(
         bias[hh] = acc * scale;
       }
       float *sj = s + (size_t)j * block_size;
-      const uint8_t *kc = block_codes(bits, K, blk, g, block_size, code_row, d, wide);
-      paged_qk_u8_t(qs, group, d, kc, kv_zero_table, block_size, 0, crow, block_size, scale, sj,
+      const uint8_t *kc = block_codes(k_bits, K, blk, g, block_size, k_code_row, d, wide);
+      paged_qk_u8_t(qs, group, d, kc, kv_zero_table, block_size, 0, k_crow, block_size, scale, sj,
                     max_context);
       for (int hh = 0; hh < group; hh++)
         for (int t = 0; t < block_size; t++) sj[(size_t)hh * max_context + t] += bias[hh];
@@ -686,7 +686,7 @@ static void paged_decode_affine(
     for (int j = 0; j < nfull; j++) {
       size_t blk = (size_t)table[j];
       const float *sj = s + (size_t)j * block_size;
-      const uint8_t *vc = block_codes(bits, V, blk, g, block_size, code_row, d, wide);
+      const uint8_t *vc = block_codes(v_bits, V, blk, g, block_size, v_code_row, d, wide);
       for (int gi = 0; gi < ngroups; gi++) {
         for (int t = 0; t < block_size; t++) {
           size_t r = ((blk * block_size + t) * num_kv + g) * ngroups + gi;
@@ -698,7 +698,7 @@ static void paged_decode_affine(
           }
         }
         paged_pv_u8_t(wp, block_size, group, vgroup, vc + (size_t)gi * vgroup, kv_zero_table,
-                      block_size, 0, crow, block_size, part);
+                      block_size, 0, v_crow, block_size, part);
         for (int hh = 0; hh < group; hh++) {
           float *oh = o + (size_t)hh * d + (size_t)gi * vgroup;
           const float *ph = part + (size_t)hh * vgroup;
@@ -718,16 +718,3 @@ static void paged_decode_affine(
     }
   }
 }
-#define AFFINE_DECODE(NAME, BITS)                                                                 \
-  void NAME(const float *q, int q_row_stride, const uint8_t *K, const uint16_t *Ks,              \
-            const uint16_t *Kz, const uint8_t *V, const uint16_t *Vs, const uint16_t *Vz,         \
-            int vgroup, const float *Kr, const float *Vr, const int64_t *slots,                   \
-            const int *block_tables, int max_blocks, const int *context_lens, int batch,          \
-            int block_size, int num_heads, int num_kv, int d, int max_context, float *out,        \
-            float *scores) {                                                                      \
-    paged_decode_affine(BITS, q, q_row_stride, K, Ks, Kz, V, Vs, Vz, vgroup, Kr, Vr, slots,       \
-                        block_tables, max_blocks, context_lens, batch, block_size, num_heads,     \
-                        num_kv, d, max_context, out, scores);                                     \
-  }
-AFFINE_DECODE(kv_paged_decode_attention_u8, 8)
-AFFINE_DECODE(kv_paged_decode_attention_i4, 4)

@@ -60,9 +60,11 @@ CLI_CASES = {
     "top-p-big": ("hello", ["--top-p", "1.5"], "top_p must be in (0, 1]"),
     "top-k": ("hello", ["--top-k", "-5"], "top_k must be a non-negative integer"),
     "repetition-penalty": ("hello", ["--repetition-penalty", "0"], "repetition_penalty must be"),
-    # a KV format the next issue builds: listed by --help, refused before the model loads
-    "kv-dtype-unbuilt": ("hello", ["--kv-cache-dtype", "int4"],
-                         "kv_cache_dtype 'int4' is not implemented in the engine yet"),
+    # settings checked before the model loads
+    "k-dtype-dense": ("hello", ["--k-cache-dtype", "int8", "--cache-mode", "none"],
+                      "'int8' is stored in the paged pool only"),
+    "kv-residual-not-int": ("hello", ["--kv-cache-dtype", "fp8", "--kv-residual-tokens", "32"],
+                            "kv_residual_tokens applies to int8/int4 K or V only"),
 }
 ARGPARSE_CASE = ("hello", ["--seed", "abc"], "invalid int value: 'abc'")
 
@@ -131,7 +133,8 @@ def test_api_bad_model_files(bad_models, kind):
     ({"cache_mode": "paged-ish"}, "cache_mode must be one of"),
     ({"dtype": "int8"}, "dtype must be one of"),
     ({"max_num_seqs": 0}, "max_num_seqs must be a positive integer"),
-    ({"kv_cache_dtype": "int4"}, "kv_cache_dtype 'int4' is not implemented"),
+    ({"kv_cache_dtype": "int4", "kv_residual_tokens": 24}, "block_size must be a power of two"),
+    ({"k_cache_dtype": "int8", "cache_mode": "none"}, "is stored in the paged pool only"),
     ({"kv_cache_dtype": "int8", "cache_mode": "contiguous"}, "is stored in the paged pool only"),
     ({"kv_cache_dtype": "fp4"}, "kv_cache_dtype must be one of auto, float32"),
     ({"kv_caching": True}, "unknown engine setting 'kv_caching'"),

@@ -198,7 +198,7 @@ def test_a_residual_window_travels_with_a_swap_and_is_freed_with_its_sequence():
     assert store._free_slots == [0] and store._slot_of == {}
 
 
-@pytest.mark.parametrize("name", ["int8", "int4"])
+@pytest.mark.parametrize("name", ["int8", "int4", "int8/int4", "int4/int8"])
 @pytest.mark.parametrize("outliers", [False, True], ids=["gaussian", "outliers"])
 def test_c_block_decode_reads_codes_and_residual_windows_as_the_reference(name, outliers):
     """Sequences whose lengths end mid-block, at a block boundary and inside the first block,

@@ -21,7 +21,7 @@ from kvserve.model.attention.ops import attention_sdpa
 
 _CODECS = "kvserve.kvstore.codecs"  # a test's own codec subclass takes the PyTorch path
 # formats the C decode kernel reads where they lie (float32 or bfloat16 K/V, or codes), when K
-# and V share one
+# and V share one (or are int8 and int4)
 FAST_FORMATS = ("float32", "bfloat16", "int8", "fp8_e4m3", "fp8_e5m2", "int4")
 
 
@@ -62,10 +62,11 @@ class PagedAttention:
             spec.head_dim <= cpu_kernels.I4_MAX_HEAD_DIM
             and spec.num_heads // spec.num_kv_heads <= cpu_kernels.I4_MAX_GROUP
             and bs * spec.head_dim <= cpu_kernels.I4_MAX_BLOCK_ELEMS)
+        same = k_codec.name == v_codec.name and k_codec.name in FAST_FORMATS
+        both_block = {k_codec.name, v_codec.name} <= set(cpu_kernels.AFFINE_BITS)
         return (self.use_fast_decode and st.device.type == "cpu"
                 and type(k_codec).__module__ == type(v_codec).__module__ == _CODECS
-                and k_codec.name == v_codec.name and k_codec.name in FAST_FORMATS
-                and block_kernel_fits and cpu_kernels.available())
+                and (same or both_block) and block_kernel_fits and cpu_kernels.available())
 
     def forward(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -88,13 +89,13 @@ class PagedAttention:
             return cpu_kernels.paged_decode_attention(
                 q, st.keys(layer_idx), st.values(layer_idx), decode.block_tables,
                 decode.context_lens, decode.max_context_len, self._scores)
-        if not st.codec.per_token:  # int4, int8: block codes and residual windows
+        if not st.codec.per_token:  # int8, int4 (K and V each): codes and residual windows
             parts = [{name: st.part(name, layer_idx, which) for name in ("codes", "scale", "zero")}
                      for which in (0, 1)]
             return cpu_kernels.paged_decode_attention_affine(
-                st.codec.name, q, parts[0], parts[1], st.residual[0][layer_idx],
-                st.residual[1][layer_idx], self._decode_slots, decode.block_tables,
-                decode.context_lens, decode.max_context_len, self._scores)
+                (st.codecs[0].name, st.codecs[1].name), q, parts[0], parts[1],
+                st.residual[0][layer_idx], st.residual[1][layer_idx], self._decode_slots,
+                decode.block_tables, decode.context_lens, decode.max_context_len, self._scores)
         k_scale, v_scale = st.tensor_scale(layer_idx, 0), st.tensor_scale(layer_idx, 1)
         return cpu_kernels.paged_decode_attention_codes(
             st.codec.name, q, st.part("codes", layer_idx, 0), st.part("codes", layer_idx, 1),
