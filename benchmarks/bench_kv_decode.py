@@ -7,7 +7,7 @@ ratios are float32's over each format's within each round, then their median. Pr
 off and each run checks that nothing of its prompt was found cached.
 
     .venv/bin/python benchmarks/bench_kv_decode.py [--contexts 1024,4096,8192]
-        [--formats float32,fp8_e4m3,int8,int4] [--rounds 3]
+        [--formats float32,fp8_e4m3,int8,int4,int8/int4] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -36,8 +36,9 @@ def main() -> None:
     formats = args.formats.split(",")
     if formats[0] != "float32":
         raise SystemExit("bench_kv_decode: --formats must start with float32 (the baseline)")
-    engines = {fmt: LLMEngine(EngineConfig.create(
-        dtype="float32", kv_cache_dtype=fmt, kv_cache_memory="1GiB",
+    engines = {fmt: LLMEngine(EngineConfig.create(  # "k/v": K in one format, V in another
+        dtype="float32", k_cache_dtype=fmt.partition("/")[0],
+        v_cache_dtype=fmt.partition("/")[2] or fmt, kv_cache_memory="1GiB",
         max_model_len=max(contexts), enable_prefix_caching=False, kv_quant_check="off"))
         for fmt in formats}
     ms: dict[tuple[str, int], list[float]] = {}
