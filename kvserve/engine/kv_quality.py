@@ -19,7 +19,7 @@ import torch
 
 from kvserve.kvcache.layout import KVLayout
 from kvserve.kvcache.snapshot import KVQuality
-from kvserve.kvstore.codecs import INT8_MAX, FloatCodec, Int4VCodec, Int8VCodec, KVCodec
+from kvserve.kvstore.codecs import BLOCK_BITS, INT8_MAX, FloatCodec, KVCodec, TokenGroupBlockCodec
 from kvserve.kvstore.paged import PagedKVStore
 from kvserve.model.attention.paged import PagedAttention
 from kvserve.model.llama import LlamaModel
@@ -120,27 +120,16 @@ def compare(model: LlamaModel, texts: Sequence[Sequence[int]], kv_cache_dtype: s
 
 
 class SimulatedInt8(FloatCodec):
-    """Int8 with another scale granularity, simulated for the quant lab: the values are rounded
-    as that scheme would round them and kept in float32 (a different K/V layout is not built, only
-    measured). per="token": a scale per token per KV head (kvserve's first int8 format);
-    per="channel": a scale per channel per KV head over each group of
-    `group` consecutive tokens of one write (KIVI's choice for K). The groups line up with the
-    pool's blocks when a text is written from position 0 in chunks that are multiples of `group`
-    (as compare_many writes); a text's last group may be short."""
+    """kvserve's first int8, simulated for the quant lab: symmetric, one scale per token per KV
+    head, no residual window; the values are rounded as it rounded them and kept in float32."""
 
-    def __init__(self, per: str, group: int = 16):
+    def __init__(self):
         super().__init__("float32")
-        self.name, self.per, self.group = f"int8-{per}", per, group
+        self.name = "int8-per-token"
 
     def encode(self, x, tensor_scale=None):
         x = x.float()
-        if self.per == "token":
-            return {"kv": _round_int8(x, x.abs().amax(dim=-1, keepdim=True))}
-        out = torch.empty_like(x)
-        for g0 in range(0, x.shape[0], self.group):
-            grp = x[g0:g0 + self.group]  # [g, num_kv, d]
-            out[g0:g0 + self.group] = _round_int8(grp, grp.abs().amax(dim=0, keepdim=True))
-        return {"kv": out}
+        return {"kv": _round_int8(x, x.abs().amax(dim=-1, keepdim=True))}
 
 
 def _round_int8(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
@@ -155,12 +144,13 @@ def scale_alternatives(block_size: int, formats: Sequence[str] = ("int8", "int4"
     the size; simulated, kvserve's first int8 (symmetric, one scale per token per head, no
     residual window)."""
     out = []
-    for name, codec in (("int8", Int8VCodec), ("int4", Int4VCodec)):
+    for name, bits in BLOCK_BITS.items():
         if name in formats:
-            out += [Variant(f"{name} alt: per-token K (V's rule)", name, codec(), codec()),
+            per_token = TokenGroupBlockCodec(name, bits)
+            out += [Variant(f"{name} alt: per-token K (V's rule)", name, per_token, per_token),
                     Variant(f"{name} alt: {2 * block_size}-token blocks", name,
                             block_size=2 * block_size)]
     if "int8" in formats:
         out.append(Variant("int8 sim: per-token K and V, no window", "float32",
-                           SimulatedInt8("token", block_size)))
+                           SimulatedInt8()))
     return out

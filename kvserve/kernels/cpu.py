@@ -30,7 +30,6 @@ MAX_M = 64  # rows the fused C path takes (MAX_M in gemv.c); prefill-sized batch
 _lib: ctypes.CDLL | None = None
 _tried = False
 # KV format -> the C paged decode attention over codes of that format
-AFFINE_BITS = {"int8": 8, "int4": 4}  # the block formats the affine decode kernel reads
 _QUANT_DECODE = {"fp8_e4m3": "kv_paged_decode_attention_e4m3",
                  "fp8_e5m2": "kv_paged_decode_attention_e5m2"}
 
@@ -294,13 +293,13 @@ I4_MAX_GROUP = 16  # query heads per KV head
 I4_MAX_BLOCK_ELEMS = 16384  # block_size * head_dim
 
 
-def paged_decode_attention_affine(formats: tuple[str, str], q: torch.Tensor,
+def paged_decode_attention_affine(bits: tuple[int, int], q: torch.Tensor,
                                   k: dict[str, torch.Tensor],
                                   v: dict[str, torch.Tensor], k_residual: torch.Tensor,
                                   v_residual: torch.Tensor, slots: torch.Tensor,
                                   block_tables: torch.Tensor, context_lens: torch.Tensor,
                                   max_context: int, scores: torch.Tensor) -> torch.Tensor:
-    """paged_decode_attention over int8 or int4 K and V (formats: K's, V's). k/v are one
+    """paged_decode_attention over int8 or int4 K and V (bits: K's and V's, 8 or 4). k/v are one
     layer's parts: codes [num_blocks, block_size, num_kv, d * bits / 8] uint8; K's scale and
     zero [num_blocks, num_kv, d] fp16, V's [num_blocks, block_size, num_kv, d / group] fp16.
     Each sequence's tokens past its last full block are read from its residual slot
@@ -312,7 +311,7 @@ def paged_decode_attention_affine(formats: tuple[str, str], q: torch.Tensor,
     out = torch.empty((batch, num_heads, d), dtype=torch.float32)
     vgroup = d // v["scale"].shape[-1]
     _lib.kv_paged_decode_attention_affine(
-        AFFINE_BITS[formats[0]], AFFINE_BITS[formats[1]], q.data_ptr(), q.stride(0),
+        bits[0], bits[1], q.data_ptr(), q.stride(0),
         k["codes"].data_ptr(), k["scale"].data_ptr(), k["zero"].data_ptr(),
         v["codes"].data_ptr(), v["scale"].data_ptr(), v["zero"].data_ptr(), vgroup,
         k_residual.data_ptr(), v_residual.data_ptr(), slots.data_ptr(), block_tables.data_ptr(),

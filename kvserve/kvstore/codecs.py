@@ -203,24 +203,7 @@ class TokenGroupBlockCodec(_AffineBlockCodec):
         return x.flatten(-2).to(dtype)
 
 
-class Int4KCodec(ChannelBlockCodec):
-    def __init__(self):
-        super().__init__("int4", 4)
-
-
-class Int4VCodec(TokenGroupBlockCodec):
-    def __init__(self, group: int | None = None):
-        super().__init__("int4", 4, group)
-
-
-class Int8KCodec(ChannelBlockCodec):
-    def __init__(self):
-        super().__init__("int8", 8)
-
-
-class Int8VCodec(TokenGroupBlockCodec):
-    def __init__(self, group: int | None = None):
-        super().__init__("int8", 8, group)
+BLOCK_BITS = {"int8": 8, "int4": 4}  # the block formats and their code widths
 
 
 def codec_for(name: str, which: int = 0) -> KVCodec:
@@ -230,8 +213,6 @@ def codec_for(name: str, which: int = 0) -> KVCodec:
         return FloatCodec(name)
     if name in FP8_KV_DTYPES:
         return Fp8Codec(name)
-    if name == "int8":
-        return Int8KCodec() if which == 0 else Int8VCodec()
-    if name == "int4":
-        return Int4KCodec() if which == 0 else Int4VCodec()
+    if name in BLOCK_BITS:
+        return (ChannelBlockCodec if which == 0 else TokenGroupBlockCodec)(name, BLOCK_BITS[name])
     raise NotImplementedError(f"KV format {name!r} has no codec yet")

@@ -29,13 +29,12 @@ SIDES = ("k", "v")
 @dataclass(frozen=True)
 class SeqWrite:
     """One sequence's new tokens in a step: rows [row_start, row_start + num_new) of the batch
-    are its positions [start, start + num_new); block_ids its table."""
+    are its positions [start, start + num_new)."""
 
     seq_id: str
     row_start: int
     num_new: int
     start: int
-    block_ids: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -169,19 +168,21 @@ class PagedKVStore:
             if r is not None:
                 r[:, slot].copy_(w)
 
-    def plan_residual(self, seqs: list[SeqWrite]) -> ResidualPlan:
+    def plan_residual(self, seqs: list[SeqWrite], block_tables: torch.Tensor) -> ResidualPlan:
         """Where each new token goes: into the block it fills (encoded with the tokens already
-        waiting in the residual window), or into the window."""
+        waiting in the residual window), or into the window. block_tables: [len(seqs),
+        max_blocks], the step's tables; only the entries of blocks that fill are read."""
         bs = self.layout.block_size
         slots = [self.residual_slot(s.seq_id) for s in seqs]
         # new rows follow the flattened residual's rows
         base = next(r for r in self.residual if r is not None).shape[1] * bs
-        fill_src, fill_blocks, stage_dst, stage_rows = [], [], [], []
-        for s, slot in zip(seqs, slots):
+        fill_src, fill_at, stage_dst, stage_rows = [], ([], []), [], []
+        for i, (s, slot) in enumerate(zip(seqs, slots)):
             end = s.start + s.num_new
             first = s.start // bs * bs  # the block the step starts in
             for b0 in range(first, end - end % bs, bs):  # blocks that fill in this step
-                fill_blocks.append(s.block_ids[b0 // bs])
+                fill_at[0].append(i)
+                fill_at[1].append(b0 // bs)
                 fill_src += [slot * bs + p - b0 if p < s.start else
                              base + s.row_start + p - s.start for p in range(b0, b0 + bs)]
             for p in range(max(s.start, end - end % bs), end):  # the new partial block
@@ -191,8 +192,8 @@ class PagedKVStore:
         def t(x: list[int]) -> torch.Tensor:
             return torch.tensor(x, dtype=torch.long, device=self.device)
 
-        return ResidualPlan(t(fill_src), t(fill_blocks), t(stage_dst), t(stage_rows),
-                            tuple(slots))
+        fill_blocks = block_tables[t(fill_at[0]), t(fill_at[1])].long()
+        return ResidualPlan(t(fill_src), fill_blocks, t(stage_dst), t(stage_rows), tuple(slots))
 
     # -- writes and reads ---------------------------------------------------------------------
 

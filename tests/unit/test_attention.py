@@ -182,7 +182,8 @@ def test_mixed_step_decodes_through_c_and_prefills_through_pytorch_match_pytorch
                 continue
             # block formats: each sequence's earlier tokens, written as the engine would
             for seq_id, n, table in (("d1", 9, (0, 2, 5)), ("d2", 4, (8, 9)), ("c", 5, (4, 1, 6))):
-                plan = store.plan_residual([SeqWrite(seq_id, 0, n, 0, table)])
+                plan = store.plan_residual([SeqWrite(seq_id, 0, n, 0)],
+                                           torch.tensor([table]))
                 rows = torch.tensor([table[p // bs] * bs + p % bs for p in range(n)])
                 store.write(layer, rows, history[0].flatten(0, 1)[rows],
                             history[1].flatten(0, 1)[rows], plan)

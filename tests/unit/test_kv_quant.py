@@ -156,7 +156,7 @@ def write_in_steps(store, layer, seq_id, table, k, v, chunks):
     bs = store.layout.block_size
     start = 0
     for n in chunks:
-        plan = store.plan_residual([SeqWrite(seq_id, 0, n, start, tuple(table))])
+        plan = store.plan_residual([SeqWrite(seq_id, 0, n, start)], torch.tensor([table]))
         slots = torch.tensor([table[p // bs] * bs + p % bs for p in range(start, start + n)])
         store.write(layer, slots, k[start:start + n], v[start:start + n], plan)
         start += n

@@ -6,8 +6,8 @@ one C call that reads blocks where they lie (kernels/gemv.c) when on CPU; the re
 chunked prefill over cached blocks, anything on CUDA) gathers only the blocks each sequence uses
 and runs the PyTorch attention, which is also the reference the C path is
 tested against. Which blocks a sequence owns is the block manager's call; the tables arrive in
-the step's metadata. A block-quantized format (int4) keeps each sequence's partial block in its
-residual window (kvstore/paged.py): prepare() plans the step's writes once for every layer.
+the step's metadata. A block-quantized format (int8, int4) keeps each sequence's partial block in
+its residual window (kvstore/paged.py): prepare() plans the step's writes once for every layer.
 """
 
 from __future__ import annotations
@@ -34,20 +34,21 @@ class PagedAttention:
         self._scores = torch.empty(0, dtype=torch.float32)  # workspace of the C decode kernel
         self._residual: ResidualPlan | None = None  # this step's plan (block formats)
         self._decode_slots: torch.Tensor | None = None  # residual slots of the decode rows
+        self._fast = False  # this step's decodes take the C kernel (_fast_ok, once a step)
 
     def prepare(self, meta: AttentionMetadata) -> None:
         if meta.paged is None:
             raise RuntimeError("a paged step needs block tables and a slot mapping")
         if self.store.has_residual:
-            tables = meta.paged.block_tables.tolist()
             self._residual = self.store.plan_residual(
-                [SeqWrite(s.seq_id, s.row_start, s.num_new_tokens, s.start_position,
-                          tuple(tables[i])) for i, s in enumerate(meta.seqs)])
+                [SeqWrite(s.seq_id, s.row_start, s.num_new_tokens, s.start_position)
+                 for s in meta.seqs], meta.paged.block_tables)
             self._decode_slots = torch.tensor(
                 [slot for s, slot in zip(meta.seqs, self._residual.slots)
                  if s.num_new_tokens == 1], dtype=torch.long)
         decode = meta.paged.decode
-        if decode is not None and self._fast_ok():
+        self._fast = self._fast_ok()
+        if decode is not None and self._fast:
             need = (decode.context_lens.numel() * self.store.layout.spec.num_heads
                     * decode.max_context_len)
             if self._scores.numel() < need:
@@ -63,7 +64,7 @@ class PagedAttention:
             and spec.num_heads // spec.num_kv_heads <= cpu_kernels.I4_MAX_GROUP
             and bs * spec.head_dim <= cpu_kernels.I4_MAX_BLOCK_ELEMS)
         same = k_codec.name == v_codec.name and k_codec.name in FAST_FORMATS
-        both_block = {k_codec.name, v_codec.name} <= set(cpu_kernels.AFFINE_BITS)
+        both_block = not (k_codec.per_token or v_codec.per_token)  # int8, int4
         return (self.use_fast_decode and st.device.type == "cpu"
                 and type(k_codec).__module__ == type(v_codec).__module__ == _CODECS
                 and (same or both_block) and block_kernel_fits and cpu_kernels.available())
@@ -73,7 +74,7 @@ class PagedAttention:
         # Write this step's K/V into their slots, in the store's format (quantized on write).
         self.store.write(layer_idx, meta.paged.slot_mapping, k, v, self._residual)
         decode = meta.paged.decode
-        if decode is None or q.dtype != torch.float32 or not self._fast_ok():
+        if decode is None or q.dtype != torch.float32 or not self._fast:
             return self._attend_gathered(q, layer_idx, meta, out=None, skip_decode=False)
         if decode.rows is None:  # a decode step: one C call for the whole batch
             return self._decode(q, layer_idx, decode)
@@ -93,7 +94,7 @@ class PagedAttention:
             parts = [{name: st.part(name, layer_idx, which) for name in ("codes", "scale", "zero")}
                      for which in (0, 1)]
             return cpu_kernels.paged_decode_attention_affine(
-                (st.codecs[0].name, st.codecs[1].name), q, parts[0], parts[1],
+                (st.codecs[0].bits, st.codecs[1].bits), q, parts[0], parts[1],
                 st.residual[0][layer_idx], st.residual[1][layer_idx], self._decode_slots,
                 decode.block_tables, decode.context_lens, decode.max_context_len, self._scores)
         k_scale, v_scale = st.tensor_scale(layer_idx, 0), st.tensor_scale(layer_idx, 1)
