@@ -85,6 +85,8 @@ class ModelSpec:
 
 
 MAX_BLOCK_SIZE = 256
+DEFAULT_KV_RESIDUAL_TOKENS = 128  # KIVI's residual length
+MAX_KV_RESIDUAL_TOKENS = 4096
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6,
           "mib": 2**20, "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12,
           "tib": 2**40}
@@ -163,9 +165,10 @@ class CacheConfig:
         None, "storage format of V alone (default: --kv-cache-dtype's)",
         choices=KV_CACHE_DTYPES, normalize=canonical_kv_dtype)
     kv_residual_tokens: int | None = setting(
-        None, "int8/int4 K/V: the residual window, the most recent tokens of each sequence kept "
-        "in float32 until their block fills and is quantized as one group; it is the block size "
-        "(default: --block-size's, 16)", kind="int")
+        None, "quantized K/V (fp8, int8, int4): the residual window, the most recent tokens of "
+        "each sequence (a multiple of --block-size, plus the partial block) that its own "
+        "attention reads in float32, as KIVI does; 0: none for fp8, the partial block for "
+        "int8/int4 (whose codes wait for the block to fill); default 128", kind="int")
     block_size: int = setting(16, "tokens per KV block (a power of two)", kind="int")
     kv_quant_check: str = setting(
         "refuse", "quantized KV formats only: compare next-token distributions with float32 "
@@ -199,13 +202,15 @@ class CacheConfig:
                               f"paged pool; cache_mode {self.cache_mode!r} keeps one float dtype")
         residual = self.kv_residual_tokens
         if residual is not None:
-            if not {"int8", "int4"} & set(kv_dtypes):
-                raise ConfigError("kv_residual_tokens applies to int8/int4 K or V only "
+            if not set(QUANTIZED_DTYPES) & set(kv_dtypes):
+                raise ConfigError("kv_residual_tokens applies to quantized K or V only "
                                   f"(the KV format is {'/'.join(dict.fromkeys(kv_dtypes))})")
-            if self.block_size not in (16, residual):
-                raise ConfigError(f"kv_residual_tokens ({residual}) is the block size of an "
-                                  f"int8/int4 pool; block_size {self.block_size} differs")
-        bs = self.effective_block_size
+            if (not isinstance(residual, int) or isinstance(residual, bool) or residual < 0
+                    or residual > MAX_KV_RESIDUAL_TOKENS or residual % self.block_size):
+                raise ConfigError(f"kv_residual_tokens must be a multiple of block_size "
+                                  f"({self.block_size}) from 0 to {MAX_KV_RESIDUAL_TOKENS}, "
+                                  f"got {residual!r}")
+        bs = self.block_size
         if (not isinstance(bs, int) or isinstance(bs, bool) or bs <= 0 or bs & (bs - 1)
                 or bs > MAX_BLOCK_SIZE):
             raise ConfigError(f"block_size must be a power of two from 1 to {MAX_BLOCK_SIZE}, "
@@ -224,9 +229,15 @@ class CacheConfig:
                                self.v_cache_dtype)
 
     @property
-    def effective_block_size(self) -> int:
-        """Tokens per block: kv_residual_tokens when given (int8/int4), else block_size."""
-        return self.block_size if self.kv_residual_tokens is None else self.kv_residual_tokens
+    def residual_window_tokens(self) -> int:
+        """The residual window's whole-block tokens (kv_residual_tokens, or the default: 128
+        rounded up to whole blocks for a quantized format, 0 for float formats)."""
+        if self.kv_residual_tokens is not None:
+            return self.kv_residual_tokens
+        kv_dtypes = split_kv_dtype(self.resolved_kv_cache_dtype("float32"))
+        if not set(QUANTIZED_DTYPES) & set(kv_dtypes):
+            return 0
+        return -(-DEFAULT_KV_RESIDUAL_TOKENS // self.block_size) * self.block_size
 
 
 PREEMPTION_MODES = ("recompute", "swap")

@@ -32,7 +32,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from kvserve.cli_flags import add_setting_flags
-from kvserve.config import parse_memory
+from kvserve.config import QUANTIZED_DTYPES, parse_memory
 from kvserve.errors import ConfigError
 
 DEFAULT_FORMATS = "float32,bfloat16,float16,fp8_e4m3,fp8_e5m2,int8,int4,int8/int4"
@@ -59,15 +59,18 @@ class FormatRow:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_setting_flags(p, ("model", "dtype", "device", "block_size", "kv_cache_memory"))
+    add_setting_flags(p, ("model", "dtype", "device", "block_size", "kv_cache_memory",
+                          "kv_residual_tokens"))
     p.add_argument("--formats", default=DEFAULT_FORMATS,
                    help=f"KV formats, comma-separated, 'k/v' for K and V in two formats; "
                         f"float32 first is the reference (default {DEFAULT_FORMATS})")
-    p.add_argument("--windows", type=int, default=24, help="perplexity windows (default 24)")
+    p.add_argument("--windows", type=int, default=16, help="perplexity windows (default 16)")
     p.add_argument("--window-tokens", type=int, default=1024,
                    help="tokens per perplexity window (default 1024)")
-    p.add_argument("--prompts", type=int, default=20, help="greedy prompts (default 20)")
-    p.add_argument("--prompt-tokens", type=int, default=64, help="tokens per greedy prompt")
+    p.add_argument("--prompts", type=int, default=10, help="greedy prompts (default 10)")
+    p.add_argument("--prompt-tokens", type=int, default=1024,
+                   help="tokens per greedy prompt (default 1024: more than the residual window, "
+                        "so the generated tokens attend over quantized K/V)")
     p.add_argument("--new-tokens", type=int, default=256,
                    help="greedy tokens generated per prompt (default 256)")
     p.add_argument("--contexts", default="1024,4096,8192",
@@ -134,12 +137,22 @@ def corpus_slices(tokenizer, args) -> tuple[list[list[int]], list[list[int]], li
     return windows, prompts, ids
 
 
+def residual_window(args) -> int:
+    """The quantized formats' residual window (tokens), as the engine resolves it."""
+    from kvserve.config import CacheConfig
+
+    return CacheConfig(kv_cache_dtype="int8", block_size=args.block_size,
+                       kv_residual_tokens=args.kv_residual_tokens).residual_window_tokens
+
+
 def make_llm(args, kv_cache_dtype: str, max_model_len: int):
     from kvserve.engine.llm import LLM
 
     k, _, v = kv_cache_dtype.partition("/")
+    quantized = any(x in QUANTIZED_DTYPES for x in (k, v))
     return LLM(model=args.model, dtype=args.dtype, device=args.device,
                block_size=args.block_size, kv_cache_dtype=k, v_cache_dtype=v or None,
+               kv_residual_tokens=args.kv_residual_tokens if quantized else None,
                kv_cache_memory=args.kv_cache_memory, max_model_len=max_model_len,
                max_num_seqs=args.prompts,
                enable_prefix_caching=False, kv_quant_check="off")
@@ -194,10 +207,9 @@ def main(args: argparse.Namespace) -> int:
         row.bytes_per_token = snap.bytes_per_token
         per_block = snap.bytes_per_token * args.block_size
         spec = llm.engine.spec
-        # int8/int4 residual windows: a float32 block per such side per sequence (max_num_seqs)
-        k, _, v = name.partition("/")
-        sides = sum(x in ("int8", "int4") for x in (k, v or k))
-        window = sides * spec.num_layers * args.block_size * spec.num_kv_heads * spec.head_dim * 4
+        # residual windows (quantized sides): one per sequence (max_num_seqs), float32
+        store = llm.engine.runner.kv_store
+        window = sum(r[:, 0].numel() * r.element_size() for r in store.residual if r is not None)
         extra = snap.num_bytes_allocated - snap.pool.num_blocks * per_block \
             - args.prompts * window
         if not 0 <= extra <= 8 * spec.num_layers:  # fp8's per-layer scales at most
@@ -224,20 +236,25 @@ def main(args: argparse.Namespace) -> int:
             bar.update(1)
         del llm
     variants = [Variant(f, f) for f in formats[1:]]
+    window_tokens = residual_window(args)
     forced_len = min(128, args.new_tokens)
     forced = compare_many(model, [list(p) + list(t[:forced_len])
                                   for p, t in zip(prompts, greedy_ref)],
-                          variants, block_size=args.block_size, skip=args.prompt_tokens - 1)
+                          variants, block_size=args.block_size, skip=args.prompt_tokens - 1,
+                          window_tokens=window_tokens)
     rows["float32"].forced_agreement_128 = float(forced_len)
     for v in variants:
         rows[v.label].forced_agreement_128 = forced[v.label].top1_agreement * forced_len
     if not args.no_alternatives:
-        variants = variants + scale_alternatives(args.block_size, formats)
+        variants = variants + scale_alternatives(args.block_size, formats) + [
+            Variant(f"{f} alt: no window", f, window_tokens=0)
+            for f in formats[1:] if window_tokens and "/" not in f
+            and f not in ("bfloat16", "float16")]
     bar.close()
     with tqdm(total=len(windows) * args.window_tokens, unit="pos", disable=args.no_progress,
               file=sys.stderr, desc="quant lab: perplexity and KL") as pbar:
         quality = compare_many(model, windows, variants, block_size=args.block_size,
-                               progress=pbar.update)
+                               progress=pbar.update, window_tokens=window_tokens)
     ref = next(iter(quality.values()))
     rows["float32"].perplexity = ref.perplexity_reference
     rows["float32"].perplexity_change, rows["float32"].mean_kl = 0.0, 0.0
@@ -252,6 +269,7 @@ def main(args: argparse.Namespace) -> int:
         row.perplexity_change = q.perplexity / q.perplexity_reference - 1
     result = {"lab": "quant", "model": args.model or "embedded SmolLM2-135M-Instruct",
               "dtype": args.dtype, "device": args.device, "block_size": args.block_size,
+              "kv_residual_tokens": window_tokens,
               "perplexity_tokens": ref.num_predictions, "windows": args.windows,
               "window_tokens": args.window_tokens, "prompts": args.prompts,
               "new_tokens": args.new_tokens, "budget": args.budget,

@@ -75,9 +75,12 @@ class LLMEngine:
         self.load_time_s = time.perf_counter() - t0
         context = self.spec.max_position_embeddings
         self.max_model_len = min(config.scheduler.max_model_len or context, context)
-        # Cached blocks are keyed by what made their K/V: the weights and the KV format.
+        # Cached blocks are keyed by what made their K/V: the weights, the KV format and its
+        # residual window (what earlier layers' attention read in float32).
+        window = config.cache.residual_window_tokens
         model_key = "|".join((config.model or self.model_name, config.dtype,
-                              config.cache.resolved_kv_cache_dtype(config.dtype)))
+                              config.cache.resolved_kv_cache_dtype(config.dtype))
+                             + ((f"window={window}",) if window else ()))
         kv = build_kv(config.cache, self.spec, config.dtype, self.device, self.max_model_len,
                       model_key, config.scheduler.max_num_seqs)
         self.kv_cache_dtype = kv.kv_cache_dtype
@@ -87,7 +90,8 @@ class LLMEngine:
                 config.cache.kv_quant_check != "off":
             self.kv_quality = check_kv_format(
                 self.model, self.tokenizer, kv.kv_cache_dtype, kv.kv_store.codecs,
-                config.cache.effective_block_size, self.spec.max_position_embeddings,
+                config.cache.block_size, config.cache.residual_window_tokens,
+                self.spec.max_position_embeddings,
                 config.cache.kv_quant_check, model_fingerprint(config.model))
         self.block_manager = kv.block_manager
         self.runner = ModelRunner(self.model, kv.attention, self.tokenizer.eos_token_ids,

@@ -44,21 +44,22 @@ def calibration_tokens(tokenizer: Tokenizer, context: int) -> list[int]:
 
 
 def check_kv_format(model: LlamaModel, tokenizer: Tokenizer, kv_cache_dtype: str,
-                    codecs: Sequence[KVCodec], block_size: int, context: int, mode: str,
-                    model_id: str = "") -> KVQuality:
+                    codecs: Sequence[KVCodec], block_size: int, window_tokens: int,
+                    context: int, mode: str, model_id: str = "") -> KVQuality:
     """Measure the format against float32 K/V on the calibration text (or read the measure a
     start with the same model files, compute dtype, device, format, codec and calibration
     tokens saved) and judge it: ConfigError (mode "refuse") or a warning ("warn") naming the
     figures when over the limits. model_id: the model files' fingerprint ("" : never cached)."""
     tokens = calibration_tokens(tokenizer, context)
-    key = _cache_key(model, model_id, kv_cache_dtype, codecs, block_size, tokens)
+    key = _cache_key(model, model_id, kv_cache_dtype, codecs, (block_size, window_tokens),
+                     tokens)
     t0 = time.perf_counter()
     q = _load(key)
     cached = q is not None
     if q is None:
         projections = model.num_kv_projections
         q = compare(model, [tokens], kv_cache_dtype, block_size=block_size, codec=codecs[0],
-                    v_codec=codecs[1])
+                    v_codec=codecs[1], window_tokens=window_tokens)
         model.num_kv_projections = projections  # the check is not the engine's work
         _save(key, q)
     took = time.perf_counter() - t0
@@ -85,7 +86,8 @@ def _cache_dir() -> Path:
 
 
 def _cache_key(model: LlamaModel, model_id: str, kv_cache_dtype: str,
-               codecs: Sequence[KVCodec], block_size: int, tokens: list[int]) -> str | None:
+               codecs: Sequence[KVCodec], blocks: tuple[int, int],
+               tokens: list[int]) -> str | None:
     if not model_id:
         return None
     try:  # a changed codec is measured afresh
@@ -94,7 +96,7 @@ def _cache_key(model: LlamaModel, model_id: str, kv_cache_dtype: str,
         return None
     names = [f"{type(c).__module__}.{type(c).__qualname__}" for c in codecs]
     blob = json.dumps([model_id, str(model.act_dtype), model.device.type, kv_cache_dtype,
-                       names, sources, block_size, tokens, torch.__version__])
+                       names, sources, blocks, tokens, torch.__version__])
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

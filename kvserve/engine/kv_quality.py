@@ -44,15 +44,18 @@ class Variant:
     kv_cache_dtype: str
     codec: KVCodec | None = None  # K's codec (and V's, unless v_codec); None: the format's
     v_codec: KVCodec | None = None
-    block_size: int | None = None  # another block size (int4: its group and residual window)
+    block_size: int | None = None  # another block size (int8/int4: K's scale group)
+    window_tokens: int | None = None  # another residual window (None: the comparison's)
 
 
 def log_probs(model: LlamaModel, variant: Variant, token_ids: Sequence[int],
-              block_size: int = 16) -> Iterator[torch.Tensor]:
+              block_size: int = 16, window_tokens: int = 0) -> Iterator[torch.Tensor]:
     """log_softmax of the next-token logits at every position of token_ids, [rows, vocab] float32
-    a chunk at a time, with K/V stored as `variant` says."""
+    a chunk at a time, with K/V stored as `variant` says (a quantized format's residual window
+    of window_tokens, unless the variant names its own)."""
     block_size = variant.block_size or block_size
-    layout = KVLayout(model.spec, block_size, variant.kv_cache_dtype)
+    window = variant.window_tokens if variant.window_tokens is not None else window_tokens
+    layout = KVLayout(model.spec, block_size, variant.kv_cache_dtype, window_tokens=window)
     num_blocks = layout.num_blocks_for_tokens(len(token_ids))
     store = PagedKVStore(layout, num_blocks, model.device)
     if variant.codec is not None or variant.v_codec is not None:
@@ -72,7 +75,8 @@ def log_probs(model: LlamaModel, variant: Variant, token_ids: Sequence[int],
 
 def compare_many(model: LlamaModel, texts: Sequence[Sequence[int]],
                  variants: Sequence[Variant], reference: str = "float32", block_size: int = 16,
-                 progress=None, skip: int = 0) -> dict[str, KVQuality]:
+                 progress=None, skip: int = 0, window_tokens: int = 0
+                 ) -> dict[str, KVQuality]:
     """Each text (its own sequence, positions from 0) in the reference format and in every
     variant, chunk by chunk in lockstep (the reference runs once); the statistics over every
     position but each text's last (which predicts nothing in the text) and its first `skip`, by
@@ -81,7 +85,7 @@ def compare_many(model: LlamaModel, texts: Sequence[Sequence[int]],
     count = 0
     for ids in texts:
         runs = [log_probs(model, Variant(reference, reference), ids, block_size)]
-        runs += [log_probs(model, v, ids, block_size) for v in variants]
+        runs += [log_probs(model, v, ids, block_size, window_tokens) for v in variants]
         start = 0
         for ref, *tests in zip(*runs):
             n = ref.shape[0]
@@ -112,11 +116,12 @@ def compare_many(model: LlamaModel, texts: Sequence[Sequence[int]],
 def compare(model: LlamaModel, texts: Sequence[Sequence[int]], kv_cache_dtype: str,
             reference: str = "float32", block_size: int = 16,
             codec: KVCodec | None = None, v_codec: KVCodec | None = None,
-            progress=None) -> KVQuality:
+            progress=None, window_tokens: int = 0) -> KVQuality:
     """compare_many for one KV format (codec, v_codec: other codecs for K's and V's parts, e.g.
     the store's)."""
     variant = Variant(kv_cache_dtype, kv_cache_dtype, codec, v_codec)
-    return compare_many(model, texts, [variant], reference, block_size, progress)[kv_cache_dtype]
+    return compare_many(model, texts, [variant], reference, block_size, progress,
+                        window_tokens=window_tokens)[kv_cache_dtype]
 
 
 class SimulatedInt8(FloatCodec):

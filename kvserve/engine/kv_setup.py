@@ -44,11 +44,11 @@ def build_kv(config: CacheConfig, spec: ModelSpec, dtype: str, device: torch.dev
     """The attention backend for config.cache_mode with K/V stored in the format "auto" (or the
     setting) gives for compute dtype `dtype`; for paged, its store and block manager (with a
     prefix index whose keys start from model_key, unless prefix caching is off). A
-    block-quantized format (int8, int4) holds a residual window for each of max_num_seqs
-    sequences."""
+    quantized format holds a residual window for each of max_num_seqs sequences."""
     kv_dtype = config.resolved_kv_cache_dtype(dtype)
-    block_size = config.effective_block_size
-    layout = KVLayout(spec, block_size, kv_dtype, residual_seqs=max_num_seqs)
+    block_size = config.block_size
+    layout = KVLayout(spec, block_size, kv_dtype, residual_seqs=max_num_seqs,
+                      window_tokens=config.residual_window_tokens)
     if config.cache_mode == "none":
         return KVSetup(NoCacheAttention(spec), kv_dtype, layout)
     if config.cache_mode == "contiguous":

@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -128,10 +129,11 @@ def _declare(lib: ctypes.CDLL) -> None:
         "kv_set_fp8_lut": [i32, ptr],
     }
     signatures["kv_paged_decode_attention_affine"] = [
-        i32, i32, ptr, i32, ptr, ptr, ptr, ptr, ptr, ptr, i32, ptr, ptr, ptr, ptr, i32, ptr] \
-        + [i32] * 6 + [ptr, ptr]
+        i32, i32, ptr, i32, ptr, ptr, ptr, ptr, ptr, ptr, i32, ptr, ptr, ptr, i32, ptr, i32,
+        ptr] + [i32] * 6 + [ptr, ptr]
     for name in _QUANT_DECODE.values():
-        signatures[name] = [ptr, i32, ptr, ptr, f32, f32, ptr, i32, ptr] + [i32] * 6 + [ptr, ptr]
+        signatures[name] = [ptr, i32, ptr, ptr, f32, f32, ptr, ptr, ptr, i32, ptr, i32, ptr] \
+            + [i32] * 6 + [ptr, ptr]
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)
         fn.argtypes = argtypes
@@ -272,20 +274,34 @@ def paged_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Te
 
 def paged_decode_attention_codes(kv_format: str, q: torch.Tensor, k_codes: torch.Tensor,
                                  v_codes: torch.Tensor, k_tensor_scale: float,
-                                 v_tensor_scale: float, block_tables: torch.Tensor,
-                                 context_lens: torch.Tensor, max_context: int,
-                                 scores: torch.Tensor) -> torch.Tensor:
+                                 v_tensor_scale: float, window: Window | None,
+                                 block_tables: torch.Tensor, context_lens: torch.Tensor,
+                                 max_context: int, scores: torch.Tensor) -> torch.Tensor:
     """paged_decode_attention over an fp8 store, read as codes: k_codes/v_codes
-    [num_blocks, block_size, num_kv, d] (held as uint8); the tensor scales multiply all of K / V.
-    Reference: codecs.decode of the gathered blocks, then attention_reference."""
+    [num_blocks, block_size, num_kv, d] (held as uint8); the tensor scales multiply all of K / V;
+    each sequence's last window.blocks blocks read from its residual window instead (None:
+    none). Reference: PagedKVStore.gather (codecs.decode, the window), then attention."""
     batch, num_heads, d = q.shape
     out = torch.empty((batch, num_heads, d), dtype=torch.float32)
     fn = getattr(_lib, _QUANT_DECODE[kv_format])
+    kr, vr, slots, blocks = (None, None, None, 0) if window is None else \
+        (window.k.data_ptr(), window.v.data_ptr(), window.slots.data_ptr(), window.blocks)
     fn(q.data_ptr(), q.stride(0), k_codes.data_ptr(), v_codes.data_ptr(), k_tensor_scale,
-       v_tensor_scale, block_tables.data_ptr(), block_tables.shape[1], context_lens.data_ptr(),
-       batch, k_codes.shape[1], num_heads, k_codes.shape[2], d, max_context, out.data_ptr(),
-       scores.data_ptr())
+       v_tensor_scale, kr, vr, slots, blocks, block_tables.data_ptr(), block_tables.shape[1],
+       context_lens.data_ptr(), batch, k_codes.shape[1], num_heads, k_codes.shape[2], d,
+       max_context, out.data_ptr(), scores.data_ptr())
     return out
+
+
+@dataclass(frozen=True)
+class Window:
+    """One layer's residual windows for the decode kernels: K's and V's rings [slots,
+    blocks * block_size, num_kv, d] float32, each decode row's slot (long), blocks per ring."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    slots: torch.Tensor
+    blocks: int
 
 
 I4_MAX_HEAD_DIM = 512
@@ -295,17 +311,16 @@ I4_MAX_BLOCK_ELEMS = 16384  # block_size * head_dim
 
 def paged_decode_attention_affine(bits: tuple[int, int], q: torch.Tensor,
                                   k: dict[str, torch.Tensor],
-                                  v: dict[str, torch.Tensor], k_residual: torch.Tensor,
-                                  v_residual: torch.Tensor, slots: torch.Tensor,
+                                  v: dict[str, torch.Tensor], window: Window,
                                   block_tables: torch.Tensor, context_lens: torch.Tensor,
                                   max_context: int, scores: torch.Tensor) -> torch.Tensor:
     """paged_decode_attention over int8 or int4 K and V (bits: K's and V's, 8 or 4). k/v are one
     layer's parts: codes [num_blocks, block_size, num_kv, d * bits / 8] uint8; K's scale and
     zero [num_blocks, num_kv, d] fp16, V's [num_blocks, block_size, num_kv, d / group] fp16.
-    Each sequence's tokens past its last full block are read from its residual slot
-    (k_residual/v_residual [slots, block_size, num_kv, d] float32; slots [batch] long); scores
-    needs batch * num_heads * max_context floats. Reference: PagedKVStore.gather
-    (ChannelBlockCodec/TokenGroupBlockCodec.decode_blocks), then attention."""
+    Each sequence's last window.blocks blocks (its partial one among them) are read from its
+    residual window; scores needs batch * num_heads * max_context floats. Reference:
+    PagedKVStore.gather (ChannelBlockCodec/TokenGroupBlockCodec.decode_blocks), then
+    attention."""
     batch, num_heads, d = q.shape
     num_kv = k["codes"].shape[2]
     out = torch.empty((batch, num_heads, d), dtype=torch.float32)
@@ -314,7 +329,8 @@ def paged_decode_attention_affine(bits: tuple[int, int], q: torch.Tensor,
         bits[0], bits[1], q.data_ptr(), q.stride(0),
         k["codes"].data_ptr(), k["scale"].data_ptr(), k["zero"].data_ptr(),
         v["codes"].data_ptr(), v["scale"].data_ptr(), v["zero"].data_ptr(), vgroup,
-        k_residual.data_ptr(), v_residual.data_ptr(), slots.data_ptr(), block_tables.data_ptr(),
+        window.k.data_ptr(), window.v.data_ptr(), window.slots.data_ptr(), window.blocks,
+        block_tables.data_ptr(),
         block_tables.shape[1], context_lens.data_ptr(), batch, k["codes"].shape[1], num_heads,
         num_kv, d, max_context, out.data_ptr(), scores.data_ptr())
     return out

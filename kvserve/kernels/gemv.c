@@ -500,16 +500,32 @@ DOT_TILE(e5m2_t, load8_e5m2, LOAD1_E5M2)
 PAGED_HELPERS(e4m3_t, load8_e4m3, LOAD1_E4M3)
 PAGED_HELPERS(e5m2_t, load8_e5m2, LOAD1_E5M2)
 
+/* A sequence's residual window (kvserve/kvstore/paged.py): its last `window_blocks` blocks in
+ * float32, block j at ring block slot * window_blocks + j % window_blocks of Kr/Vr [slots,
+ * window_blocks * block_size, num_kv, d]. Fills ring[] with the ring blocks of blocks [first, nb)
+ * and returns first (the first block read from the window; nb when there is none). */
+static inline int window_ring(int len, int block_size, int window_blocks, int64_t slot,
+                              int *ring) {
+  int nb = (len + block_size - 1) / block_size;
+  if (window_blocks <= 0) return nb;
+  int first = nb > window_blocks ? nb - window_blocks : 0;
+  for (int j = first; j < nb; j++) ring[j - first] = (int)(slot * window_blocks + j % window_blocks);
+  return first;
+}
+
 /* As PAGED_DECODE, over fp8 codes: k_tensor_scale / v_tensor_scale one scale for the whole K / V
- * of this layer (1 if none), folded into the scores' scale and the softmax weights. */
+ * of this layer (1 if none), folded into the scores' scale and the softmax weights. With
+ * window_blocks > 0, each sequence's last window_blocks blocks are read from its residual window
+ * (Kr, Vr, slots) in float32 instead of their codes. */
 #define PAGED_DECODE_Q(NAME, KTYPE)                                                               \
   void NAME(const float *restrict q, int q_row_stride, const KTYPE *restrict K,                  \
             const KTYPE *restrict V, float k_tensor_scale, float v_tensor_scale,                  \
-            const int *restrict block_tables, int max_blocks, const int *restrict context_lens,   \
-            int batch, int block_size, int num_heads, int num_kv, int d, int max_context,         \
-            float *restrict out, float *restrict scores) {                                        \
+            const float *restrict Kr, const float *restrict Vr, const int64_t *restrict slots,    \
+            int window_blocks, const int *restrict block_tables, int max_blocks,                  \
+            const int *restrict context_lens, int batch, int block_size, int num_heads,           \
+            int num_kv, int d, int max_context, float *restrict out, float *restrict scores) {    \
     int group = num_heads / num_kv;                                                               \
-    float scale = k_tensor_scale / sqrtf((float)d);                                               \
+    float scale = k_tensor_scale / sqrtf((float)d), wscale = 1.0f / sqrtf((float)d);             \
     size_t row_elems = (size_t)num_kv * d, block_elems = (size_t)block_size * row_elems;          \
     _Pragma("omp parallel for schedule(dynamic, 1) num_threads(kv_team())")                       \
     for (int bg = 0; bg < batch * num_kv; bg++) {                                                 \
@@ -517,15 +533,29 @@ PAGED_HELPERS(e5m2_t, load8_e5m2, LOAD1_E5M2)
       const int *table = block_tables + (size_t)b * max_blocks;                                   \
       const float *qg = q + (size_t)b * q_row_stride + (size_t)h0 * d;                            \
       float *s = scores + ((size_t)b * num_heads + h0) * max_context;                             \
+      float *o = out + ((size_t)b * num_heads + h0) * d;                                          \
+      int ring[window_blocks > 0 ? window_blocks : 1];                                            \
+      int first = window_ring(len, block_size, window_blocks, window_blocks ? slots[b] : 0, ring); \
+      int ncode = first * block_size < len ? first * block_size : len, nwin = len - ncode;        \
       paged_qk_##KTYPE(qg, group, d, K + (size_t)g * d, table, block_size, block_elems,           \
-                       row_elems, len, scale, s, max_context);                                    \
+                       row_elems, ncode, scale, s, max_context);                                  \
+      if (nwin)                                                                                   \
+        paged_qk_float(qg, group, d, Kr + (size_t)g * d, ring, block_size, block_elems,           \
+                       row_elems, nwin, wscale, s + ncode, max_context);                          \
       for (int hh = 0; hh < group; hh++) {                                                        \
         float *sh = s + (size_t)hh * max_context;                                                 \
-        float inv = v_tensor_scale / exp_shifted(sh, len);                                        \
-        for (int t = 0; t < len; t++) sh[t] *= inv;                                               \
+        float inv = 1.0f / exp_shifted(sh, len), vinv = v_tensor_scale * inv;                     \
+        for (int t = 0; t < ncode; t++) sh[t] *= vinv;                                            \
+        for (int t = ncode; t < len; t++) sh[t] *= inv;                                           \
       }                                                                                           \
       paged_pv_##KTYPE(s, max_context, group, d, V + (size_t)g * d, table, block_size,            \
-                       block_elems, row_elems, len, out + ((size_t)b * num_heads + h0) * d);      \
+                       block_elems, row_elems, ncode, o);                                         \
+      if (nwin) {                                                                                 \
+        float part[group * d];                                                                    \
+        paged_pv_float(s + ncode, max_context, group, d, Vr + (size_t)g * d, ring, block_size,    \
+                       block_elems, row_elems, nwin, part);                                       \
+        for (int i = 0; i < group * d; i++) o[i] += part[i];                                      \
+      }                                                                                           \
     }                                                                                             \
   }
 PAGED_DECODE_Q(kv_paged_decode_attention_e4m3, e4m3_t)
@@ -534,9 +564,9 @@ PAGED_DECODE_Q(kv_paged_decode_attention_e5m2, e5m2_t)
 /* int4 K/V (kvserve/kvstore/codecs.py's Int4KCodec / Int4VCodec are the reference): two codes per
  * byte (element 2i in the low nibble, 2i+1 in the high), x = code * scale + zero with fp16 scales
  * and zeros: K per channel per block (Ks, Kz [num_blocks, num_kv, d]), V per token per `vgroup`
- * channels (Vs, Vz [num_blocks, block_size, num_kv, d / vgroup]). A sequence's tokens past its
- * last full block are float32 in its residual slot (Kr, Vr [slots, block_size, num_kv, d],
- * slots[b]). K's per-channel scale folds into the query once per block (q' = q * scale, plus
+ * channels (Vs, Vz [num_blocks, block_size, num_kv, d / vgroup]). A sequence's last
+ * window_blocks blocks (its partial block among them) are read in float32 from its residual
+ * window (window_ring). K's per-channel scale folds into the query once per block (q' = q * scale, plus
  * q . zero per block), V's per-token scale into the softmax weight: codes are never widened in
  * memory. Even and odd channels are kept apart (q's and the output's), so a byte's two nibbles
  * meet their own lanes without shuffles. */
@@ -631,7 +661,7 @@ void kv_paged_decode_attention_affine(
     const uint16_t *restrict Ks, const uint16_t *restrict Kz, const uint8_t *restrict V,
     const uint16_t *restrict Vs, const uint16_t *restrict Vz, int vgroup,
     const float *restrict Kr, const float *restrict Vr, const int64_t *restrict slots,
-    const int *restrict block_tables, int max_blocks, const int *restrict context_lens, int batch,
+    int window_blocks, const int *restrict block_tables, int max_blocks, const int *restrict context_lens, int batch,
     int block_size, int num_heads, int num_kv, int d, int max_context, float *restrict out,
     float *restrict scores) {
   int group = num_heads / num_kv, ngroups = d / vgroup;
@@ -642,11 +672,13 @@ void kv_paged_decode_attention_affine(
   _Pragma("omp parallel for schedule(dynamic, 1) num_threads(kv_team())")
   for (int bg = 0; bg < batch * num_kv; bg++) {
     int b = bg / num_kv, g = bg % num_kv, len = context_lens[b], h0 = g * group;
-    int nfull = len / block_size, nres = len - nfull * block_size;
+    int ring[window_blocks];
+    int nfull = window_ring(len, block_size, window_blocks, slots[b], ring);
+    int nres = len - nfull * block_size; /* tokens read from the window */
+    size_t ring_block = (size_t)block_size * row;
     const int *table = block_tables + (size_t)b * max_blocks;
     const float *qg = q + (size_t)b * q_row_stride + (size_t)h0 * d;
-    const float *kr = Kr + ((size_t)slots[b] * block_size * num_kv + g) * d;
-    const float *vr = Vr + ((size_t)slots[b] * block_size * num_kv + g) * d;
+    const float *kr = Kr + (size_t)g * d, *vr = Vr + (size_t)g * d;
     float *s = scores + ((size_t)b * num_heads + h0) * max_context;
     float *o = out + ((size_t)b * num_heads + h0) * d;
     float qs[I4_MAX_GROUP * I4_MAX_D], sc[I4_MAX_D], zc[I4_MAX_D];
@@ -675,7 +707,7 @@ void kv_paged_decode_attention_affine(
         for (int t = 0; t < block_size; t++) sj[(size_t)hh * max_context + t] += bias[hh];
     }
     if (nres)
-      paged_qk_float(qg, group, d, kr, kv_zero_table, block_size, 0, row, nres, scale,
+      paged_qk_float(qg, group, d, kr, ring, block_size, ring_block, row, nres, scale,
                      s + (size_t)nfull * block_size, max_context);
     for (int hh = 0; hh < group; hh++) {
       float *sh = s + (size_t)hh * max_context, inv = 1.0f / exp_shifted(sh, len);
@@ -712,8 +744,8 @@ void kv_paged_decode_attention_affine(
         for (int c = 0; c < vgroup; c++) oh[c] += z;
       }
     if (nres) {
-      paged_pv_float(s + (size_t)nfull * block_size, max_context, group, d, vr, kv_zero_table,
-                     block_size, 0, row, nres, part);
+      paged_pv_float(s + (size_t)nfull * block_size, max_context, group, d, vr, ring,
+                     block_size, ring_block, row, nres, part);
       for (int i = 0; i < group * d; i++) o[i] += part[i];
     }
   }

@@ -9,9 +9,11 @@ element in fewer bits plus scales; the scales are part of the bill:
   does): no per-token overhead, 8 bytes per layer in all;
 - int8, int4 (KIVI's rules, asymmetric, fp16 scale and fp16 zero point; int4 two codes per
   byte): K per channel over each block's tokens (one scale and zero per channel per block), V per
-  token in groups of 32 channels. A block is quantized when it fills; until then the tokens of
-  each sequence's last, partial block (its residual window) stay in float32 in a residual buffer
-  of one block per running sequence, priced as fixed bytes for `residual_seqs` sequences.
+  token in groups of 32 channels. A block is quantized when it fills.
+- The residual window (KIVI's): a quantized side keeps each running sequence's most recent
+  `window_tokens` (whole blocks) and its partial block in float32 as well, and that sequence's
+  own attention reads them there; int8/int4 keep at least the partial block (its codes do not
+  exist until it fills). The windows are priced as fixed bytes for `residual_seqs` sequences.
 K and V may use different formats (a name "int8/int4": K's, then V's).
 """
 
@@ -44,6 +46,17 @@ class KVFormat:
     def residual(self) -> bool:
         """Quantized a block at a time: a sequence's partial block waits in float32."""
         return self.scale_group == "block"
+
+    @property
+    def quantized(self) -> bool:
+        return self.scale_group is not None
+
+    def window_blocks(self, window_tokens: int, block_size: int) -> int:
+        """Blocks of a sequence's residual window in this format: the window's whole blocks and
+        the partial one (int8/int4 always hold the partial block; float formats none)."""
+        if self.residual or (self.quantized and window_tokens > 0):
+            return window_tokens // block_size + 1
+        return 0
 
     def bytes_per_block_head(self, head_dim: int, block_size: int, which: int) -> int:
         """One block's K (which=0) or V (1) for one KV head, scales included."""
@@ -93,11 +106,15 @@ class KVLayout:
     block_size: int  # tokens per block
     kv_cache_dtype: str  # a KV_FORMATS name or alias ("float32", "bf16", "int4", ...), or K's
     # and V's as kv_dtypes.kv_dtype_pair names them ("int8/int4")
-    residual_seqs: int = 0  # sequences holding a residual window at once (int8/int4 K or V)
+    residual_seqs: int = 0  # sequences holding a residual window at once (quantized K or V)
+    window_tokens: int = 0  # the residual window's whole-block tokens (a multiple of block_size)
 
     def __post_init__(self) -> None:
         for name in split_kv_dtype(self.kv_cache_dtype):
             kv_format(name)
+        if self.window_tokens < 0 or self.window_tokens % self.block_size:
+            raise ConfigError(f"the residual window ({self.window_tokens} tokens) must be a "
+                              f"multiple of the block size ({self.block_size})")
 
     @property
     def k_format(self) -> KVFormat:
@@ -141,18 +158,23 @@ class KVLayout:
         return -(-self.bytes_per_block // self.block_size)
 
     @property
+    def window_blocks(self) -> tuple[int, int]:
+        """K's and V's residual window in blocks (0: that side has none)."""
+        return tuple(f.window_blocks(self.window_tokens, self.block_size)  # type: ignore
+                     for f in self.formats)
+
+    @property
     def residual_bytes_per_seq(self) -> int:
-        """One sequence's residual window: a block of float32 K (V) per layer for each side
-        stored in a block-quantized format (int4)."""
+        """One sequence's residual window: its blocks of float32 K (V) in every layer, for each
+        quantized side."""
         s = self.spec
-        sides = sum(f.residual for f in self.formats)
-        return sides * s.num_layers * self.block_size * s.num_kv_heads * s.head_dim * \
-            RESIDUAL_BYTES
+        rows = sum(self.window_blocks) * self.block_size
+        return rows * s.num_layers * s.num_kv_heads * s.head_dim * RESIDUAL_BYTES
 
     @property
     def fixed_bytes(self) -> int:
         """Bytes that do not grow with tokens: per-tensor scales (fp8), and the residual windows
-        of residual_seqs sequences (int4)."""
+        of residual_seqs sequences."""
         tensor = [f.scale_bytes for f in self.formats if f.scale_group == "tensor"]
         scales = 2 * self.spec.num_layers * tensor[0] if tensor else 0  # K's and V's, per layer
         return scales + self.residual_seqs * self.residual_bytes_per_seq

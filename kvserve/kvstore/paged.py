@@ -7,10 +7,14 @@ scales. Every part is a tensor [num_layers, num_blocks, ...] (block index on dim
 copies move every part of a block together; `parts` names them "k.codes", "v.scale", ...
 
 A block codec (int8, int4) encodes whole blocks: the tokens of a sequence's last, partial block
-wait in float32 in that sequence's residual slot (its residual window) and are encoded together,
-with the new tokens that fill the block, the step it fills. Slots are handed out by sequence id
-and given back when the sequence ends, is preempted or is swapped out (its window travels with
-its blocks).
+wait in float32 in that sequence's residual slot and are encoded together, with the new tokens
+that fill the block, the step it fills. A quantized side also keeps the sequence's most recent
+whole blocks there (the layout's window_tokens), as KIVI does: the slot is a ring of
+`window_blocks` blocks (block j of the sequence at ring block j % window_blocks), and the
+sequence's own attention reads its last window_blocks blocks from it in float32, the older ones
+from their codes. Codes are written as before (every full block has them), so a prefix hit or a
+swap reads the same blocks. Slots are handed out by sequence id and given back when the sequence
+ends, is preempted or is swapped out (its window travels with its blocks).
 """
 
 from __future__ import annotations
@@ -39,14 +43,23 @@ class SeqWrite:
 
 @dataclass(frozen=True)
 class ResidualPlan:
-    """Where one step's tokens go in a block codec's store, the same for every layer. Sources
-    are rows of cat(residual slots flattened [slots * block_size], the step's new tokens)."""
+    """Where one step's tokens go in a store with residual windows, the same for every layer.
+    A residual row is slot * window_rows + (block % window_blocks) * block_size + offset."""
 
-    fill_src: torch.Tensor  # [num_filled * block_size] long: the filled blocks' tokens in order
-    fill_blocks: torch.Tensor  # [num_filled] long: the blocks they fill
-    stage_dst: torch.Tensor  # [m] long: residual rows (slot * block_size + offset) ...
-    stage_rows: torch.Tensor  # [m] long: ... receiving these new rows
+    fill_ring: torch.Tensor  # [r] long: residual rows a filling block takes from the window ...
+    fill_src: torch.Tensor  # [num_filled * block_size] long: rows of cat(those, the new rows),
+    # the filled blocks' tokens in order
+    fill_blocks: torch.Tensor  # [num_filled] long: the blocks they fill (block codecs encode)
+    stage_dst: torch.Tensor  # [m] long: residual rows ...
+    stage_rows: torch.Tensor  # [m] long: ... receiving these new rows (the tokens in the
+    # sequence's window after the step)
     slots: tuple[int, ...]  # each sequence's residual slot, in the step's order
+
+
+def window_rows(num_tokens: int, block_size: int, window_blocks: int) -> int:
+    """The first position a sequence of num_tokens reads from its residual window (its last
+    window_blocks blocks): a multiple of block_size."""
+    return max(0, -(-num_tokens // block_size) - window_blocks) * block_size
 
 
 class PagedKVStore:
@@ -74,11 +87,14 @@ class PagedKVStore:
         # fp8: one scale per layer for K and for V (not per block: outside the parts)
         self.tensor_scales = (torch.ones((s.num_layers, 2), dtype=torch.float32, device=device)
                               if any(c.per_tensor_scale for c in self.codecs) else None)
-        # Residual windows of block codecs: [num_layers, slots, block_size, kv, d] float32 a side
+        # Residual windows, a ring of window_blocks blocks per slot: [num_layers, slots,
+        # window_blocks * block_size, kv, d] float32 for each side that has one
+        self.window_blocks = max(layout.window_blocks)
+        rows = self.window_blocks * bs
         self.residual: list[torch.Tensor | None] = [
-            None if c.per_token else
-            torch.zeros((s.num_layers, residual_slots, *layout.block_shape), dtype=torch.float32,
-                        device=device) for c in self.codecs]
+            None if not w else
+            torch.zeros((s.num_layers, residual_slots, rows, s.num_kv_heads, s.head_dim),
+                        dtype=torch.float32, device=device) for w in layout.window_blocks]
         self._slot_of: dict[str, int] = {}
         self._free_slots = list(range(residual_slots))
 
@@ -168,32 +184,68 @@ class PagedKVStore:
             if r is not None:
                 r[:, slot].copy_(w)
 
-    def plan_residual(self, seqs: list[SeqWrite], block_tables: torch.Tensor) -> ResidualPlan:
-        """Where each new token goes: into the block it fills (encoded with the tokens already
-        waiting in the residual window), or into the window. block_tables: [len(seqs),
-        max_blocks], the step's tables; only the entries of blocks that fill are read."""
+    def ring_row(self, slot: int, position: int) -> int:
+        """The residual row of a sequence's token at `position` (in its slot's ring)."""
+        bs, w = self.layout.block_size, self.window_blocks
+        return (slot * w + position // bs % w) * bs + position % bs
+
+    def _seed_window(self, slot: int, table: torch.Tensor, start: int) -> None:
+        """A sequence that starts computing at `start` (its earlier blocks a prefix hit): its
+        window's rows before `start` are what the hit blocks' codes decode to (their float K/V
+        were the first computer's, not kept)."""
         bs = self.layout.block_size
-        slots = [self.residual_slot(s.seq_id) for s in seqs]
-        # new rows follow the flattened residual's rows
-        base = next(r for r in self.residual if r is not None).shape[1] * bs
-        fill_src, fill_at, stage_dst, stage_rows = [], ([], []), [], []
+        lo = window_rows(start + 1, bs, self.window_blocks)
+        if lo >= start:
+            return
+        if start % bs:
+            raise RuntimeError(f"a window seeded from codes must start at a block boundary, "
+                               f"not {start}")
+        rows = self.ring_rows(slot, lo, start)
+        blocks = table[lo // bs:start // bs].long()
+        for which, window in enumerate(self.residual):
+            if window is None:
+                continue
+            for layer_idx in range(window.shape[0]):
+                x = self._decode(layer_idx, which, blocks, start - lo, torch.float32)
+                window[layer_idx].view(-1, *window.shape[3:]).index_copy_(0, rows, x)
+
+    def plan_residual(self, seqs: list[SeqWrite], block_tables: torch.Tensor) -> ResidualPlan:
+        """Where each new token goes: into the block it fills (a block codec encodes it with the
+        tokens already waiting in the window), and into the window when it is among the
+        sequence's last window_blocks blocks after the step. block_tables: [len(seqs),
+        max_blocks], the step's tables; only the entries of blocks that fill are read."""
+        bs, w = self.layout.block_size, self.window_blocks
+        slots = []
+        for i, s in enumerate(seqs):
+            fresh = s.seq_id not in self._slot_of
+            slots.append(self.residual_slot(s.seq_id))
+            if fresh and s.start:  # after a prefix hit: the window's blocks before it
+                self._seed_window(slots[-1], block_tables[i], s.start)
+        fill_ring, fill_new, fill_at, stage_dst, stage_rows = [], [], ([], []), [], []
         for i, (s, slot) in enumerate(zip(seqs, slots)):
             end = s.start + s.num_new
             first = s.start // bs * bs  # the block the step starts in
             for b0 in range(first, end - end % bs, bs):  # blocks that fill in this step
                 fill_at[0].append(i)
                 fill_at[1].append(b0 // bs)
-                fill_src += [slot * bs + p - b0 if p < s.start else
-                             base + s.row_start + p - s.start for p in range(b0, b0 + bs)]
-            for p in range(max(s.start, end - end % bs), end):  # the new partial block
-                stage_dst.append(slot * bs + p % bs)
+                for p in range(b0, b0 + bs):
+                    if p < s.start:  # waiting in the window (the step's first block)
+                        fill_new.append(-1 - len(fill_ring))
+                        fill_ring.append(self.ring_row(slot, p))
+                    else:
+                        fill_new.append(s.row_start + p - s.start)
+            for p in range(max(s.start, window_rows(end, bs, w)), end):
+                stage_dst.append(self.ring_row(slot, p))
                 stage_rows.append(s.row_start + p - s.start)
+        # sources: the window's rows first, then the step's new rows
+        fill_src = [-1 - x if x < 0 else len(fill_ring) + x for x in fill_new]
 
         def t(x: list[int]) -> torch.Tensor:
             return torch.tensor(x, dtype=torch.long, device=self.device)
 
         fill_blocks = block_tables[t(fill_at[0]), t(fill_at[1])].long()
-        return ResidualPlan(t(fill_src), fill_blocks, t(stage_dst), t(stage_rows), tuple(slots))
+        return ResidualPlan(t(fill_ring), t(fill_src), fill_blocks, t(stage_dst), t(stage_rows),
+                            tuple(slots))
 
     # -- writes and reads ---------------------------------------------------------------------
 
@@ -208,47 +260,91 @@ class PagedKVStore:
                 for name, values in encoded.items():
                     t = self._parts[which][name][layer_idx]
                     t.view(-1, *t.shape[2:]).index_copy_(0, slot_mapping, values)
+            if self.residual[which] is None:
                 continue
             if residual is None:
-                raise RuntimeError("a block-quantized format needs the step's residual plan")
-            self._write_blocks(layer_idx, which, codec, x, residual)
+                raise RuntimeError("a store with residual windows needs the step's plan")
+            self._write_window(layer_idx, which, codec, x, residual)
 
-    def _write_blocks(self, layer_idx: int, which: int, codec: KVCodec, x: torch.Tensor,
+    def _write_window(self, layer_idx: int, which: int, codec: KVCodec, x: torch.Tensor,
                       plan: ResidualPlan) -> None:
-        window = self.residual[which][layer_idx]  # [slots, block_size, kv, d]
+        """A block codec encodes the blocks that fill; then the window takes its new rows."""
+        window = self.residual[which][layer_idx]  # [slots, window rows, kv, d]
         flat = window.view(-1, *window.shape[2:])
-        if plan.fill_blocks.numel():
-            src = torch.cat((flat, x.float()))
-            blocks = src.index_select(0, plan.fill_src).view(-1, *window.shape[1:])
+        if not codec.per_token and plan.fill_blocks.numel():
+            src = torch.cat((flat.index_select(0, plan.fill_ring), x.float()))
+            blocks = src.index_select(0, plan.fill_src).view(-1, self.layout.block_size,
+                                                              *window.shape[2:])
             for name, values in codec.encode_blocks(blocks).items():
                 self._parts[which][name][layer_idx].index_copy_(0, plan.fill_blocks, values)
         if plan.stage_rows.numel():
             flat.index_copy_(0, plan.stage_dst, x.index_select(0, plan.stage_rows).float())
 
+    def _decode(self, layer_idx: int, which: int, block_ids: torch.Tensor, length: int,
+                dtype: torch.dtype) -> torch.Tensor:
+        """The first `length` tokens of these blocks as their codes decode, [length, kv, d]
+        (a block codec: whole blocks only)."""
+        codec, parts = self._codec(which), self._parts[which]
+        if codec.per_token:
+            got = {name: t[layer_idx].index_select(0, block_ids).flatten(0, 1)[:length]
+                   for name, t in parts.items()}
+            return codec.decode(got, dtype, self.tensor_scale(layer_idx, which))
+        got = {name: t[layer_idx].index_select(0, block_ids[:length // self.layout.block_size])
+               for name, t in parts.items()}
+        return codec.decode_blocks(got, dtype).flatten(0, 1)
+
+    def ring_rows(self, slot: int, lo: int, hi: int) -> torch.Tensor:
+        """The residual rows of a sequence's positions [lo, hi) (long, on the device)."""
+        return torch.tensor([self.ring_row(slot, p) for p in range(lo, hi)], dtype=torch.long,
+                            device=self.device)
+
+    def read_window(self, layer_idx: int, which: int, rows: torch.Tensor) -> torch.Tensor:
+        """These residual rows of one layer's K (which=0) or V (1): [len(rows), kv, d]."""
+        window = self.residual[which][layer_idx]
+        return window.view(-1, *window.shape[2:]).index_select(0, rows)
+
     def gather(self, layer_idx: int, block_ids: torch.Tensor, length: int,
                dtype: torch.dtype, residual_slot: int | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first `length` tokens of these blocks, decoded: K and V [num_kv, length, d] (a
-        block format's partial last block from the sequence's residual slot)."""
+        """The first `length` tokens of these blocks as a query at position length - 1 reads
+        them: K and V [num_kv, length, d] (a side with residual windows reads the sequence's
+        last window_blocks blocks from its slot, in float32)."""
         out = []
         bs = self.layout.block_size
         for which in (0, 1):
-            codec = self._codec(which)
-            parts = self._parts[which]
-            if codec.per_token:
-                got = {name: t[layer_idx].index_select(0, block_ids).flatten(0, 1)[:length]
-                       for name, t in parts.items()}
-                x = codec.decode(got, dtype, self.tensor_scale(layer_idx, which))
-            else:
-                full, rem = divmod(length, bs)
-                got = {name: t[layer_idx].index_select(0, block_ids[:full])
-                       for name, t in parts.items()}
-                x = codec.decode_blocks(got, dtype).flatten(0, 1)
-                if rem:
-                    tail = self.residual[which][layer_idx, residual_slot, :rem]
-                    x = torch.cat((x, tail.to(dtype)))
+            window = self.residual[which]
+            coded = length if window is None else window_rows(length, bs, self.window_blocks)
+            x = self._decode(layer_idx, which, block_ids, coded, dtype)
+            if coded < length:
+                rows = self.ring_rows(residual_slot, coded, length)
+                x = torch.cat((x, self.read_window(layer_idx, which, rows).to(dtype)))
             out.append(x.transpose(0, 1))
         return out[0], out[1]
+
+    def gather_windowed(self, layer_idx: int, block_ids: torch.Tensor, start: int, length: int,
+                        dtype: torch.dtype, before: list[torch.Tensor | None],
+                        new: tuple[torch.Tensor, torch.Tensor]
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """For queries at positions [start, length) of a store with windows: K and V as their
+        codes decode them, [num_kv, window_rows(length), d] from position 0, and as the window
+        holds them, [num_kv, length - w0, d] from w0 = window_rows(start + 1) (attention_windowed
+        picks one of the two for each query and key). before[which]: the window's rows of
+        [w0, start), read before this step's write; new: the step's own K and V [length - start,
+        kv, d]. A side without a window (a float side of a pair) is read whole into both."""
+        bs, wb = self.layout.block_size, self.window_blocks
+        w0, wn = window_rows(start + 1, bs, wb), window_rows(length, bs, wb)
+        out = []
+        for which in (0, 1):
+            if self.residual[which] is None:
+                x = self._decode(layer_idx, which, block_ids, length, dtype)
+                out.append((x[:wn], x[w0:]))
+                continue
+            coded = self._decode(layer_idx, which, block_ids, wn, dtype)
+            held = torch.cat((before[which].to(dtype), new[which].to(dtype)))
+            out.append((coded, held))
+        (kc, kw), (vc, vw) = out
+        return (kc.transpose(0, 1), vc.transpose(0, 1), kw.transpose(0, 1), vw.transpose(0, 1),
+                w0)
 
     def read_blocks(self, block_ids: tuple[int, ...]) -> dict[str, torch.Tensor]:
         """Copies of these blocks on the host (pinned when the store is on CUDA), by part:

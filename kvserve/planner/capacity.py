@@ -10,7 +10,12 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, replace
 
-from kvserve.config import MAX_BLOCK_SIZE, parse_size
+from kvserve.config import (
+    DEFAULT_KV_RESIDUAL_TOKENS,
+    MAX_BLOCK_SIZE,
+    MAX_KV_RESIDUAL_TOKENS,
+    parse_size,
+)
 from kvserve.errors import ConfigError
 from kvserve.kv_dtypes import resolve_kv_pair, split_kv_dtype
 from kvserve.kvcache.layout import KV_FORMAT_SHORT_NAMES, KVLayout, kv_format, short_kv_dtype
@@ -81,6 +86,7 @@ class CapacityPlan:
     mha_formula_bytes_per_token: int
     problems: tuple[str, ...]  # why it does not fit (empty: it fits)
     suggestions: tuple[str, ...]  # what would
+    kv_residual_tokens: int = 0  # quantized formats' residual window (whole-block tokens)
 
     @property
     def fits(self) -> bool:
@@ -98,7 +104,8 @@ class CapacityPlan:
                       "num_sliding_layers": m.num_sliding_layers, "num_params": m.num_params},
             "context": self.context, "concurrency": self.concurrency,
             "memory_bytes": self.memory_bytes, "block_size": self.block_size,
-            "kv_cache_dtype": kv.kv_cache_dtype, "weights_dtype": self.weights_dtype,
+            "kv_residual_tokens": self.kv_residual_tokens, "kv_cache_dtype": kv.kv_cache_dtype,
+            "weights_dtype": self.weights_dtype,
             "bytes_per_token": kv.bytes_per_token,
             "bytes_per_token_per_layer": kv.bytes_per_token_per_layer,
             "bytes_per_block": kv.bytes_per_block, "blocks_per_request": kv.blocks_per_request,
@@ -164,7 +171,7 @@ def request_bytes(layout: KVLayout, model: ModelShape, num_tokens: int) -> tuple
 
 def _max_context(layout: KVLayout, model: ModelShape, concurrency: int, budget: int) -> int:
     """The longest context (whole blocks) `concurrency` requests can each hold in `budget`
-    (each with its residual window, int8/int4)."""
+    (each with its residual window, quantized formats)."""
     room = budget - layout.fixed_bytes - concurrency * layout.residual_bytes_per_seq
     lo, hi = 0, 1
     while concurrency * request_bytes(layout, model, hi * layout.block_size)[1] <= room:
@@ -181,10 +188,11 @@ def _max_context(layout: KVLayout, model: ModelShape, concurrency: int, budget: 
 
 
 def dtype_plan(model: ModelShape, kv_cache_dtype: str, block_size: int, context: int,
-               concurrency: int, budget: int) -> KVDtypePlan:
-    """A request's bytes are its blocks plus, for int8/int4 K or V, its residual window (one
-    block of float32 per int8/int4 side: KVLayout.residual_bytes_per_seq)."""
-    layout = KVLayout(model.to_spec(), block_size, kv_cache_dtype)
+               concurrency: int, budget: int, window_tokens: int = 0) -> KVDtypePlan:
+    """A request's bytes are its blocks plus, for a quantized K or V, its residual window (its
+    window_tokens and partial block in float32 per quantized side:
+    KVLayout.residual_bytes_per_seq)."""
+    layout = KVLayout(model.to_spec(), block_size, kv_cache_dtype, window_tokens=window_tokens)
     blocks, per_request = request_bytes(layout, model, context)
     per_request += layout.residual_bytes_per_seq
     room = max(0, budget - layout.fixed_bytes)
@@ -209,16 +217,22 @@ def plan(model: str | ModelShape | None = None, context: int = 4000, concurrency
     kv_cache_dtype "auto" is the engine's rule (kv_dtypes.resolve_kv_cache_dtype): the weights
     dtype when that is a float format, else fp16;
     weights_memory overrides the weights' size (e.g. a measured figure); k_cache_dtype /
-    v_cache_dtype one side's format; kv_residual_tokens an int4 pool's block size, as the
-    engine's settings of those names."""
+    v_cache_dtype one side's format; kv_residual_tokens the quantized formats' residual window
+    (default 128, whole blocks), as the engine's settings of those names."""
     context = _positive_int(context, "context")
     concurrency = _positive_int(concurrency, "concurrency")
-    if kv_residual_tokens is not None:
-        block_size = _positive_int(kv_residual_tokens, "kv_residual_tokens")
     bs = _positive_int(block_size, "block_size")
     if bs & (bs - 1) or bs > MAX_BLOCK_SIZE:
         raise ConfigError(f"block_size must be a power of two from 1 to {MAX_BLOCK_SIZE}, "
                           f"got {bs}")
+    if kv_residual_tokens is None:
+        window = -(-DEFAULT_KV_RESIDUAL_TOKENS // bs) * bs
+    else:
+        window = kv_residual_tokens
+        if (not isinstance(window, int) or isinstance(window, bool) or window < 0
+                or window > MAX_KV_RESIDUAL_TOKENS or window % bs):
+            raise ConfigError(f"kv_residual_tokens must be a multiple of block_size ({bs}) "
+                              f"from 0 to {MAX_KV_RESIDUAL_TOKENS}, got {window!r}")
     memory_bytes = parse_size(memory, "memory")
     reserve_bytes, reserve_text, reserve_fraction = parse_reserve(reserve, memory_bytes)
     shape = model if isinstance(model, ModelShape) else resolve_model(model)
@@ -233,7 +247,8 @@ def plan(model: str | ModelShape | None = None, context: int = 4000, concurrency
     chosen = short_kv_dtype(kv_cache_dtype)
     rows = list(KV_FORMAT_SHORT_NAMES.values()) + (
         [] if chosen in KV_FORMAT_SHORT_NAMES.values() else [chosen])
-    by_dtype = {name: dtype_plan(shape, name, bs, context, concurrency, budget) for name in rows}
+    by_dtype = {name: dtype_plan(shape, name, bs, context, concurrency, budget, window)
+                for name in rows}
     kv = by_dtype[chosen]
     bits = sum(kv_format(name).bits for name in split_kv_dtype(chosen))  # K's + V's
     mha = shape.hidden_size * shape.num_layers * bits // 8
@@ -241,7 +256,7 @@ def plan(model: str | ModelShape | None = None, context: int = 4000, concurrency
                                      weights, reserve_bytes, reserve_fraction)
     return CapacityPlan(shape, context, concurrency, memory_bytes, bs, weights_dtype, weights,
                         reserve_bytes, reserve_text, budget, kv, by_dtype, mha, problems,
-                        suggestions)
+                        suggestions, window)
 
 
 def _check_weights_fit(shape: ModelShape, weights_dtype: str, weights: int, memory: int,

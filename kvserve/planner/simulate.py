@@ -259,8 +259,10 @@ def _step(sched: Scheduler, manager: BlockManager, res: SimulationResult, times:
 def simulate_plan(p: CapacityPlan, workload: Workload, max_num_seqs: int = 256,
                   max_num_batched_tokens: int = 8192, enable_prefix_caching: bool = True,
                   cost: StepCost = StepCost()) -> SimulationResult:
-    """Replay `workload` in the KV pool the plan's budget holds (its KV dtype and block size)."""
-    layout = KVLayout(p.model.to_spec(), p.block_size, p.kv.kv_cache_dtype)
+    """Replay `workload` in the KV pool the plan's budget holds (its KV dtype, block size and
+    residual windows, one per sequence the scheduler may run)."""
+    layout = KVLayout(p.model.to_spec(), p.block_size, p.kv.kv_cache_dtype,
+                      residual_seqs=max_num_seqs, window_tokens=p.kv_residual_tokens)
     num_blocks = layout.num_blocks_for_bytes(p.kv_budget_bytes)
     if num_blocks < 1:
         raise ConfigError(f"the KV budget ({p.kv_budget_bytes:,} B) holds no block of "

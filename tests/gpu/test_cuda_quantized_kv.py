@@ -1,7 +1,9 @@
 """Quantized K/V on CUDA, unchanged: the codecs and the store write the same codes on the GPU as
-on the CPU, and every quantized format on the tiny model gives the same tokens with swap
-preemption and with prefix hits as an unpreempted, uncached run in that format, with the
-start-up guardrail measured on the GPU. Marked gpu: skipped where torch sees no CUDA device."""
+on the CPU, and every quantized format on the tiny model, with a residual window of whole blocks,
+gives the same tokens with swap preemption as an unpreempted run in that format (each query
+reads its own window: chunking does not matter), and with prefix hits as an uncached run when
+the window is the partial block; the start-up guardrail is measured on the GPU. Marked gpu:
+skipped where torch sees no CUDA device."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ pytestmark = [pytest.mark.gpu,
 
 FORMATS = ["fp8_e4m3", "int8", "int4", "int8/int4"]
 BLOCK = 4
+WINDOW = 8  # two whole blocks and the partial one in float32: codes are read too
 PROMPTS = [{"prompt_token_ids": [(7 * i + 3 * j) % 200 + 10 for j in range(n)]}
            for i, n in enumerate([10, 1, 14, 5, 8])]
 GREEDY = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
@@ -84,7 +87,8 @@ def test_the_gpu_writes_the_cpus_codes(name):
 def make(tiny_hf_dir, name: str, **kwargs) -> LLM:
     k, _, v = name.partition("/")
     return LLM(model=str(tiny_hf_dir), device="cuda", block_size=BLOCK, max_model_len=48,
-               k_cache_dtype=k, v_cache_dtype=v or k, **{"max_num_seqs": 8, **kwargs})
+               k_cache_dtype=k, v_cache_dtype=v or k,
+               **{"max_num_seqs": 8, "kv_residual_tokens": WINDOW, **kwargs})
 
 
 def run(llm: LLM) -> list[tuple[int, ...]]:
@@ -102,15 +106,23 @@ def test_quantized_formats_on_cuda_keep_their_tokens_through_swap_and_prefix_hit
     assert check is not None and check.mean_kl < 0.1 and check.top1_agreement >= 0.8
     expected = run(plain)
     block_bytes = KVLayout(plain.engine.spec, BLOCK, name).bytes_per_block
-    fixed = KVLayout(plain.engine.spec, BLOCK, name, residual_seqs=8).fixed_bytes
+    fixed = KVLayout(plain.engine.spec, BLOCK, name, residual_seqs=8,
+                     window_tokens=WINDOW).fixed_bytes
     tight = make(tiny_hf_dir, name, kv_cache_memory=13 * block_bytes + fixed,
                  preemption_mode="swap", max_num_batched_tokens=16, enable_prefix_caching=False)
     assert run(tight) == expected
     snap = tight.engine.cache_snapshot()
     assert snap.num_preemptions > 0 and snap.pool.num_used_blocks == 0
     assert not tight.engine.runner.host_blocks and not tight.engine.runner.parked_windows
-    cached = make(tiny_hf_dir, name)
-    assert run(cached) == expected
+    # prefix hits: exact with the partial block alone in the window
+    exact = run(make(tiny_hf_dir, name, enable_prefix_caching=False, kv_residual_tokens=0))
+    cached = make(tiny_hf_dir, name, kv_residual_tokens=0)
+    assert run(cached) == exact
     again = cached.generate(PROMPTS, GREEDY, use_tqdm=False)
-    assert [o.token_ids for o in again] == expected
+    assert [o.token_ids for o in again] == exact
     assert sum(o.num_cached_tokens for o in again) > 0
+    # with whole blocks in the window, hits read the blocks before them through their codes
+    windowed = make(tiny_hf_dir, name)
+    first = run(windowed)
+    assert first == expected  # the prompts share no block: nothing hit yet
+    assert run(windowed) == run(windowed)

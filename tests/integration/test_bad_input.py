@@ -63,8 +63,8 @@ CLI_CASES = {
     # settings checked before the model loads
     "k-dtype-dense": ("hello", ["--k-cache-dtype", "int8", "--cache-mode", "none"],
                       "'int8' is stored in the paged pool only"),
-    "kv-residual-not-int": ("hello", ["--kv-cache-dtype", "fp8", "--kv-residual-tokens", "32"],
-                            "kv_residual_tokens applies to int8/int4 K or V only"),
+    "kv-residual-float": ("hello", ["--kv-cache-dtype", "bf16", "--kv-residual-tokens", "32"],
+                          "kv_residual_tokens applies to quantized K or V only"),
 }
 ARGPARSE_CASE = ("hello", ["--seed", "abc"], "invalid int value: 'abc'")
 
@@ -133,7 +133,7 @@ def test_api_bad_model_files(bad_models, kind):
     ({"cache_mode": "paged-ish"}, "cache_mode must be one of"),
     ({"dtype": "int8"}, "dtype must be one of"),
     ({"max_num_seqs": 0}, "max_num_seqs must be a positive integer"),
-    ({"kv_cache_dtype": "int4", "kv_residual_tokens": 24}, "block_size must be a power of two"),
+    ({"kv_cache_dtype": "int4", "kv_residual_tokens": 24}, "multiple of block_size (16)"),
     ({"k_cache_dtype": "int8", "cache_mode": "none"}, "is stored in the paged pool only"),
     ({"kv_cache_dtype": "int8", "cache_mode": "contiguous"}, "is stored in the paged pool only"),
     ({"kv_cache_dtype": "fp4"}, "kv_cache_dtype must be one of auto, float32"),

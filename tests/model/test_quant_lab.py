@@ -25,7 +25,7 @@ def test_the_lab_measures_every_format_and_the_scale_alternatives(tiny_hf_dir, t
                    "--windows", "2",
                    "--window-tokens", "40", "--prompts", "3", "--prompt-tokens", "8",
                    "--new-tokens", "12", "--contexts", "16,32", "--decode-tokens", "4",
-                   "--budget", "1MiB", "--budget-context", "64")
+                   "--budget", "1MiB", "--budget-context", "64", "--kv-residual-tokens", "8")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     rows = {r["label"]: r for r in result["rows"]}
@@ -37,13 +37,17 @@ def test_the_lab_measures_every_format_and_the_scale_alternatives(tiny_hf_dir, t
     assert int8["bytes_per_token"] == 2 * 2 * ((16 + 16 * 4 // 4) + (16 + 4))
     assert fp8["bytes_per_token"] == 2 * 2 * 2 * 16
     per_request = 64 // 4  # blocks of a 64-token request
-    window = 2 * 2 * 4 * 2 * 16 * 4  # one float32 block of K and V per sequence
+    # the residual window: 8 tokens and the partial block, float32 K and V, per sequence
+    window = 2 * 2 * (8 + 4) * 2 * 16 * 4
+    assert result["kv_residual_tokens"] == 8
     assert int8["requests_in_budget"] == (1 << 20) // (int8["bytes_per_token"] * 4 * per_request
                                                       + window)
     int4, mixed = rows["int4"], rows["int8/int4"]
     assert int4["bytes_per_token"] == 2 * 2 * ((8 + 16 * 4 // 4) + (8 + 4))
     assert mixed["bytes_per_token"] == 2 * 2 * ((16 + 16 * 4 // 4) + (8 + 4))
     assert int4["requests_in_budget"] == (1 << 20) // (int4["bytes_per_token"] * 4 * per_request
+                                                      + window)
+    assert fp8["requests_in_budget"] == (1 << 20) // (fp8["bytes_per_token"] * 4 * per_request
                                                       + window)
     assert f32["greedy_agreement_all"] == 12 and f32["mean_kl"] == 0.0
     for r in (int8, fp8, int4, mixed):
@@ -57,6 +61,8 @@ def test_the_lab_measures_every_format_and_the_scale_alternatives(tiny_hf_dir, t
     for name in ("int8", "int4"):
         assert rows[f"{name} alt: per-token K (V's rule)"]["mean_kl"] > 0
         assert rows[f"{name} alt: 8-token blocks"]["mean_kl"] > 0
+    for name in ("fp8_e4m3", "int8", "int4"):  # the window's worth, measured
+        assert rows[f"{name} alt: no window"]["mean_kl"] > 0
     assert f32["forced_agreement_128"] == 12
     for r in (int8, fp8, int4, mixed):  # teacher-forced, on float32's own greedy text
         assert 0 <= r["forced_agreement_128"] <= 12
@@ -69,8 +75,8 @@ def test_the_lab_measures_every_format_and_the_scale_alternatives(tiny_hf_dir, t
     (["--formats", "int8,float32"], "--formats must start with float32"),
     (["--formats", "float32,int3"], "kv_cache_dtype must be one of"),
     (["--windows", "0"], "--windows must be at least 1"),
-    (["--windows", "500", "--contexts", "64", "--decode-tokens", "4", "--new-tokens", "8"],
-     "the corpus has"),
+    (["--windows", "500", "--contexts", "64", "--decode-tokens", "4", "--new-tokens", "8",
+      "--prompt-tokens", "8"], "the corpus has"),
     (["--contexts", "100000"], "the model's context is"),
 ])
 def test_bad_flags_are_one_line(tiny_hf_dir, tmp_path, flags, message):

@@ -16,6 +16,7 @@ from kvserve.kvstore import paged
 from kvserve.kvstore.codecs import ChannelBlockCodec
 
 BLOCK = 4
+WINDOW = 8  # two whole blocks and the partial one in float32: codes are read too
 MAX_LEN = 48
 PROMPTS = [{"prompt_token_ids": [(7 * i + 3 * j) % 200 + 10 for j in range(n)]}
            for i, n in enumerate([10, 1, 14, 5, 8])]
@@ -33,7 +34,9 @@ def make(tiny_hf_dir, kv_cache_dtype: str, **kwargs) -> LLM:
     """kv_cache_dtype 'k/v': K and V in two formats (--k-cache-dtype, --v-cache-dtype)."""
     k, _, v = kv_cache_dtype.partition("/")
     return LLM(model=str(tiny_hf_dir), block_size=BLOCK, max_model_len=MAX_LEN,
-               k_cache_dtype=k, v_cache_dtype=v or k, **{"max_num_seqs": 8, **kwargs})
+               k_cache_dtype=k, v_cache_dtype=v or k,
+               **{"max_num_seqs": 8, "kv_residual_tokens": WINDOW if "int" in kv_cache_dtype
+                  or "fp8" in kv_cache_dtype else None, **kwargs})
 
 
 @pytest.fixture(scope="module", params=FORMATS)
@@ -56,7 +59,8 @@ def test_preemption_gives_the_unpreempted_outputs_in_the_same_format(tiny_hf_dir
                                                      "step", strict=False))
     llm = make(tiny_hf_dir, name, enable_prefix_caching=False)
     block_bytes = KVLayout(llm.engine.spec, BLOCK, name).bytes_per_block
-    fixed = KVLayout(llm.engine.spec, BLOCK, name, residual_seqs=8).fixed_bytes  # int4 windows
+    fixed = KVLayout(llm.engine.spec, BLOCK, name, residual_seqs=8,
+                     window_tokens=WINDOW).fixed_bytes  # the residual windows
     tight = make(tiny_hf_dir, name, kv_cache_memory=13 * block_bytes + fixed,
                  preemption_mode=mode, max_num_batched_tokens=16)
     assert tight.engine.block_manager.pool.num_blocks == 13
@@ -69,18 +73,44 @@ def test_preemption_gives_the_unpreempted_outputs_in_the_same_format(tiny_hf_dir
 
 
 def test_prefix_hits_and_n_samples_give_the_uncached_outputs(tiny_hf_dir, quantized):
-    name, _, expected = quantized
-    llm = make(tiny_hf_dir, name)
+    """Exact when the window is the partial block alone (--kv-residual-tokens 0): a hit's first
+    computed token then reads only its own block in float32, as the uncached run did."""
+    name = quantized[0]
+    expected = {"greedy": run(make(tiny_hf_dir, name, enable_prefix_caching=False,
+                                   kv_residual_tokens=0), GREEDY)}
+    llm = make(tiny_hf_dir, name, kv_residual_tokens=0)
     assert run(llm, GREEDY) == expected["greedy"]
     again = llm.generate(PROMPTS, GREEDY, use_tqdm=False)  # every full block now a hit
     assert [o.token_ids for o in again] == expected["greedy"]
     assert sum(o.num_cached_tokens for o in again) > 0
     n3 = SamplingParams(n=3, max_tokens=12, temperature=1.0, seed=4, ignore_eos=True)
     shared = llm.generate(PROMPTS[2], n3, use_tqdm=False)
-    alone = make(tiny_hf_dir, name, enable_prefix_caching=False).generate(PROMPTS[2], n3,
-                                                                          use_tqdm=False)
+    alone = make(tiny_hf_dir, name, enable_prefix_caching=False,
+                 kv_residual_tokens=0).generate(PROMPTS[2], n3, use_tqdm=False)
     assert [s.token_ids for s in shared[0].outputs] == [s.token_ids for s in alone[0].outputs]
     llm.engine.block_manager.check_invariants()
+
+
+def test_a_prefix_hit_with_a_longer_window_reads_the_hit_blocks_through_their_codes(
+        tiny_hf_dir, quantized):
+    """With whole blocks in the window, a hit's first computed tokens read the window's blocks
+    before the hit as their codes decode (the float K/V were the first request's, not kept):
+    the hit run then equals a run of the same prompt whose first blocks came from the cache
+    the same way, and the C decode path agrees with the PyTorch path on it."""
+    name, _, expected = quantized
+    prompt = {"prompt_token_ids": [(5 * j) % 190 + 11 for j in range(30)]}
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    llm = make(tiny_hf_dir, name)
+    llm.generate(prompt, params, use_tqdm=False)
+    hit = llm.generate(prompt, params, use_tqdm=False)[0]
+    assert hit.num_cached_tokens == 28  # 7 blocks: all but the last token's
+    again = llm.generate(prompt, params, use_tqdm=False)[0]
+    assert again.num_cached_tokens == 28 and again.token_ids == hit.token_ids
+    llm.engine.runner.attention.use_fast_decode = False
+    slow = llm.generate(prompt, params, use_tqdm=False)[0]
+    assert slow.num_cached_tokens == 28 and slow.token_ids == hit.token_ids
+    llm.engine.block_manager.check_invariants()
+    assert not llm.engine.runner.kv_store._slot_of
 
 
 def test_c_decode_over_codes_gives_the_pytorch_paths_tokens(tiny_hf_dir, quantized):

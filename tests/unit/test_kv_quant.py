@@ -10,7 +10,12 @@ from kvserve.kv_dtypes import BUILT_KV_CACHE_DTYPES
 from kvserve.kvcache.layout import KVLayout
 from kvserve.kvstore.codecs import codec_for
 from kvserve.kvstore.paged import PagedKVStore, SeqWrite
-from kvserve.model.attention.ops import attention_reference
+from kvserve.model.attention.ops import (
+    attention_reference,
+    attention_windowed,
+    attention_windowed_reference,
+    window_starts,
+)
 
 QUANTIZED = ["fp8_e4m3", "fp8_e5m2"]  # per-token codecs (int8/int4: block codecs, below)
 
@@ -156,7 +161,8 @@ def write_in_steps(store, layer, seq_id, table, k, v, chunks):
     bs = store.layout.block_size
     start = 0
     for n in chunks:
-        plan = store.plan_residual([SeqWrite(seq_id, 0, n, start)], torch.tensor([table]))
+        plan = store.plan_residual([SeqWrite(seq_id, 0, n, start)], torch.tensor([table])) \
+            if store.has_residual else None
         slots = torch.tensor([table[p // bs] * bs + p % bs for p in range(start, start + n)])
         store.write(layer, slots, k[start:start + n], v[start:start + n], plan)
         start += n
@@ -198,11 +204,14 @@ def test_a_residual_window_travels_with_a_swap_and_is_freed_with_its_sequence():
     assert store._free_slots == [0] and store._slot_of == {}
 
 
-@pytest.mark.parametrize("name", ["int8", "int4", "int8/int4", "int4/int8"])
+@pytest.mark.parametrize("name, window", [
+    ("int8", 0), ("int4", 0), ("int8/int4", 0), ("int4/int8", 0), ("int8", 8), ("int4", 8),
+    ("int8/int4", 12), ("fp8_e4m3", 8), ("fp8_e5m2", 4)])
 @pytest.mark.parametrize("outliers", [False, True], ids=["gaussian", "outliers"])
-def test_c_block_decode_reads_codes_and_residual_windows_as_the_reference(name, outliers):
+def test_c_decode_reads_codes_and_residual_windows_as_the_reference(name, window, outliers):
     """Sequences whose lengths end mid-block, at a block boundary and inside the first block,
-    blocks shuffled: the C kernel against the gathered, decoded K/V through the reference."""
+    blocks shuffled, windows of whole blocks wrapping around their ring: the C kernel against
+    the gathered K/V (codes decoded, the window's blocks in float32) through the reference."""
     from kvserve.kernels import cpu as cpu_kernels
     from kvserve.model.attention.metadata import DecodeRows
     from kvserve.model.attention.paged import PagedAttention
@@ -212,7 +221,7 @@ def test_c_block_decode_reads_codes_and_residual_windows_as_the_reference(name, 
     bs, lens = 4, [1, 5, 16, 23, 9]
     s = ModelSpec(name="t", num_layers=3, hidden_size=32, intermediate_size=64, num_heads=6,
                   num_kv_heads=2, head_dim=64, vocab_size=50, max_position_embeddings=64)
-    layout = KVLayout(s, bs, name)
+    layout = KVLayout(s, bs, name, window_tokens=window)
     num_blocks = sum(-(-n // bs) for n in lens) + 3
     store = PagedKVStore(layout, num_blocks, torch.device("cpu"), residual_slots=2)
     g = torch.Generator().manual_seed(5)
@@ -242,9 +251,86 @@ def test_k_and_v_in_different_formats_decode_each_with_its_own_codec():
     k, v = kv_like(7, 2, 16, True, seed=8), kv_like(7, 2, 16, False, seed=9)
     write_in_steps(store, 0, "a", [3, 1], k, v, [6, 1])
     got_k, got_v = store.gather(0, torch.tensor([3, 1]), 7, torch.float32, store.residual_slot("a"))
+    assert store.residual[0] is None  # fp8 without a window (window_tokens 0): K has none
     fp8 = codec_for("fp8_e4m3")
     torch.testing.assert_close(got_k, fp8.decode(fp8.encode(k), torch.float32).transpose(0, 1))
     i4 = codec_for("int4", 1)
     full = i4.decode_blocks(i4.encode_blocks(v[:4].view(1, 4, 2, 16)), torch.float32)[0]
     assert torch.equal(got_v.transpose(0, 1)[:4], full)
     assert torch.equal(got_v.transpose(0, 1)[4:], v[4:])
+
+
+@pytest.mark.parametrize("name", ["int8", "int4", "fp8_e4m3", "bfloat16/int4"])
+@pytest.mark.parametrize("chunks", [[30], [5, 1, 1, 9, 13, 1], [1] * 30, [16, 14]])
+def test_a_window_holds_its_last_blocks_exact_and_the_rest_as_codes(name, chunks):
+    """However the tokens arrive, a read at the sequence's length sees its last window_blocks
+    blocks exactly (float32) and every older token as its codes decode; the codes of every full
+    block are written (a prefix hit or a swap reads them)."""
+    bs, window = 4, 8  # 3 blocks: two whole and the partial one
+    layout = KVLayout(spec(), bs, name, window_tokens=window)
+    store = PagedKVStore(layout, num_blocks=10, device=torch.device("cpu"), residual_slots=2)
+    assert store.window_blocks == 3
+    table = [7, 2, 5, 0, 8, 3, 9, 1]
+    k, v = kv_like(30, 2, 16, True, seed=4), kv_like(30, 2, 16, False, seed=5)
+    write_in_steps(store, 1, "a", table, k, v, chunks)
+    got = store.gather(1, torch.tensor(table), 30, torch.float32, store.residual_slot("a"))
+    w0 = 20  # blocks 5..7 (tokens 20..29) are the window
+    for which, (x, g) in enumerate(zip((k, v), got)):
+        g = g.transpose(0, 1)
+        side = name.split("/")[-1] if which else name.split("/")[0]
+        if side == "bfloat16":  # a float side has no window: as stored
+            assert torch.equal(g, x.to(torch.bfloat16).float())
+            continue
+        assert torch.equal(g[w0:], x[w0:])
+        codec = codec_for(side, which)
+        if codec.per_token:
+            coded = codec.decode(codec.encode(x), torch.float32)
+        else:
+            coded = codec.decode_blocks(codec.encode_blocks(x[:28].view(7, 4, 2, 16)),
+                                        torch.float32).flatten(0, 1)
+        assert torch.equal(g[:w0], coded[:w0])
+        assert torch.equal(store._decode(1, which, torch.tensor(table), 28, torch.float32),
+                           coded[:28])  # every full block's codes, the window's too
+
+
+def test_a_sequence_starting_after_a_prefix_hit_seeds_its_window_from_codes():
+    bs, window = 4, 8
+    layout = KVLayout(spec(), bs, "int4", window_tokens=window)
+    store = PagedKVStore(layout, num_blocks=8, device=torch.device("cpu"), residual_slots=2)
+    table = [6, 1, 4, 3, 0]
+    k, v = kv_like(20, 2, 16, True, seed=11), kv_like(20, 2, 16, False, seed=12)
+    write_in_steps(store, 0, "first", table, k, v, [16])  # blocks 0-3 full and coded
+    store.release_residual("first")
+    # "second" hits blocks 0-3 and computes from token 16: the window's blocks 2 and 3
+    # (tokens 8..15) are seeded from their codes, in every layer
+    plan = store.plan_residual([SeqWrite("second", 0, 2, 16)], torch.tensor([table]))
+    slots = torch.tensor([table[p // bs] * bs + p % bs for p in range(16, 18)])
+    store.write(0, slots, k[16:18], v[16:18], plan)
+    got_k, got_v = store.gather(0, torch.tensor(table), 18, torch.float32,
+                                store.residual_slot("second"))
+    for which, (x, g) in enumerate(((k, got_k), (v, got_v))):
+        codec = codec_for("int4", which)
+        coded = codec.decode_blocks(codec.encode_blocks(x[:16].view(4, 4, 2, 16)),
+                                    torch.float32).flatten(0, 1)
+        assert torch.equal(g.transpose(0, 1)[:16], coded)  # window rows 8..15 from codes
+        assert torch.equal(g.transpose(0, 1)[16:], x[16:18])
+
+
+@pytest.mark.parametrize("start, n, window_blocks", [(0, 37, 3), (0, 300, 2), (13, 9, 3),
+                                                     (40, 1, 3), (21, 270, 1), (5, 3, 9)])
+def test_windowed_attention_equals_its_reference(start, n, window_blocks):
+    """Each query reads the keys of its own window from the window and the older ones from
+    their codes, in query chunks (the 300-query case crosses a chunk)."""
+    g = torch.Generator().manual_seed(start + n)
+    bs, length = 4, start + n
+    q = torch.randn(n, 6, 16, generator=g)
+    codes = [torch.randn(length, 2, 16, generator=g) for _ in range(2)]
+    held = [c + 0.1 * torch.randn(length, 2, 16, generator=g) for c in codes]
+    want = attention_windowed_reference(q, codes[0], codes[1], held[0], held[1], bs,
+                                        window_blocks)
+    w0 = int(window_starts(torch.tensor(start), bs, window_blocks))
+    wn = int(window_starts(torch.tensor(length - 1), bs, window_blocks))
+    got = attention_windowed(q, codes[0][:wn].transpose(0, 1), codes[1][:wn].transpose(0, 1),
+                             held[0][w0:].transpose(0, 1), held[1][w0:].transpose(0, 1), w0,
+                             bs, window_blocks)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -87,11 +87,15 @@ def test_quantized_formats_and_their_settings_are_checked_with_one_line():
         "float32/fp8_e4m3"
     with pytest.raises(ConfigError, match="need the paged pool"):
         CacheConfig(v_cache_dtype="bf16", cache_mode="contiguous")
-    assert CacheConfig(kv_cache_dtype="int4", kv_residual_tokens=32).effective_block_size == 32
-    with pytest.raises(ConfigError, match="applies to int8/int4 K or V only"):
-        CacheConfig(kv_cache_dtype="fp8", kv_residual_tokens=32)
-    with pytest.raises(ConfigError, match="block_size 64 differs"):
-        CacheConfig(kv_cache_dtype="int4", kv_residual_tokens=32, block_size=64)
-    with pytest.raises(ConfigError, match="power of two"):
-        CacheConfig(kv_cache_dtype="int4", kv_residual_tokens=24)
+    assert CacheConfig(kv_cache_dtype="int4", kv_residual_tokens=32).residual_window_tokens == 32
+    assert CacheConfig(kv_cache_dtype="int4").residual_window_tokens == 128  # KIVI's
+    assert CacheConfig(kv_cache_dtype="fp8", block_size=256).residual_window_tokens == 256
+    assert CacheConfig(v_cache_dtype="int4").residual_window_tokens == 128  # one side will do
+    assert CacheConfig(kv_cache_dtype="bf16").residual_window_tokens == 0
+    assert CacheConfig(kv_cache_dtype="fp8", kv_residual_tokens=0).residual_window_tokens == 0
+    with pytest.raises(ConfigError, match="applies to quantized K or V only"):
+        CacheConfig(kv_cache_dtype="bf16", kv_residual_tokens=32)
+    for bad in (24, -16, 8192, True, "32"):
+        with pytest.raises(ConfigError, match="multiple of block_size"):
+            CacheConfig(kv_cache_dtype="int4", kv_residual_tokens=bad)
     SchedulerConfig()  # the other half of the settings needs nothing

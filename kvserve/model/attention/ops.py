@@ -86,3 +86,66 @@ def _chunked_causal(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         diagonal.masked_fill_(~causal_mask(end - start, end - start, qg.device), float("-inf"))
         out[:, :, start:end] = torch.matmul(scores.softmax(-1), v[:, :, :num_keys])
     return out
+
+
+def window_starts(positions: torch.Tensor, block_size: int, window_blocks: int) -> torch.Tensor:
+    """For queries at these positions: the first key each reads from its residual window (its
+    own last window_blocks blocks, kvstore/paged.py), a multiple of block_size; the keys before
+    it are read through their codes."""
+    return (positions // block_size + 1 - window_blocks).clamp(min=0) * block_size
+
+
+def attention_windowed_reference(q: torch.Tensor, k_codes: torch.Tensor, v_codes: torch.Tensor,
+                                 k_window: torch.Tensor, v_window: torch.Tensor,
+                                 block_size: int, window_blocks: int) -> torch.Tensor:
+    """Plain causal GQA attention where query i reads key j as the window holds it (float32)
+    when j is in i's window (window_starts), else as its codes decode: q [n, num_heads, d] at
+    positions [L - n, L); k/v_codes and k/v_window [L, num_kv_heads, d], every position of the
+    sequence in each representation. Computed in float32, one query at a time."""
+    n, num_heads, d = q.shape
+    length = k_codes.shape[0]
+    group = num_heads // k_codes.shape[1]
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    for r in range(n):
+        i = length - n + r
+        w = int(window_starts(torch.tensor(i), block_size, window_blocks))
+        k = torch.cat((k_codes[:w], k_window[w:i + 1])).repeat_interleave(group, dim=1).float()
+        v = torch.cat((v_codes[:w], v_window[w:i + 1])).repeat_interleave(group, dim=1).float()
+        scores = torch.einsum("hd,lhd->hl", q[r].float(), k) / d ** 0.5
+        out[r] = torch.einsum("hl,lhd->hd", scores.softmax(-1), v)
+    return out.to(q.dtype)
+
+
+def attention_windowed(q: torch.Tensor, k_codes: torch.Tensor, v_codes: torch.Tensor,
+                       k_window: torch.Tensor, v_window: torch.Tensor, window_from: int,
+                       block_size: int, window_blocks: int) -> torch.Tensor:
+    """attention_windowed_reference, head-major and in query chunks: q [n, num_heads, d] at
+    positions [start, start + n) (start = L - n); k/v_codes [num_kv, >= window_starts of the
+    last query, d] from position 0; k/v_window [num_kv, L - window_from, d] from position
+    window_from (<= the first query's window start). Each chunk multiplies only the code
+    columns before its last query's window and the window columns from its first query's
+    window to its last query (no more than a plain causal chunk, plus the window's overlap)."""
+    n, num_heads, d = q.shape
+    num_kv = k_codes.shape[0]
+    length = window_from + k_window.shape[1]
+    start = length - n
+    group = num_heads // num_kv
+    qg = q.reshape(n, num_kv, group, d).permute(1, 2, 0, 3) * d ** -0.5  # [kv, group, n, d]
+    kc, vc = k_codes.unsqueeze(1), v_codes.unsqueeze(1)  # [kv, 1, L', d]
+    kw, vw = k_window.unsqueeze(1), v_window.unsqueeze(1)
+    out = torch.empty(qg.shape, dtype=qg.dtype, device=q.device)
+    for s0 in range(0, n, PREFILL_CHUNK_QUERIES):
+        s1 = min(n, s0 + PREFILL_CHUNK_QUERIES)
+        pos = torch.arange(start + s0, start + s1, device=q.device)
+        w = window_starts(pos, block_size, window_blocks)
+        lo, hc, p1 = int(w[0]), int(w[-1]), start + s1  # window columns [lo, p1), codes [0, hc)
+        qc = qg[:, :, s0:s1]
+        sc = torch.matmul(qc, kc[:, :, :hc].transpose(-1, -2))
+        sw = torch.matmul(qc, kw[:, :, lo - window_from:p1 - window_from].transpose(-1, -2))
+        cols_w = torch.arange(lo, p1, device=q.device)
+        sc.masked_fill_(torch.arange(hc, device=q.device) >= w[:, None], float("-inf"))
+        sw.masked_fill_((cols_w < w[:, None]) | (cols_w > pos[:, None]), float("-inf"))
+        p = torch.cat((sc, sw), dim=-1).softmax(-1)
+        out[:, :, s0:s1] = torch.matmul(p[..., :hc], vc[:, :, :hc]) + torch.matmul(
+            p[..., hc:], vw[:, :, lo - window_from:p1 - window_from])
+    return out.permute(2, 0, 1, 3).reshape(n, num_heads, d)

@@ -6,8 +6,9 @@ one C call that reads blocks where they lie (kernels/gemv.c) when on CPU; the re
 chunked prefill over cached blocks, anything on CUDA) gathers only the blocks each sequence uses
 and runs the PyTorch attention, which is also the reference the C path is
 tested against. Which blocks a sequence owns is the block manager's call; the tables arrive in
-the step's metadata. A block-quantized format (int8, int4) keeps each sequence's partial block in
-its residual window (kvstore/paged.py): prepare() plans the step's writes once for every layer.
+the step's metadata. A quantized format keeps each sequence's last blocks (int8/int4: the partial
+one at least) in float32 in its residual window (kvstore/paged.py), read there by the sequence's
+own attention: prepare() plans the step's writes once for every layer.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from __future__ import annotations
 import torch
 
 from kvserve.kernels import cpu as cpu_kernels
-from kvserve.kvstore.paged import PagedKVStore, ResidualPlan, SeqWrite
+from kvserve.kvstore.paged import PagedKVStore, ResidualPlan, SeqWrite, window_rows
 from kvserve.model.attention.metadata import AttentionMetadata, DecodeRows
-from kvserve.model.attention.ops import attention_sdpa
+from kvserve.model.attention.ops import attention_sdpa, attention_windowed
 
 _CODECS = "kvserve.kvstore.codecs"  # a test's own codec subclass takes the PyTorch path
 # formats the C decode kernel reads where they lie (float32 or bfloat16 K/V, or codes), when K
@@ -34,20 +35,27 @@ class PagedAttention:
         self._scores = torch.empty(0, dtype=torch.float32)  # workspace of the C decode kernel
         self._residual: ResidualPlan | None = None  # this step's plan (block formats)
         self._decode_slots: torch.Tensor | None = None  # residual slots of the decode rows
+        # residual rows of each sequence's window before its new tokens (None: no windows)
+        self._before_rows: list[torch.Tensor | None] | None = None
         self._fast = False  # this step's decodes take the C kernel (_fast_ok, once a step)
 
     def prepare(self, meta: AttentionMetadata) -> None:
         if meta.paged is None:
             raise RuntimeError("a paged step needs block tables and a slot mapping")
-        if self.store.has_residual:
-            self._residual = self.store.plan_residual(
+        self._fast = self._fast_ok()
+        st = self.store
+        if st.has_residual:
+            self._residual = st.plan_residual(
                 [SeqWrite(s.seq_id, s.row_start, s.num_new_tokens, s.start_position)
                  for s in meta.seqs], meta.paged.block_tables)
             self._decode_slots = torch.tensor(
                 [slot for s, slot in zip(meta.seqs, self._residual.slots)
                  if s.num_new_tokens == 1], dtype=torch.long)
+            bs, wb = st.layout.block_size, st.window_blocks
+            self._before_rows = [
+                st.ring_rows(slot, window_rows(s.start_position + 1, bs, wb), s.start_position)
+                for s, slot in zip(meta.seqs, self._residual.slots)]
         decode = meta.paged.decode
-        self._fast = self._fast_ok()
         if decode is not None and self._fast:
             need = (decode.context_lens.numel() * self.store.layout.spec.num_heads
                     * decode.max_context_len)
@@ -71,18 +79,27 @@ class PagedAttention:
 
     def forward(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
-        # Write this step's K/V into their slots, in the store's format (quantized on write).
-        self.store.write(layer_idx, meta.paged.slot_mapping, k, v, self._residual)
+        st = self.store
         decode = meta.paged.decode
-        if decode is None or q.dtype != torch.float32 or not self._fast:
-            return self._attend_gathered(q, layer_idx, meta, out=None, skip_decode=False)
+        gather_all = decode is None or q.dtype != torch.float32 or not self._fast
+        before = None  # the gathered sequences' window rows, as they were before this step
+        if self._before_rows is not None:
+            before = [None if not gather_all and s.num_new_tokens == 1 else
+                      [None if w is None else st.read_window(layer_idx, which, rows)
+                       for which, w in enumerate(st.residual)]
+                      for s, rows in zip(meta.seqs, self._before_rows)]
+        # Write this step's K/V into their slots, in the store's format (quantized on write).
+        st.write(layer_idx, meta.paged.slot_mapping, k, v, self._residual)
+        new = (k, v, before)
+        if gather_all:
+            return self._attend_gathered(q, layer_idx, meta, None, False, new)
         if decode.rows is None:  # a decode step: one C call for the whole batch
             return self._decode(q, layer_idx, decode)
         # A mixed step: the decodes still take the C kernel; only the prefills gather.
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         out.index_copy_(0, decode.rows,
                         self._decode(q.index_select(0, decode.rows), layer_idx, decode))
-        return self._attend_gathered(q, layer_idx, meta, out=out, skip_decode=True)
+        return self._attend_gathered(q, layer_idx, meta, out, True, new)
 
     def _decode(self, q: torch.Tensor, layer_idx: int, decode: DecodeRows) -> torch.Tensor:
         st = self.store
@@ -90,35 +107,48 @@ class PagedAttention:
             return cpu_kernels.paged_decode_attention(
                 q, st.keys(layer_idx), st.values(layer_idx), decode.block_tables,
                 decode.context_lens, decode.max_context_len, self._scores)
+        window = None if not st.has_residual else cpu_kernels.Window(
+            st.residual[0][layer_idx], st.residual[1][layer_idx], self._decode_slots,
+            st.window_blocks)
         if not st.codec.per_token:  # int8, int4 (K and V each): codes and residual windows
             parts = [{name: st.part(name, layer_idx, which) for name in ("codes", "scale", "zero")}
                      for which in (0, 1)]
             return cpu_kernels.paged_decode_attention_affine(
-                (st.codecs[0].bits, st.codecs[1].bits), q, parts[0], parts[1],
-                st.residual[0][layer_idx], st.residual[1][layer_idx], self._decode_slots,
+                (st.codecs[0].bits, st.codecs[1].bits), q, parts[0], parts[1], window,
                 decode.block_tables, decode.context_lens, decode.max_context_len, self._scores)
         k_scale, v_scale = st.tensor_scale(layer_idx, 0), st.tensor_scale(layer_idx, 1)
         return cpu_kernels.paged_decode_attention_codes(
             st.codec.name, q, st.part("codes", layer_idx, 0), st.part("codes", layer_idx, 1),
             1.0 if k_scale is None else float(k_scale), 1.0 if v_scale is None else float(v_scale),
-            decode.block_tables, decode.context_lens, decode.max_context_len, self._scores)
+            window, decode.block_tables, decode.context_lens, decode.max_context_len,
+            self._scores)
 
     def _attend_gathered(self, q: torch.Tensor, layer_idx: int, meta: AttentionMetadata,
-                         out: torch.Tensor | None, skip_decode: bool) -> torch.Tensor:
+                         out: torch.Tensor | None, skip_decode: bool, new: tuple) -> torch.Tensor:
         """The PyTorch path (the reference of the C kernel): each sequence's blocks gathered and
-        decoded; skip_decode leaves the one-token sequences' rows of `out` as they are."""
+        decoded; skip_decode leaves the one-token sequences' rows of `out` as they are. With
+        residual windows, each query reads its own window's keys in float32 and the older ones
+        through their codes (attention_windowed), as a decode at its position would: the
+        result does not depend on how a prompt was split into chunks. new: the step's K, V and
+        the windows' rows before it (forward)."""
         if out is None:
             out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        paged = meta.paged
+        paged, st = meta.paged, self.store
+        k, v, before = new
         for i, s in enumerate(meta.seqs):
             if skip_decode and s.num_new_tokens == 1:
                 continue
             rows = slice(s.row_start, s.row_start + s.num_new_tokens)
             index = paged.block_tables[i, :paged.num_blocks[i]]
-            # Only this sequence's blocks, decoded: [kv, context_len, d] each
-            slot = None if self._residual is None else self._residual.slots[i]
-            k_seq, v_seq = self.store.gather(layer_idx, index, s.context_len, q.dtype, slot)
-            out[rows] = attention_sdpa(q[rows], k_seq, v_seq)
+            if before is None:  # no windows: this sequence's blocks, [kv, context_len, d] each
+                k_seq, v_seq = st.gather(layer_idx, index, s.context_len, q.dtype)
+                out[rows] = attention_sdpa(q[rows], k_seq, v_seq)
+                continue
+            kc, vc, kw, vw, w0 = st.gather_windowed(layer_idx, index, s.start_position,
+                                                    s.context_len, q.dtype, before[i],
+                                                    (k[rows], v[rows]))
+            out[rows] = attention_windowed(q[rows], kc, vc, kw, vw, w0, st.layout.block_size,
+                                           st.window_blocks)
         return out
 
     def release(self, seq_id: str) -> None:
