@@ -34,7 +34,7 @@ Peers (same GGUF file as kvserve: the embedded SmolLM2-135M-Instruct):
 
 Data (what kvserve's quant lab uses): the shipped text (kvserve.engine.kv_quality.corpus_text)
 encoded by kvserve's tokenizer; the first 1024 tokens skipped (the guardrail's calibration text);
-then --windows windows of 1024 tokens; then --prompts prompts of 64 tokens.
+then --windows windows of 1024 tokens; then --prompts prompts of 1024 tokens.
 
 Measures, per peer and cache:
   perplexity  exp(mean NLL) over every position of every window but the window's last (which
@@ -78,7 +78,7 @@ from kvserve.model_files import default_model_path
 
 CALIBRATION_TOKENS = 1024  # kvserve's guardrail text, skipped (as the quant lab does)
 WINDOW_TOKENS = 1024  # the quant lab's --window-tokens default
-PROMPT_TOKENS = 64  # the quant lab's --prompt-tokens default
+PROMPT_TOKENS = 1024  # the quant lab's --prompt-tokens default
 HF_CHUNK = 128  # tokens per transformers forward in the perplexity windows
 LOGPROB_ROWS = 256  # rows of llama.cpp's [window, vocab] logits turned into log-probs at a time
 PEERS = ("llama.cpp", "transformers")
@@ -125,10 +125,10 @@ class PremiseError(RuntimeError):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--windows", type=int, default=24,
-                   help=f"perplexity windows of {WINDOW_TOKENS} tokens (default 24)")
-    p.add_argument("--prompts", type=int, default=20,
-                   help=f"greedy prompts of {PROMPT_TOKENS} tokens (default 20)")
+    p.add_argument("--windows", type=int, default=16,
+                   help=f"perplexity windows of {WINDOW_TOKENS} tokens (default 16)")
+    p.add_argument("--prompts", type=int, default=10,
+                   help=f"greedy prompts of {PROMPT_TOKENS} tokens (default 10)")
     p.add_argument("--new-tokens", type=int, default=256,
                    help="greedy tokens generated per prompt (default 256)")
     p.add_argument("--peers", default=",".join(PEERS),
