@@ -205,11 +205,7 @@ class CacheConfig:
             if not set(QUANTIZED_DTYPES) & set(kv_dtypes):
                 raise ConfigError("kv_residual_tokens applies to quantized K or V only "
                                   f"(the KV format is {'/'.join(dict.fromkeys(kv_dtypes))})")
-            if (not isinstance(residual, int) or isinstance(residual, bool) or residual < 0
-                    or residual > MAX_KV_RESIDUAL_TOKENS or residual % self.block_size):
-                raise ConfigError(f"kv_residual_tokens must be a multiple of block_size "
-                                  f"({self.block_size}) from 0 to {MAX_KV_RESIDUAL_TOKENS}, "
-                                  f"got {residual!r}")
+            residual_window(residual, self.block_size)
         bs = self.block_size
         if (not isinstance(bs, int) or isinstance(bs, bool) or bs <= 0 or bs & (bs - 1)
                 or bs > MAX_BLOCK_SIZE):
@@ -232,12 +228,24 @@ class CacheConfig:
     def residual_window_tokens(self) -> int:
         """The residual window's whole-block tokens (kv_residual_tokens, or the default: 128
         rounded up to whole blocks for a quantized format, 0 for float formats)."""
-        if self.kv_residual_tokens is not None:
-            return self.kv_residual_tokens
         kv_dtypes = split_kv_dtype(self.resolved_kv_cache_dtype("float32"))
-        if not set(QUANTIZED_DTYPES) & set(kv_dtypes):
+        if self.kv_residual_tokens is None and not set(QUANTIZED_DTYPES) & set(kv_dtypes):
             return 0
-        return -(-DEFAULT_KV_RESIDUAL_TOKENS // self.block_size) * self.block_size
+        return residual_window(self.kv_residual_tokens, self.block_size)
+
+
+def residual_window(kv_residual_tokens: int | None, block_size: int) -> int:
+    """The quantized formats' residual window in tokens, as the engine and the planner read
+    --kv-residual-tokens: None is the default (128, rounded up to whole blocks); else a multiple
+    of block_size from 0 to MAX_KV_RESIDUAL_TOKENS (ConfigError otherwise)."""
+    if kv_residual_tokens is None:
+        return -(-DEFAULT_KV_RESIDUAL_TOKENS // block_size) * block_size
+    w = kv_residual_tokens
+    if (not isinstance(w, int) or isinstance(w, bool) or w < 0 or w > MAX_KV_RESIDUAL_TOKENS
+            or w % block_size):
+        raise ConfigError(f"kv_residual_tokens must be a multiple of block_size ({block_size}) "
+                          f"from 0 to {MAX_KV_RESIDUAL_TOKENS}, got {w!r}")
+    return w
 
 
 PREEMPTION_MODES = ("recompute", "swap")

@@ -32,7 +32,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from kvserve.cli_flags import add_setting_flags
-from kvserve.config import QUANTIZED_DTYPES, parse_memory
+from kvserve.config import QUANTIZED_DTYPES, parse_memory, residual_window
 from kvserve.errors import ConfigError
 
 DEFAULT_FORMATS = "float32,bfloat16,float16,fp8_e4m3,fp8_e5m2,int8,int4,int8/int4"
@@ -137,14 +137,6 @@ def corpus_slices(tokenizer, args) -> tuple[list[list[int]], list[list[int]], li
     return windows, prompts, ids
 
 
-def residual_window(args) -> int:
-    """The quantized formats' residual window (tokens), as the engine resolves it."""
-    from kvserve.config import CacheConfig
-
-    return CacheConfig(kv_cache_dtype="int8", block_size=args.block_size,
-                       kv_residual_tokens=args.kv_residual_tokens).residual_window_tokens
-
-
 def make_llm(args, kv_cache_dtype: str, max_model_len: int):
     from kvserve.engine.llm import LLM
 
@@ -236,7 +228,7 @@ def main(args: argparse.Namespace) -> int:
             bar.update(1)
         del llm
     variants = [Variant(f, f) for f in formats[1:]]
-    window_tokens = residual_window(args)
+    window_tokens = residual_window(args.kv_residual_tokens, args.block_size)
     forced_len = min(128, args.new_tokens)
     forced = compare_many(model, [list(p) + list(t[:forced_len])
                                   for p, t in zip(prompts, greedy_ref)],

@@ -47,8 +47,8 @@ class ResidualPlan:
     A residual row is slot * window_rows + (block % window_blocks) * block_size + offset."""
 
     fill_ring: torch.Tensor  # [r] long: residual rows a filling block takes from the window ...
-    fill_src: torch.Tensor  # [num_filled * block_size] long: rows of cat(those, the new rows),
-    # the filled blocks' tokens in order
+    fill_src: torch.Tensor  # [num_filled * block_size] long: rows of cat(the step's new rows,
+    # those), the filled blocks' tokens in order
     fill_blocks: torch.Tensor  # [num_filled] long: the blocks they fill (block codecs encode)
     stage_dst: torch.Tensor  # [m] long: residual rows ...
     stage_rows: torch.Tensor  # [m] long: ... receiving these new rows (the tokens in the
@@ -221,7 +221,8 @@ class PagedKVStore:
             slots.append(self.residual_slot(s.seq_id))
             if fresh and s.start:  # after a prefix hit: the window's blocks before it
                 self._seed_window(slots[-1], block_tables[i], s.start)
-        fill_ring, fill_new, fill_at, stage_dst, stage_rows = [], [], ([], []), [], []
+        base = max((s.row_start + s.num_new for s in seqs), default=0)  # the step's new rows
+        fill_ring, fill_src, fill_at, stage_dst, stage_rows = [], [], ([], []), [], []
         for i, (s, slot) in enumerate(zip(seqs, slots)):
             end = s.start + s.num_new
             first = s.start // bs * bs  # the block the step starts in
@@ -230,15 +231,13 @@ class PagedKVStore:
                 fill_at[1].append(b0 // bs)
                 for p in range(b0, b0 + bs):
                     if p < s.start:  # waiting in the window (the step's first block)
-                        fill_new.append(-1 - len(fill_ring))
+                        fill_src.append(base + len(fill_ring))
                         fill_ring.append(self.ring_row(slot, p))
                     else:
-                        fill_new.append(s.row_start + p - s.start)
+                        fill_src.append(s.row_start + p - s.start)
             for p in range(max(s.start, window_rows(end, bs, w)), end):
                 stage_dst.append(self.ring_row(slot, p))
                 stage_rows.append(s.row_start + p - s.start)
-        # sources: the window's rows first, then the step's new rows
-        fill_src = [-1 - x if x < 0 else len(fill_ring) + x for x in fill_new]
 
         def t(x: list[int]) -> torch.Tensor:
             return torch.tensor(x, dtype=torch.long, device=self.device)
@@ -272,7 +271,7 @@ class PagedKVStore:
         window = self.residual[which][layer_idx]  # [slots, window rows, kv, d]
         flat = window.view(-1, *window.shape[2:])
         if not codec.per_token and plan.fill_blocks.numel():
-            src = torch.cat((flat.index_select(0, plan.fill_ring), x.float()))
+            src = torch.cat((x.float(), flat.index_select(0, plan.fill_ring)))
             blocks = src.index_select(0, plan.fill_src).view(-1, self.layout.block_size,
                                                               *window.shape[2:])
             for name, values in codec.encode_blocks(blocks).items():
@@ -294,9 +293,11 @@ class PagedKVStore:
         return codec.decode_blocks(got, dtype).flatten(0, 1)
 
     def ring_rows(self, slot: int, lo: int, hi: int) -> torch.Tensor:
-        """The residual rows of a sequence's positions [lo, hi) (long, on the device)."""
-        return torch.tensor([self.ring_row(slot, p) for p in range(lo, hi)], dtype=torch.long,
-                            device=self.device)
+        """The residual rows of a sequence's positions [lo, hi) (long, on the device): ring_row
+        of each."""
+        bs, w = self.layout.block_size, self.window_blocks
+        p = torch.arange(lo, hi, dtype=torch.long, device=self.device)
+        return (slot * w + p // bs % w) * bs + p % bs
 
     def read_window(self, layer_idx: int, which: int, rows: torch.Tensor) -> torch.Tensor:
         """These residual rows of one layer's K (which=0) or V (1): [len(rows), kv, d]."""

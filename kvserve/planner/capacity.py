@@ -10,12 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, replace
 
-from kvserve.config import (
-    DEFAULT_KV_RESIDUAL_TOKENS,
-    MAX_BLOCK_SIZE,
-    MAX_KV_RESIDUAL_TOKENS,
-    parse_size,
-)
+from kvserve.config import MAX_BLOCK_SIZE, parse_size, residual_window
 from kvserve.errors import ConfigError
 from kvserve.kv_dtypes import resolve_kv_pair, split_kv_dtype
 from kvserve.kvcache.layout import KV_FORMAT_SHORT_NAMES, KVLayout, kv_format, short_kv_dtype
@@ -225,14 +220,7 @@ def plan(model: str | ModelShape | None = None, context: int = 4000, concurrency
     if bs & (bs - 1) or bs > MAX_BLOCK_SIZE:
         raise ConfigError(f"block_size must be a power of two from 1 to {MAX_BLOCK_SIZE}, "
                           f"got {bs}")
-    if kv_residual_tokens is None:
-        window = -(-DEFAULT_KV_RESIDUAL_TOKENS // bs) * bs
-    else:
-        window = kv_residual_tokens
-        if (not isinstance(window, int) or isinstance(window, bool) or window < 0
-                or window > MAX_KV_RESIDUAL_TOKENS or window % bs):
-            raise ConfigError(f"kv_residual_tokens must be a multiple of block_size ({bs}) "
-                              f"from 0 to {MAX_KV_RESIDUAL_TOKENS}, got {window!r}")
+    window = residual_window(kv_residual_tokens, bs)
     memory_bytes = parse_size(memory, "memory")
     reserve_bytes, reserve_text, reserve_fraction = parse_reserve(reserve, memory_bytes)
     shape = model if isinstance(model, ModelShape) else resolve_model(model)

@@ -35,7 +35,8 @@ class PagedAttention:
         self._scores = torch.empty(0, dtype=torch.float32)  # workspace of the C decode kernel
         self._residual: ResidualPlan | None = None  # this step's plan (block formats)
         self._decode_slots: torch.Tensor | None = None  # residual slots of the decode rows
-        # residual rows of each sequence's window before its new tokens (None: no windows)
+        # each sequence's residual rows of its window before its new tokens (None: no windows;
+        # an entry None until the PyTorch path needs it, built once a step in forward)
         self._before_rows: list[torch.Tensor | None] | None = None
         self._fast = False  # this step's decodes take the C kernel (_fast_ok, once a step)
 
@@ -51,10 +52,7 @@ class PagedAttention:
             self._decode_slots = torch.tensor(
                 [slot for s, slot in zip(meta.seqs, self._residual.slots)
                  if s.num_new_tokens == 1], dtype=torch.long)
-            bs, wb = st.layout.block_size, st.window_blocks
-            self._before_rows = [
-                st.ring_rows(slot, window_rows(s.start_position + 1, bs, wb), s.start_position)
-                for s, slot in zip(meta.seqs, self._residual.slots)]
+            self._before_rows = [None] * len(meta.seqs)
         decode = meta.paged.decode
         if decode is not None and self._fast:
             need = (decode.context_lens.numel() * self.store.layout.spec.num_heads
@@ -85,9 +83,10 @@ class PagedAttention:
         before = None  # the gathered sequences' window rows, as they were before this step
         if self._before_rows is not None:
             before = [None if not gather_all and s.num_new_tokens == 1 else
-                      [None if w is None else st.read_window(layer_idx, which, rows)
+                      [None if w is None else st.read_window(layer_idx, which,
+                                                             self._rows_before(i, s))
                        for which, w in enumerate(st.residual)]
-                      for s, rows in zip(meta.seqs, self._before_rows)]
+                      for i, s in enumerate(meta.seqs)]
         # Write this step's K/V into their slots, in the store's format (quantized on write).
         st.write(layer_idx, meta.paged.slot_mapping, k, v, self._residual)
         new = (k, v, before)
@@ -100,6 +99,17 @@ class PagedAttention:
         out.index_copy_(0, decode.rows,
                         self._decode(q.index_select(0, decode.rows), layer_idx, decode))
         return self._attend_gathered(q, layer_idx, meta, out, True, new)
+
+    def _rows_before(self, i: int, s) -> torch.Tensor:
+        """Sequence i's residual rows of [its first query's window start, its first new
+        position): what the PyTorch path reads from the window besides the new rows."""
+        rows = self._before_rows[i]
+        if rows is None:
+            st = self.store
+            lo = window_rows(s.start_position + 1, st.layout.block_size, st.window_blocks)
+            rows = self._before_rows[i] = st.ring_rows(self._residual.slots[i], lo,
+                                                       s.start_position)
+        return rows
 
     def _decode(self, q: torch.Tensor, layer_idx: int, decode: DecodeRows) -> torch.Tensor:
         st = self.store
