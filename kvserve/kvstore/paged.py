@@ -51,8 +51,8 @@ class ResidualPlan:
     # those), the filled blocks' tokens in order
     fill_blocks: torch.Tensor  # [num_filled] long: the blocks they fill (block codecs encode)
     stage_dst: torch.Tensor  # [m] long: residual rows ...
-    stage_rows: torch.Tensor  # [m] long: ... receiving these new rows (the tokens in the
-    # sequence's window after the step)
+    stage_rows: torch.Tensor | None  # [m] long: ... receiving these new rows (the tokens in
+    # the sequence's window after the step); None: every new row, in order (a decode step)
     slots: tuple[int, ...]  # each sequence's residual slot, in the step's order
 
 
@@ -243,18 +243,20 @@ class PagedKVStore:
             return torch.tensor(x, dtype=torch.long, device=self.device)
 
         fill_blocks = block_tables[t(fill_at[0]), t(fill_at[1])].long()
-        return ResidualPlan(t(fill_ring), t(fill_src), fill_blocks, t(stage_dst), t(stage_rows),
-                            tuple(slots))
+        every = stage_rows == list(range(base))  # no index_select per layer and side
+        return ResidualPlan(t(fill_ring), t(fill_src), fill_blocks, t(stage_dst),
+                            None if every else t(stage_rows), tuple(slots))
 
     # -- writes and reads ---------------------------------------------------------------------
 
     def write(self, layer_idx: int, slot_mapping: torch.Tensor, k: torch.Tensor,
               v: torch.Tensor, residual: ResidualPlan | None = None) -> None:
-        """Encode new tokens' K and V [n, num_kv, d]: a per-token format into their slots
-        (slot = block * block_size + offset), a block format as `residual` plans."""
+        """Encode new tokens' K and V [n, num_kv, d]: a per-token format without a window into
+        their slots (slot = block * block_size + offset); a side with a window (any quantized
+        format) as `residual` plans."""
         for which, x in ((0, k), (1, v)):
             codec = self._codec(which)
-            if codec.per_token:
+            if codec.per_token and self.residual[which] is None:
                 encoded = codec.encode(x, self.tensor_scale(layer_idx, which))
                 for name, values in encoded.items():
                     t = self._parts[which][name][layer_idx]
@@ -267,16 +269,22 @@ class PagedKVStore:
 
     def _write_window(self, layer_idx: int, which: int, codec: KVCodec, x: torch.Tensor,
                       plan: ResidualPlan) -> None:
-        """A block codec encodes the blocks that fill; then the window takes its new rows."""
+        """The blocks that fill are encoded whole (a per-token format too: its codes are read
+        only once a block has left the window, so they are written once, when it fills, not
+        token by token); then the window takes its new rows."""
         window = self.residual[which][layer_idx]  # [slots, window rows, kv, d]
         flat = window.view(-1, *window.shape[2:])
-        if not codec.per_token and plan.fill_blocks.numel():
+        if plan.fill_blocks.numel():
             src = torch.cat((x.float(), flat.index_select(0, plan.fill_ring)))
             blocks = src.index_select(0, plan.fill_src).view(-1, self.layout.block_size,
                                                               *window.shape[2:])
-            for name, values in codec.encode_blocks(blocks).items():
+            encoded = (codec.encode(blocks, self.tensor_scale(layer_idx, which))
+                       if codec.per_token else codec.encode_blocks(blocks))
+            for name, values in encoded.items():
                 self._parts[which][name][layer_idx].index_copy_(0, plan.fill_blocks, values)
-        if plan.stage_rows.numel():
+        if plan.stage_rows is None:
+            flat.index_copy_(0, plan.stage_dst, x.float())
+        elif plan.stage_rows.numel():
             flat.index_copy_(0, plan.stage_dst, x.index_select(0, plan.stage_rows).float())
 
     def _decode(self, layer_idx: int, which: int, block_ids: torch.Tensor, length: int,
