@@ -221,6 +221,16 @@ def print_stats(llm, wall_s: float) -> None:
             f"({p.hit_rate:.1%}); blocks cached: {p.num_cached_blocks}, evicted: "
             f"{p.num_evictions}; block events: {e.num_stored} stored, {e.num_evicted} evicted, "
             f"{e.num_freed} freed")
+    for t in kv.tiers:
+        c = t.counters
+        lines.append(
+            f"{t.name} tier: {t.num_blocks:,} of {t.capacity_blocks:,} blocks held "
+            f"({t.num_parked_blocks} parked by swap); hits {c.num_hit_blocks} blocks: fetched "
+            f"{c.num_fetched_blocks} ({c.num_fetch_decisions} runs), recomputed "
+            f"{c.num_recomputed_blocks} ({c.num_recompute_decisions} runs); stored "
+            f"{c.num_stored_blocks}, evicted {c.num_evicted_blocks}; {c.num_bytes_in:,} bytes "
+            f"in, {c.num_bytes_out:,} out; expected prefill time saved "
+            f"{c.expected_saved_s * 1e3:.1f} ms; bandwidth now {t.bytes_per_s / 1e9:.2f} GB/s")
     if kv.quant_check is not None:
         q = kv.quant_check
         lines.append(

@@ -291,6 +291,29 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class OffloadConfig:
+    """Tiers below the paged pool for the prefix cache's blocks (kvcache/tiers.py)."""
+
+    cpu_offload_memory: str | int | None = setting(
+        None, "host RAM for cached K/V blocks the device pool evicts, e.g. 4GiB: a prefix hit "
+        "there is copied back instead of recomputed when the measured costs say it is faster; "
+        "swapped-out blocks share it (default: none, evicted blocks are gone)", kind="size")
+
+    def __post_init__(self) -> None:
+        if self.cpu_offload_memory is not None:
+            parse_size(self.cpu_offload_memory, "cpu_offload_memory")
+
+    @property
+    def cpu_offload_bytes(self) -> int:
+        return 0 if self.cpu_offload_memory is None else parse_size(self.cpu_offload_memory,
+                                                                    "cpu_offload_memory")
+
+    @property
+    def enabled(self) -> bool:
+        return self.cpu_offload_memory is not None
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: str | None = setting(None, "GGUF file or Hugging Face folder (default: the embedded "
                                 "SmolLM2-135M-Instruct)")
@@ -299,25 +322,32 @@ class EngineConfig:
     seed: int = setting(0, "seed of unseeded sampling", kind="int", flag=False)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    offload: OffloadConfig = field(default_factory=OffloadConfig)
 
     @classmethod
     def create(cls, **settings: Any) -> EngineConfig:
         """From the flat engine settings every command and LLM(...) share (see
         engine_settings()); an unknown name is a ConfigError naming it."""
-        parts: dict[type, dict[str, Any]] = {cls: {}, CacheConfig: {}, SchedulerConfig: {}}
+        parts: dict[type, dict[str, Any]] = {cls: {}, CacheConfig: {}, SchedulerConfig: {},
+                                             OffloadConfig: {}}
         owners = {s.name: s.owner for s in engine_settings()}
         for name, value in settings.items():
             if name not in owners:
                 raise ConfigError(f"unknown engine setting {name!r}")
             parts[owners[name]][name] = value
         return cls(**parts[cls], cache=CacheConfig(**parts[CacheConfig]),
-                   scheduler=SchedulerConfig(**parts[SchedulerConfig]))
+                   scheduler=SchedulerConfig(**parts[SchedulerConfig]),
+                   offload=OffloadConfig(**parts[OffloadConfig]))
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if self.offload.enabled and (self.cache.cache_mode != "paged"
+                                     or not self.cache.enable_prefix_caching):
+            raise ConfigError("offload tiers (cpu_offload_memory) hold the prefix cache's "
+                              "blocks: they need cache_mode 'paged' with prefix caching on")
 
     @property
     def kv_cache_dtype(self) -> str:
@@ -345,9 +375,10 @@ class EngineSetting:
 
 
 def engine_settings() -> tuple[EngineSetting, ...]:
-    """Every engine setting in declaration order: EngineConfig's own, then cache, scheduler."""
+    """Every engine setting in declaration order: EngineConfig's own, then cache, scheduler,
+    offload."""
     out = []
-    for owner in (EngineConfig, CacheConfig, SchedulerConfig):
+    for owner in (EngineConfig, CacheConfig, SchedulerConfig, OffloadConfig):
         for f in fields(owner):
             if "help" in f.metadata:
                 m = f.metadata

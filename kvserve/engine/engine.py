@@ -20,6 +20,7 @@ from kvserve.config import EngineConfig
 from kvserve.engine.detokenizer import Detokenizer
 from kvserve.engine.kv_check import check_kv_format
 from kvserve.engine.kv_setup import build_kv
+from kvserve.engine.tier_setup import build_lower_tiers
 from kvserve.errors import ConfigError, InvalidRequestError
 from kvserve.kvcache.events import BlockEvent
 from kvserve.kvcache.snapshot import CacheSnapshot, EventCounts, KVQuality
@@ -94,6 +95,14 @@ class LLMEngine:
                 self.spec.max_position_embeddings,
                 config.cache.kv_quant_check, model_fingerprint(config.model))
         self.block_manager = kv.block_manager
+        if config.offload.enabled:
+            self.block_manager.lower = build_lower_tiers(config, self.model, kv.kv_store)
+            self.model.num_kv_projections = 0  # the probe's are no request's
+            log.info("offload: host tier of %d blocks (%s); host copies at %.2f GB/s, prefill "
+                     "%.2f ms/token", self.block_manager.lower.host.capacity_blocks,
+                     config.offload.cpu_offload_memory,
+                     self.block_manager.lower.rates["host"].bytes_per_s / 1e9,
+                     self.block_manager.lower.prefill.per_token_s * 1e3)
         self.runner = ModelRunner(self.model, kv.attention, self.tokenizer.eos_token_ids,
                                   kv.kv_store)
         self.scheduler = Scheduler(config.scheduler, self.max_model_len, kv.attention.retains_kv,
@@ -196,10 +205,18 @@ class LLMEngine:
     # -- the loop ----------------------------------------------------------------------------
     def step(self) -> list[RequestDelta]:
         plan = self.scheduler.schedule()
-        self.runner.apply_transfers(plan)  # even a step with nothing to run may preempt
+        timings = self.runner.apply_transfers(plan)  # even a step with nothing to run may preempt
+        lower = self.block_manager.lower if self.block_manager is not None else None
+        for t in timings:  # the cost model follows the real copies
+            lower.observe_transfer(t.tier, t.num_bytes, t.seconds)
         if not plan.seqs:
             return []
+        t0 = time.perf_counter()
         result, failed = self._execute(plan)
+        if lower is not None and not failed and all(len(s.token_ids) > 1 for s in plan.seqs):
+            # a step of prefills only: how fast this model recomputes, now
+            lower.prefill.observe_many([(len(s.token_ids), s.start_position) for s in plan.seqs],
+                                       time.perf_counter() - t0)
         if failed:
             plan = dataclasses.replace(
                 plan, seqs=tuple(s for s in plan.seqs if s.request_id not in failed))
@@ -314,7 +331,8 @@ class LLMEngine:
             prefix=m.prefix_snapshot() if m is not None else None,
             events=m.event_counts() if m is not None else EventCounts(),
             requests=m.request_blocks(live) if m is not None and with_requests else (),
-            quant_check=self.kv_quality)
+            quant_check=self.kv_quality,
+            tiers=m.lower.snapshots() if m is not None and m.lower is not None else ())
 
     def record_kv_events(self) -> None:
         """Keep block events for drain_kv_events() from now on (until then only their counts

@@ -21,12 +21,14 @@ from kvserve.kvcache.events import BlockEvent, BlockEventKind, EventLog
 from kvserve.kvcache.policy import FullHistory, RetentionPolicy
 from kvserve.kvcache.prefix_index import PrefixIndex, chain_keys, root_key
 from kvserve.kvcache.snapshot import EventCounts, PoolSnapshot, PrefixSnapshot, RequestBlocks
+from kvserve.kvcache.tiers import LowerTiers, TierBlock, TierOps
 from kvserve.request import Request
 
 
 class BlockManager:
     def __init__(self, pool: BlockPool, block_size: int, prefix_index: PrefixIndex | None = None,
-                 model_key: str = "", policy: RetentionPolicy | None = None):
+                 model_key: str = "", policy: RetentionPolicy | None = None,
+                 lower: LowerTiers | None = None):
         self.pool = pool
         self.block_size = block_size
         self.tables: dict[str, list[int]] = {}
@@ -36,6 +38,9 @@ class BlockManager:
         self.model_key = model_key  # the model identity every block key starts from
         self.policy: RetentionPolicy = policy or FullHistory()
         self.num_indexed: dict[str, int] = {}  # request id -> leading blocks offered to the index
+        # Tiers below the pool (prefix caching only): evicted cached blocks move down, hits
+        # there come back up.
+        self.lower = lower if prefix_index is not None else None
 
     def num_blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -60,9 +65,14 @@ class BlockManager:
     def allocate_blocks(self, num_blocks: int) -> list[int]:
         """Blocks for new K/V, least recently freed first: cached ones among them are evicted."""
         block_ids = self.pool.allocate(num_blocks)
-        if self.prefix_index is not None:
+        index = self.prefix_index
+        if index is not None:
             for b in block_ids:
-                self.prefix_index.evict(b)
+                key = index.key_of_block(b)
+                if key is not None and self.lower is not None:
+                    cached = index.index[key]
+                    self.lower.offload(b, key, TierBlock(cached.token_ids, cached.tenant))
+                index.evict(b)
         return block_ids
 
     # -- prefix caching ------------------------------------------------------------------------
@@ -89,8 +99,41 @@ class BlockManager:
                                  r.token_ids_between(0, max_blocks * bs), bs)
         self.pool.incref(hits)  # a hit on a free block takes it back out of the free queue
         self.tables[r.request_id] = list(hits)
+        if self.lower is not None and len(hits) < max_blocks:
+            hits = hits + self._fetch_from_lower(r, len(hits), max_blocks)
         self.num_indexed[r.request_id] = len(hits)
         return len(hits) * bs
+
+    def _fetch_from_lower(self, r: Request, first: int, max_blocks: int) -> list[int]:
+        """Device blocks for the run of r's blocks [first, max_blocks) that a lower tier holds
+        and the cost model says to fetch (as many as the pool has free blocks for), indexed at
+        once: their K/V arrive before this step's forward."""
+        bs = self.block_size
+        keys = r.block_keys[first:max_blocks]
+        found = self.lower.match(keys, r.token_ids_between(first * bs, max_blocks * bs), first * bs)
+        found = found[:self.pool.num_free_blocks]
+        if not found:
+            return []
+        block_ids = self.allocate_blocks(len(found))
+        self.tables[r.request_id].extend(block_ids)
+        for key, block_id, block in zip(keys, block_ids, found):
+            self.prefix_index.insert(key, block_id, block.token_ids, block.tenant)
+        self.lower.fetch_run(r.request_id, list(zip(block_ids, keys)), first * bs)
+        return block_ids
+
+    def take_tier_ops(self) -> TierOps | None:
+        """What the plan being built moves between the pool and the tiers below it."""
+        return None if self.lower is None else self.lower.take_ops()
+
+    def park(self, num_blocks: int) -> None:
+        """num_blocks of a preempted request are swapped out to host memory (a lower host tier
+        makes room for them)."""
+        if self.lower is not None:
+            self.lower.park(num_blocks)
+
+    def unpark(self, num_blocks: int) -> None:
+        if self.lower is not None:
+            self.lower.unpark(num_blocks)
 
     def record_admission(self, r: Request, num_hit_tokens: int) -> None:
         """Count one admitted request's prefix lookup in the hit rate (a lookup whose admission
@@ -142,6 +185,9 @@ class BlockManager:
         """Release the request's blocks; returns the ids it held, in table order."""
         block_ids = self.tables.pop(request_id, [])
         self.num_indexed.pop(request_id, None)
+        if self.lower is not None:  # fetches planned for it whose K/V will not arrive now
+            for b in self.lower.cancel(request_id):
+                self.prefix_index.evict(b)
         # Tail first: a chain's last blocks reach the head of the free queue (evicted first)
         # before the prefix blocks that other prompts are likelier to share.
         for b in self.pool.free(reversed(block_ids)):

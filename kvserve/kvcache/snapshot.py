@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from kvserve.kvcache.tiers import TierSnapshot
+
 
 @dataclass(frozen=True)
 class PoolSnapshot:
@@ -98,6 +100,7 @@ class CacheSnapshot:
     events: EventCounts = EventCounts()
     requests: tuple[RequestBlocks, ...] = ()
     quant_check: KVQuality | None = None  # the start-up guardrail's measure (quantized formats)
+    tiers: tuple[TierSnapshot, ...] = ()  # the prefix cache's tiers below the pool (offload)
 
     @property
     def num_bytes_used(self) -> int:

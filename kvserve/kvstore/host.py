@@ -1,7 +1,8 @@
 """Host-memory copies of device blocks, each under the key a BlockTransfer names it by.
 
 Swap preemption parks a request's blocks here (keys owned by the request, dropped when it ends);
-lower tiers of cached blocks will use the same copies keyed by block key.
+the prefix cache's host tier keeps evicted cached blocks here under their block keys, each in
+memory of its own (kvcache.tiers decides which, and when they go).
 """
 
 from __future__ import annotations
@@ -31,10 +32,28 @@ class HostBlockStore:
                 self.owner_of[key] = owner
                 self.owned.setdefault(owner, set()).add(key)
 
+    def keep(self, keys: tuple[Hashable, ...], parts: dict[str, torch.Tensor]) -> None:
+        """As put, each block copied into memory of its own (a cached block outlives the
+        others of its batch, and the host tier counts blocks, not batches)."""
+        for i, key in enumerate(keys):
+            self.blocks[key] = {name: t[:, i:i + 1].clone() for name, t in parts.items()}
+
+    def drop(self, key: Hashable) -> None:
+        self.blocks.pop(key, None)
+
+    def num_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for e in self.blocks.values() for t in e.values())
+
     def take(self, keys: tuple[Hashable, ...]) -> dict[str, torch.Tensor]:
         """Remove these blocks and return them batched in key order, by part (in page-locked
         memory when pin_memory)."""
-        entries = [self._pop(k) for k in keys]
+        return self._batch([self._pop(k) for k in keys])
+
+    def copy(self, keys: tuple[Hashable, ...]) -> dict[str, torch.Tensor]:
+        """These blocks batched in key order, by part; they stay here."""
+        return self._batch([self.blocks[k] for k in keys])
+
+    def _batch(self, entries: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         out = {}
         for name, first in entries[0].items():
             shape = (first.shape[0], len(entries), *first.shape[2:])

@@ -8,6 +8,9 @@ It never decides who runs: that is the scheduler's plan.
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+
 import torch
 
 from kvserve.kvstore.host import HostBlockStore
@@ -20,6 +23,15 @@ from kvserve.runner.sampler import Sampler, SamplingBatch
 from kvserve.scheduler.plan import PromptScores, SampledToken, StepPlan, StepResult, Tier
 
 SCORE_ROWS = 256  # prompt positions scored (log_softmax over the vocabulary) at once
+
+
+@dataclass(frozen=True)
+class TransferTiming:
+    """One copy of cached blocks between the device pool and a lower tier (either way)."""
+
+    tier: str
+    num_bytes: int
+    seconds: float
 
 
 class ModelRunner:
@@ -47,25 +59,43 @@ class ModelRunner:
             self.generators[r.request_id] = gen
         return self.generators[r.request_id]
 
-    def apply_transfers(self, plan: StepPlan) -> None:
+    def apply_transfers(self, plan: StepPlan) -> list[TransferTiming]:
         """Block copies in plan order (copies off the device first: the blocks they free may
         be handed to others in this same step); a swapped request's residual window (int8/int4)
-        travels with its blocks. Requests preempted to recompute lose theirs first."""
+        travels with its blocks. Requests preempted to recompute lose theirs first. Returns how
+        long the host tier's copies took (the cost model's measurements)."""
         for request_id in plan.dropped:
             self.attention.release(request_id)
+        timings = []
         for t in plan.transfers:
-            if t.dst is Tier.HOST:
-                self.host_blocks.put(t.block_keys, self.kv_store.read_blocks(t.block_ids),
-                                     owner=t.request_id)
-                window = (self.kv_store.take_residual(t.request_id)
-                          if t.request_id is not None else None)
+            t0 = time.perf_counter()
+            if t.dst is Tier.HOST and t.request_id is None:  # the prefix cache's host tier
+                parts = self.kv_store.read_blocks(t.block_ids)
+                self.host_blocks.keep(t.block_keys, parts)
+            elif t.dst is Tier.HOST:  # a swap-out
+                parts = self.kv_store.read_blocks(t.block_ids)
+                self.host_blocks.put(t.block_keys, parts, owner=t.request_id)
+                window = self.kv_store.take_residual(t.request_id)
                 if window is not None:
                     self.parked_windows[t.request_id] = window
-            else:
-                self.kv_store.write_blocks(t.block_ids, self.host_blocks.take(t.block_keys))
+            elif t.request_id is None:  # a hit in the host tier
+                parts = self.host_blocks.copy(t.block_keys)
+                self.kv_store.write_blocks(t.block_ids, parts)
+            else:  # a swap-in
+                parts = self.host_blocks.take(t.block_keys)
+                self.kv_store.write_blocks(t.block_ids, parts)
                 window = self.parked_windows.pop(t.request_id, None)
                 if window is not None:
                     self.kv_store.put_residual(t.request_id, window)
+            if t.request_id is None:
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                timings.append(TransferTiming(
+                    Tier.HOST.value, sum(p.numel() * p.element_size() for p in parts.values()),
+                    time.perf_counter() - t0))
+        for key in plan.host_drops:
+            self.host_blocks.drop(key)
+        return timings
 
     def execute(self, plan: StepPlan, requests: dict[str, Request]) -> StepResult:
         """The forward pass and sampling of the plan's sequences (its transfers are

@@ -36,7 +36,9 @@ class BlockTransfer:
 
     block_ids are device block ids (read when src is DEVICE, written when dst is DEVICE);
     block_keys name the copies in the other tier, one per block. A swap preemption is the case
-    request_id set: its keys belong to that request and die with it.
+    request_id set: its keys belong to that request and die with it. Without request_id the
+    keys are block keys of the prefix cache's host tier: copied down when the pool evicts them,
+    copied up (the host keeps its copy) on a hit there.
     """
 
     src: Tier
@@ -67,6 +69,9 @@ class StepPlan:
     # Requests preempted to recompute since the last plan: their K/V are gone, so the runner
     # forgets what it kept beside their blocks (a residual window).
     dropped: tuple[str, ...] = ()
+    # Host copies of cached blocks that the host tier's LRU pushed out: forgotten after the
+    # transfers above have run (a block fetched in this plan may be among them).
+    host_drops: tuple[TransferKey, ...] = ()
 
     @property
     def num_tokens(self) -> int:

@@ -31,6 +31,7 @@ from kvserve.scheduler.plan import (
     StepPlan,
     StepResult,
     Tier,
+    TransferKey,
     swap_keys,
 )
 from kvserve.scheduler.queues import WaitingQueue
@@ -109,7 +110,27 @@ class Scheduler:
             seqs.append(self._scheduled(r, num_new))
             budget = None if budget is None else budget - num_new
         dropped, self._dropped = tuple(self._dropped), []
-        return StepPlan(tuple(seqs), tuple(transfers), dropped)
+        transfers, host_drops = self._with_tier_ops(transfers)
+        return StepPlan(tuple(seqs), transfers, dropped, host_drops)
+
+    def _with_tier_ops(self, transfers: list[BlockTransfer]
+                       ) -> tuple[tuple[BlockTransfer, ...], tuple[TransferKey, ...]]:
+        """The plan's copies with the lower tiers' (evicted cached blocks copied down, hits
+        there fetched up): every copy off the device before any copy onto it, since a block
+        read here may be written in the same plan."""
+        ops = self.blocks.take_tier_ops() if self.blocks is not None else None
+        if ops is None:
+            return tuple(transfers), ()
+        reads, writes = [], []
+        if ops.offloads:
+            ids, keys = zip(*ops.offloads)
+            reads.append(BlockTransfer(Tier.DEVICE, Tier.HOST, ids, keys))
+        reads += [t for t in transfers if t.src is Tier.DEVICE]
+        writes += [t for t in transfers if t.dst is Tier.DEVICE]
+        if ops.fetches:
+            ids, keys = zip(*ops.fetches)
+            writes.append(BlockTransfer(Tier.HOST, Tier.DEVICE, ids, keys))
+        return tuple(reads + writes), ops.drops
 
     def _preempt_for_fair_share(self, transfers: list[BlockTransfer]) -> None:
         """Every running slot taken, and a tenant waits with nothing running: take one slot
@@ -205,6 +226,7 @@ class Scheduler:
             transfers.append(BlockTransfer(Tier.DEVICE, Tier.HOST, tuple(block_ids), keys,
                                            r.request_id))
             self.swapped[r.request_id] = keys
+            self.blocks.park(len(keys))
         else:
             self.blocks.free(r.request_id)
             r.num_computed_tokens = 0  # recompute: its K/V will be rebuilt from its tokens
@@ -222,6 +244,7 @@ class Scheduler:
         block_ids = self.blocks.allocate_blocks(num_held)
         self.blocks.adopt(r.request_id, block_ids)
         del self.swapped[r.request_id]
+        self.blocks.unpark(num_held)
         transfers.append(BlockTransfer(Tier.HOST, Tier.DEVICE, tuple(block_ids), keys,
                                        r.request_id))
         return self._allocate(r, num_new)  # the rest is free: checked above
@@ -276,7 +299,9 @@ class Scheduler:
             self.running.remove(r)  # by identity (Request compares by identity), few running
         else:
             self.waiting.remove(r.request_id)
-        self.swapped.pop(r.request_id, None)
+        parked = self.swapped.pop(r.request_id, None)
+        if parked is not None:
+            self.blocks.unpark(len(parked))
         if self.blocks is not None:
             self.blocks.free(r.request_id)
         r.status = _FINISH_STATUS[reason]

@@ -90,6 +90,7 @@ class _EngineCollector:
             yield gauge("kvserve_kv_quant_check_perplexity_reference",
                         f"Calibration text perplexity with {q.reference} K/V.",
                         q.perplexity_reference)
+        yield from _tier_metrics(kv.tiers, names, values)
         c = CounterMetricFamily("kvserve_kv_block_events",
                                 "KV block events: stored in the prefix index, evicted from it, "
                                 "freed by every holder.", labels=[*names, "event"])
@@ -100,6 +101,46 @@ class _EngineCollector:
         yield counter("kvserve_kv_block_events_dropped",
                       "Recorded block events pushed out of the bounded log before anyone read "
                       "them.", events.num_dropped)
+
+
+_TIER_COUNTERS = (
+    ("hit_blocks", "num_hit_blocks", "Blocks found in this tier past the device pool's hits."),
+    ("fetched_blocks", "num_fetched_blocks", "Blocks brought up from this tier (fetch chosen)."),
+    ("recomputed_blocks", "num_recomputed_blocks",
+     "Blocks found in this tier but recomputed (the cost model chose recompute)."),
+    ("fetch_decisions", "num_fetch_decisions", "Runs of hits the cost model chose to fetch."),
+    ("recompute_decisions", "num_recompute_decisions",
+     "Runs of hits the cost model chose to recompute."),
+    ("stored_blocks", "num_stored_blocks", "Blocks copied into this tier."),
+    ("evicted_blocks", "num_evicted_blocks", "Blocks this tier's LRU pushed out."),
+    ("bytes_in", "num_bytes_in", "Bytes copied into this tier."),
+    ("bytes_out", "num_bytes_out", "Bytes brought up from this tier."),
+    ("expected_saved_seconds", "expected_saved_s",
+     "Expected prefill seconds saved by fetches (recompute estimate minus fetch estimate)."),
+)
+
+
+def _tier_metrics(tiers, names: list[str], values: list[str]):
+    """The prefix cache's tiers below the pool (offload), one label value per tier."""
+    if not tiers:
+        return
+    labels = [*names, "tier"]
+    for suffix, attr, doc in _TIER_COUNTERS:
+        c = CounterMetricFamily(f"kvserve_kv_tier_{suffix}", doc, labels=labels)
+        for t in tiers:
+            c.add_metric([*values, t.name], getattr(t.counters, attr))
+        yield c
+    for suffix, doc, read in (
+            ("blocks", "Cached blocks this tier holds.", lambda t: t.num_blocks),
+            ("capacity_blocks", "Blocks this tier can hold.", lambda t: t.capacity_blocks),
+            ("parked_blocks", "Swapped-out blocks of preempted requests held in this tier.",
+             lambda t: t.num_parked_blocks),
+            ("bandwidth_bytes_per_second", "The cost model's current bandwidth of this tier "
+             "(measured at start-up, then from real copies).", lambda t: t.bytes_per_s)):
+        g = GaugeMetricFamily(f"kvserve_kv_tier_{suffix}", doc, labels=labels)
+        for t in tiers:
+            g.add_metric([*values, t.name], read(t))
+        yield g
 
 
 class ServerMetrics:

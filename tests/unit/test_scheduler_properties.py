@@ -114,10 +114,13 @@ def check_kv_contents(scheduler, plan, written, host):
         if t.dst is Tier.HOST:
             host.update(zip(t.block_keys, ([written.get(x) for x in slots((b,))]
                                            for b in t.block_ids)))
-        else:
+        else:  # a swap-in takes its copies; a hit in the host tier leaves them there
             for b, key in zip(t.block_ids, t.block_keys):
-                for x, content in zip(slots((b,)), host.pop(key)):
+                copy = host.pop(key) if t.request_id is not None else host[key]
+                for x, content in zip(slots((b,)), copy):
                     written[x] = content
+    for key in plan.host_drops:  # after the copies, as the runner does
+        del host[key]
     by_id = {r.request_id: r for r in scheduler.running}
     for s in plan.seqs:
         r = by_id[s.request_id]
@@ -152,13 +155,20 @@ prefix_ops = st.lists(st.one_of(
 @settings(max_examples=300, deadline=None)
 @given(ops=prefix_ops, mode=st.sampled_from(["recompute", "swap"]),
        budget=st.integers(4, 40), max_seqs=st.integers(1, 6),
-       tokens=st.lists(st.integers(1, 2), max_size=200))
-def test_prefix_caching_shares_only_same_salt_same_tokens(ops, mode, budget, max_seqs, tokens):
+       tokens=st.lists(st.integers(1, 2), max_size=200),
+       host_blocks=st.one_of(st.none(), st.integers(0, 12)))
+def test_prefix_caching_shares_only_same_salt_same_tokens(ops, mode, budget, max_seqs, tokens,
+                                                         host_blocks):
     """Prompts over a two-token alphabet share prefixes often; three salts (None is the shared
-    space) must never see each other's blocks; reference counts return to zero at the end."""
+    space) must never see each other's blocks, in the pool or through a host tier below it
+    (host_blocks: its capacity; None: no tier); reference counts return to zero at the end."""
+    from kvserve.kvcache.costs import PrefillRate, TransferRate
     from kvserve.kvcache.prefix_index import PrefixIndex
+    from kvserve.kvcache.tiers import LowerTiers, TierIndex
 
-    manager = BlockManager(BlockPool(NUM_BLOCKS), BLOCK_SIZE, PrefixIndex(), "m")
+    lower = None if host_blocks is None else LowerTiers(
+        TierIndex("host", host_blocks), TransferRate(1e9), PrefillRate(1.0, 0.0), 1, BLOCK_SIZE)
+    manager = BlockManager(BlockPool(NUM_BLOCKS), BLOCK_SIZE, PrefixIndex(), "m", lower=lower)
     scheduler = make_scheduler(manager, mode, budget, max_seqs)
     requests, written, host = [], {}, {}
     for op, prompt, n, salt in ops:
@@ -179,3 +189,6 @@ def test_prefix_caching_shares_only_same_salt_same_tokens(ops, mode, budget, max
     drain(scheduler, manager, tokens,
           lambda plan: check_kv_contents(scheduler, plan, written, host))
     assert not any(manager.pool.ref_counts)
+    if lower is not None:  # the tier's index and the copies agree; parked blocks all returned
+        assert set(lower.host.entries) == {k for k in host if isinstance(k, bytes)}
+        assert lower.host.num_parked == 0 and len(lower.host) <= host_blocks

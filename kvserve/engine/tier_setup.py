@@ -1,0 +1,87 @@
+"""Builds the tiers below the paged pool and measures, at start-up, what the cost model starts
+from: how fast this machine moves a block to each tier and back, and how fast this model
+prefills (a real forward of PREFILL_TOKENS tokens in the engine's KV format).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from kvserve.config import EngineConfig
+from kvserve.kvcache.costs import PrefillRate, TransferRate, attention_ratio
+from kvserve.kvcache.layout import KVLayout
+from kvserve.kvcache.tiers import LowerTiers, TierIndex
+from kvserve.kvstore.host import HostBlockStore
+from kvserve.kvstore.paged import PagedKVStore
+from kvserve.model.attention.paged import PagedAttention
+from kvserve.model.llama import LlamaModel
+from kvserve.runner.input_builder import InputBuilder
+from kvserve.scheduler.plan import ScheduledSeq, StepPlan
+
+PREFILL_TOKENS = 128
+PROBE_BLOCKS = 8  # blocks per probe copy (and 1: the latency)
+
+
+def build_lower_tiers(config: EngineConfig, model: LlamaModel, store: PagedKVStore
+                      ) -> LowerTiers:
+    layout = store.layout
+    host = TierIndex("host", config.offload.cpu_offload_bytes // layout.bytes_per_block)
+    spec = model.spec
+    per_layer = (spec.hidden_size * (2 * spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim
+                 + 3 * spec.hidden_size * spec.intermediate_size)
+    prefill = PrefillRate(0.0, attention_ratio(spec.num_layers, spec.num_heads, spec.head_dim,
+                                               spec.num_layers * per_layer))
+    prefill.per_token_s = measure_prefill_s(model, layout) / prefill.work(PREFILL_TOKENS, 0)
+    return LowerTiers(host, measure_host_rate(store), prefill, layout.bytes_per_block,
+                      layout.block_size)
+
+
+def measure_prefill_s(model: LlamaModel, layout: KVLayout) -> float:
+    """Seconds of one prefill of PREFILL_TOKENS tokens from an empty cache (after a warm-up),
+    through a scratch store of the engine's format."""
+    num_blocks = layout.num_blocks_for_tokens(PREFILL_TOKENS)
+    store = PagedKVStore(layout, num_blocks, model.device)
+    attention = PagedAttention(store)
+    inputs = InputBuilder(model.device, layout.block_size)
+    ids = tuple((i * 7919) % model.spec.vocab_size for i in range(PREFILL_TOKENS))
+    times = []
+    for run in range(2):
+        plan = StepPlan((ScheduledSeq(f"probe{run}", ids, 0, True, tuple(range(num_blocks))),))
+        step = inputs.build(plan)
+        attention.prepare(step.meta)
+        t0 = time.perf_counter()
+        model.forward(step.input_ids, step.positions, attention, step.meta,
+                      torch.tensor([PREFILL_TOKENS - 1], device=model.device))
+        if model.device.type == "cuda":
+            torch.cuda.synchronize(model.device)
+        times.append(time.perf_counter() - t0)
+        attention.release(f"probe{run}")
+    return times[-1]
+
+
+def measure_host_rate(store: PagedKVStore) -> TransferRate:
+    """Copies of real pool blocks (empty at start-up) to host memory and back, as the host tier
+    makes them: a batch of one block (the latency) and of PROBE_BLOCKS (the bandwidth)."""
+    host = HostBlockStore(pin_memory=store.device.type == "cuda")
+    n = min(PROBE_BLOCKS, store.num_blocks)
+    seconds = {}
+    for count in (1, n):
+        ids, keys = tuple(range(count)), tuple(range(count))
+        runs = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            host.keep(keys, store.read_blocks(ids))
+            store.write_blocks(ids, host.copy(keys))
+            if store.device.type == "cuda":
+                torch.cuda.synchronize(store.device)
+            runs.append((time.perf_counter() - t0) / 2)  # one way
+        seconds[count] = statistics.median(runs)
+    block = store.layout.bytes_per_block
+    if n > 1 and seconds[n] > seconds[1]:
+        bytes_per_s = (n - 1) * block / (seconds[n] - seconds[1])
+    else:
+        bytes_per_s = n * block / seconds[n]
+    return TransferRate(bytes_per_s, max(0.0, seconds[1] - block / bytes_per_s))
