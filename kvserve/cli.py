@@ -183,6 +183,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     if args.stats:
         print_stats(llm, time.perf_counter() - t0)
+    llm.close()  # a disk tier keeps this prompt's blocks for the next run
     return 0
 
 

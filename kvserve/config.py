@@ -298,15 +298,32 @@ class OffloadConfig:
         None, "host RAM for cached K/V blocks the device pool evicts, e.g. 4GiB: a prefix hit "
         "there is copied back instead of recomputed when the measured costs say it is faster; "
         "swapped-out blocks share it (default: none, evicted blocks are gone)", kind="size")
+    disk_offload_dir: str | None = setting(
+        None, "directory for cached K/V blocks the host tier pushes out (needs "
+        "--cpu-offload-memory); what an earlier process left there is reused at start-up")
+    disk_offload_size: str | int = setting("16GiB", "most bytes the disk tier may hold",
+                                           kind="size")
 
     def __post_init__(self) -> None:
         if self.cpu_offload_memory is not None:
             parse_size(self.cpu_offload_memory, "cpu_offload_memory")
+        parse_size(self.disk_offload_size, "disk_offload_size")
+        if self.disk_offload_dir is not None:
+            if self.cpu_offload_memory is None:
+                raise ConfigError("disk_offload_dir needs cpu_offload_memory: blocks reach the "
+                                  "disk through the host tier and come back up through it")
+            if not isinstance(self.disk_offload_dir, str) or not self.disk_offload_dir:
+                raise ConfigError(f"disk_offload_dir must be a directory path, "
+                                  f"got {self.disk_offload_dir!r}")
 
     @property
     def cpu_offload_bytes(self) -> int:
         return 0 if self.cpu_offload_memory is None else parse_size(self.cpu_offload_memory,
                                                                     "cpu_offload_memory")
+
+    @property
+    def disk_offload_bytes(self) -> int:
+        return parse_size(self.disk_offload_size, "disk_offload_size")
 
     @property
     def enabled(self) -> bool:

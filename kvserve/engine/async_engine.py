@@ -154,6 +154,8 @@ class AsyncLLMEngine:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout_s)
+        if self._thread is None or not self._thread.is_alive():
+            self.engine.close()  # the disk tier gets what it does not hold yet
 
     @property
     def stats(self) -> EngineStats:

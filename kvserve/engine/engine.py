@@ -24,6 +24,7 @@ from kvserve.engine.tier_setup import build_lower_tiers
 from kvserve.errors import ConfigError, InvalidRequestError
 from kvserve.kvcache.events import BlockEvent
 from kvserve.kvcache.snapshot import CacheSnapshot, EventCounts, KVQuality
+from kvserve.kvcache.tiers import LoadResult, TierBlock
 from kvserve.model.llama import LlamaModel
 from kvserve.model.loader import load_checkpoint, model_fingerprint
 from kvserve.request import (
@@ -95,16 +96,17 @@ class LLMEngine:
                 self.spec.max_position_embeddings,
                 config.cache.kv_quant_check, model_fingerprint(config.model))
         self.block_manager = kv.block_manager
-        if config.offload.enabled:
-            self.block_manager.lower = build_lower_tiers(config, self.model, kv.kv_store)
-            self.model.num_kv_projections = 0  # the probe's are no request's
-            log.info("offload: host tier of %d blocks (%s); host copies at %.2f GB/s, prefill "
-                     "%.2f ms/token", self.block_manager.lower.host.capacity_blocks,
-                     config.offload.cpu_offload_memory,
-                     self.block_manager.lower.rates["host"].bytes_per_s / 1e9,
-                     self.block_manager.lower.prefill.per_token_s * 1e3)
         self.runner = ModelRunner(self.model, kv.attention, self.tokenizer.eos_token_ids,
                                   kv.kv_store)
+        if config.offload.enabled:
+            identity = f"{model_fingerprint(config.model)}|{model_key}"
+            lower, disk = build_lower_tiers(config, self.model, kv.kv_store, identity)
+            self.block_manager.lower, self.runner.disk = lower, disk
+            self.model.num_kv_projections = 0  # the probe's are no request's
+            for t in lower.snapshots():
+                log.info("offload: %s tier of %d blocks (%d held), %.2f GB/s; prefill %.2f "
+                         "ms/token", t.name, t.capacity_blocks, t.num_blocks,
+                         t.bytes_per_s / 1e9, lower.prefill.per_token_s * 1e3)
         self.scheduler = Scheduler(config.scheduler, self.max_model_len, kv.attention.retains_kv,
                                    self.tokenizer.eos_token_ids, self.block_manager)
         self.detokenizer = Detokenizer(self.tokenizer)
@@ -204,9 +206,13 @@ class LLMEngine:
 
     # -- the loop ----------------------------------------------------------------------------
     def step(self) -> list[RequestDelta]:
+        lower = self.block_manager.lower if self.block_manager is not None else None
+        if lower is not None and lower.disk is not None:
+            lower.loaded([LoadResult(x.tier, x.key, x.ok, TierBlock(x.token_ids, x.tenant),
+                                     x.num_bytes, x.seconds, x.reason)
+                          for x in self.runner.poll_loads()])
         plan = self.scheduler.schedule()
         timings = self.runner.apply_transfers(plan)  # even a step with nothing to run may preempt
-        lower = self.block_manager.lower if self.block_manager is not None else None
         for t in timings:  # the cost model follows the real copies
             lower.observe_transfer(t.tier, t.num_bytes, t.seconds)
         if not plan.seqs:
@@ -301,6 +307,26 @@ class LLMEngine:
                              if first.params.prompt_logprobs is not None else None),
             metrics={**request_metrics(first), "num_blocks": float(first.max_num_blocks),
                      "num_preemptions": float(first.num_preemptions)})
+
+    def close(self) -> None:
+        """Write what the disk tier does not hold yet (the host tier's cached blocks, then the
+        pool's) and wait for every write: a restart on the same directory finds them all."""
+        m = self.block_manager
+        lower = m.lower if m is not None else None
+        disk = self.runner.disk
+        if lower is None or disk is None:
+            return
+        for key, block in list(lower.host.entries.items()):
+            parts = self.runner.host_blocks.blocks.get(key)
+            if key not in lower.disk and parts is not None:
+                disk.write(key, block.token_ids, block.tenant, parts)
+                lower.disk.insert(key, block)
+        for key, cached in list(m.prefix_index.index.items()):
+            if key not in lower.disk:
+                parts = self.runner.kv_store.read_blocks((cached.block_id,))
+                disk.write(key, cached.token_ids, cached.tenant, parts)
+                lower.disk.insert(key, TierBlock(cached.token_ids, cached.tenant))
+        disk.drain()
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached prefix block (blocks in use keep their K/V for their requests);

@@ -138,6 +138,17 @@ class LLM:
         """Forget every cached prefix block; False if prefix caching is off."""
         return self.engine.reset_prefix_cache()
 
+    def close(self) -> None:
+        """Hand what the disk tier does not hold yet down to it and wait for the writes (a
+        later LLM on the same --disk-offload-dir reuses them); nothing to do without one."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
              sampling_params: SamplingParams | None = None,
              add_generation_prompt: bool = True, use_tqdm: bool = True) -> list[RequestOutput]:

@@ -13,7 +13,9 @@ import torch
 from kvserve.config import EngineConfig
 from kvserve.kvcache.costs import PrefillRate, TransferRate, attention_ratio
 from kvserve.kvcache.layout import KVLayout
-from kvserve.kvcache.tiers import LowerTiers, TierIndex
+from kvserve.kvcache.tiers import LowerTiers, TierBlock, TierIndex
+from kvserve.kvstore.disk import DiskStore, DiskTier
+from kvserve.kvstore.entry import EntryMeta
 from kvserve.kvstore.host import HostBlockStore
 from kvserve.kvstore.paged import PagedKVStore
 from kvserve.model.attention.paged import PagedAttention
@@ -25,8 +27,11 @@ PREFILL_TOKENS = 128
 PROBE_BLOCKS = 8  # blocks per probe copy (and 1: the latency)
 
 
-def build_lower_tiers(config: EngineConfig, model: LlamaModel, store: PagedKVStore
-                      ) -> LowerTiers:
+def build_lower_tiers(config: EngineConfig, model: LlamaModel, store: PagedKVStore,
+                      identity: str) -> tuple[LowerTiers, DiskTier | None]:
+    """The host tier (and the disk tier below it, with what an earlier process left there),
+    their measured rates and the measured prefill rate. identity: what made the K/V (model
+    files, dtype, KV format and window): disk entries are kept and read under it alone."""
     layout = store.layout
     host = TierIndex("host", config.offload.cpu_offload_bytes // layout.bytes_per_block)
     spec = model.spec
@@ -35,8 +40,41 @@ def build_lower_tiers(config: EngineConfig, model: LlamaModel, store: PagedKVSto
     prefill = PrefillRate(0.0, attention_ratio(spec.num_layers, spec.num_heads, spec.head_dim,
                                                spec.num_layers * per_layer))
     prefill.per_token_s = measure_prefill_s(model, layout) / prefill.work(PREFILL_TOKENS, 0)
-    return LowerTiers(host, measure_host_rate(store), prefill, layout.bytes_per_block,
-                      layout.block_size)
+    disk, disk_index, disk_rate = None, None, None
+    if config.offload.disk_offload_dir is not None:
+        disk = DiskTier(DiskStore(config.offload.disk_offload_dir, identity,
+                                  layout_description(store)))
+        disk_rate = measure_disk_rate(disk.store, store)
+        disk_index = TierIndex("disk", config.offload.disk_offload_bytes // layout.bytes_per_block)
+        for meta in disk.store.scan():  # a warm start: oldest first, so LRU order holds
+            for gone, _ in disk_index.insert(meta.key, TierBlock(meta.token_ids, meta.tenant)):
+                disk.store.delete(gone)
+    lower = LowerTiers(host, measure_host_rate(store), prefill, layout.bytes_per_block,
+                       layout.block_size, disk_index, disk_rate)
+    return lower, disk
+
+
+def layout_description(store: PagedKVStore) -> str:
+    """What a block's entry must match to be read into this pool: block size and each part's
+    shape and dtype."""
+    return f"block_size={store.layout.block_size};" + ";".join(
+        f"{name}:{tuple(t.shape[:1]) + tuple(t.shape[2:])}:{t.dtype}"
+        for name, t in sorted(store.parts.items()))
+
+
+def measure_disk_rate(disk: DiskStore, store: PagedKVStore) -> TransferRate:
+    """A probe entry of one real block written and read back (the read is what fetching
+    costs; the page cache answers it as it will answer recent entries)."""
+    parts = store.read_blocks((0,))
+    key = b"\0" * 32
+    runs = []
+    for _ in range(3):
+        disk.write(EntryMeta(key, (), None), parts)
+        t0 = time.perf_counter()
+        _, _, num_bytes = disk.read(key)
+        runs.append(time.perf_counter() - t0)
+    disk.delete(key)
+    return TransferRate(num_bytes / statistics.median(runs))
 
 
 def measure_prefill_s(model: LlamaModel, layout: KVLayout) -> float:

@@ -101,6 +101,7 @@ class BlockManager:
         self.tables[r.request_id] = list(hits)
         if self.lower is not None and len(hits) < max_blocks:
             hits = hits + self._fetch_from_lower(r, len(hits), max_blocks)
+            self.lower.unpin(r.request_id)  # what it waited for is on the device now
         self.num_indexed[r.request_id] = len(hits)
         return len(hits) * bs
 
@@ -120,6 +121,20 @@ class BlockManager:
             self.prefix_index.insert(key, block_id, block.token_ids, block.tenant)
         self.lower.fetch_run(r.request_id, list(zip(block_ids, keys)), first * bs)
         return block_ids
+
+    def must_wait(self, r: Request) -> bool:
+        """Whether r, not yet admitted, should wait for blocks loading from a tier below the
+        host (a disk hit past its device and host hits starts loading here)."""
+        if (self.lower is None or self.lower.disk is None or r.request_id in self.tables
+                or r.num_computed_tokens or r.params.prompt_logprobs is not None):
+            return False
+        bs = self.block_size
+        max_blocks = (r.num_tokens - 1) // bs
+        self._extend_keys(r, max_blocks * bs)
+        first = len(self.prefix_index.lookup(r.block_keys[:max_blocks],
+                                             r.token_ids_between(0, max_blocks * bs), bs))
+        return self.lower.prefetch(r.request_id, r.block_keys[first:max_blocks],
+                                   r.token_ids_between(first * bs, max_blocks * bs), first * bs)
 
     def take_tier_ops(self) -> TierOps | None:
         """What the plan being built moves between the pool and the tiers below it."""

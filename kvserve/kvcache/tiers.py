@@ -1,12 +1,15 @@
 """Lower tiers of the prefix cache: what each holds (by block key, LRU), what a step must move
 between them and the device pool, and whether a hit there is worth fetching. No torch.
 
-Write policy: write-back on eviction. A cached block leaves the device pool only when the pool
-hands it out again; it is then copied into the host tier (unless a copy is already there: the
-host keeps what it sent up, so a block that goes back and forth is copied down once). A block
-the host tier's LRU pushes out is dropped. Swapped-out blocks of preempted requests live in
-the same host memory: they are parked there (never evicted while their request waits) and push
-cached blocks out to make room.
+Write policy: write-back on eviction, tier by tier. A cached block leaves the device pool only
+when the pool hands it out again; it is then copied into the host tier (unless a copy is
+already there: the host keeps what it sent up, so a block that goes back and forth is copied
+down once). A block the host tier's LRU pushes out is written to the disk tier (unless the disk
+holds it already) or, without one, dropped; the disk's LRU deletes its oldest entries. A disk
+hit is read back into the host tier off the step loop (its request waits, pinned blocks and
+all, while others run), then fetched into the pool like a host hit. Swapped-out blocks of
+preempted requests live in the same host memory: they are parked there (never evicted while
+their request waits) and push cached blocks out to make room.
 
 Keys are the device pool's chained block keys, whose root carries the model identity, the KV
 format and the request's cache salt: a tier can only ever answer a lookup made under the same
@@ -16,6 +19,7 @@ The K/V bytes are the runner's (kvstore.host); this module decides and records.
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -40,6 +44,7 @@ class TierCounters:
     num_recompute_decisions: int = 0
     num_stored_blocks: int = 0  # blocks copied into this tier
     num_evicted_blocks: int = 0  # blocks its LRU pushed out
+    num_rejected_entries: int = 0  # corrupt, truncated, foreign or missing entries dropped
     num_bytes_in: int = 0
     num_bytes_out: int = 0
     expected_saved_s: float = 0.0  # sum over fetches of expected (recompute - fetch) seconds
@@ -66,6 +71,7 @@ class TierIndex:
         self.capacity_blocks = capacity_blocks
         self.entries: OrderedDict[BlockKey, TierBlock] = OrderedDict()
         self.num_parked = 0  # blocks held for swapped-out requests (never evicted)
+        self.pinned: dict[BlockKey, int] = {}  # key -> waiting requests that need it here
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -85,8 +91,8 @@ class TierIndex:
         if key in self.entries:
             self.entries.move_to_end(key)
 
-    def insert(self, key: BlockKey, block: TierBlock) -> list[BlockKey]:
-        """Hold a block (most recently used); returns the keys pushed out to make room."""
+    def insert(self, key: BlockKey, block: TierBlock) -> list[tuple[BlockKey, TierBlock]]:
+        """Hold a block (most recently used); returns the blocks pushed out to make room."""
         self.entries[key] = block
         self.entries.move_to_end(key)
         return self._shrink()
@@ -94,7 +100,7 @@ class TierIndex:
     def remove(self, key: BlockKey) -> None:
         self.entries.pop(key, None)
 
-    def park(self, num_blocks: int) -> list[BlockKey]:
+    def park(self, num_blocks: int) -> list[tuple[BlockKey, TierBlock]]:
         """Room for swapped-out blocks: cached blocks pushed out as needed (returned)."""
         self.num_parked += num_blocks
         return self._shrink()
@@ -102,22 +108,52 @@ class TierIndex:
     def unpark(self, num_blocks: int) -> None:
         self.num_parked = max(0, self.num_parked - num_blocks)
 
-    def _shrink(self) -> list[BlockKey]:
-        out = []
-        while self.entries and len(self.entries) + self.num_parked > self.capacity_blocks:
-            out.append(self.entries.popitem(last=False)[0])
-        return out
+    def pin(self, key: BlockKey) -> None:
+        """Keep key here (not evicted) until unpinned: a waiting request will fetch it."""
+        self.pinned[key] = self.pinned.get(key, 0) + 1
+
+    def unpin(self, key: BlockKey) -> None:
+        n = self.pinned.pop(key, 0) - 1
+        if n > 0:
+            self.pinned[key] = n
+
+    def _shrink(self) -> list[tuple[BlockKey, TierBlock]]:
+        """The least recently used unpinned blocks, pushed out until the tier fits."""
+        excess = len(self.entries) + self.num_parked - self.capacity_blocks
+        victims: list[BlockKey] = []
+        for key in self.entries:
+            if len(victims) >= excess:
+                break
+            if key not in self.pinned:
+                victims.append(key)
+        return [(key, self.entries.pop(key)) for key in victims]
+
+
+LOAD_TIMEOUT_S = 5.0  # a request waits at most this long for its blocks to load from disk
+MAX_REMEMBERED_DECISIONS = 4096
 
 
 @dataclass
 class _Pending:
     """What this plan moves: device blocks read into the host tier, host copies written into
-    device blocks (for whom), and host copies to forget once the plan's copies are done."""
+    device blocks (for whom), host copies to forget once the plan's copies are done, and the
+    disk tier's operations in the order they must run (write, read, delete)."""
 
     offloads: list[tuple[int, BlockKey]] = field(default_factory=list)
     fetches: list[tuple[int, BlockKey, str]] = field(default_factory=list)
     drops: dict[BlockKey, None] = field(default_factory=dict)
     runs: dict[str, tuple[int, int]] = field(default_factory=dict)  # request -> (blocks, start)
+    disk_ops: list[DiskOp] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class DiskOp:
+    """write: the host copy under key goes to disk (before the plan's host drops); read: the
+    disk entry is loaded into host memory off the step loop; delete: the entry is removed."""
+
+    op: str
+    key: BlockKey
+    block: TierBlock | None = None  # write: what the entry's metadata records
 
 
 @dataclass(frozen=True)
@@ -125,19 +161,44 @@ class TierOps:
     offloads: tuple[tuple[int, BlockKey], ...]  # (device block, key): copy it into the host
     fetches: tuple[tuple[int, BlockKey], ...]  # (device block, key): copy the host's into it
     drops: tuple[BlockKey, ...]  # host copies to forget after the copies above
+    disk_ops: tuple[DiskOp, ...] = ()
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """A read from a tier below the host finished (off the step loop): its block is in host
+    memory (ok), or its entry was missing, corrupt, truncated or foreign and was dropped."""
+
+    tier: str
+    key: BlockKey
+    ok: bool
+    block: TierBlock | None = None  # what the entry's metadata recorded (ok only)
+    num_bytes: int = 0
+    seconds: float = 0.0
+    reason: str = ""
 
 
 class LowerTiers:
-    """The host tier below the device pool, its cost model and its counters."""
+    """The tiers below the device pool (host RAM, and disk below it), their cost model and
+    counters. Blocks the host tier pushes out move down to disk (write-back); a disk hit is
+    loaded into the host tier before its request is admitted, then fetched like a host hit."""
 
     def __init__(self, host: TierIndex, host_rate: TransferRate, prefill: PrefillRate,
-                 block_bytes: int, block_size: int):
-        self.host = host
+                 block_bytes: int, block_size: int, disk: TierIndex | None = None,
+                 disk_rate: TransferRate | None = None, clock=time.monotonic):
+        self.host, self.disk = host, disk
         self.rates = {host.name: host_rate}
+        self.counters = {host.name: TierCounters()}
+        if disk is not None:
+            self.rates[disk.name] = disk_rate or TransferRate(1e8)
+            self.counters[disk.name] = TierCounters()
         self.prefill = prefill
         self.block_bytes = block_bytes
         self.block_size = block_size
-        self.counters = {host.name: TierCounters()}
+        self.clock = clock
+        self.loading: dict[BlockKey, float] = {}  # disk reads in flight: key -> issued at
+        self.pins: dict[str, list[BlockKey]] = {}  # waiting request -> host keys pinned for it
+        self._recomputed: set[BlockKey] = set()  # first keys of runs decided "recompute"
         self._pending = _Pending()
 
     # -- blocks leaving the device pool ----------------------------------------------------
@@ -151,32 +212,49 @@ class LowerTiers:
         c = self.counters[self.host.name]
         c.num_stored_blocks += 1
         c.num_bytes_in += self.block_bytes
-        self._drop(self.host.insert(key, block))
+        self._evict_host(self.host.insert(key, block))
 
     def park(self, num_blocks: int) -> None:
         """A preempted request's blocks are swapped into host memory."""
-        self._drop(self.host.park(num_blocks))
+        self._evict_host(self.host.park(num_blocks))
 
     def unpark(self, num_blocks: int) -> None:
         self.host.unpark(num_blocks)
 
-    def _drop(self, keys: list[BlockKey]) -> None:
-        self.counters[self.host.name].num_evicted_blocks += len(keys)
-        for key in keys:
+    def _evict_host(self, pushed: list[tuple[BlockKey, TierBlock]]) -> None:
+        """Blocks the host tier's LRU pushed out: written to disk (if there is one and it
+        does not hold them yet), then their host copies forgotten."""
+        self.counters[self.host.name].num_evicted_blocks += len(pushed)
+        for key, block in pushed:
+            if self.disk is not None:
+                if key in self.disk:
+                    self.disk.touch(key)
+                else:
+                    c = self.counters[self.disk.name]
+                    c.num_stored_blocks += 1
+                    c.num_bytes_in += self.block_bytes
+                    self._pending.disk_ops.append(DiskOp("write", key, block))
+                    for gone, _ in self.disk.insert(key, block):
+                        c.num_evicted_blocks += 1
+                        self._pending.disk_ops.append(DiskOp("delete", gone))
             self._pending.drops[key] = None
 
     # -- hits below the device pool --------------------------------------------------------
-    def match(self, keys: Sequence[BlockKey], token_ids: Sequence[int], start: int
-              ) -> list[TierBlock]:
-        """The blocks to bring up for a request whose device hits end at token `start`: the
-        run of `keys` (its next full blocks, token_ids their tokens) the host tier holds, if
-        the cost model says fetching it beats recomputing it; else none."""
+    def _host_run(self, keys: Sequence[BlockKey], token_ids: Sequence[int]) -> list[TierBlock]:
         bs, found = self.block_size, []
         for i, key in enumerate(keys):
             block = self.host.find(key, token_ids[i * bs:(i + 1) * bs])
             if block is None:
                 break
             found.append(block)
+        return found
+
+    def match(self, keys: Sequence[BlockKey], token_ids: Sequence[int], start: int
+              ) -> list[TierBlock]:
+        """The blocks to bring up for a request whose device hits end at token `start`: the
+        run of `keys` (its next full blocks, token_ids their tokens) the host tier holds, if
+        the cost model says fetching it beats recomputing it; else none."""
+        found = self._host_run(keys, token_ids)
         if not found:
             return []
         decision = self.decide(self.host.name, len(found), start)
@@ -188,6 +266,78 @@ class LowerTiers:
             return []
         c.num_fetch_decisions += 1
         return found
+
+    def prefetch(self, request_id: str, keys: Sequence[BlockKey], token_ids: Sequence[int],
+                 start: int) -> bool:
+        """For a waiting request whose device hits end at token `start` (keys and token_ids:
+        its next full blocks): load the run the disk holds past the host's into the host tier
+        (as much as the host has room for), if the cost model says so, and keep those blocks
+        and the host's run pinned there until the request is admitted. True while the request
+        should wait for loads in flight (at most LOAD_TIMEOUT_S)."""
+        if self.disk is None:
+            return False
+        now = self.clock()
+        if request_id in self.pins:  # loads started earlier: wait while any is in flight
+            return any(now - self.loading.get(k, -LOAD_TIMEOUT_S) < LOAD_TIMEOUT_S
+                       for k in self.pins[request_id])
+        bs = self.block_size
+        first = len(self._host_run(keys, token_ids))
+        run = []
+        for i in range(first, len(keys)):
+            if keys[i] in self.loading:  # another request's load: it will be in the host
+                break
+            block = self.disk.find(keys[i], token_ids[i * bs:(i + 1) * bs])
+            if block is None:
+                break
+            run.append(keys[i])
+        room = (self.host.capacity_blocks - self.host.num_parked - len(self.host.pinned)
+                - sum(1 for k in keys[:first] if k not in self.host.pinned))
+        run = run[:max(0, room)]
+        if not run or run[0] in self._recomputed:
+            return False
+        decision = self.decide(self.disk.name, len(run), start + first * bs)
+        c = self.counters[self.disk.name]
+        c.num_hit_blocks += len(run)
+        if not decision.fetch:
+            if len(self._recomputed) >= MAX_REMEMBERED_DECISIONS:
+                self._recomputed.clear()
+            self._recomputed.add(run[0])
+            c.num_recompute_decisions += 1
+            c.num_recomputed_blocks += len(run)
+            return False
+        c.num_fetch_decisions += 1
+        c.expected_saved_s += decision.recompute_s - decision.fetch_s
+        self.pins[request_id] = list(keys[:first]) + run
+        for key in self.pins[request_id]:
+            self.host.pin(key)
+        for key in run:
+            self.loading[key] = now
+            self.disk.touch(key)
+            self._pending.disk_ops.append(DiskOp("read", key))
+        return True
+
+    def unpin(self, request_id: str) -> None:
+        """The request was admitted (its blocks are on the device now) or ended."""
+        for key in self.pins.pop(request_id, ()):
+            self.host.unpin(key)
+
+    def loaded(self, results: Sequence[LoadResult]) -> None:
+        """Reads from below the host finished: good blocks join the host tier (their request
+        fetches them from there), refused entries leave the disk tier and are recomputed."""
+        for r in results:
+            self.loading.pop(r.key, None)
+            c = self.counters[r.tier]
+            if not r.ok:
+                c.num_rejected_entries += 1
+                if self.disk is not None and r.tier == self.disk.name and r.key in self.disk:
+                    self.disk.remove(r.key)
+                    self._pending.disk_ops.append(DiskOp("delete", r.key))
+                continue
+            self.rates[r.tier].observe(r.num_bytes, r.seconds)
+            c.num_fetched_blocks += 1
+            c.num_bytes_out += r.num_bytes
+            self._pending.drops.pop(r.key, None)
+            self._evict_host(self.host.insert(r.key, r.block))
 
     def decide(self, tier: str, num_blocks: int, start: int) -> Decision:
         return decide(self.rates[tier], self.prefill, num_blocks * self.block_bytes,
@@ -205,6 +355,7 @@ class LowerTiers:
     def cancel(self, request_id: str) -> list[int]:
         """Withdraw this plan's fetches for a request whose admission failed; returns their
         device blocks (their K/V will never arrive)."""
+        self.unpin(request_id)
         p = self._pending
         mine = [block_id for block_id, _, rid in p.fetches if rid == request_id]
         if mine:
@@ -222,14 +373,15 @@ class LowerTiers:
             c.num_bytes_out += num_blocks * self.block_bytes
             c.expected_saved_s += d.recompute_s - d.fetch_s
         return TierOps(tuple(p.offloads), tuple((b, k) for b, k, _ in p.fetches),
-                       tuple(p.drops))
+                       tuple(p.drops), tuple(p.disk_ops))
 
     # -- measurements ----------------------------------------------------------------------
     def observe_transfer(self, tier: str, num_bytes: int, seconds: float) -> None:
         self.rates[tier].observe(num_bytes, seconds)
 
     def snapshots(self) -> tuple[TierSnapshot, ...]:
+        tiers = (self.host,) if self.disk is None else (self.host, self.disk)
         return tuple(TierSnapshot(t.name, t.capacity_blocks, len(t), t.num_parked,
                                   self.rates[t.name].bytes_per_s, self.rates[t.name].latency_s,
                                   TierCounters(**vars(self.counters[t.name])))
-                     for t in (self.host,))
+                     for t in tiers)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvserve.kvstore.disk import DiskTier, TierLoad
 from kvserve.kvstore.host import HostBlockStore
 from kvserve.kvstore.paged import PagedKVStore
 from kvserve.model.attention import AttentionBackend, AttentionMetadata
@@ -49,6 +50,7 @@ class ModelRunner:
         self.generators: dict[str, torch.Generator | None] = {}
         # swapped-out requests' residual windows (int8/int4), host copies
         self.parked_windows: dict[str, list[torch.Tensor | None]] = {}
+        self.disk: DiskTier | None = None  # the prefix cache's disk tier (offload)
 
     def _generator(self, r: Request) -> torch.Generator | None:
         if r.request_id not in self.generators:
@@ -93,9 +95,29 @@ class ModelRunner:
                 timings.append(TransferTiming(
                     Tier.HOST.value, sum(p.numel() * p.element_size() for p in parts.values()),
                     time.perf_counter() - t0))
+        for op in plan.disk_ops:  # after the copies, before the host forgets what they write
+            if op.op == "write":
+                parts = self.host_blocks.blocks.get(op.key)
+                if parts is not None:
+                    self.disk.write(op.key, op.block.token_ids, op.block.tenant, parts)
+            elif op.op == "read":
+                self.disk.read(op.key)
+            else:
+                self.disk.delete(op.key)
         for key in plan.host_drops:
             self.host_blocks.drop(key)
         return timings
+
+    def poll_loads(self) -> list[TierLoad]:
+        """Reads from the disk tier that finished since the last poll: good blocks join the
+        host copies (their requests fetch them from there)."""
+        if self.disk is None:
+            return []
+        loads = self.disk.poll()
+        for load in loads:
+            if load.ok:
+                self.host_blocks.blocks[load.key] = load.parts
+        return loads
 
     def execute(self, plan: StepPlan, requests: dict[str, Request]) -> StepResult:
         """The forward pass and sampling of the plan's sequences (its transfers are

@@ -60,6 +60,8 @@ class Scheduler:
 
     def add(self, request: Request) -> None:
         self.waiting.add(request)
+        if self.blocks is not None and self.retains_kv:
+            self.blocks.must_wait(request)  # blocks on disk start loading now (prefetch)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -99,6 +101,8 @@ class Scheduler:
                 if not self._swap_in(r, num_new, transfers):
                     break
             else:
+                if self.blocks is not None and self.blocks.must_wait(r):
+                    break  # its blocks are loading from disk: running requests go on
                 if self._prefix_in_flight(r):
                     break  # its prefix is being computed right now: wait a step and share it
                 num_new = self._admit_with_prefix(r, budget)
@@ -110,17 +114,17 @@ class Scheduler:
             seqs.append(self._scheduled(r, num_new))
             budget = None if budget is None else budget - num_new
         dropped, self._dropped = tuple(self._dropped), []
-        transfers, host_drops = self._with_tier_ops(transfers)
-        return StepPlan(tuple(seqs), transfers, dropped, host_drops)
+        transfers, host_drops, disk_ops = self._with_tier_ops(transfers)
+        return StepPlan(tuple(seqs), transfers, dropped, host_drops, disk_ops)
 
-    def _with_tier_ops(self, transfers: list[BlockTransfer]
-                       ) -> tuple[tuple[BlockTransfer, ...], tuple[TransferKey, ...]]:
+    def _with_tier_ops(self, transfers: list[BlockTransfer]) -> tuple[
+            tuple[BlockTransfer, ...], tuple[TransferKey, ...], tuple]:
         """The plan's copies with the lower tiers' (evicted cached blocks copied down, hits
         there fetched up): every copy off the device before any copy onto it, since a block
         read here may be written in the same plan."""
         ops = self.blocks.take_tier_ops() if self.blocks is not None else None
         if ops is None:
-            return tuple(transfers), ()
+            return tuple(transfers), (), ()
         reads, writes = [], []
         if ops.offloads:
             ids, keys = zip(*ops.offloads)
@@ -130,7 +134,7 @@ class Scheduler:
         if ops.fetches:
             ids, keys = zip(*ops.fetches)
             writes.append(BlockTransfer(Tier.HOST, Tier.DEVICE, ids, keys))
-        return tuple(reads + writes), ops.drops
+        return tuple(reads + writes), ops.drops, ops.disk_ops
 
     def _preempt_for_fair_share(self, transfers: list[BlockTransfer]) -> None:
         """Every running slot taken, and a tenant waits with nothing running: take one slot

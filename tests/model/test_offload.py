@@ -4,10 +4,13 @@ and quantized K/V, with swap preemption sharing the tier); a tier the cost model
 recomputed instead; tenants never meet; the counters reach the cache snapshot."""
 
 import pytest
+import torch
 
 from kvserve import LLM, SamplingParams
 from kvserve.errors import ConfigError
 from kvserve.kvcache.layout import KVLayout
+from kvserve.kvcache.prefix_index import chain_keys, root_key
+from kvserve.kvstore.entry import EntryMeta, encode
 from kvserve.model.loader import load_checkpoint
 
 BLOCK = 4
@@ -106,3 +109,82 @@ def test_offload_needs_the_paged_prefix_cache(tiny_hf_dir):
         make(tiny_hf_dir, cpu_offload_memory="1MiB", enable_prefix_caching=False)
     with pytest.raises(ConfigError, match="cpu_offload_memory"):
         make(tiny_hf_dir, cpu_offload_memory="lots")
+
+
+def entry_files(root):
+    return sorted(p for p in root.rglob("*.kvblock"))
+
+
+def disk_llm(tiny_hf_dir, root, kv="float32", **kwargs):
+    """A host tier of 12 blocks: the fillers' 33 blocks push the prefix's 10 through it to the
+    disk, and a run of 10 loaded back fits in it. The tiny model prefills 40 tokens faster
+    than a file opens, so its cost model would rightly recompute: here recomputing is made
+    (and kept) dear, so that the disk path is what runs."""
+    llm = make(tiny_hf_dir, kv, cpu_offload_memory=12 * KVLayout(
+        load_checkpoint(str(tiny_hf_dir)).spec, BLOCK, kv).bytes_per_block,
+        disk_offload_dir=str(root), **kwargs)
+    prefill = llm.engine.block_manager.lower.prefill
+    prefill.per_token_s = 1.0
+    prefill.observe_many = lambda prefills, seconds: None
+    return llm
+
+
+@pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
+def test_disk_tier_gives_identical_outputs_and_survives_a_restart(tiny_hf_dir, tmp_path,
+                                                                  params):
+    expected, _ = turns(make(tiny_hf_dir), params)
+    with disk_llm(tiny_hf_dir, tmp_path) as llm:
+        got, cached = turns(llm, params)
+        assert got == expected and cached == 40  # loaded from disk, through the host tier
+        disk = {t.name: t for t in llm.engine.cache_snapshot().tiers}["disk"]
+        assert disk.counters.num_fetched_blocks >= 8 and disk.counters.num_fetch_decisions >= 1
+    assert len(entry_files(tmp_path)) >= 10
+    again = disk_llm(tiny_hf_dir, tmp_path)  # a new process on the same directory
+    assert {t.name: t for t in again.engine.cache_snapshot().tiers}["disk"].num_blocks >= 10
+    out = again.generate(prompt(PREFIX + [3, 4, 5]), params, use_tqdm=False)[0]
+    assert out.token_ids == expected and out.num_cached_tokens == 40
+
+
+def test_corrupt_truncated_and_foreign_entries_are_dropped_and_recomputed(tiny_hf_dir,
+                                                                          tmp_path):
+    expected, _ = turns(make(tiny_hf_dir), GREEDY)
+    with disk_llm(tiny_hf_dir, tmp_path) as llm:
+        turns(llm, GREEDY)
+        model_key = llm.engine.block_manager.model_key
+    chain = chain_keys(root_key((model_key, None, None)), PREFIX, BLOCK)  # PREFIX's blocks
+    files = {p.stem: p for p in entry_files(tmp_path)}
+    corrupt, truncated = files[chain[6].hex()], files[chain[8].hex()]
+    data = bytearray(corrupt.read_bytes())
+    data[-100] ^= 0xFF  # one payload byte: the header still reads, the checksum does not
+    corrupt.write_bytes(bytes(data))
+    truncated.write_bytes(truncated.read_bytes()[:-64])
+    # an entry of another model under a key of this one's, in this model's directory
+    foreign = corrupt.parent.parent / "ab" / ("ab" * 32 + ".kvblock")
+    foreign.parent.mkdir(exist_ok=True)
+    foreign.write_bytes(encode(EntryMeta(bytes.fromhex("ab" * 32), (1, 2, 3, 4), None),
+                               {"k.kv": torch.zeros(2, 1, 4)}, "another model", "layout"))
+    llm = disk_llm(tiny_hf_dir, tmp_path)
+    assert not truncated.exists() and not foreign.exists()  # refused at the start-up scan
+    out = llm.generate(prompt(PREFIX + [3, 4, 5]), GREEDY, use_tqdm=False)[0]
+    assert out.token_ids == expected and out.num_cached_tokens == 24  # blocks 0-5 only
+    llm.engine.runner.disk.drain()
+    disk = {t.name: t for t in llm.engine.cache_snapshot().tiers}["disk"]
+    assert not corrupt.exists() and disk.counters.num_rejected_entries == 1
+
+
+def test_another_format_never_reads_these_entries(tiny_hf_dir, tmp_path):
+    with disk_llm(tiny_hf_dir, tmp_path) as llm:
+        turns(llm, GREEDY)
+    float_dir = {p.parent.parent for p in entry_files(tmp_path)}
+    assert len(float_dir) == 1
+    other = disk_llm(tiny_hf_dir, tmp_path, kv="int8")  # its own directory
+    out = other.generate(prompt(PREFIX + [3, 4, 5]), GREEDY, use_tqdm=False)[0]
+    assert out.num_cached_tokens == 0
+    # a float32 entry copied into int8's directory under its own name is refused, not read
+    src = entry_files(next(iter(float_dir)))[0]
+    int8_dir = next(d for d in tmp_path.iterdir() if d != next(iter(float_dir)))
+    dst = int8_dir / src.parent.name / src.name
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_bytes(src.read_bytes())
+    disk_llm(tiny_hf_dir, tmp_path, kv="int8")
+    assert not dst.exists()

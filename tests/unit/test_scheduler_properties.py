@@ -119,7 +119,15 @@ def check_kv_contents(scheduler, plan, written, host):
                 copy = host.pop(key) if t.request_id is not None else host[key]
                 for x, content in zip(slots((b,)), copy):
                     written[x] = content
-    for key in plan.host_drops:  # after the copies, as the runner does
+    disk = host.setdefault("disk", {})  # the disk tier's entries and reads in flight
+    for op in plan.disk_ops:  # after the copies, before the drops, as the runner does
+        if op.op == "write":
+            disk[op.key] = host[op.key]
+        elif op.op == "read":
+            host.setdefault("reads", []).append(op.key)
+        else:
+            disk.pop(op.key, None)
+    for key in plan.host_drops:
         del host[key]
     by_id = {r.request_id: r for r in scheduler.running}
     for s in plan.seqs:
@@ -156,18 +164,33 @@ prefix_ops = st.lists(st.one_of(
 @given(ops=prefix_ops, mode=st.sampled_from(["recompute", "swap"]),
        budget=st.integers(4, 40), max_seqs=st.integers(1, 6),
        tokens=st.lists(st.integers(1, 2), max_size=200),
-       host_blocks=st.one_of(st.none(), st.integers(0, 12)))
+       host_blocks=st.one_of(st.none(), st.integers(0, 12)),
+       disk_blocks=st.one_of(st.none(), st.integers(0, 12)))
 def test_prefix_caching_shares_only_same_salt_same_tokens(ops, mode, budget, max_seqs, tokens,
-                                                         host_blocks):
+                                                         host_blocks, disk_blocks):
     """Prompts over a two-token alphabet share prefixes often; three salts (None is the shared
-    space) must never see each other's blocks, in the pool or through a host tier below it
-    (host_blocks: its capacity; None: no tier); reference counts return to zero at the end."""
+    space) must never see each other's blocks, in the pool or through a host tier below it and
+    a disk tier below that (host_blocks, disk_blocks: their capacities; None: no tier), whose
+    reads land a step later; reference counts return to zero at the end."""
     from kvserve.kvcache.costs import PrefillRate, TransferRate
     from kvserve.kvcache.prefix_index import PrefixIndex
-    from kvserve.kvcache.tiers import LowerTiers, TierIndex
+    from kvserve.kvcache.tiers import LoadResult, LowerTiers, TierIndex
 
     lower = None if host_blocks is None else LowerTiers(
-        TierIndex("host", host_blocks), TransferRate(1e9), PrefillRate(1.0, 0.0), 1, BLOCK_SIZE)
+        TierIndex("host", host_blocks), TransferRate(1e9), PrefillRate(1.0, 0.0), 1, BLOCK_SIZE,
+        None if disk_blocks is None else TierIndex("disk", disk_blocks), TransferRate(1e9))
+
+    def land_reads():
+        """The disk reads issued by the last plan finish: into the host copies, then told."""
+        if lower is None or lower.disk is None:
+            return
+        done = []
+        for key in host.pop("reads", []):
+            entry, block = host["disk"].get(key), lower.disk.entries.get(key)
+            if entry is not None and block is not None:
+                host[key] = entry
+            done.append(LoadResult("disk", key, entry is not None and block is not None, block))
+        lower.loaded(done)
     manager = BlockManager(BlockPool(NUM_BLOCKS), BLOCK_SIZE, PrefixIndex(), "m", lower=lower)
     scheduler = make_scheduler(manager, mode, budget, max_seqs)
     requests, written, host = [], {}, {}
@@ -182,13 +205,72 @@ def test_prefix_caching_shares_only_same_salt_same_tokens(ops, mode, budget, max
         elif op == "reset":
             manager.prefix_index.reset()
         else:
+            land_reads()
             plan = scheduler.schedule()
             check_kv_contents(scheduler, plan, written, host)
             fake_step(scheduler, plan, tokens)
         manager.check_invariants()
-    drain(scheduler, manager, tokens,
-          lambda plan: check_kv_contents(scheduler, plan, written, host))
+
+    def check(plan):
+        check_kv_contents(scheduler, plan, written, host)
+        land_reads()
+
+    drain(scheduler, manager, tokens, check)
     assert not any(manager.pool.ref_counts)
     if lower is not None:  # the tier's index and the copies agree; parked blocks all returned
         assert set(lower.host.entries) == {k for k in host if isinstance(k, bytes)}
         assert lower.host.num_parked == 0 and len(lower.host) <= host_blocks
+
+
+def test_a_disk_tier_below_a_small_host_tier_keeps_every_read_exact():
+    """Seeded random traffic over a host tier of 3 blocks and a disk tier of 12 (so blocks do
+    travel down and back up): every K/V a request reads is its own salt's and tokens' (the
+    same check as above), and the disk reads really happen."""
+    import random
+
+    from kvserve.kvcache.costs import PrefillRate, TransferRate
+    from kvserve.kvcache.prefix_index import PrefixIndex
+    from kvserve.kvcache.tiers import LoadResult, LowerTiers, TierIndex
+
+    num_loaded = 0
+    for seed in range(100):
+        rnd = random.Random(seed)
+        lower = LowerTiers(TierIndex("host", 3), TransferRate(1e9), PrefillRate(1.0, 0.0), 1,
+                           BLOCK_SIZE, TierIndex("disk", 12), TransferRate(1e9))
+        manager = BlockManager(BlockPool(NUM_BLOCKS), BLOCK_SIZE, PrefixIndex(), "m",
+                               lower=lower)
+        scheduler = make_scheduler(manager, rnd.choice(["swap", "recompute"]), 16, 3)
+        written, host = {}, {}
+        tokens = [rnd.randint(1, 2) for _ in range(200)]
+
+        def land():
+            nonlocal num_loaded
+            done = []
+            for key in host.pop("reads", []):
+                entry, block = host["disk"].get(key), lower.disk.entries.get(key)
+                if entry is not None and block is not None:
+                    host[key] = entry
+                done.append(LoadResult("disk", key, entry is not None and block is not None,
+                                       block))
+            num_loaded += sum(d.ok for d in done)
+            lower.loaded(done)
+
+        def check(plan):
+            check_kv_contents(scheduler, plan, written, host)
+            land()
+
+        for i in range(40):
+            if rnd.random() < 0.4:
+                ids = list(rnd.choice(PREFIXES)) + [rnd.randint(1, 2)
+                                                    for _ in range(rnd.randint(0, 6))]
+                scheduler.add(Request(f"r{i}", ids or [1],
+                                      SamplingParams(max_tokens=rnd.randint(1, 6)),
+                                      cache_salt=rnd.choice([None, "a"])))
+            else:
+                plan = scheduler.schedule()
+                check(plan)
+                fake_step(scheduler, plan, tokens)
+            manager.check_invariants()
+        drain(scheduler, manager, tokens, check)
+        assert not lower.pins and not lower.host.pinned
+    assert num_loaded > 100

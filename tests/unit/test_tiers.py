@@ -25,14 +25,18 @@ def test_tier_index_is_lru_and_checks_tokens():
     t = TierIndex("host", 2)
     assert t.insert(b"a", block(1, 2)) == [] and t.insert(b"b", block(3, 4)) == []
     t.touch(b"a")
-    assert t.insert(b"c", block(5, 6)) == [b"b"]  # b was least recently used
+    assert t.insert(b"c", block(5, 6)) == [(b"b", block(3, 4))]  # b was least recently used
     assert t.find(b"a", [1, 2]) == block(1, 2)
     assert t.find(b"a", [1, 3]) is None  # same key, other tokens: a miss, never wrong K/V
-    assert t.park(1) == [b"a"]  # a swapped-out block takes a cached block's room
+    assert t.park(1) == [(b"a", block(1, 2))]  # a swapped-out block takes a cached one's room
     assert list(t.entries) == [b"c"] and t.num_parked == 1
     t.unpark(1)
     assert t.insert(b"d", block(7, 8)) == [] and len(t) == 2
     t.touch(b"gone")  # pushed out already: nothing to do
+    t.pin(b"c")  # a waiting request will fetch c: the next oldest goes instead
+    assert t.insert(b"e", block(9, 9)) == [(b"d", block(7, 8))]
+    t.unpin(b"c")
+    assert t.insert(b"f", block(1, 1)) == [(b"c", block(5, 6))]
 
 
 def test_costs_follow_measurements():
