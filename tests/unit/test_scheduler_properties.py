@@ -226,51 +226,46 @@ def test_a_disk_tier_below_a_small_host_tier_keeps_every_read_exact():
     """Seeded random traffic over a host tier of 3 blocks and a disk tier of 12 (so blocks do
     travel down and back up): every K/V a request reads is its own salt's and tokens' (the
     same check as above), and the disk reads really happen."""
+    assert sum(disk_round(seed) for seed in range(100)) > 100
+
+
+def disk_round(seed: int) -> int:
+    """One seeded run; returns how many disk reads landed."""
     import random
 
     from kvserve.kvcache.costs import PrefillRate, TransferRate
     from kvserve.kvcache.prefix_index import PrefixIndex
     from kvserve.kvcache.tiers import LoadResult, LowerTiers, TierIndex
 
-    num_loaded = 0
-    for seed in range(100):
-        rnd = random.Random(seed)
-        lower = LowerTiers(TierIndex("host", 3), TransferRate(1e9), PrefillRate(1.0, 0.0), 1,
-                           BLOCK_SIZE, TierIndex("disk", 12), TransferRate(1e9))
-        manager = BlockManager(BlockPool(NUM_BLOCKS), BLOCK_SIZE, PrefixIndex(), "m",
-                               lower=lower)
-        scheduler = make_scheduler(manager, rnd.choice(["swap", "recompute"]), 16, 3)
-        written, host = {}, {}
-        tokens = [rnd.randint(1, 2) for _ in range(200)]
+    rnd = random.Random(seed)
+    lower = LowerTiers(TierIndex("host", 3), TransferRate(1e9), PrefillRate(1.0, 0.0), 1,
+                       BLOCK_SIZE, TierIndex("disk", 12), TransferRate(1e9))
+    manager = BlockManager(BlockPool(NUM_BLOCKS), BLOCK_SIZE, PrefixIndex(), "m", lower=lower)
+    scheduler = make_scheduler(manager, rnd.choice(["swap", "recompute"]), 16, 3)
+    written, host, loaded = {}, {}, [0]
+    tokens = [rnd.randint(1, 2) for _ in range(200)]
 
-        def land():
-            nonlocal num_loaded
-            done = []
-            for key in host.pop("reads", []):
-                entry, block = host["disk"].get(key), lower.disk.entries.get(key)
-                if entry is not None and block is not None:
-                    host[key] = entry
-                done.append(LoadResult("disk", key, entry is not None and block is not None,
-                                       block))
-            num_loaded += sum(d.ok for d in done)
-            lower.loaded(done)
+    def check(plan):
+        check_kv_contents(scheduler, plan, written, host)
+        done = []
+        for key in host.pop("reads", []):
+            entry, block = host["disk"].get(key), lower.disk.entries.get(key)
+            if entry is not None and block is not None:
+                host[key] = entry
+            done.append(LoadResult("disk", key, entry is not None and block is not None, block))
+        loaded[0] += sum(d.ok for d in done)
+        lower.loaded(done)
 
-        def check(plan):
-            check_kv_contents(scheduler, plan, written, host)
-            land()
-
-        for i in range(40):
-            if rnd.random() < 0.4:
-                ids = list(rnd.choice(PREFIXES)) + [rnd.randint(1, 2)
-                                                    for _ in range(rnd.randint(0, 6))]
-                scheduler.add(Request(f"r{i}", ids or [1],
-                                      SamplingParams(max_tokens=rnd.randint(1, 6)),
-                                      cache_salt=rnd.choice([None, "a"])))
-            else:
-                plan = scheduler.schedule()
-                check(plan)
-                fake_step(scheduler, plan, tokens)
-            manager.check_invariants()
-        drain(scheduler, manager, tokens, check)
-        assert not lower.pins and not lower.host.pinned
-    assert num_loaded > 100
+    for i in range(40):
+        if rnd.random() < 0.4:
+            ids = list(rnd.choice(PREFIXES)) + [rnd.randint(1, 2) for _ in range(rnd.randint(0, 6))]
+            scheduler.add(Request(f"r{i}", ids or [1], SamplingParams(max_tokens=rnd.randint(1, 6)),
+                                  cache_salt=rnd.choice([None, "a"])))
+        else:
+            plan = scheduler.schedule()
+            check(plan)
+            fake_step(scheduler, plan, tokens)
+        manager.check_invariants()
+    drain(scheduler, manager, tokens, check)
+    assert not lower.pins and not lower.host.pinned
+    return loaded[0]
