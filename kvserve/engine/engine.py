@@ -100,8 +100,8 @@ class LLMEngine:
                                   kv.kv_store)
         if config.offload.enabled:
             identity = f"{model_fingerprint(config.model)}|{model_key}"
-            lower, disk = build_lower_tiers(config, self.model, kv.kv_store, identity)
-            self.block_manager.lower, self.runner.disk = lower, disk
+            lower, disk, redis = build_lower_tiers(config, self.model, kv.kv_store, identity)
+            self.block_manager.lower, self.runner.disk, self.runner.redis = lower, disk, redis
             self.model.num_kv_projections = 0  # the probe's are no request's
             for t in lower.snapshots():
                 log.info("offload: %s tier of %d blocks (%d held), %.2f GB/s; prefill %.2f "
@@ -207,7 +207,7 @@ class LLMEngine:
     # -- the loop ----------------------------------------------------------------------------
     def step(self) -> list[RequestDelta]:
         lower = self.block_manager.lower if self.block_manager is not None else None
-        if lower is not None and lower.disk is not None:
+        if lower is not None and (lower.disk is not None or lower.redis):
             lower.loaded([LoadResult(x.tier, x.key, x.ok, TierBlock(x.token_ids, x.tenant),
                                      x.num_bytes, x.seconds, x.reason)
                           for x in self.runner.poll_loads()])
@@ -313,6 +313,8 @@ class LLMEngine:
         pool's) and wait for every write: a restart on the same directory finds them all."""
         m = self.block_manager
         lower = m.lower if m is not None else None
+        if self.runner.redis is not None:
+            self.runner.redis.drain()  # its puts are already queued (write-through)
         disk = self.runner.disk
         if lower is None or disk is None:
             return

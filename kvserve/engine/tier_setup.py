@@ -5,12 +5,14 @@ prefills (a real forward of PREFILL_TOKENS tokens in the engine's KV format).
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 
 import torch
 
 from kvserve.config import EngineConfig
+from kvserve.errors import ConfigError
 from kvserve.kvcache.costs import PrefillRate, TransferRate, attention_ratio
 from kvserve.kvcache.layout import KVLayout
 from kvserve.kvcache.tiers import LowerTiers, TierBlock, TierIndex
@@ -23,12 +25,13 @@ from kvserve.model.llama import LlamaModel
 from kvserve.runner.input_builder import InputBuilder
 from kvserve.scheduler.plan import ScheduledSeq, StepPlan
 
+log = logging.getLogger("kvserve.offload")
 PREFILL_TOKENS = 128
 PROBE_BLOCKS = 8  # blocks per probe copy (and 1: the latency)
 
 
 def build_lower_tiers(config: EngineConfig, model: LlamaModel, store: PagedKVStore,
-                      identity: str) -> tuple[LowerTiers, DiskTier | None]:
+                      identity: str) -> tuple[LowerTiers, DiskTier | None, object | None]:
     """The host tier (and the disk tier below it, with what an earlier process left there),
     their measured rates and the measured prefill rate. identity: what made the K/V (model
     files, dtype, KV format and window): disk entries are kept and read under it alone."""
@@ -49,9 +52,38 @@ def build_lower_tiers(config: EngineConfig, model: LlamaModel, store: PagedKVSto
         for meta in disk.store.scan():  # a warm start: oldest first, so LRU order holds
             for gone, _ in disk_index.insert(meta.key, TierBlock(meta.token_ids, meta.tenant)):
                 disk.store.delete(gone)
+    redis, redis_rate = None, None
+    if config.offload.redis_url is not None:
+        redis, redis_rate = connect_redis(config.offload.redis_url, identity,
+                                          layout_description(store))
     lower = LowerTiers(host, measure_host_rate(store), prefill, layout.bytes_per_block,
-                       layout.block_size, disk_index, disk_rate)
-    return lower, disk
+                       layout.block_size, disk_index, disk_rate, redis_rate)
+    if redis is not None and redis_rate.latency_s < 0:  # unreachable at start-up
+        lower.redis_down_until = time.monotonic() + 2.0
+        redis_rate.latency_s = 1e-3
+    return lower, disk, redis
+
+
+def connect_redis(url: str, identity: str, layout: str):
+    """The Redis tier and its measured rate (a round trip of a probe value). Unreachable now:
+    one warning, a nominal rate marked by a negative latency, and the tier retried later."""
+    try:
+        import redis as redis_py
+
+        from kvserve.kvstore.redis_tier import RedisTier
+    except ImportError:
+        raise ConfigError("redis_url needs the redis package: pip install 'kvserve[offload]'"
+                          ) from None
+    tier = RedisTier(url, identity, layout)
+    try:
+        round_trip = statistics.median(tier.probe() for _ in range(3))
+    except redis_py.RedisError as err:
+        log.warning("redis tier: %s unreachable at start-up (%s); blocks are recomputed until "
+                    "it is back", url, err)
+        return tier, TransferRate(1e8, -1.0)
+    # a block costs the round trip plus its bytes at loopback-or-network speed, taken as the
+    # probe's 1 KiB round trip for latency and 1 GB/s until real reads say otherwise
+    return tier, TransferRate(1e9, round_trip)
 
 
 def layout_description(store: PagedKVStore) -> str:

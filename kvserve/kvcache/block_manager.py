@@ -124,8 +124,9 @@ class BlockManager:
 
     def must_wait(self, r: Request) -> bool:
         """Whether r, not yet admitted, should wait for blocks loading from a tier below the
-        host (a disk hit past its device and host hits starts loading here)."""
-        if (self.lower is None or self.lower.disk is None or r.request_id in self.tables
+        host (reads of a disk hit past its device and host hits, or of Redis, start here)."""
+        if (self.lower is None or (self.lower.disk is None and not self.lower.redis)
+                or r.request_id in self.tables
                 or r.num_computed_tokens or r.params.prompt_logprobs is not None):
             return False
         bs = self.block_size
@@ -181,8 +182,11 @@ class BlockManager:
         tenant = self.events.tenant_hash(r.cache_salt)
         for i in range(first, num_full):
             offset = (i - first) * bs
-            self.prefix_index.insert(r.block_keys[i], table[i], tokens[offset:offset + bs],
-                                     tenant)
+            block_tokens = tokens[offset:offset + bs]
+            if self.prefix_index.insert(r.block_keys[i], table[i], block_tokens, tenant) \
+                    and self.lower is not None:  # a shared tier below gets it now
+                self.lower.publish(table[i], r.block_keys[i],
+                                   TierBlock(tuple(block_tokens), tenant))
         self.num_indexed[r.request_id] = num_full
 
     def adopt(self, request_id: str, block_ids: list[int]) -> None:

@@ -129,6 +129,9 @@ class TierIndex:
         return [(key, self.entries.pop(key)) for key in victims]
 
 
+REDIS = "redis"
+MISSING, UNREACHABLE = "missing", "unreachable"  # a Redis read's answers that are no fault
+REDIS_RETRY_S = 2.0  # after "unreachable", Redis is left alone this long
 LOAD_TIMEOUT_S = 5.0  # a request waits at most this long for its blocks to load from disk
 MAX_REMEMBERED_DECISIONS = 4096
 
@@ -144,6 +147,7 @@ class _Pending:
     drops: dict[BlockKey, None] = field(default_factory=dict)
     runs: dict[str, tuple[int, int]] = field(default_factory=dict)  # request -> (blocks, start)
     disk_ops: list[DiskOp] = field(default_factory=list)
+    redis_ops: list[RedisOp] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -157,11 +161,23 @@ class DiskOp:
 
 
 @dataclass(frozen=True)
+class RedisOp:
+    """put: device block block_id, cached under key, goes to Redis (write-through); get: read
+    this run of keys into host memory, off the step loop."""
+
+    op: str
+    keys: tuple[BlockKey, ...]
+    block_id: int = -1
+    block: TierBlock | None = None
+
+
+@dataclass(frozen=True)
 class TierOps:
     offloads: tuple[tuple[int, BlockKey], ...]  # (device block, key): copy it into the host
     fetches: tuple[tuple[int, BlockKey], ...]  # (device block, key): copy the host's into it
     drops: tuple[BlockKey, ...]  # host copies to forget after the copies above
     disk_ops: tuple[DiskOp, ...] = ()
+    redis_ops: tuple[RedisOp, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -185,13 +201,19 @@ class LowerTiers:
 
     def __init__(self, host: TierIndex, host_rate: TransferRate, prefill: PrefillRate,
                  block_bytes: int, block_size: int, disk: TierIndex | None = None,
-                 disk_rate: TransferRate | None = None, clock=time.monotonic):
+                 disk_rate: TransferRate | None = None, redis_rate: TransferRate | None = None,
+                 clock=time.monotonic):
         self.host, self.disk = host, disk
         self.rates = {host.name: host_rate}
         self.counters = {host.name: TierCounters()}
         if disk is not None:
             self.rates[disk.name] = disk_rate or TransferRate(1e8)
             self.counters[disk.name] = TierCounters()
+        self.redis = redis_rate is not None  # a Redis tier (no index here: it is shared)
+        self.redis_down_until = 0.0  # Redis answered "unreachable": not asked before then
+        if redis_rate is not None:
+            self.rates[REDIS] = redis_rate
+            self.counters[REDIS] = TierCounters()
         self.prefill = prefill
         self.block_bytes = block_bytes
         self.block_size = block_size
@@ -270,51 +292,80 @@ class LowerTiers:
     def prefetch(self, request_id: str, keys: Sequence[BlockKey], token_ids: Sequence[int],
                  start: int) -> bool:
         """For a waiting request whose device hits end at token `start` (keys and token_ids:
-        its next full blocks): load the run the disk holds past the host's into the host tier
-        (as much as the host has room for), if the cost model says so, and keep those blocks
-        and the host's run pinned there until the request is admitted. True while the request
-        should wait for loads in flight (at most LOAD_TIMEOUT_S)."""
-        if self.disk is None:
+        its next full blocks): past the host tier's run, load the run the disk holds, then ask
+        Redis for the rest, into the host tier (as much as it has room for), each where the
+        cost model says fetching beats recomputing; keep those blocks and the host's run
+        pinned there until the request is admitted. True while the request should wait for
+        reads in flight (at most LOAD_TIMEOUT_S)."""
+        if self.disk is None and not self.redis:
             return False
         now = self.clock()
-        if request_id in self.pins:  # loads started earlier: wait while any is in flight
+        if request_id in self.pins:  # reads started earlier: wait while any is in flight
             return any(now - self.loading.get(k, -LOAD_TIMEOUT_S) < LOAD_TIMEOUT_S
                        for k in self.pins[request_id])
         bs = self.block_size
         first = len(self._host_run(keys, token_ids))
-        run = []
-        for i in range(first, len(keys)):
-            if keys[i] in self.loading:  # another request's load: it will be in the host
-                break
-            block = self.disk.find(keys[i], token_ids[i * bs:(i + 1) * bs])
-            if block is None:
-                break
-            run.append(keys[i])
         room = (self.host.capacity_blocks - self.host.num_parked - len(self.host.pinned)
                 - sum(1 for k in keys[:first] if k not in self.host.pinned))
-        run = run[:max(0, room)]
-        if not run or run[0] in self._recomputed:
+        disk_run = []
+        for i in range(first, min(len(keys), first + max(0, room))):
+            if keys[i] in self.loading:  # another request's read: it will be in the host
+                break
+            if self.disk is None or self.disk.find(keys[i], token_ids[i * bs:(i + 1) * bs]) \
+                    is None:
+                break
+            disk_run.append(keys[i])
+        disk_run = self._worth(self.disk.name if self.disk else "", disk_run, start + first * bs)
+        after = first + len(disk_run)
+        redis_run = []
+        if self.redis and now >= self.redis_down_until and (after == len(keys) or (
+                keys[after] not in self.loading and (self.disk is None or keys[after]
+                                                     not in self.disk))):
+            redis_run = [k for k in keys[after:first + max(0, room)] if k not in self.loading]
+            redis_run = self._worth(REDIS, redis_run, start + after * bs)
+        if not disk_run and not redis_run:
             return False
-        decision = self.decide(self.disk.name, len(run), start + first * bs)
-        c = self.counters[self.disk.name]
-        c.num_hit_blocks += len(run)
+        self.pins[request_id] = list(keys[:first]) + disk_run + redis_run
+        for key in self.pins[request_id]:
+            self.host.pin(key)
+        for key in disk_run:
+            self.loading[key] = now
+            self.disk.touch(key)
+            self._pending.disk_ops.append(DiskOp("read", key))
+        if redis_run:
+            for key in redis_run:
+                self.loading[key] = now
+            self._pending.redis_ops.append(RedisOp("get", tuple(redis_run)))
+        return True
+
+    def _worth(self, tier: str, run: list[BlockKey], start: int) -> list[BlockKey]:
+        """The run, if the cost model says fetching it from `tier` beats recomputing it (the
+        decision counted); else none. A run decided once is not counted again."""
+        if not run or run[0] in self._recomputed:
+            return []
+        decision = self.decide(tier, len(run), start)
+        c = self.counters[tier]
+        if tier != REDIS:  # Redis's hits are known when its answers arrive
+            c.num_hit_blocks += len(run)
         if not decision.fetch:
             if len(self._recomputed) >= MAX_REMEMBERED_DECISIONS:
                 self._recomputed.clear()
             self._recomputed.add(run[0])
             c.num_recompute_decisions += 1
             c.num_recomputed_blocks += len(run)
-            return False
+            return []
         c.num_fetch_decisions += 1
         c.expected_saved_s += decision.recompute_s - decision.fetch_s
-        self.pins[request_id] = list(keys[:first]) + run
-        for key in self.pins[request_id]:
-            self.host.pin(key)
-        for key in run:
-            self.loading[key] = now
-            self.disk.touch(key)
-            self._pending.disk_ops.append(DiskOp("read", key))
-        return True
+        return run
+
+    def publish(self, block_id: int, key: BlockKey, block: TierBlock) -> None:
+        """A block the pool has just cached: put it in Redis now (write-through), so other
+        processes can fetch it at once."""
+        if self.redis and self.clock() >= self.redis_down_until:
+            c = self.counters[REDIS]
+            c.num_stored_blocks += 1
+            c.num_bytes_in += self.block_bytes
+            self._pending.redis_ops.append(RedisOp("put", (key,), block_id, block))
 
     def unpin(self, request_id: str) -> None:
         """The request was admitted (its blocks are on the device now) or ended."""
@@ -327,6 +378,12 @@ class LowerTiers:
         for r in results:
             self.loading.pop(r.key, None)
             c = self.counters[r.tier]
+            if r.tier == REDIS and not r.ok and r.reason in (MISSING, UNREACHABLE):
+                if r.reason == UNREACHABLE:
+                    self.redis_down_until = self.clock() + REDIS_RETRY_S
+                continue  # nobody has computed it (or Redis is away): recomputed
+            if r.tier == REDIS and r.ok:
+                c.num_hit_blocks += 1
             if not r.ok:
                 c.num_rejected_entries += 1
                 if self.disk is not None and r.tier == self.disk.name and r.key in self.disk:
@@ -373,7 +430,7 @@ class LowerTiers:
             c.num_bytes_out += num_blocks * self.block_bytes
             c.expected_saved_s += d.recompute_s - d.fetch_s
         return TierOps(tuple(p.offloads), tuple((b, k) for b, k, _ in p.fetches),
-                       tuple(p.drops), tuple(p.disk_ops))
+                       tuple(p.drops), tuple(p.disk_ops), tuple(p.redis_ops))
 
     # -- measurements ----------------------------------------------------------------------
     def observe_transfer(self, tier: str, num_bytes: int, seconds: float) -> None:
@@ -381,7 +438,11 @@ class LowerTiers:
 
     def snapshots(self) -> tuple[TierSnapshot, ...]:
         tiers = (self.host,) if self.disk is None else (self.host, self.disk)
-        return tuple(TierSnapshot(t.name, t.capacity_blocks, len(t), t.num_parked,
-                                  self.rates[t.name].bytes_per_s, self.rates[t.name].latency_s,
-                                  TierCounters(**vars(self.counters[t.name])))
-                     for t in tiers)
+        out = [TierSnapshot(t.name, t.capacity_blocks, len(t), t.num_parked,
+                            self.rates[t.name].bytes_per_s, self.rates[t.name].latency_s,
+                            TierCounters(**vars(self.counters[t.name]))) for t in tiers]
+        if self.redis:  # shared: what it holds is Redis's to say
+            out.append(TierSnapshot(REDIS, 0, 0, 0, self.rates[REDIS].bytes_per_s,
+                                    self.rates[REDIS].latency_s,
+                                    TierCounters(**vars(self.counters[REDIS]))))
+        return tuple(out)

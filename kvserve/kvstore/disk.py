@@ -106,29 +106,18 @@ class DiskStore:
         return [meta for _, meta in sorted(found, key=lambda x: x[0])]
 
 
-class DiskTier:
-    """A DiskStore behind one worker thread: writes, reads and deletes run in submission order;
-    finished reads are collected by poll()."""
+class TierWorker:
+    """One worker thread running a tier's jobs in submission order; finished reads are
+    collected by poll() (a subclass's handle() puts TierLoads in self._done)."""
 
-    name = "disk"
+    name = ""
 
-    def __init__(self, store: DiskStore):
-        self.store = store
+    def __init__(self) -> None:
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._done: queue.SimpleQueue = queue.SimpleQueue()
-        self._warned = False
-        self._thread = threading.Thread(target=self._run, name="kvserve-disk", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"kvserve-{self.name}",
+                                        daemon=True)
         self._thread.start()
-
-    def write(self, key: bytes, token_ids: tuple[int, ...], tenant: str | None,
-              parts: dict[str, torch.Tensor]) -> None:
-        self._jobs.put(("write", EntryMeta(key, tuple(token_ids), tenant), parts))
-
-    def read(self, key: bytes) -> None:
-        self._jobs.put(("read", key, None))
-
-    def delete(self, key: bytes) -> None:
-        self._jobs.put(("delete", key, None))
 
     def poll(self) -> list[TierLoad]:
         out = []
@@ -153,21 +142,49 @@ class DiskTier:
             job = self._jobs.get()
             if job is None:
                 return
-            op, arg, parts = job
-            if op == "mark":
-                arg.set()
-            elif op == "write":
-                try:
-                    self.store.write(arg, parts)
-                except OSError as err:  # disk full, permissions: the block is recomputed
-                    if not self._warned:
-                        log.warning("disk tier: cannot write %s (%s); its blocks will be "
-                                    "recomputed", self.store.dir, err)
-                        self._warned = True
-            elif op == "read":
-                self._done.put(self._read(arg))
+            if job[0] == "mark":
+                job[1].set()
             else:
-                self.store.delete(arg)
+                self.handle(*job)
+
+    def handle(self, op: str, arg, parts) -> None:
+        raise NotImplementedError
+
+
+class DiskTier(TierWorker):
+    """A DiskStore behind one worker thread: writes, reads and deletes run in submission
+    order."""
+
+    name = "disk"
+
+    def __init__(self, store: DiskStore):
+        self.store = store
+        self._warned = False
+        super().__init__()
+
+    def write(self, key: bytes, token_ids: tuple[int, ...], tenant: str | None,
+              parts: dict[str, torch.Tensor]) -> None:
+        self._jobs.put(("write", EntryMeta(key, tuple(token_ids), tenant), parts))
+
+    def read(self, key: bytes) -> None:
+        self._jobs.put(("read", key, None))
+
+    def delete(self, key: bytes) -> None:
+        self._jobs.put(("delete", key, None))
+
+    def handle(self, op: str, arg, parts) -> None:
+        if op == "write":
+            try:
+                self.store.write(arg, parts)
+            except OSError as err:  # disk full, permissions: the block is recomputed
+                if not self._warned:
+                    log.warning("disk tier: cannot write %s (%s); its blocks will be "
+                                "recomputed", self.store.dir, err)
+                    self._warned = True
+        elif op == "read":
+            self._done.put(self._read(arg))
+        else:
+            self.store.delete(arg)
 
     def _read(self, key: bytes) -> TierLoad:
         t0 = time.perf_counter()

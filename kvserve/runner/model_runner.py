@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -22,6 +23,9 @@ from kvserve.request import Request
 from kvserve.runner.input_builder import InputBuilder
 from kvserve.runner.sampler import Sampler, SamplingBatch
 from kvserve.scheduler.plan import PromptScores, SampledToken, StepPlan, StepResult, Tier
+
+if TYPE_CHECKING:  # redis is an optional dependency
+    from kvserve.kvstore.redis_tier import RedisTier
 
 SCORE_ROWS = 256  # prompt positions scored (log_softmax over the vocabulary) at once
 
@@ -51,6 +55,7 @@ class ModelRunner:
         # swapped-out requests' residual windows (int8/int4), host copies
         self.parked_windows: dict[str, list[torch.Tensor | None]] = {}
         self.disk: DiskTier | None = None  # the prefix cache's disk tier (offload)
+        self.redis: RedisTier | None = None  # ... and its shared Redis tier
 
     def _generator(self, r: Request) -> torch.Generator | None:
         if r.request_id not in self.generators:
@@ -68,6 +73,10 @@ class ModelRunner:
         long the host tier's copies took (the cost model's measurements)."""
         for request_id in plan.dropped:
             self.attention.release(request_id)
+        for op in plan.disk_ops:  # Redis puts read their blocks before anything writes the pool
+            if op.op == "put":
+                self.redis.put(op.keys[0], op.block.token_ids, op.block.tenant,
+                               self.kv_store.read_blocks((op.block_id,)))
         timings = []
         for t in plan.transfers:
             t0 = time.perf_counter()
@@ -102,7 +111,9 @@ class ModelRunner:
                     self.disk.write(op.key, op.block.token_ids, op.block.tenant, parts)
             elif op.op == "read":
                 self.disk.read(op.key)
-            else:
+            elif op.op == "get":
+                self.redis.get_run(list(op.keys))
+            elif op.op == "delete":
                 self.disk.delete(op.key)
         for key in plan.host_drops:
             self.host_blocks.drop(key)
@@ -111,9 +122,7 @@ class ModelRunner:
     def poll_loads(self) -> list[TierLoad]:
         """Reads from the disk tier that finished since the last poll: good blocks join the
         host copies (their requests fetch them from there)."""
-        if self.disk is None:
-            return []
-        loads = self.disk.poll()
+        loads = [x for tier in (self.disk, self.redis) if tier is not None for x in tier.poll()]
         for load in loads:
             if load.ok:
                 self.host_blocks.blocks[load.key] = load.parts

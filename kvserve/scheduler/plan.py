@@ -72,9 +72,10 @@ class StepPlan:
     # Host copies of cached blocks that the host tier's LRU pushed out: forgotten after the
     # transfers above have run (a block fetched in this plan may be among them).
     host_drops: tuple[TransferKey, ...] = ()
-    # The disk tier's operations (kvcache.tiers.DiskOp: write a host copy down, read an entry
-    # into host memory, delete one), handed to its worker in this order after the transfers
-    # and before host_drops.
+    # The disk and Redis tiers' operations (kvcache.tiers.DiskOp: write a host copy down, read
+    # an entry into host memory, delete one; RedisOp: put a just-cached device block, read a
+    # run), handed to their workers in this order: Redis puts read the pool before the
+    # transfers write it, the rest after the transfers and before host_drops.
     disk_ops: tuple = ()
 
     @property

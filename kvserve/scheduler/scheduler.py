@@ -134,7 +134,7 @@ class Scheduler:
         if ops.fetches:
             ids, keys = zip(*ops.fetches)
             writes.append(BlockTransfer(Tier.HOST, Tier.DEVICE, ids, keys))
-        return tuple(reads + writes), ops.drops, ops.disk_ops
+        return tuple(reads + writes), ops.drops, ops.disk_ops + ops.redis_ops
 
     def _preempt_for_fair_share(self, transfers: list[BlockTransfer]) -> None:
         """Every running slot taken, and a tenant waits with nothing running: take one slot

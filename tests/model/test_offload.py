@@ -188,3 +188,120 @@ def test_another_format_never_reads_these_entries(tiny_hf_dir, tmp_path):
     dst.write_bytes(src.read_bytes())
     disk_llm(tiny_hf_dir, tmp_path, kv="int8")
     assert not dst.exists()
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A real redis-server on a free loopback port (installed by scripts/setup.sh --test);
+    yields (url, restart) and stops it at the end."""
+    import shutil
+    import socket
+    import subprocess
+    import time
+
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.skip("redis-server is not installed (scripts/setup.sh --test installs it)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+
+    def start():
+        procs.append(subprocess.Popen(
+            [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+             "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL))
+        for _ in range(100):
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    return
+            time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop():
+        procs[-1].terminate()
+        procs[-1].wait(10)
+
+    start()
+    yield f"redis://127.0.0.1:{port}/0", start, stop
+    if procs[-1].poll() is None:
+        stop()
+
+
+def redis_llm(tiny_hf_dir, url, **kwargs):
+    """Host tier of 12 blocks and the shared Redis; recomputing made dear (see disk_llm)."""
+    llm = make(tiny_hf_dir, cpu_offload_memory=12 * KVLayout(
+        load_checkpoint(str(tiny_hf_dir)).spec, BLOCK, "float32").bytes_per_block,
+        redis_url=url, **kwargs)
+    prefill = llm.engine.block_manager.lower.prefill
+    prefill.per_token_s = 1.0
+    prefill.observe_many = lambda prefills, seconds: None
+    return llm
+
+
+def redis_counters(llm):
+    return {t.name: t for t in llm.engine.cache_snapshot().tiers}["redis"].counters
+
+
+def test_two_engines_sharing_redis_reuse_each_others_prefixes_never_across_tenants(
+        tiny_hf_dir, redis_server):
+    url, _, _ = redis_server
+    reference = make(tiny_hf_dir, enable_prefix_caching=False)
+    expected = reference.generate(prompt(PREFIX + [3, 4, 5]), GREEDY, use_tqdm=False)[0]
+    with redis_llm(tiny_hf_dir, url) as a:
+        a.generate(prompt(PREFIX + [1, 2], "alice"), GREEDY, use_tqdm=False)
+    assert redis_counters(a).num_stored_blocks == 12  # 50 tokens: prompt and output blocks
+    b = redis_llm(tiny_hf_dir, url)  # its own pool and host tier: only Redis is shared
+    other = b.generate(prompt(PREFIX + [3, 4, 5], "bob"), GREEDY, use_tqdm=False)[0]
+    assert other.num_cached_tokens == 0 and redis_counters(b).num_hit_blocks == 0
+    out = b.generate(prompt(PREFIX + [3, 4, 5], "alice"), GREEDY, use_tqdm=False)[0]
+    assert out.num_cached_tokens == 40 and out.token_ids == expected.token_ids
+    c = redis_counters(b)
+    assert c.num_hit_blocks == 10 and c.num_fetched_blocks == 10 and c.num_fetch_decisions == 2
+
+
+def test_a_corrupt_redis_entry_is_deleted_and_recomputed(tiny_hf_dir, redis_server):
+    import redis
+
+    url, _, _ = redis_server
+    expected = make(tiny_hf_dir, enable_prefix_caching=False).generate(
+        prompt(PREFIX + [3, 4, 5]), GREEDY, use_tqdm=False)[0].token_ids
+    with redis_llm(tiny_hf_dir, url) as a:
+        a.generate(prompt(PREFIX + [1, 2]), GREEDY, use_tqdm=False)
+        chain = chain_keys(root_key((a.engine.block_manager.model_key, None, None)), PREFIX,
+                           BLOCK)
+        name = a.engine.runner.redis.redis_key(chain[4])
+    client = redis.Redis.from_url(url)
+    value = bytearray(client.get(name))
+    value[-50] ^= 0xFF
+    client.set(name, bytes(value))
+    b = redis_llm(tiny_hf_dir, url)
+    out = b.generate(prompt(PREFIX + [3, 4, 5]), GREEDY, use_tqdm=False)[0]
+    assert out.token_ids == expected and out.num_cached_tokens == 16  # blocks 0-3
+    assert redis_counters(b).num_rejected_entries == 1
+    b.engine.runner.redis.drain()  # the bad entry was deleted, and the recomputed block put
+    assert client.get(name) not in (None, bytes(value))
+
+
+def test_redis_going_away_degrades_to_recompute_and_it_reconnects(tiny_hf_dir, redis_server,
+                                                                  caplog):
+    url, start, stop = redis_server
+    expected = make(tiny_hf_dir, enable_prefix_caching=False).generate(
+        prompt(PREFIX + [3, 4, 5]), GREEDY, use_tqdm=False)[0].token_ids
+    llm = redis_llm(tiny_hf_dir, url)
+    stop()
+    with caplog.at_level("WARNING", logger="kvserve.offload"):
+        for _ in range(3):  # every request still answers, from recompute
+            out = llm.generate(prompt(PREFIX + [3, 4, 5]), GREEDY, use_tqdm=False)[0]
+            assert out.token_ids == expected
+            llm.reset_prefix_cache()
+            llm.engine.runner.redis.drain()
+    assert sum("unreachable" in r.message for r in caplog.records) == 1  # one warning
+    start()
+    lower = llm.engine.block_manager.lower
+    lower.redis_down_until = 0.0  # (its 2 s back-off, skipped)
+    llm.generate(prompt(PREFIX + [1, 2], "later"), GREEDY, use_tqdm=False)
+    llm.engine.runner.redis.drain()
+    fresh = redis_llm(tiny_hf_dir, url)
+    out = fresh.generate(prompt(PREFIX + [3, 4, 5], "later"), GREEDY, use_tqdm=False)[0]
+    assert out.num_cached_tokens == 40 and out.token_ids == expected
