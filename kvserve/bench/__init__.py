@@ -25,6 +25,10 @@ LABS: dict[str, Lab] = {lab.name: lab for lab in (
     Lab("quant", "quant_lab",
         "KV formats side by side: bytes per token, requests that fit, perplexity, KL and "
         "greedy agreement vs float32 K/V, decode speed at 1k-8k context"),
+    Lab("offload", "offload_lab",
+        "tiers below the pool: TTFT of a 1k-8k prefix fetched from host RAM, disk or Redis vs "
+        "recomputed, the cost model's break-even, and a multi-tenant trace with and without "
+        "the host tier"),
 )}
 
 

@@ -216,6 +216,8 @@ class LLMEngine:
         for t in timings:  # the cost model follows the real copies
             lower.observe_transfer(t.tier, t.num_bytes, t.seconds)
         if not plan.seqs:
+            if lower is not None and lower.loading:  # only reads to wait for: sleep on them
+                self.runner.wait_loads(0.005)
             return []
         t0 = time.perf_counter()
         result, failed = self._execute(plan)
@@ -329,6 +331,26 @@ class LLMEngine:
                 disk.write(key, cached.token_ids, cached.tenant, parts)
                 lower.disk.insert(key, TierBlock(cached.token_ids, cached.tenant))
         disk.drain()
+
+    def evict_prefix_cache(self, to: str = "host") -> int:
+        """Move every cached block that no request holds out of the device pool, down to tier
+        `to` and forgotten in the tiers above it: "host" (copied there), "disk" (through the
+        host, written down) or "redis" (where write-through already put it: the host copies
+        are dropped and the disk's entries deleted). What a lab does to measure a fetch from
+        one tier; the copies run with the next step. Returns the blocks that left the pool."""
+        m = self.block_manager
+        lower = m.lower if m is not None else None
+        tiers = ("host",) + (("disk",) if lower is not None and lower.disk is not None else ()) \
+            + (("redis",) if lower is not None and lower.redis else ())
+        if lower is None or to not in tiers:
+            raise ConfigError(f"evict_prefix_cache(to={to!r}): this engine's tiers are "
+                              f"{', '.join(tiers) if lower is not None else 'none'}")
+        n = m.evict_cached()
+        if to != "host":
+            lower.demote_host(drop=to == "redis")
+        if to == "redis":
+            lower.forget_disk()
+        return n
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached prefix block (blocks in use keep their K/V for their requests);

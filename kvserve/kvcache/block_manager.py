@@ -137,6 +137,21 @@ class BlockManager:
         return self.lower.prefetch(r.request_id, r.block_keys[first:max_blocks],
                                    r.token_ids_between(first * bs, max_blocks * bs), first * bs)
 
+    def evict_cached(self) -> int:
+        """Every cached block no request holds leaves the pool's index now, copied down to the
+        tiers below (as if the pool had handed it out again); returns how many."""
+        index = self.prefix_index
+        if index is None:
+            return 0
+        evicted = [b for b in self.pool.free_queue if index.key_of_block(b) is not None]
+        for b in evicted:
+            key = index.key_of_block(b)
+            if self.lower is not None:
+                cached = index.index[key]
+                self.lower.offload(b, key, TierBlock(cached.token_ids, cached.tenant))
+            index.evict(b)
+        return len(evicted)
+
     def take_tier_ops(self) -> TierOps | None:
         """What the plan being built moves between the pool and the tiers below it."""
         return None if self.lower is None else self.lower.take_ops()

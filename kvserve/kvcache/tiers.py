@@ -432,6 +432,29 @@ class LowerTiers:
         return TierOps(tuple(p.offloads), tuple((b, k) for b, k, _ in p.fetches),
                        tuple(p.drops), tuple(p.disk_ops), tuple(p.redis_ops))
 
+    # -- moving everything down (operators, labs) ------------------------------------------
+    def demote_host(self, drop: bool) -> int:
+        """Every unpinned block of the host tier leaves it: down to the disk (as its LRU would
+        send it) or, with drop, forgotten. Returns how many left."""
+        keys = [k for k in self.host.entries if k not in self.host.pinned]
+        pushed = [(k, self.host.entries.pop(k)) for k in keys]
+        if drop:
+            for key, _ in pushed:
+                self._pending.drops[key] = None
+        else:
+            self._evict_host(pushed)
+        return len(pushed)
+
+    def forget_disk(self) -> int:
+        """Every disk entry is deleted (its files too)."""
+        if self.disk is None:
+            return 0
+        keys = list(self.disk.entries)
+        for key in keys:
+            self.disk.remove(key)
+            self._pending.disk_ops.append(DiskOp("delete", key))
+        return len(keys)
+
     # -- measurements ----------------------------------------------------------------------
     def observe_transfer(self, tier: str, num_bytes: int, seconds: float) -> None:
         self.rates[tier].observe(num_bytes, seconds)

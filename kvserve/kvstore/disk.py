@@ -115,6 +115,7 @@ class TierWorker:
     def __init__(self) -> None:
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._done: queue.SimpleQueue = queue.SimpleQueue()
+        self.ready = threading.Event()  # set when a read finishes (the step loop may sleep)
         self._thread = threading.Thread(target=self._run, name=f"kvserve-{self.name}",
                                         daemon=True)
         self._thread.start()
@@ -146,6 +147,8 @@ class TierWorker:
                 job[1].set()
             else:
                 self.handle(*job)
+                if not self._done.empty():
+                    self.ready.set()
 
     def handle(self, op: str, arg, parts) -> None:
         raise NotImplementedError

@@ -119,10 +119,21 @@ class ModelRunner:
             self.host_blocks.drop(key)
         return timings
 
+    def wait_loads(self, timeout_s: float) -> None:
+        """Sleep until a tier read finishes (or timeout_s): a step loop with nothing to run
+        but requests waiting for their blocks gives the readers the CPU instead of spinning."""
+        for tier in (self.disk, self.redis):
+            if tier is not None and tier.ready.wait(timeout_s):
+                return
+
     def poll_loads(self) -> list[TierLoad]:
         """Reads from the disk tier that finished since the last poll: good blocks join the
         host copies (their requests fetch them from there)."""
-        loads = [x for tier in (self.disk, self.redis) if tier is not None for x in tier.poll()]
+        loads = []
+        for tier in (self.disk, self.redis):
+            if tier is not None:
+                tier.ready.clear()
+                loads += tier.poll()
         for load in loads:
             if load.ok:
                 self.host_blocks.blocks[load.key] = load.parts
