@@ -36,8 +36,9 @@ TIERS = ("host", "disk", "redis")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_setting_flags(p, ("model", "dtype", "device", "kv_cache_dtype", "block_size"))
-    p.add_argument("--prefix-lengths", default="1024,2048,4096,8192",
-                   help="prefix lengths in tokens (default 1024,2048,4096,8192)")
+    p.add_argument("--prefix-lengths", default="1024,2048,4096,8064",
+                   help="prefix lengths in tokens; each plus a 24-token question must fit the "
+                   "model's context (default 1024,2048,4096,8064)")
     p.add_argument("--repeats", type=int, default=3, help="runs per length and tier (median)")
     p.add_argument("--redis-url", default=None,
                    help="a Redis to use (default: start redis-server on loopback if installed)")
@@ -88,7 +89,7 @@ def part_ttft(args, lengths: list[int], corpus: list[int], redis_url: str | None
               disk_dir: str) -> dict:
     from kvserve.engine.llm import LLM
 
-    max_len = max(lengths) + 64
+    max_len = max(lengths) + 64  # the prefix, a 24-token question and the first token
     bs = args.block_size
     pool = (max_len // bs + 16) * args.block_bytes  # one max-length prompt and some
     plain = LLM(max_model_len=max_len, kv_cache_memory=pool, **engine_flags(args))
@@ -205,6 +206,11 @@ def main(args: argparse.Namespace) -> int:
         from kvserve.engine.llm import LLM
 
         probe = LLM(max_model_len=256, kv_cache_memory="16MiB", **engine_flags(args)).engine
+        context = probe.spec.max_position_embeddings
+        if max(lengths) + 64 > context:
+            raise ConfigError(f"--prefix-lengths: {max(lengths):,} tokens and a question do "
+                              f"not fit the model's context ({context:,}); at most "
+                              f"{context - 64:,}")
         corpus = probe.tokenizer.encode(corpus_text())
         args.block_bytes = probe.kv_bytes_per_token * args.block_size
         del probe
