@@ -305,3 +305,21 @@ def test_redis_going_away_degrades_to_recompute_and_it_reconnects(tiny_hf_dir, r
     fresh = redis_llm(tiny_hf_dir, url)
     out = fresh.generate(prompt(PREFIX + [3, 4, 5], "later"), GREEDY, use_tqdm=False)[0]
     assert out.num_cached_tokens == 40 and out.token_ids == expected
+
+
+def test_a_separate_kvserve_process_fills_redis_for_this_one(tiny_hf_dir, redis_server):
+    import subprocess
+    import sys
+
+    url, _, _ = redis_server
+    text = "the cache keeps the keys and values of every token it has seen so far"
+    subprocess.run([sys.executable, "-m", "kvserve.cli", "generate", text, "--model",
+                    str(tiny_hf_dir), "--block-size", str(BLOCK), "--max-model-len",
+                    str(MAX_LEN), "--cpu-offload-memory", "1MiB", "--redis-url", url,
+                    "--max-tokens", "2"], check=True, timeout=300, capture_output=True)
+    llm = redis_llm(tiny_hf_dir, url)
+    ids = llm.engine.tokenizer.encode(text)
+    assert 8 < len(ids) < MAX_LEN - 8
+    out = llm.generate(text, GREEDY, use_tqdm=False)[0]
+    assert out.num_cached_tokens == (len(ids) - 1) // BLOCK * BLOCK > 0
+    assert redis_counters(llm).num_fetched_blocks == (len(ids) - 1) // BLOCK
