@@ -243,24 +243,26 @@ def redis_counters(llm):
     return {t.name: t for t in llm.engine.cache_snapshot().tiers}["redis"].counters
 
 
+@pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
 def test_two_engines_sharing_redis_reuse_each_others_prefixes_never_across_tenants(
-        tiny_hf_dir, redis_server):
+        tiny_hf_dir, redis_server, params):
     url, _, _ = redis_server
     reference = make(tiny_hf_dir, enable_prefix_caching=False)
-    expected = reference.generate(prompt(PREFIX + [3, 4, 5]), GREEDY, use_tqdm=False)[0]
+    expected = reference.generate(prompt(PREFIX + [3, 4, 5]), params, use_tqdm=False)[0]
     with redis_llm(tiny_hf_dir, url) as a:
-        a.generate(prompt(PREFIX + [1, 2], "alice"), GREEDY, use_tqdm=False)
+        a.generate(prompt(PREFIX + [1, 2], "alice"), params, use_tqdm=False)
     assert redis_counters(a).num_stored_blocks == 12  # 50 tokens: prompt and output blocks
     b = redis_llm(tiny_hf_dir, url)  # its own pool and host tier: only Redis is shared
-    other = b.generate(prompt(PREFIX + [3, 4, 5], "bob"), GREEDY, use_tqdm=False)[0]
+    other = b.generate(prompt(PREFIX + [3, 4, 5], "bob"), params, use_tqdm=False)[0]
     assert other.num_cached_tokens == 0 and redis_counters(b).num_hit_blocks == 0
-    out = b.generate(prompt(PREFIX + [3, 4, 5], "alice"), GREEDY, use_tqdm=False)[0]
+    out = b.generate(prompt(PREFIX + [3, 4, 5], "alice"), params, use_tqdm=False)[0]
     assert out.num_cached_tokens == 40 and out.token_ids == expected.token_ids
     c = redis_counters(b)
     assert c.num_hit_blocks == 10 and c.num_fetched_blocks == 10 and c.num_fetch_decisions == 2
 
 
-def test_a_corrupt_redis_entry_is_deleted_and_recomputed(tiny_hf_dir, redis_server):
+@pytest.mark.parametrize("damage", ["corrupt", "truncated"])
+def test_a_damaged_redis_entry_is_deleted_and_recomputed(tiny_hf_dir, redis_server, damage):
     import redis
 
     url, _, _ = redis_server
@@ -273,7 +275,10 @@ def test_a_corrupt_redis_entry_is_deleted_and_recomputed(tiny_hf_dir, redis_serv
         name = a.engine.runner.redis.redis_key(chain[4])
     client = redis.Redis.from_url(url)
     value = bytearray(client.get(name))
-    value[-50] ^= 0xFF
+    if damage == "corrupt":
+        value[-50] ^= 0xFF  # a payload byte: caught by the checksum
+    else:
+        value = value[:-64]  # caught by safetensors' own length checks
     client.set(name, bytes(value))
     b = redis_llm(tiny_hf_dir, url)
     out = b.generate(prompt(PREFIX + [3, 4, 5]), GREEDY, use_tqdm=False)[0]
