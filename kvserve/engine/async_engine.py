@@ -329,7 +329,7 @@ class AsyncLLMEngine:
     def _publish_stats(self) -> None:
         e, old = self.engine, self._stats
         self._stats = EngineStats(  # one reference swap: readers never see half an update
-            num_running=len(e.scheduler.running), num_waiting=len(e.scheduler.waiting),
+            num_running=len(e.scheduler.running), num_waiting=e.scheduler.num_waiting,
             waiting_by_tenant=tuple(e.scheduler.waiting.counts_by_tenant().items()),
             num_steps=old.num_steps, num_step_errors=old.num_step_errors,
             kv=e.cache_snapshot())

@@ -52,6 +52,10 @@ class Scheduler:
         self.eos_token_ids = frozenset(eos_token_ids)
         self.blocks = block_manager  # None: K/V memory is not managed in blocks
         self.waiting = WaitingQueue()  # O(1) by id; round robin between tenants
+        # Waiting requests set aside while their blocks load from a tier below the host (disk,
+        # Redis): the requests behind them are admitted meanwhile; they go back to the front
+        # of their tenant's queue once their reads are in.
+        self.loading: dict[str, Request] = {}
         self.running: list[Request] = []
         self.swapped: dict[str, tuple[str, ...]] = {}  # request id -> its blocks' host keys
         self.num_preemptions = 0  # all of them, fair-share ones included
@@ -64,13 +68,25 @@ class Scheduler:
             self.blocks.must_wait(request)  # blocks on disk start loading now (prefetch)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.loading)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting) + len(self.loading)
+
+    def _return_loaded(self) -> None:
+        for request_id, r in list(self.loading.items()):
+            if not self.blocks.must_wait(r):
+                del self.loading[request_id]
+                self.waiting.push_front(r)
 
     # -- planning ----------------------------------------------------------------------------
     def schedule(self) -> StepPlan:
         budget = self.config.max_num_batched_tokens if self.retains_kv else None
         seqs: list[ScheduledSeq] = []
         transfers: list[BlockTransfer] = []  # swap-outs (running loop) before swap-ins
+        if self.loading:
+            self._return_loaded()
         self._preempt_for_fair_share(transfers)
         preempted = False
         for r in list(self.running):
@@ -102,7 +118,9 @@ class Scheduler:
                     break
             else:
                 if self.blocks is not None and self.blocks.must_wait(r):
-                    break  # its blocks are loading from disk: running requests go on
+                    self.waiting.remove(r.request_id)  # its blocks are loading: the next goes
+                    self.loading[r.request_id] = r
+                    continue
                 if self._prefix_in_flight(r):
                     break  # its prefix is being computed right now: wait a step and share it
                 num_new = self._admit_with_prefix(r, budget)
@@ -301,8 +319,8 @@ class Scheduler:
         """Move a request out of the queues for good (stop, length or abort); free its blocks."""
         if r.status is RequestStatus.RUNNING:
             self.running.remove(r)  # by identity (Request compares by identity), few running
-        else:
-            self.waiting.remove(r.request_id)
+        elif not self.waiting.remove(r.request_id):
+            self.loading.pop(r.request_id, None)
         parked = self.swapped.pop(r.request_id, None)
         if parked is not None:
             self.blocks.unpark(len(parked))
@@ -317,4 +335,5 @@ class Scheduler:
         for r in self.running:
             if r.request_id == request_id:
                 return r
-        return next((r for r in self.waiting if r.request_id == request_id), None)
+        return next((r for r in self.waiting if r.request_id == request_id),
+                    self.loading.get(request_id))

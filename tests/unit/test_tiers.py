@@ -158,3 +158,53 @@ def test_tier_counters_reach_prometheus():
     assert 'kvserve_kv_tier_fetched_blocks_total{model_name="m",tier="host"} 3.0' in text
     assert 'kvserve_kv_tier_recompute_decisions_total{model_name="m",tier="host"} 0.0' in text
     assert 'kvserve_kv_tier_capacity_blocks{model_name="m",tier="host"} 8.0' in text
+
+
+def test_a_request_loading_from_disk_lets_the_next_one_run():
+    from kvserve.kvcache.prefix_index import chain_keys, root_key
+    from kvserve.kvcache.tiers import LoadResult
+
+    lower = LowerTiers(TierIndex("host", 8), TransferRate(1e9), PrefillRate(1e-3, 0.0), 1000,
+                       BS, TierIndex("disk", 8), TransferRate(1e9))
+    manager = BlockManager(BlockPool(12), BS, PrefixIndex(), "m", lower=lower)
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=64), 64, True,
+                          (0,), manager)
+    a_ids = list(range(10, 22))
+    keys = chain_keys(root_key(("m", None, None)), a_ids, BS)
+    for i, key in enumerate(keys):  # a's three blocks are on disk (an earlier process's)
+        lower.disk.insert(key, block(*a_ids[i * BS:(i + 1) * BS]))
+    a = Request("a", a_ids + [1], SamplingParams(max_tokens=1))
+    b = Request("b", [5, 6, 7], SamplingParams(max_tokens=1))
+    scheduler.add(a)
+    scheduler.add(b)
+    plan = scheduler.schedule()
+    assert [s.request_id for s in plan.seqs] == ["b"] and "a" in scheduler.loading
+    reads = [op.key for op in plan.disk_ops if op.op == "read"]
+    assert reads == keys and set(lower.host.pinned) == set(keys)
+    scheduler.update(plan, StepResult((SampledToken("b", 5),)))
+    lower.loaded([LoadResult("disk", k, True, lower.disk.entries[k]) for k in keys])
+    plan = scheduler.schedule()  # a is back, its blocks fetched from the host tier
+    assert [s.request_id for s in plan.seqs] == ["a"] and a.num_cached_tokens == 12
+    assert not scheduler.loading and not lower.pins and not lower.host.pinned
+    assert any(t.dst is Tier.DEVICE and len(t.block_ids) == 3 for t in plan.transfers)
+
+
+def test_a_request_aborted_while_loading_leaves_nothing_pinned():
+    from kvserve.kvcache.prefix_index import chain_keys, root_key
+    from kvserve.request import FinishReason
+
+    lower = LowerTiers(TierIndex("host", 8), TransferRate(1e9), PrefillRate(1e-3, 0.0), 1000,
+                       BS, TierIndex("disk", 8), TransferRate(1e9))
+    manager = BlockManager(BlockPool(12), BS, PrefixIndex(), "m", lower=lower)
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=64), 64, True,
+                          (0,), manager)
+    a_ids = list(range(10, 22))
+    for i, key in enumerate(chain_keys(root_key(("m", None, None)), a_ids, BS)):
+        lower.disk.insert(key, block(*a_ids[i * BS:(i + 1) * BS]))
+    a = Request("a", a_ids + [1], SamplingParams(max_tokens=1))
+    scheduler.add(a)
+    scheduler.schedule()
+    assert "a" in scheduler.loading and lower.host.pinned
+    scheduler.finish(a, FinishReason.ABORT)
+    assert not scheduler.loading and not scheduler.has_unfinished()
+    assert not lower.pins and not lower.host.pinned
