@@ -8,15 +8,16 @@ up, Redis sits across a network). The model of a prefill of n tokens after `star
 
     seconds = per_token * n * (1 + attention_ratio * (start + n / 2))
 
-per_token is measured; attention_ratio is the model's attention FLOPs per token per context
-token over its matmul FLOPs per token (4 * layers * heads * head_dim / 2 * params), so a long
-prefix makes recomputing each token dearer, as it is.
+per_token is measured at start-up; attention_ratio starts as the model's attention FLOPs per
+token per context token over its matmul FLOPs per token (4 * layers * heads * head_dim / 2 *
+params), so a long prefix makes recomputing each token dearer, as it is. Real prefill steps then
+fit both by least squares (attention costs more than its FLOPs on a CPU: about twice).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 SMOOTHING = 0.2  # weight of a new measurement in the moving averages
 
@@ -41,8 +42,14 @@ class TransferRate:
 
 @dataclass
 class PrefillRate:
+    """per_token_s: seconds per token at an empty context; attention_ratio: how much dearer each
+    context token makes a token (a prior from the model's FLOPs, then fitted)."""
+
     per_token_s: float
-    attention_ratio: float  # attention FLOPs per token per context token / matmul FLOPs per token
+    attention_ratio: float
+    # decayed sums over prefill steps of (L = tokens, A = tokens x mean context, y = seconds):
+    # LL, LA, AA, Ly, Ay, for the least-squares fit y = per_token_s * (L + attention_ratio * A)
+    _sums: list[float] = field(default_factory=lambda: [0.0] * 5, repr=False)
 
     def seconds(self, num_tokens: int, start: int) -> float:
         return self.per_token_s * self.work(num_tokens, start)
@@ -52,10 +59,25 @@ class PrefillRate:
         return num_tokens * (1 + self.attention_ratio * (start + num_tokens / 2))
 
     def observe_many(self, prefills: Sequence[tuple[int, int]], seconds: float) -> None:
-        """A step of prefills (num_tokens, start) took `seconds`."""
-        work = sum(self.work(n, start) for n, start in prefills)
-        if work <= 0 or seconds <= 0:
+        """A step of prefills (num_tokens, start) took `seconds`. Both terms are fitted by
+        least squares over recent steps (older ones decay) once steps at short and long
+        contexts have been seen; until then the FLOP prior keeps attention_ratio and the
+        moving average moves per_token_s."""
+        lin = float(sum(n for n, _ in prefills))
+        att = float(sum(n * (start + n / 2) for n, start in prefills))
+        if lin <= 0 or seconds <= 0:
             return
+        s = self._sums
+        for i, v in enumerate((lin * lin, lin * att, att * att, lin * seconds, att * seconds)):
+            s[i] = (1 - SMOOTHING / 4) * s[i] + v
+        ll, la, aa, ly, ay = s
+        det = ll * aa - la * la
+        if det > 1e-3 * ll * aa:  # contexts varied enough to tell the two terms apart
+            a, b = (ly * aa - ay * la) / det, (ay * ll - ly * la) / det
+            if a > 0 and b >= 0:
+                self.per_token_s, self.attention_ratio = a, b / a
+                return
+        work = lin + self.attention_ratio * att
         self.per_token_s += SMOOTHING * (seconds / work - self.per_token_s)
 
 

@@ -208,3 +208,15 @@ def test_a_request_aborted_while_loading_leaves_nothing_pinned():
     scheduler.finish(a, FinishReason.ABORT)
     assert not scheduler.loading and not scheduler.has_unfinished()
     assert not lower.pins and not lower.host.pinned
+
+
+def test_prefill_rate_fits_both_terms_from_steps_at_several_contexts():
+    truth = PrefillRate(per_token_s=2e-3, attention_ratio=6e-4)  # attention dearer than FLOPs
+    fit = PrefillRate(per_token_s=5e-3, attention_ratio=3e-4)  # a start-up probe and a prior
+    for start in (0, 2048, 4096, 6144, 0, 1024):
+        fit.observe_many([(2048, start)], truth.seconds(2048, start))
+    assert fit.per_token_s == pytest.approx(2e-3, rel=1e-6)
+    assert fit.attention_ratio == pytest.approx(6e-4, rel=1e-6)
+    one = PrefillRate(per_token_s=5e-3, attention_ratio=3e-4)
+    one.observe_many([(128, 0)], 2 * one.seconds(128, 0))  # one context only: the average moves
+    assert one.attention_ratio == 3e-4 and one.per_token_s > 5e-3
