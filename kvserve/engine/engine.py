@@ -209,7 +209,7 @@ class LLMEngine:
         lower = self.block_manager.lower if self.block_manager is not None else None
         if lower is not None and (lower.disk is not None or lower.redis):
             lower.loaded([LoadResult(x.tier, x.key, x.ok, TierBlock(x.token_ids, x.tenant),
-                                     x.num_bytes, x.seconds, x.reason)
+                                     x.num_bytes, x.seconds, x.reason, x.rate_sample)
                           for x in self.runner.poll_loads()])
         plan = self.scheduler.schedule()
         timings = self.runner.apply_transfers(plan)  # even a step with nothing to run may preempt
@@ -324,12 +324,15 @@ class LLMEngine:
             parts = self.runner.host_blocks.blocks.get(key)
             if key not in lower.disk and parts is not None:
                 disk.write(key, block.token_ids, block.tenant, parts)
-                lower.disk.insert(key, block)
+                for gone, _ in lower.disk.insert(key, block):  # past disk_offload_size
+                    disk.delete(gone)
         for key, cached in list(m.prefix_index.index.items()):
             if key not in lower.disk:
                 parts = self.runner.kv_store.read_blocks((cached.block_id,))
                 disk.write(key, cached.token_ids, cached.tenant, parts)
-                lower.disk.insert(key, TierBlock(cached.token_ids, cached.tenant))
+                for gone, _ in lower.disk.insert(key, TierBlock(cached.token_ids,
+                                                                cached.tenant)):
+                    disk.delete(gone)
         disk.drain()
 
     def evict_prefix_cache(self, to: str = "host") -> int:
@@ -353,8 +356,9 @@ class LLMEngine:
         return n
 
     def reset_prefix_cache(self) -> bool:
-        """Forget every cached prefix block (blocks in use keep their K/V for their requests);
-        False if prefix caching is off."""
+        """Forget every cached prefix block of the device pool (blocks in use keep their K/V
+        for their requests); the tiers below keep theirs (a cold run with tiers: a new
+        cache_salt). False if prefix caching is off."""
         return self.block_manager is not None and self.block_manager.reset_prefix_index()
 
     def reset_counters(self) -> None:

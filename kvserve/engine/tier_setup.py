@@ -43,19 +43,25 @@ def build_lower_tiers(config: EngineConfig, model: LlamaModel, store: PagedKVSto
     prefill = PrefillRate(0.0, attention_ratio(spec.num_layers, spec.num_heads, spec.head_dim,
                                                spec.num_layers * per_layer))
     prefill.per_token_s = measure_prefill_s(model, layout) / prefill.work(PREFILL_TOKENS, 0)
+    parts = {name: ((t.shape[0], 1, *t.shape[2:]), t.dtype) for name, t in store.parts.items()}
     disk, disk_index, disk_rate = None, None, None
     if config.offload.disk_offload_dir is not None:
-        disk = DiskTier(DiskStore(config.offload.disk_offload_dir, identity,
-                                  layout_description(store)))
-        disk_rate = measure_disk_rate(disk.store, store)
+        root = config.offload.disk_offload_dir
+        try:
+            disk_store = DiskStore(root, identity, layout_description(store), parts)
+            disk_rate = measure_disk_rate(disk_store, store)
+            scanned = disk_store.scan()  # a warm start: oldest first, so LRU order holds
+        except OSError as err:
+            raise ConfigError(f"disk_offload_dir {root!r} cannot be used: {err}") from None
+        disk = DiskTier(disk_store)
         disk_index = TierIndex("disk", config.offload.disk_offload_bytes // layout.bytes_per_block)
-        for meta in disk.store.scan():  # a warm start: oldest first, so LRU order holds
+        for meta in scanned:
             for gone, _ in disk_index.insert(meta.key, TierBlock(meta.token_ids, meta.tenant)):
-                disk.store.delete(gone)
+                disk_store.delete(gone)
     redis, redis_rate = None, None
     if config.offload.redis_url is not None:
         redis, redis_rate = connect_redis(config.offload.redis_url, identity,
-                                          layout_description(store))
+                                          layout_description(store), parts)
     lower = LowerTiers(host, measure_host_rate(store), prefill, layout.bytes_per_block,
                        layout.block_size, disk_index, disk_rate, redis_rate)
     if redis is not None and redis_rate.latency_s < 0:  # unreachable at start-up
@@ -64,7 +70,7 @@ def build_lower_tiers(config: EngineConfig, model: LlamaModel, store: PagedKVSto
     return lower, disk, redis
 
 
-def connect_redis(url: str, identity: str, layout: str):
+def connect_redis(url: str, identity: str, layout: str, parts: dict):
     """The Redis tier and its measured rate (a round trip of a probe value). Unreachable now:
     one warning, a nominal rate marked by a negative latency, and the tier retried later."""
     try:
@@ -74,7 +80,7 @@ def connect_redis(url: str, identity: str, layout: str):
     except ImportError:
         raise ConfigError("redis_url needs the redis package: pip install 'kvserve[offload]'"
                           ) from None
-    tier = RedisTier(url, identity, layout)
+    tier = RedisTier(url, identity, layout, parts)
     try:
         round_trip = statistics.median(tier.probe() for _ in range(3))
     except redis_py.RedisError as err:

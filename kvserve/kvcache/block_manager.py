@@ -99,8 +99,9 @@ class BlockManager:
                                  r.token_ids_between(0, max_blocks * bs), bs)
         self.pool.incref(hits)  # a hit on a free block takes it back out of the free queue
         self.tables[r.request_id] = list(hits)
-        if self.lower is not None and len(hits) < max_blocks:
-            hits = hits + self._fetch_from_lower(r, len(hits), max_blocks)
+        if self.lower is not None:
+            if len(hits) < max_blocks:
+                hits = hits + self._fetch_from_lower(r, len(hits), max_blocks)
             self.lower.unpin(r.request_id)  # what it waited for is on the device now
         self.num_indexed[r.request_id] = len(hits)
         return len(hits) * bs

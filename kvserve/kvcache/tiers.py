@@ -1,15 +1,20 @@
 """Lower tiers of the prefix cache: what each holds (by block key, LRU), what a step must move
 between them and the device pool, and whether a hit there is worth fetching. No torch.
 
-Write policy: write-back on eviction, tier by tier. A cached block leaves the device pool only
-when the pool hands it out again; it is then copied into the host tier (unless a copy is
+Tiers: host RAM, then a local disk, then a Redis server shared by several processes. Write
+policy: write-back on eviction, tier by tier, except Redis (write-through, below). A cached
+block leaves the device pool only when the pool hands it out again; it is then copied into the
+host tier (unless a copy is
 already there: the host keeps what it sent up, so a block that goes back and forth is copied
 down once). A block the host tier's LRU pushes out is written to the disk tier (unless the disk
 holds it already) or, without one, dropped; the disk's LRU deletes its oldest entries. A disk
 hit is read back into the host tier off the step loop (its request waits, pinned blocks and
 all, while others run), then fetched into the pool like a host hit. Swapped-out blocks of
 preempted requests live in the same host memory: they are parked there (never evicted while
-their request waits) and push cached blocks out to make room.
+their request waits) and push cached blocks out to make room. Redis is write-through: a block
+is put there as soon as the pool caches it, so other processes can fetch it at once; a prompt's
+run past the device, host and disk hits is asked of Redis in one round trip (keys it did not
+have are not asked again for MISSING_TTL_S).
 
 Keys are the device pool's chained block keys, whose root carries the model identity, the KV
 format and the request's cache salt: a tier can only ever answer a lookup made under the same
@@ -132,6 +137,7 @@ class TierIndex:
 REDIS = "redis"
 MISSING, UNREACHABLE = "missing", "unreachable"  # a Redis read's answers that are no fault
 REDIS_RETRY_S = 2.0  # after "unreachable", Redis is left alone this long
+MISSING_TTL_S = 2.0  # a key Redis did not have is not asked for again this long
 LOAD_TIMEOUT_S = 5.0  # a request waits at most this long for its blocks to load from disk
 MAX_REMEMBERED_DECISIONS = 4096
 
@@ -192,6 +198,7 @@ class LoadResult:
     num_bytes: int = 0
     seconds: float = 0.0
     reason: str = ""
+    rate_sample: tuple[int, float] | None = None  # (bytes, seconds) of one whole read
 
 
 class LowerTiers:
@@ -221,6 +228,7 @@ class LowerTiers:
         self.loading: dict[BlockKey, float] = {}  # disk reads in flight: key -> issued at
         self.pins: dict[str, list[BlockKey]] = {}  # waiting request -> host keys pinned for it
         self._recomputed: set[BlockKey] = set()  # first keys of runs decided "recompute"
+        self._missing: dict[BlockKey, float] = {}  # Redis said "missing": not asked until then
         self._pending = _Pending()
 
     # -- blocks leaving the device pool ----------------------------------------------------
@@ -321,7 +329,10 @@ class LowerTiers:
         if self.redis and now >= self.redis_down_until and (after == len(keys) or (
                 keys[after] not in self.loading and (self.disk is None or keys[after]
                                                      not in self.disk))):
-            redis_run = [k for k in keys[after:first + max(0, room)] if k not in self.loading]
+            for key in keys[after:first + max(0, room)]:
+                if key in self.loading or self._missing.get(key, 0.0) > now:
+                    break
+                redis_run.append(key)
             redis_run = self._worth(REDIS, redis_run, start + after * bs)
         if not disk_run and not redis_run:
             return False
@@ -381,6 +392,10 @@ class LowerTiers:
             if r.tier == REDIS and not r.ok and r.reason in (MISSING, UNREACHABLE):
                 if r.reason == UNREACHABLE:
                     self.redis_down_until = self.clock() + REDIS_RETRY_S
+                else:  # not asked for again for a while (a request that comes back, others)
+                    if len(self._missing) >= MAX_REMEMBERED_DECISIONS:
+                        self._missing.clear()
+                    self._missing[r.key] = self.clock() + MISSING_TTL_S
                 continue  # nobody has computed it (or Redis is away): recomputed
             if r.tier == REDIS and r.ok:
                 c.num_hit_blocks += 1
@@ -390,7 +405,8 @@ class LowerTiers:
                     self.disk.remove(r.key)
                     self._pending.disk_ops.append(DiskOp("delete", r.key))
                 continue
-            self.rates[r.tier].observe(r.num_bytes, r.seconds)
+            if r.rate_sample is not None:
+                self.rates[r.tier].observe(*r.rate_sample)
             c.num_fetched_blocks += 1
             c.num_bytes_out += r.num_bytes
             self._pending.drops.pop(r.key, None)

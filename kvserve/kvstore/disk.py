@@ -10,6 +10,7 @@ an earlier process left (a warm restart reuses it); a file that does not decode 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -40,13 +41,17 @@ class TierLoad:
     num_bytes: int = 0
     seconds: float = 0.0
     reason: str = ""
+    # (bytes, seconds) of one whole read for the cost model (a Redis run's first answer carries
+    # its round trip's; the others none)
+    rate_sample: tuple[int, float] | None = None
 
 
 class DiskStore:
     """The files (synchronous: DiskTier's worker calls these)."""
 
-    def __init__(self, root: str, identity: str, layout: str):
-        self.identity, self.layout = identity, layout
+    def __init__(self, root: str, identity: str, layout: str,
+                 parts: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None):
+        self.identity, self.layout, self.parts = identity, layout, parts
         self.dir = os.path.join(root, hashlib.sha256(identity.encode()).hexdigest()[:16])
         os.makedirs(self.dir, exist_ok=True)
 
@@ -59,9 +64,14 @@ class DiskStore:
         path = self.path(meta.key)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
         return len(data)
 
     def read(self, key: bytes) -> tuple[EntryMeta, dict[str, torch.Tensor], int]:
@@ -70,14 +80,12 @@ class DiskStore:
                 data = f.read()
         except FileNotFoundError:
             raise EntryError("missing") from None
-        meta, parts = decode(data, key, self.identity, self.layout)
+        meta, parts = decode(data, key, self.identity, self.layout, self.parts)
         return meta, parts, len(data)
 
     def delete(self, key: bytes) -> None:
-        try:
+        with contextlib.suppress(OSError):
             os.remove(self.path(key))
-        except FileNotFoundError:
-            pass
 
     def scan(self) -> list[EntryMeta]:
         """Entries an earlier process left, least recently written first (headers only; a
@@ -102,7 +110,8 @@ class DiskStore:
                     found.append((os.stat(path).st_mtime_ns, meta))
                 except Exception as err:  # noqa: BLE001 - whatever is wrong with the file
                     log.warning("disk tier: dropping %s (%s)", path, err)
-                    os.remove(path)
+                    with contextlib.suppress(OSError):
+                        os.remove(path)
         return [meta for _, meta in sorted(found, key=lambda x: x[0])]
 
 
@@ -145,10 +154,19 @@ class TierWorker:
                 return
             if job[0] == "mark":
                 job[1].set()
-            else:
+                continue
+            try:
                 self.handle(*job)
-                if not self._done.empty():
-                    self.ready.set()
+            except Exception as err:  # noqa: BLE001 - the worker must outlive any one job
+                log.warning("%s tier: %s failed (%s)", self.name, job[0], err)
+                for key in self.keys_answered_by(job):
+                    self._done.put(TierLoad(self.name, key, False, reason=f"failed: {err}"))
+            if not self._done.empty():
+                self.ready.set()
+
+    def keys_answered_by(self, job) -> list[bytes]:
+        """The keys a job owes an answer for (reads), should it fail."""
+        return []
 
     def handle(self, op: str, arg, parts) -> None:
         raise NotImplementedError
@@ -175,6 +193,9 @@ class DiskTier(TierWorker):
     def delete(self, key: bytes) -> None:
         self._jobs.put(("delete", key, None))
 
+    def keys_answered_by(self, job) -> list[bytes]:
+        return [job[1]] if job[0] == "read" else []
+
     def handle(self, op: str, arg, parts) -> None:
         if op == "write":
             try:
@@ -184,6 +205,8 @@ class DiskTier(TierWorker):
                     log.warning("disk tier: cannot write %s (%s); its blocks will be "
                                 "recomputed", self.store.dir, err)
                     self._warned = True
+                # the index lists it: an answer that it is not there takes it out
+                self._done.put(TierLoad(self.name, arg.key, False, reason=f"not written: {err}"))
         elif op == "read":
             self._done.put(self._read(arg))
         else:
@@ -196,5 +219,6 @@ class DiskTier(TierWorker):
         except (EntryError, OSError) as err:
             self.store.delete(key)
             return TierLoad(self.name, key, False, reason=str(err))
+        seconds = time.perf_counter() - t0
         return TierLoad(self.name, key, True, meta.token_ids, meta.tenant, parts, num_bytes,
-                        time.perf_counter() - t0)
+                        seconds, rate_sample=(num_bytes, seconds))

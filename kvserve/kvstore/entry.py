@@ -66,8 +66,11 @@ def read_meta(metadata: dict[str, str] | None, identity: str, layout: str) -> En
         raise EntryError(f"unreadable metadata ({err})") from None
 
 
-def decode(data: bytes, key: bytes, identity: str, layout: str
+def decode(data: bytes, key: bytes, identity: str, layout: str,
+           parts: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None
            ) -> tuple[EntryMeta, dict[str, torch.Tensor]]:
+    """parts: each tensor's expected shape and dtype (a block's host copy): anything else is
+    refused before it can reach the pool."""
     try:
         tensors = load(data)
         metadata = _metadata(data)
@@ -76,7 +79,13 @@ def decode(data: bytes, key: bytes, identity: str, layout: str
     meta = read_meta(metadata, identity, layout)
     if meta.key != key:
         raise EntryError("stored under another block key")
-    if checksum(tensors) != metadata.get("sha256"):
+    if parts is not None and {n: (tuple(t.shape), t.dtype) for n, t in tensors.items()} != parts:
+        raise EntryError("its tensors do not match this pool's block layout")
+    try:
+        ok = checksum(tensors) == metadata.get("sha256")
+    except (RuntimeError, ValueError) as err:
+        raise EntryError(f"unreadable tensors ({err})") from None
+    if not ok:
         raise EntryError("checksum mismatch")
     return meta, tensors
 

@@ -74,7 +74,7 @@ class ModelRunner:
         for request_id in plan.dropped:
             self.attention.release(request_id)
         for op in plan.disk_ops:  # Redis puts read their blocks before anything writes the pool
-            if op.op == "put":
+            if op.op == "put" and self.redis.accepting_puts():
                 self.redis.put(op.keys[0], op.block.token_ids, op.block.tenant,
                                self.kv_store.read_blocks((op.block_id,)))
         timings = []

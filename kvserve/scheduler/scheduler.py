@@ -75,7 +75,8 @@ class Scheduler:
         return len(self.waiting) + len(self.loading)
 
     def _return_loaded(self) -> None:
-        for request_id, r in list(self.loading.items()):
+        # newest first: each goes in front of the last, so they keep their order
+        for request_id, r in reversed(list(self.loading.items())):
             if not self.blocks.must_wait(r):
                 del self.loading[request_id]
                 self.waiting.push_front(r)

@@ -3,6 +3,8 @@ back from host memory with outputs identical to a run without offload (greedy an
 and quantized K/V, with swap preemption sharing the tier); a tier the cost model finds slow is
 recomputed instead; tenants never meet; the counters reach the cache snapshot."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -304,7 +306,8 @@ def test_redis_going_away_degrades_to_recompute_and_it_reconnects(tiny_hf_dir, r
     assert sum("unreachable" in r.message for r in caplog.records) == 1  # one warning
     start()
     lower = llm.engine.block_manager.lower
-    lower.redis_down_until = 0.0  # (its 2 s back-off, skipped)
+    lower.redis_down_until = 0.0  # (the 2 s back-off, skipped, here and in the worker)
+    llm.engine.runner.redis._down_until = 0.0
     llm.generate(prompt(PREFIX + [1, 2], "later"), GREEDY, use_tqdm=False)
     llm.engine.runner.redis.drain()
     fresh = redis_llm(tiny_hf_dir, url)
@@ -328,3 +331,24 @@ def test_a_separate_kvserve_process_fills_redis_for_this_one(tiny_hf_dir, redis_
     out = llm.generate(text, GREEDY, use_tqdm=False)[0]
     assert out.num_cached_tokens == (len(ids) - 1) // BLOCK * BLOCK > 0
     assert redis_counters(llm).num_fetched_blocks == (len(ids) - 1) // BLOCK
+
+
+def test_an_entry_of_the_wrong_shape_is_refused_and_the_disk_worker_lives_on(tiny_hf_dir,
+                                                                             tmp_path):
+    with disk_llm(tiny_hf_dir, tmp_path) as llm:
+        turns(llm, GREEDY)
+        model_key = llm.engine.block_manager.model_key
+        disk = llm.engine.runner.disk
+    chain = chain_keys(root_key((model_key, None, None)), PREFIX, BLOCK)
+    store = disk.store
+    meta, parts, _ = store.read(chain[2])
+    parts = {name: t[:, :, :1].contiguous() for name, t in parts.items()}  # wrong shape
+    store.write(meta, parts)  # same identity, layout string and a valid checksum
+    llm = disk_llm(tiny_hf_dir, tmp_path)
+    out = llm.generate(prompt(PREFIX + [3, 4, 5]), GREEDY, use_tqdm=False)[0]
+    assert out.num_cached_tokens == 8  # blocks 0-1; block 2 refused, recomputed from there
+    worker = llm.engine.runner.disk
+    worker.drain()
+    assert worker._thread.is_alive() and not Path(store.path(chain[2])).exists()
+    disk_tier = {t.name: t for t in llm.engine.cache_snapshot().tiers}["disk"]
+    assert disk_tier.counters.num_rejected_entries == 1

@@ -220,3 +220,22 @@ def test_prefill_rate_fits_both_terms_from_steps_at_several_contexts():
     one = PrefillRate(per_token_s=5e-3, attention_ratio=3e-4)
     one.observe_many([(128, 0)], 2 * one.seconds(128, 0))  # one context only: the average moves
     assert one.attention_ratio == 3e-4 and one.per_token_s > 5e-3
+
+
+def test_redis_keys_it_did_not_have_are_not_asked_again_at_once():
+    from kvserve.kvcache.tiers import MISSING, LoadResult
+
+    now = [0.0]
+    lower = LowerTiers(TierIndex("host", 8), TransferRate(1e9), PrefillRate(1e-3, 0.0), 1000,
+                       BS, redis_rate=TransferRate(1e9), clock=lambda: now[0])
+    keys, tokens = [b"k1", b"k2"], list(range(8))
+    assert lower.prefetch("a", keys, tokens, 0)  # asks Redis, waits
+    assert [op.op for op in lower.take_ops().redis_ops] == ["get"]
+    lower.loaded([LoadResult("redis", k, False, reason=MISSING) for k in keys])
+    assert not lower.prefetch("a", keys, tokens, 0)  # its answers are in: admitted
+    lower.unpin("a")
+    assert not lower.prefetch("b", keys, tokens, 0)  # another request: not asked again
+    assert lower.take_ops().redis_ops == ()
+    now[0] = 10.0  # later, someone may have computed them
+    assert lower.prefetch("c", keys, tokens, 0)
+    assert not lower.host.pinned or set(lower.host.pinned) == set(keys)
