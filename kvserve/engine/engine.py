@@ -35,7 +35,7 @@ from kvserve.request import (
     SamplingParams,
 )
 from kvserve.runner.model_runner import ModelRunner
-from kvserve.scheduler.plan import StepPlan, StepResult
+from kvserve.scheduler.plan import StepPlan, StepResult, Tier
 from kvserve.scheduler.scheduler import Scheduler
 
 DEBUG = os.environ.get("KVSERVE_DEBUG") == "1"  # check block invariants after every step
@@ -212,7 +212,11 @@ class LLMEngine:
                                      x.num_bytes, x.seconds, x.reason, x.rate_sample)
                           for x in self.runner.poll_loads()])
         plan = self.scheduler.schedule()
-        timings = self.runner.apply_transfers(plan)  # even a step with nothing to run may preempt
+        try:
+            timings = self.runner.apply_transfers(plan)  # even an empty step may preempt
+        except Exception:
+            self._forget_unwritten(plan)
+            raise
         for t in timings:  # the cost model follows the real copies
             lower.observe_transfer(t.tier, t.num_bytes, t.seconds)
         if not plan.seqs:
@@ -249,6 +253,18 @@ class LLMEngine:
         for request_id in finished:
             self.runner.free(request_id)
         return deltas
+
+    def _forget_unwritten(self, plan: StepPlan) -> None:
+        """The plan's copies failed: blocks it was to fetch from a tier are indexed already
+        (requests admitted in the same step share them), so they leave the index before any
+        later request can hit K/V that never arrived."""
+        index = self.block_manager.prefix_index if self.block_manager is not None else None
+        if index is None:
+            return
+        for t in plan.transfers:
+            if t.dst is Tier.DEVICE and t.request_id is None:
+                for b in t.block_ids:
+                    index.evict(b)
 
     def _execute(self, plan: StepPlan) -> tuple[StepResult, dict[str, str]]:
         """Run the step; if it raises, run its sequences one at a time so that only those that

@@ -352,3 +352,26 @@ def test_an_entry_of_the_wrong_shape_is_refused_and_the_disk_worker_lives_on(tin
     assert worker._thread.is_alive() and not Path(store.path(chain[2])).exists()
     disk_tier = {t.name: t for t in llm.engine.cache_snapshot().tiers}["disk"]
     assert disk_tier.counters.num_rejected_entries == 1
+
+
+def test_a_failed_fetch_leaves_no_block_indexed_that_it_did_not_write(tiny_hf_dir,
+                                                                       monkeypatch):
+    tiered = make(tiny_hf_dir, cpu_offload_memory="1MiB")
+    gen = tiered.generate
+    gen(prompt(PREFIX + [1, 2]), GREEDY, use_tqdm=False)
+    for f in FILLERS:
+        gen(prompt(f), GREEDY, use_tqdm=False)
+    store = tiered.engine.runner.kv_store
+    real = store.write_blocks
+
+    def broken(block_ids, parts):
+        raise RuntimeError("device copy failed")
+
+    monkeypatch.setattr(store, "write_blocks", broken)
+    with pytest.raises(RuntimeError, match="device copy failed"):
+        gen(prompt(PREFIX + [3, 4, 5]), GREEDY, use_tqdm=False)
+    index = tiered.engine.block_manager.prefix_index
+    keys = chain_keys(root_key((tiered.engine.block_manager.model_key, None, None)), PREFIX,
+                      BLOCK)
+    assert not any(k in index.index for k in keys)  # fetched, never written: not findable
+    monkeypatch.setattr(store, "write_blocks", real)
