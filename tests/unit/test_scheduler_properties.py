@@ -110,6 +110,10 @@ def check_kv_contents(scheduler, plan, written, host):
     def slots(block_ids):
         return [b * BLOCK_SIZE + i for b in block_ids for i in range(BLOCK_SIZE)]
 
+    redis = host.setdefault("redis", {})  # a shared store: what other processes would read
+    for op in plan.disk_ops:  # Redis puts read the pool before the copies, as the runner does
+        if op.op == "put":
+            redis[op.keys[0]] = ([written.get(x) for x in slots((op.block_id,))], op.block)
     for t in plan.transfers:  # in plan order, as the runner does
         if t.dst is Tier.HOST:
             host.update(zip(t.block_keys, ([written.get(x) for x in slots((b,))]
@@ -124,8 +128,10 @@ def check_kv_contents(scheduler, plan, written, host):
         if op.op == "write":
             disk[op.key] = host[op.key]
         elif op.op == "read":
-            host.setdefault("reads", []).append(op.key)
-        else:
+            host.setdefault("reads", []).append(("disk", op.key))
+        elif op.op == "get":
+            host.setdefault("reads", []).extend(("redis", k) for k in op.keys)
+        elif op.op == "delete":
             disk.pop(op.key, None)
     for key in plan.host_drops:
         del host[key]
@@ -185,7 +191,7 @@ def test_prefix_caching_shares_only_same_salt_same_tokens(ops, mode, budget, max
         if lower is None or lower.disk is None:
             return
         done = []
-        for key in host.pop("reads", []):
+        for _, key in host.pop("reads", []):
             entry, block = host["disk"].get(key), lower.disk.entries.get(key)
             if entry is not None and block is not None:
                 host[key] = entry
@@ -226,34 +232,51 @@ def test_a_disk_tier_below_a_small_host_tier_keeps_every_read_exact():
     """Seeded random traffic over a host tier of 3 blocks and a disk tier of 12 (so blocks do
     travel down and back up): every K/V a request reads is its own salt's and tokens' (the
     same check as above), and the disk reads really happen."""
-    assert sum(disk_round(seed) for seed in range(100)) > 100
+    assert sum(tier_round(seed, redis=False)["disk"] for seed in range(100)) > 100
 
 
-def disk_round(seed: int) -> int:
-    """One seeded run; returns how many disk reads landed."""
+def test_a_shared_redis_tier_keeps_every_read_exact():
+    """The same through a Redis tier (write-through puts of what the pool caches, reads of
+    the runs past the local hits, answered a step later, "missing" when absent), below a host
+    tier of 3 blocks and a disk tier of 12: every read is its own salt's and tokens'."""
+    assert sum(tier_round(seed, redis=True)["redis"] for seed in range(100)) > 10
+
+
+def tier_round(seed: int, redis: bool) -> dict[str, int]:
+    """One seeded run; returns how many reads landed from each tier below the host."""
     import random
 
     from kvserve.kvcache.costs import PrefillRate, TransferRate
     from kvserve.kvcache.prefix_index import PrefixIndex
-    from kvserve.kvcache.tiers import LoadResult, LowerTiers, TierIndex
+    from kvserve.kvcache.tiers import MISSING, LoadResult, LowerTiers, TierIndex
 
     rnd = random.Random(seed)
     lower = LowerTiers(TierIndex("host", 3), TransferRate(1e9), PrefillRate(1.0, 0.0), 1,
-                       BLOCK_SIZE, TierIndex("disk", 12), TransferRate(1e9))
+                       BLOCK_SIZE, TierIndex("disk", 12), TransferRate(1e9),
+                       TransferRate(1e9) if redis else None)
     manager = BlockManager(BlockPool(NUM_BLOCKS), BLOCK_SIZE, PrefixIndex(), "m", lower=lower)
     scheduler = make_scheduler(manager, rnd.choice(["swap", "recompute"]), 16, 3)
-    written, host, loaded = {}, {}, [0]
+    written, host, loaded = {}, {}, {"disk": 0, "redis": 0}
     tokens = [rnd.randint(1, 2) for _ in range(200)]
 
     def check(plan):
         check_kv_contents(scheduler, plan, written, host)
         done = []
-        for key in host.pop("reads", []):
+        for tier, key in host.pop("reads", []):
+            if tier == "redis":
+                entry = host["redis"].get(key)
+                if entry is None:
+                    done.append(LoadResult("redis", key, False, reason=MISSING))
+                else:
+                    host[key] = entry[0]
+                    done.append(LoadResult("redis", key, True, entry[1]))
+                continue
             entry, block = host["disk"].get(key), lower.disk.entries.get(key)
             if entry is not None and block is not None:
                 host[key] = entry
             done.append(LoadResult("disk", key, entry is not None and block is not None, block))
-        loaded[0] += sum(d.ok for d in done)
+        for d in done:
+            loaded[d.tier] += d.ok
         lower.loaded(done)
 
     for i in range(40):
@@ -266,6 +289,9 @@ def disk_round(seed: int) -> int:
             check(plan)
             fake_step(scheduler, plan, tokens)
         manager.check_invariants()
+        if redis and rnd.random() < 0.1:  # the local tiers forget: only Redis still holds them
+            lower.demote_host(drop=True)
+            lower.forget_disk()
     drain(scheduler, manager, tokens, check)
     assert not lower.pins and not lower.host.pinned
-    return loaded[0]
+    return loaded
