@@ -28,6 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from kvserve.bench.report import write_json_and_plots
 from kvserve.cli_flags import add_setting_flags
 from kvserve.errors import ConfigError
 
@@ -262,20 +263,8 @@ def summary(result: dict) -> str:
 
 
 def write_files(result: dict, out: Path) -> dict[str, str]:
-    out.mkdir(parents=True, exist_ok=True)
-    files = {"json": str(out / "offload_lab.json")}
-    try:
-        import matplotlib
-    except ImportError:
-        files["plots_skipped"] = "matplotlib is not installed: pip install 'kvserve[lab]'"
-        print("offload lab: plot skipped (matplotlib is not installed: pip install "
-              "'kvserve[lab]')", file=sys.stderr)
-    else:
-        matplotlib.use("Agg")
-        files["ttft_png"] = str(out / "offload_lab_ttft.png")
-        plot(result, files["ttft_png"])
-    Path(files["json"]).write_text(json.dumps(result) + "\n")
-    return files
+    return write_json_and_plots(result, out, "offload",
+                                {"ttft_png": ("offload_lab_ttft.png", plot)})
 
 
 def plot(result: dict, path: str) -> None:

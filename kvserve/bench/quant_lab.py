@@ -31,6 +31,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from kvserve.bench.report import write_json_and_plots
 from kvserve.cli_flags import add_setting_flags
 from kvserve.config import QUANTIZED_DTYPES, parse_memory, residual_window
 from kvserve.errors import ConfigError
@@ -314,20 +315,8 @@ def summary(result: dict) -> str:
 
 
 def write_files(result: dict, out: Path) -> dict[str, str]:
-    out.mkdir(parents=True, exist_ok=True)
-    files = {"json": str(out / "quant_lab.json")}
-    try:
-        import matplotlib
-    except ImportError:
-        files["plots_skipped"] = "matplotlib is not installed: pip install 'kvserve[lab]'"
-        print("quant lab: plot skipped (matplotlib is not installed: pip install "
-              "'kvserve[lab]')", file=sys.stderr)
-    else:
-        matplotlib.use("Agg")
-        files["memory_quality_png"] = str(out / "quant_lab_memory_vs_quality.png")
-        plot(result, files["memory_quality_png"])
-    Path(files["json"]).write_text(json.dumps(result) + "\n")
-    return files
+    return write_json_and_plots(result, out, "quant", {
+        "memory_quality_png": ("quant_lab_memory_vs_quality.png", plot)})
 
 
 def plot(result: dict, path: str) -> None:

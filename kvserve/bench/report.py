@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from kvserve.bench.runs import CacheLabResult, ModeRun
@@ -13,6 +15,29 @@ from kvserve.bench.runs import CacheLabResult, ModeRun
 # The seed's "typical setup" figure for a 500-token response (Daily Dose DS), shown beside ours.
 SEED_NO_CACHE_S, SEED_CACHE_S, SEED_SPEEDUP, SEED_TOKENS = 40.0, 9.0, 4.5, 500
 MIB = 1 << 20
+
+
+def write_json_and_plots(result: dict, out: Path, lab: str,
+                         plots: dict[str, tuple[str, Callable[[dict, str], None]]]
+                         ) -> dict[str, str]:
+    """A lab's JSON (`<lab>_lab.json`) and plots ({kind: (file name, plot(result, path))}) in
+    `out`; without matplotlib the plots are skipped with one line on stderr and a note in the
+    files. Returns {kind: path} of what was written."""
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"json": str(out / f"{lab}_lab.json")}
+    try:
+        import matplotlib
+    except ImportError:
+        files["plots_skipped"] = "matplotlib is not installed: pip install 'kvserve[lab]'"
+        print(f"{lab} lab: plot skipped (matplotlib is not installed: pip install "
+              "'kvserve[lab]')", file=sys.stderr)
+    else:
+        matplotlib.use("Agg")
+        for kind, (name, plot) in plots.items():
+            files[kind] = str(out / name)
+            plot(result, files[kind])
+    Path(files["json"]).write_text(json.dumps(result) + "\n")
+    return files
 
 
 def write_cache_lab(result: CacheLabResult, out: Path) -> dict[str, str]:

@@ -227,7 +227,7 @@ class LowerTiers:
         self.clock = clock
         self.loading: dict[BlockKey, float] = {}  # disk reads in flight: key -> issued at
         self.pins: dict[str, list[BlockKey]] = {}  # waiting request -> host keys pinned for it
-        self._recomputed: set[BlockKey] = set()  # first keys of runs decided "recompute"
+        self._recomputed: set[str] = set()  # waiting requests whose prefetch chose recompute
         self._missing: dict[BlockKey, float] = {}  # Redis said "missing": not asked until then
         self._pending = _Pending()
 
@@ -284,18 +284,9 @@ class LowerTiers:
         """The blocks to bring up for a request whose device hits end at token `start`: the
         run of `keys` (its next full blocks, token_ids their tokens) the host tier holds, if
         the cost model says fetching it beats recomputing it; else none."""
-        found = self._host_run(keys, token_ids)
-        if not found:
-            return []
-        decision = self.decide(self.host.name, len(found), start)
-        c = self.counters[self.host.name]
-        c.num_hit_blocks += len(found)
-        if not decision.fetch:
-            c.num_recompute_decisions += 1
-            c.num_recomputed_blocks += len(found)
-            return []
-        c.num_fetch_decisions += 1
-        return found
+        # the expected time saved is counted when the fetch is final (take_ops)
+        return self._worth(self.host.name, self._host_run(keys, token_ids), start,
+                           count_saved=False) or []
 
     def prefetch(self, request_id: str, keys: Sequence[BlockKey], token_ids: Sequence[int],
                  start: int) -> bool:
@@ -311,6 +302,8 @@ class LowerTiers:
         if request_id in self.pins:  # reads started earlier: wait while any is in flight
             return any(now - self.loading.get(k, -LOAD_TIMEOUT_S) < LOAD_TIMEOUT_S
                        for k in self.pins[request_id])
+        if request_id in self._recomputed:  # decided at an earlier try: not again
+            return False
         bs = self.block_size
         first = len(self._host_run(keys, token_ids))
         room = (self.host.capacity_blocks - self.host.num_parked - len(self.host.pinned)
@@ -324,6 +317,8 @@ class LowerTiers:
                 break
             disk_run.append(keys[i])
         disk_run = self._worth(self.disk.name if self.disk else "", disk_run, start + first * bs)
+        recompute = disk_run is None
+        disk_run = disk_run or []
         after = first + len(disk_run)
         redis_run = []
         if self.redis and now >= self.redis_down_until and (after == len(keys) or (
@@ -334,7 +329,11 @@ class LowerTiers:
                     break
                 redis_run.append(key)
             redis_run = self._worth(REDIS, redis_run, start + after * bs)
+            recompute = recompute or redis_run is None
+            redis_run = redis_run or []
         if not disk_run and not redis_run:
+            if recompute:
+                self._recomputed.add(request_id)
             return False
         self.pins[request_id] = list(keys[:first]) + disk_run + redis_run
         for key in self.pins[request_id]:
@@ -349,24 +348,23 @@ class LowerTiers:
             self._pending.redis_ops.append(RedisOp("get", tuple(redis_run)))
         return True
 
-    def _worth(self, tier: str, run: list[BlockKey], start: int) -> list[BlockKey]:
-        """The run, if the cost model says fetching it from `tier` beats recomputing it (the
-        decision counted); else none. A run decided once is not counted again."""
-        if not run or run[0] in self._recomputed:
+    def _worth(self, tier: str, run: list, start: int, count_saved: bool = True) -> list | None:
+        """The run (blocks or keys that follow `start` cached tokens), if the cost model says
+        fetching it from `tier` beats recomputing it; None if it chose recompute; [] for an
+        empty run. The decision is counted."""
+        if not run:
             return []
         decision = self.decide(tier, len(run), start)
         c = self.counters[tier]
         if tier != REDIS:  # Redis's hits are known when its answers arrive
             c.num_hit_blocks += len(run)
         if not decision.fetch:
-            if len(self._recomputed) >= MAX_REMEMBERED_DECISIONS:
-                self._recomputed.clear()
-            self._recomputed.add(run[0])
             c.num_recompute_decisions += 1
             c.num_recomputed_blocks += len(run)
-            return []
+            return None
         c.num_fetch_decisions += 1
-        c.expected_saved_s += decision.recompute_s - decision.fetch_s
+        if count_saved:
+            c.expected_saved_s += decision.recompute_s - decision.fetch_s
         return run
 
     def publish(self, block_id: int, key: BlockKey, block: TierBlock) -> None:
@@ -380,6 +378,7 @@ class LowerTiers:
 
     def unpin(self, request_id: str) -> None:
         """The request was admitted (its blocks are on the device now) or ended."""
+        self._recomputed.discard(request_id)
         for key in self.pins.pop(request_id, ()):
             self.host.unpin(key)
 

@@ -41,9 +41,6 @@ class HostBlockStore:
     def drop(self, key: Hashable) -> None:
         self.blocks.pop(key, None)
 
-    def num_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for e in self.blocks.values() for t in e.values())
-
     def take(self, keys: tuple[Hashable, ...]) -> dict[str, torch.Tensor]:
         """Remove these blocks and return them batched in key order, by part (in page-locked
         memory when pin_memory)."""

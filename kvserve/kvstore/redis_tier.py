@@ -23,8 +23,8 @@ import time
 import redis
 import torch
 
-from kvserve.kvstore.disk import TierLoad, TierWorker
 from kvserve.kvstore.entry import EntryError, EntryMeta, decode, encode
+from kvserve.kvstore.tier_worker import TierLoad, TierWorker
 
 log = logging.getLogger("kvserve.offload")
 UNREACHABLE = "unreachable"

@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kvserve.kvstore.disk import DiskTier, TierLoad
+from kvserve.kvstore.disk import DiskTier
 from kvserve.kvstore.host import HostBlockStore
 from kvserve.kvstore.paged import PagedKVStore
+from kvserve.kvstore.tier_worker import TierLoad
 from kvserve.model.attention import AttentionBackend, AttentionMetadata
 from kvserve.model.llama import LlamaModel
 from kvserve.request import Request
@@ -73,7 +74,7 @@ class ModelRunner:
         long the host tier's copies took (the cost model's measurements)."""
         for request_id in plan.dropped:
             self.attention.release(request_id)
-        for op in plan.disk_ops:  # Redis puts read their blocks before anything writes the pool
+        for op in plan.tier_io:  # Redis puts read their blocks before anything writes the pool
             if op.op == "put" and self.redis.accepting_puts():
                 self.redis.put(op.keys[0], op.block.token_ids, op.block.tenant,
                                self.kv_store.read_blocks((op.block_id,)))
@@ -104,7 +105,7 @@ class ModelRunner:
                 timings.append(TransferTiming(
                     Tier.HOST.value, sum(p.numel() * p.element_size() for p in parts.values()),
                     time.perf_counter() - t0))
-        for op in plan.disk_ops:  # after the copies, before the host forgets what they write
+        for op in plan.tier_io:  # after the copies, before the host forgets what they write
             if op.op == "write":
                 parts = self.host_blocks.blocks.get(op.key)
                 if parts is not None:

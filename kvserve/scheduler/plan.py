@@ -76,7 +76,7 @@ class StepPlan:
     # an entry into host memory, delete one; RedisOp: put a just-cached device block, read a
     # run), handed to their workers in this order: Redis puts read the pool before the
     # transfers write it, the rest after the transfers and before host_drops.
-    disk_ops: tuple = ()
+    tier_io: tuple = ()
 
     @property
     def num_tokens(self) -> int:

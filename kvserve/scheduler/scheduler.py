@@ -133,8 +133,8 @@ class Scheduler:
             seqs.append(self._scheduled(r, num_new))
             budget = None if budget is None else budget - num_new
         dropped, self._dropped = tuple(self._dropped), []
-        transfers, host_drops, disk_ops = self._with_tier_ops(transfers)
-        return StepPlan(tuple(seqs), transfers, dropped, host_drops, disk_ops)
+        transfers, host_drops, tier_io = self._with_tier_ops(transfers)
+        return StepPlan(tuple(seqs), transfers, dropped, host_drops, tier_io)
 
     def _with_tier_ops(self, transfers: list[BlockTransfer]) -> tuple[
             tuple[BlockTransfer, ...], tuple[TransferKey, ...], tuple]:

@@ -111,7 +111,7 @@ def check_kv_contents(scheduler, plan, written, host):
         return [b * BLOCK_SIZE + i for b in block_ids for i in range(BLOCK_SIZE)]
 
     redis = host.setdefault("redis", {})  # a shared store: what other processes would read
-    for op in plan.disk_ops:  # Redis puts read the pool before the copies, as the runner does
+    for op in plan.tier_io:  # Redis puts read the pool before the copies, as the runner does
         if op.op == "put":
             redis[op.keys[0]] = ([written.get(x) for x in slots((op.block_id,))], op.block)
     for t in plan.transfers:  # in plan order, as the runner does
@@ -124,7 +124,7 @@ def check_kv_contents(scheduler, plan, written, host):
                 for x, content in zip(slots((b,)), copy):
                     written[x] = content
     disk = host.setdefault("disk", {})  # the disk tier's entries and reads in flight
-    for op in plan.disk_ops:  # after the copies, before the drops, as the runner does
+    for op in plan.tier_io:  # after the copies, before the drops, as the runner does
         if op.op == "write":
             disk[op.key] = host[op.key]
         elif op.op == "read":

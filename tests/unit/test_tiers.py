@@ -160,26 +160,36 @@ def test_tier_counters_reach_prometheus():
     assert 'kvserve_kv_tier_capacity_blocks{model_name="m",tier="host"} 8.0' in text
 
 
-def test_a_request_loading_from_disk_lets_the_next_one_run():
+A_IDS = list(range(10, 22))  # three full blocks
+
+
+def a_on_disk():
+    """A disk tier below a host tier of 8 holding request a's three blocks (an earlier
+    process's), a scheduler of 2 sequences over them, and a's block keys."""
     from kvserve.kvcache.prefix_index import chain_keys, root_key
-    from kvserve.kvcache.tiers import LoadResult
 
     lower = LowerTiers(TierIndex("host", 8), TransferRate(1e9), PrefillRate(1e-3, 0.0), 1000,
                        BS, TierIndex("disk", 8), TransferRate(1e9))
     manager = BlockManager(BlockPool(12), BS, PrefixIndex(), "m", lower=lower)
     scheduler = Scheduler(SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=64), 64, True,
                           (0,), manager)
-    a_ids = list(range(10, 22))
-    keys = chain_keys(root_key(("m", None, None)), a_ids, BS)
-    for i, key in enumerate(keys):  # a's three blocks are on disk (an earlier process's)
-        lower.disk.insert(key, block(*a_ids[i * BS:(i + 1) * BS]))
-    a = Request("a", a_ids + [1], SamplingParams(max_tokens=1))
+    keys = chain_keys(root_key(("m", None, None)), A_IDS, BS)
+    for i, key in enumerate(keys):
+        lower.disk.insert(key, block(*A_IDS[i * BS:(i + 1) * BS]))
+    return lower, scheduler, keys
+
+
+def test_a_request_loading_from_disk_lets_the_next_one_run():
+    from kvserve.kvcache.tiers import LoadResult
+
+    lower, scheduler, keys = a_on_disk()
+    a = Request("a", A_IDS + [1], SamplingParams(max_tokens=1))
     b = Request("b", [5, 6, 7], SamplingParams(max_tokens=1))
     scheduler.add(a)
     scheduler.add(b)
     plan = scheduler.schedule()
     assert [s.request_id for s in plan.seqs] == ["b"] and "a" in scheduler.loading
-    reads = [op.key for op in plan.disk_ops if op.op == "read"]
+    reads = [op.key for op in plan.tier_io if op.op == "read"]
     assert reads == keys and set(lower.host.pinned) == set(keys)
     scheduler.update(plan, StepResult((SampledToken("b", 5),)))
     lower.loaded([LoadResult("disk", k, True, lower.disk.entries[k]) for k in keys])
@@ -190,18 +200,10 @@ def test_a_request_loading_from_disk_lets_the_next_one_run():
 
 
 def test_a_request_aborted_while_loading_leaves_nothing_pinned():
-    from kvserve.kvcache.prefix_index import chain_keys, root_key
     from kvserve.request import FinishReason
 
-    lower = LowerTiers(TierIndex("host", 8), TransferRate(1e9), PrefillRate(1e-3, 0.0), 1000,
-                       BS, TierIndex("disk", 8), TransferRate(1e9))
-    manager = BlockManager(BlockPool(12), BS, PrefixIndex(), "m", lower=lower)
-    scheduler = Scheduler(SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=64), 64, True,
-                          (0,), manager)
-    a_ids = list(range(10, 22))
-    for i, key in enumerate(chain_keys(root_key(("m", None, None)), a_ids, BS)):
-        lower.disk.insert(key, block(*a_ids[i * BS:(i + 1) * BS]))
-    a = Request("a", a_ids + [1], SamplingParams(max_tokens=1))
+    lower, scheduler, _ = a_on_disk()
+    a = Request("a", A_IDS + [1], SamplingParams(max_tokens=1))
     scheduler.add(a)
     scheduler.schedule()
     assert "a" in scheduler.loading and lower.host.pinned
