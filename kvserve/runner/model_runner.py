@@ -74,10 +74,13 @@ class ModelRunner:
         long the host tier's copies took (the cost model's measurements)."""
         for request_id in plan.dropped:
             self.attention.release(request_id)
-        for op in plan.tier_io:  # Redis puts read their blocks before anything writes the pool
-            if op.op == "put" and self.redis.accepting_puts():
+        # Redis puts read their blocks (in one batch) before anything writes the pool
+        puts = [op for op in plan.tier_io if op.op == "put" and self.redis.accepting_puts()]
+        if puts:
+            batch = self.kv_store.read_blocks(tuple(op.block_id for op in puts))
+            for i, op in enumerate(puts):
                 self.redis.put(op.keys[0], op.block.token_ids, op.block.tenant,
-                               self.kv_store.read_blocks((op.block_id,)))
+                               {name: t[:, i:i + 1] for name, t in batch.items()})
         timings = []
         for t in plan.transfers:
             t0 = time.perf_counter()
@@ -128,8 +131,8 @@ class ModelRunner:
                 return
 
     def poll_loads(self) -> list[TierLoad]:
-        """Reads from the disk tier that finished since the last poll: good blocks join the
-        host copies (their requests fetch them from there)."""
+        """Reads from the disk and Redis tiers that finished since the last poll: good blocks
+        join the host copies (their requests fetch them from there)."""
         loads = []
         for tier in (self.disk, self.redis):
             if tier is not None:
