@@ -307,6 +307,7 @@ class Window:
 I4_MAX_HEAD_DIM = 512
 I4_MAX_GROUP = 16  # query heads per KV head
 I4_MAX_BLOCK_ELEMS = 16384  # block_size * head_dim
+I4_MAX_BLOCK_TOKENS = 1024
 
 
 def paged_decode_attention_affine(bits: tuple[int, int], q: torch.Tensor,

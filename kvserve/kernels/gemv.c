@@ -12,6 +12,7 @@
 #include <omp.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define MAX_M 64
@@ -206,11 +207,21 @@ GEMM(gemm_tiled_bf16_t, bf16_t)
 GEMV(kv_gemv_f32, float)
 GEMV(kv_gemv_bf16, bf16_t)
 
-/* s[0..len) <- exp(s - max(s)); returns their sum (the softmax denominator). */
-static inline float exp_shifted(float *s, int len) {
+/* s[0..len) <- exp(s - max(s)); returns their sum (the softmax denominator), max(s) in *max. */
+static inline float exp_shifted_max(float *s, int len, float *max) {
   float mx = -INFINITY, total = 0.f;
-  for (int t = 0; t < len; t++) mx = s[t] > mx ? s[t] : mx;
   int t = 0;
+#ifdef KV_HAVE_EXP8
+  if (len >= 8) {
+    __m256 m8 = _mm256_loadu_ps(s);
+    for (t = 8; t + 8 <= len; t += 8) m8 = _mm256_max_ps(m8, _mm256_loadu_ps(s + t));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m8), _mm256_extractf128_ps(m8, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    mx = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+  }
+#endif
+  for (; t < len; t++) mx = s[t] > mx ? s[t] : mx;
+  t = 0;
 #ifdef KV_HAVE_EXP8
   __m256 vmx = _mm256_set1_ps(mx), vsum = _mm256_setzero_ps();
   for (; t + 8 <= len; t += 8) {
@@ -224,7 +235,12 @@ static inline float exp_shifted(float *s, int len) {
     s[t] = expf(s[t] - mx);
     total += s[t];
   }
+  *max = mx;
   return total;
+}
+static inline float exp_shifted(float *s, int len) {
+  float mx;
+  return exp_shifted_max(s, len, &mx);
 }
 
 /* out[m, k] = weight * (x * rsqrt(mean(x^2) + eps)), row by row (Hugging Face's LlamaRMSNorm) */
@@ -629,6 +645,7 @@ static inline void nibbles_to_bytes(const uint8_t *restrict c, uint8_t *restrict
 #define I4_MAX_D 512
 #define I4_MAX_GROUP 16
 #define I4_MAX_BLOCK_ELEMS 16384 /* block_size * d of one widened block (64 KiB) */
+#define I4_MAX_BLOCK_TOKENS 1024
 static const int kv_zero_table[1] = {0};
 
 /* int8 and int4 (K and V each either), one task per (sequence, KV head): int8 codes are read where they lie, through the
@@ -656,97 +673,285 @@ static inline const uint8_t *block_codes(int bits, const uint8_t *codes, size_t 
   for (int t = 0; t < block_size; t++) nibbles_to_bytes(first + t * code_row, wide + t * d, d);
   return wide;
 }
+/* One block's share of the two products, for the `group` query heads of one KV head, over nt
+ * code rows `crow` bytes apart (int8 in place, int4 widened):
+ *   block_scores:  s[hh * lds + t] = scale * (qs[hh] . codes[t]) + bias[hh]
+ *   block_values:  o[hh * ldo + c] += sum_t w[hh * ldw + t] * codes[t][c], c < ncols
+ * With AVX2 (d and ncols multiples of 8) scores come 4 tokens at a time, each head's four dot
+ * products reduced together by one horizontal-add tree (a tree per token was a third of the
+ * kernel), and values accumulate 16 columns of up to 3 heads in registers over the block. */
+#ifdef KV_AVX2
+static inline __m128 sum4_ps(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+  __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+#define SCORES4(NH)                                                                               \
+  {                                                                                               \
+    __m256 acc[NH][4];                                                                            \
+    for (int i = 0; i < NH; i++)                                                                  \
+      for (int j = 0; j < 4; j++) acc[i][j] = _mm256_setzero_ps();                                \
+    for (int p = 0; p < d; p += 8)                                                                \
+      for (int j = 0; j < 4; j++) {                                                               \
+        __m256 bv = load8_u8(codes + (size_t)(t0 + j) * crow + p);                                \
+        for (int i = 0; i < NH; i++)                                                              \
+          acc[i][j] = _mm256_fmadd_ps(_mm256_loadu_ps(qs + (size_t)(h0 + i) * d + p), bv,         \
+                                      acc[i][j]);                                                 \
+      }                                                                                           \
+    for (int i = 0; i < NH; i++)                                                                  \
+      _mm_storeu_ps(s + (size_t)(h0 + i) * lds + t0,                                              \
+                    _mm_add_ps(_mm_mul_ps(sum4_ps(acc[i][0], acc[i][1], acc[i][2], acc[i][3]),    \
+                                          _mm_set1_ps(scale)),                                    \
+                               _mm_set1_ps(bias[h0 + i])));                                       \
+  }
+#define VALUES(NH, NC)                                                                            \
+  {                                                                                               \
+    __m256 acc[NH][NC];                                                                           \
+    for (int i = 0; i < NH; i++)                                                                  \
+      for (int k = 0; k < NC; k++) acc[i][k] = _mm256_setzero_ps();                               \
+    for (int t = 0; t < nt; t++) {                                                                \
+      const uint8_t *row = codes + (size_t)t * crow + c0;                                         \
+      __m256 bv[NC];                                                                              \
+      for (int k = 0; k < NC; k++) bv[k] = load8_u8(row + 8 * k);                                 \
+      for (int i = 0; i < NH; i++) {                                                              \
+        __m256 wv = _mm256_broadcast_ss(w + (size_t)(h0 + i) * ldw + t);                          \
+        for (int k = 0; k < NC; k++) acc[i][k] = _mm256_fmadd_ps(wv, bv[k], acc[i][k]);           \
+      }                                                                                           \
+    }                                                                                             \
+    for (int i = 0; i < NH; i++)                                                                  \
+      for (int k = 0; k < NC; k++) {                                                              \
+        float *op = o + (size_t)(h0 + i) * ldo + c0 + 8 * k;                                      \
+        _mm256_storeu_ps(op, _mm256_add_ps(_mm256_loadu_ps(op), acc[i][k]));                      \
+      }                                                                                           \
+  }
+#endif
+/* K's per-channel scale and zero of one block folded into the query: qs[hh] = q[hh] * scale,
+ * bias[hh] = out_scale * (q[hh] . zero) */
+static inline void fold_k_scales(const float *q, int group, int d, const uint16_t *ks,
+                                 const uint16_t *kz, float out_scale, float *qs, float *bias) {
+  int c0 = 0;
+  float acc[I4_MAX_GROUP] = {0};
+#if defined(KV_AVX2) && defined(__F16C__)
+  __m256 acc8[I4_MAX_GROUP];
+  for (int hh = 0; hh < group; hh++) acc8[hh] = _mm256_setzero_ps();
+  for (; c0 + 8 <= d; c0 += 8) {
+    __m256 sc = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ks + c0)));
+    __m256 zc = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(kz + c0)));
+    for (int hh = 0; hh < group; hh++) {
+      __m256 qv = _mm256_loadu_ps(q + (size_t)hh * d + c0);
+      _mm256_storeu_ps(qs + (size_t)hh * d + c0, _mm256_mul_ps(qv, sc));
+      acc8[hh] = _mm256_fmadd_ps(qv, zc, acc8[hh]);
+    }
+  }
+  for (int hh = 0; hh < group; hh++) acc[hh] = hsum256(acc8[hh]);
+#endif
+  for (int hh = 0; hh < group; hh++) {
+    for (int c = c0; c < d; c++) {
+      qs[(size_t)hh * d + c] = q[(size_t)hh * d + c] * h2f(ks[c]);
+      acc[hh] += q[(size_t)hh * d + c] * h2f(kz[c]);
+    }
+    bias[hh] = acc[hh] * out_scale;
+  }
+}
+/* V's per-token scale and zero of one block and channel group (vs, vz: token t's at t * stride)
+ * folded into the softmax weights p [group, lds]: w[hh * block_size + t] = p[hh][t] * scale[t],
+ * zsum[hh * zstride] += sum_t p[hh][t] * zero[t]. Eight tokens' scales are widened in a
+ * register: widened into memory one by one and then read as a vector, they stalled on
+ * store-to-load forwarding (a fifth of the kernel). */
+static inline void fold_v_scales(const float *p, int lds, int group, int block_size,
+                                 const uint16_t *vs, const uint16_t *vz, size_t stride, float *w,
+                                 float *zsum, int zstride) {
+  int t0 = 0;
+  float zacc[I4_MAX_GROUP] = {0};
+#if defined(KV_AVX2) && defined(__F16C__)
+  __m256 z8acc[I4_MAX_GROUP];
+  for (int hh = 0; hh < group; hh++) z8acc[hh] = _mm256_setzero_ps();
+  for (; t0 + 8 <= block_size; t0 += 8) {
+    const uint16_t *a = vs + t0 * stride, *z = vz + t0 * stride;
+    __m256 a8 = _mm256_cvtph_ps(_mm_setr_epi16(
+        (short)a[0], (short)a[stride], (short)a[2 * stride], (short)a[3 * stride],
+        (short)a[4 * stride], (short)a[5 * stride], (short)a[6 * stride], (short)a[7 * stride]));
+    __m256 z8 = _mm256_cvtph_ps(_mm_setr_epi16(
+        (short)z[0], (short)z[stride], (short)z[2 * stride], (short)z[3 * stride],
+        (short)z[4 * stride], (short)z[5 * stride], (short)z[6 * stride], (short)z[7 * stride]));
+    for (int hh = 0; hh < group; hh++) {
+      __m256 pv = _mm256_loadu_ps(p + (size_t)hh * lds + t0);
+      _mm256_storeu_ps(w + (size_t)hh * block_size + t0, _mm256_mul_ps(pv, a8));
+      z8acc[hh] = _mm256_fmadd_ps(pv, z8, z8acc[hh]);
+    }
+  }
+  for (int hh = 0; hh < group; hh++) zacc[hh] = hsum256(z8acc[hh]);
+#endif
+  for (int t = t0; t < block_size; t++) {
+    float a = h2f(vs[t * stride]), z = h2f(vz[t * stride]);
+    for (int hh = 0; hh < group; hh++) {
+      float pt = p[(size_t)hh * lds + t];
+      w[(size_t)hh * block_size + t] = pt * a;
+      zacc[hh] += pt * z;
+    }
+  }
+  for (int hh = 0; hh < group; hh++) zsum[(size_t)hh * zstride] += zacc[hh];
+}
+static void block_scores(const float *qs, int group, int d, const uint8_t *codes, size_t crow,
+                         int nt, float scale, const float *bias, float *s, int lds) {
+  int t0 = 0;
+#ifdef KV_AVX2
+  if (d % 8 == 0)
+    for (; t0 + 4 <= nt; t0 += 4)
+      for (int h0 = 0; h0 < group; h0 += 3) switch (group - h0 < 3 ? group - h0 : 3) {
+          case 3: SCORES4(3) break;
+          case 2: SCORES4(2) break;
+          default: SCORES4(1) break;
+        }
+#endif
+  if (t0 < nt) {
+    paged_qk_u8_t(qs, group, d, codes + (size_t)t0 * crow, kv_zero_table, nt, 0, crow, nt - t0,
+                  scale, s + t0, lds);
+    for (int hh = 0; hh < group; hh++)
+      for (int t = t0; t < nt; t++) s[(size_t)hh * lds + t] += bias[hh];
+  }
+}
+static void block_values(const float *w, int ldw, int group, int ncols, const uint8_t *codes,
+                         size_t crow, int nt, float *o, int ldo) {
+  int c0 = 0;
+#ifdef KV_AVX2
+  for (; c0 + 16 <= ncols; c0 += 16) /* 3 heads x 16 columns: 6 accumulators, no spills */
+    for (int h0 = 0; h0 < group; h0 += 3) switch (group - h0 < 3 ? group - h0 : 3) {
+        case 3: VALUES(3, 2) break;
+        case 2: VALUES(2, 2) break;
+        default: VALUES(1, 2) break;
+      }
+  for (; c0 + 8 <= ncols; c0 += 8)
+    for (int h0 = 0; h0 < group; h0 += 3) switch (group - h0 < 3 ? group - h0 : 3) {
+        case 3: VALUES(3, 1) break;
+        case 2: VALUES(2, 1) break;
+        default: VALUES(1, 1) break;
+      }
+#endif
+  for (int hh = 0; hh < group; hh++)
+    for (int t = 0; t < nt; t++) {
+      float wt = w[(size_t)hh * ldw + t], *oh = o + (size_t)hh * ldo;
+      const uint8_t *row = codes + (size_t)t * crow;
+      for (int c = c0; c < ncols; c++) oh[c] += wt * (float)row[c];
+    }
+}
+
+/* Sequences are cut into up to `chunks` runs of blocks (the window goes with the last run), so
+ * that one sequence's few (sequence, KV head) tasks still keep every thread busy: each run
+ * leaves its unnormalized output, score maximum and exp-sum per query head, and the runs are
+ * merged as flash-decoding does. At batch 1 (3 KV heads on 2 threads) whole sequences left a
+ * thread idle for a third of the time. */
+#define AFFINE_MIN_CHUNK_BLOCKS 16
 void kv_paged_decode_attention_affine(
     int k_bits, int v_bits, const float *restrict q, int q_row_stride, const uint8_t *restrict K,
     const uint16_t *restrict Ks, const uint16_t *restrict Kz, const uint8_t *restrict V,
     const uint16_t *restrict Vs, const uint16_t *restrict Vz, int vgroup,
     const float *restrict Kr, const float *restrict Vr, const int64_t *restrict slots,
-    int window_blocks, const int *restrict block_tables, int max_blocks, const int *restrict context_lens, int batch,
-    int block_size, int num_heads, int num_kv, int d, int max_context, float *restrict out,
-    float *restrict scores) {
-  int group = num_heads / num_kv, ngroups = d / vgroup;
+    int window_blocks, const int *restrict block_tables, int max_blocks,
+    const int *restrict context_lens, int batch, int block_size, int num_heads, int num_kv, int d,
+    int max_context, float *restrict out, float *restrict scores) {
+  int group = num_heads / num_kv, ngroups = d / vgroup, team = kv_team();
   float scale = 1.0f / sqrtf((float)d);
   size_t row = (size_t)num_kv * d, k_code_row = row * k_bits / 8, v_code_row = row * v_bits / 8;
   /* where a block's codes are read: in place (int8), or widened into `wide` (int4) */
   size_t k_crow = k_bits == 8 ? row : (size_t)d, v_crow = v_bits == 8 ? row : (size_t)d;
-  _Pragma("omp parallel for schedule(dynamic, 1) num_threads(kv_team())")
-  for (int bg = 0; bg < batch * num_kv; bg++) {
+  int tasks = batch * num_kv, chunks = 1, longest = max_context / block_size;
+  if (tasks < 4 * team) chunks = (4 * team + tasks - 1) / tasks;
+  if (chunks > longest / AFFINE_MIN_CHUNK_BLOCKS) chunks = longest / AFFINE_MIN_CHUNK_BLOCKS;
+  if (chunks < 1) chunks = 1;
+  float *heap = chunks > 1 ? malloc(sizeof(float) * tasks * chunks * group * (d + 2)) : NULL;
+  if (!heap) chunks = 1; /* a chunk's partial output, score maximum and exp-sum per head */
+  size_t runs = (size_t)tasks * chunks;
+  float *pm = heap, *pl = heap ? heap + runs * group : NULL, *po = heap ? pl + runs * group : NULL;
+  _Pragma("omp parallel for schedule(dynamic, 1) num_threads(team)")
+  for (size_t run = 0; run < runs; run++) {
+    int bg = (int)(run / chunks), c = (int)(run % chunks);
     int b = bg / num_kv, g = bg % num_kv, len = context_lens[b], h0 = g * group;
     int ring[window_blocks];
     int nfull = window_ring(len, block_size, window_blocks, slots[b], ring);
-    int nres = len - nfull * block_size; /* tokens read from the window */
+    int j0 = (int)((long)nfull * c / chunks), j1 = (int)((long)nfull * (c + 1) / chunks);
+    int nres = c == chunks - 1 ? len - nfull * block_size : 0; /* tokens read from the window */
+    int t0 = j0 * block_size, nt = (j1 - j0) * block_size + nres;
     size_t ring_block = (size_t)block_size * row;
     const int *table = block_tables + (size_t)b * max_blocks;
     const float *qg = q + (size_t)b * q_row_stride + (size_t)h0 * d;
     const float *kr = Kr + (size_t)g * d, *vr = Vr + (size_t)g * d;
     float *s = scores + ((size_t)b * num_heads + h0) * max_context;
-    float *o = out + ((size_t)b * num_heads + h0) * d;
-    float qs[I4_MAX_GROUP * I4_MAX_D], sc[I4_MAX_D], zc[I4_MAX_D];
-    float part[I4_MAX_GROUP * I4_MAX_D], wp[I4_MAX_GROUP * I4_MAX_BLOCK_ELEMS / 64];
+    float *o = chunks > 1 ? po + run * group * d : out + ((size_t)b * num_heads + h0) * d;
+    float mloc[I4_MAX_GROUP], lloc[I4_MAX_GROUP];
+    float *m = chunks > 1 ? pm + run * group : mloc, *l = chunks > 1 ? pl + run * group : lloc;
+    float qs[I4_MAX_GROUP * I4_MAX_D];
+    float part[I4_MAX_GROUP * I4_MAX_D], wp[I4_MAX_GROUP * I4_MAX_BLOCK_TOKENS];
     float zsum[I4_MAX_GROUP * (I4_MAX_D / 32)];
     uint8_t wide[I4_MAX_BLOCK_ELEMS];
-    for (int j = 0; j < nfull; j++) {
+    for (int i = 0; i < group * d; i++) o[i] = 0.f;
+    if (nt == 0) {
+      for (int hh = 0; hh < group; hh++) m[hh] = -INFINITY, l[hh] = 0.f;
+      continue;
+    }
+    for (int j = j0; j < j1; j++) {
       size_t blk = (size_t)table[j];
-      h2f_row(Ks + (blk * num_kv + g) * d, sc, d);
-      h2f_row(Kz + (blk * num_kv + g) * d, zc, d);
       float bias[I4_MAX_GROUP];
-      for (int hh = 0; hh < group; hh++) {
-        const float *qh = qg + (size_t)hh * d;
-        float acc = 0.f;
-        for (int c = 0; c < d; c++) {
-          qs[(size_t)hh * d + c] = qh[c] * sc[c];
-          acc += qh[c] * zc[c];
-        }
-        bias[hh] = acc * scale;
-      }
-      float *sj = s + (size_t)j * block_size;
+      fold_k_scales(qg, group, d, Ks + (blk * num_kv + g) * d, Kz + (blk * num_kv + g) * d,
+                    scale, qs, bias);
       const uint8_t *kc = block_codes(k_bits, K, blk, g, block_size, k_code_row, d, wide);
-      paged_qk_u8_t(qs, group, d, kc, kv_zero_table, block_size, 0, k_crow, block_size, scale, sj,
-                    max_context);
-      for (int hh = 0; hh < group; hh++)
-        for (int t = 0; t < block_size; t++) sj[(size_t)hh * max_context + t] += bias[hh];
+      block_scores(qs, group, d, kc, k_crow, block_size, scale, bias,
+                   s + (size_t)j * block_size, max_context);
     }
     if (nres)
       paged_qk_float(qg, group, d, kr, ring, block_size, ring_block, row, nres, scale,
                      s + (size_t)nfull * block_size, max_context);
-    for (int hh = 0; hh < group; hh++) {
-      float *sh = s + (size_t)hh * max_context, inv = 1.0f / exp_shifted(sh, len);
-      for (int t = 0; t < len; t++) sh[t] *= inv;
-    }
-    for (int i = 0; i < group * d; i++) o[i] = 0.f;
+    for (int hh = 0; hh < group; hh++)
+      l[hh] = exp_shifted_max(s + (size_t)hh * max_context + t0, nt, m + hh);
     for (int i = 0; i < group * ngroups; i++) zsum[i] = 0.f;
-    for (int j = 0; j < nfull; j++) {
+    for (int j = j0; j < j1; j++) {
       size_t blk = (size_t)table[j];
       const float *sj = s + (size_t)j * block_size;
       const uint8_t *vc = block_codes(v_bits, V, blk, g, block_size, v_code_row, d, wide);
       for (int gi = 0; gi < ngroups; gi++) {
-        for (int t = 0; t < block_size; t++) {
-          size_t r = ((blk * block_size + t) * num_kv + g) * ngroups + gi;
-          float a = h2f(Vs[r]), z = h2f(Vz[r]);
-          for (int hh = 0; hh < group; hh++) {
-            float w = sj[(size_t)hh * max_context + t];
-            wp[(size_t)hh * block_size + t] = w * a;
-            zsum[hh * ngroups + gi] += w * z;
-          }
-        }
-        paged_pv_u8_t(wp, block_size, group, vgroup, vc + (size_t)gi * vgroup, kv_zero_table,
-                      block_size, 0, v_crow, block_size, part);
-        for (int hh = 0; hh < group; hh++) {
-          float *oh = o + (size_t)hh * d + (size_t)gi * vgroup;
-          const float *ph = part + (size_t)hh * vgroup;
-          for (int c = 0; c < vgroup; c++) oh[c] += ph[c];
-        }
+        const uint16_t *vs = Vs + ((blk * block_size) * num_kv + g) * ngroups + gi;
+        const uint16_t *vz = Vz + ((blk * block_size) * num_kv + g) * ngroups + gi;
+        fold_v_scales(sj, max_context, group, block_size, vs, vz, (size_t)num_kv * ngroups, wp,
+                      zsum + gi, ngroups);
+        block_values(wp, block_size, group, vgroup, vc + (size_t)gi * vgroup, v_crow, block_size,
+                     o + (size_t)gi * vgroup, d);
       }
     }
     for (int hh = 0; hh < group; hh++)
       for (int gi = 0; gi < ngroups; gi++) {
         float z = zsum[hh * ngroups + gi], *oh = o + (size_t)hh * d + (size_t)gi * vgroup;
-        for (int c = 0; c < vgroup; c++) oh[c] += z;
+        for (int cc = 0; cc < vgroup; cc++) oh[cc] += z;
       }
     if (nres) {
       paged_pv_float(s + (size_t)nfull * block_size, max_context, group, d, vr, ring,
                      block_size, ring_block, row, nres, part);
       for (int i = 0; i < group * d; i++) o[i] += part[i];
     }
+    if (chunks == 1)
+      for (int hh = 0; hh < group; hh++) {
+        float inv = 1.0f / l[hh];
+        for (int cc = 0; cc < d; cc++) o[(size_t)hh * d + cc] *= inv;
+      }
   }
+  if (chunks > 1) {
+    _Pragma("omp parallel for schedule(static) num_threads(team)")
+    for (int bh = 0; bh < batch * num_heads; bh++) {
+      int bg = bh / group, hh = bh % group;
+      float mx = -INFINITY, total = 0.f, *o = out + (size_t)bh * d;
+      for (int c = 0; c < chunks; c++) {
+        float mc = pm[((size_t)bg * chunks + c) * group + hh];
+        mx = mc > mx ? mc : mx;
+      }
+      for (int cc = 0; cc < d; cc++) o[cc] = 0.f;
+      for (int c = 0; c < chunks; c++) {
+        size_t r = (size_t)bg * chunks + c;
+        float w = pl[r * group + hh] > 0.f ? expf(pm[r * group + hh] - mx) : 0.f;
+        const float *pc = po + (r * group + hh) * d;
+        total += w * pl[r * group + hh];
+        for (int cc = 0; cc < d; cc++) o[cc] += w * pc[cc];
+      }
+      float inv = 1.0f / total;
+      for (int cc = 0; cc < d; cc++) o[cc] *= inv;
+    }
+  }
+  free(heap);
 }

@@ -212,13 +212,26 @@ def test_c_decode_reads_codes_and_residual_windows_as_the_reference(name, window
     """Sequences whose lengths end mid-block, at a block boundary and inside the first block,
     blocks shuffled, windows of whole blocks wrapping around their ring: the C kernel against
     the gathered K/V (codes decoded, the window's blocks in float32) through the reference."""
+    check_c_decode(name, window, outliers, [1, 5, 16, 23, 9])
+
+
+@pytest.mark.parametrize("name, window", [("int8", 8), ("int4", 0), ("int8/int4", 12)])
+@pytest.mark.parametrize("lens", [[333], [150, 1, 97]], ids=["one", "three"])
+def test_c_decode_split_into_runs_merges_as_the_reference(name, window, lens):
+    """Long sequences and few of them: the int8/int4 kernel cuts each sequence into runs of
+    blocks (threads would otherwise idle at batch 1) and merges their partial softmaxes; short
+    sequences beside them leave runs empty."""
+    check_c_decode(name, window, True, lens)
+
+
+def check_c_decode(name, window, outliers, lens):
     from kvserve.kernels import cpu as cpu_kernels
     from kvserve.model.attention.metadata import DecodeRows
     from kvserve.model.attention.paged import PagedAttention
 
     if not cpu_kernels.available():
         pytest.skip("no C compiler: reference path only")
-    bs, lens = 4, [1, 5, 16, 23, 9]
+    bs = 4
     s = ModelSpec(name="t", num_layers=3, hidden_size=32, intermediate_size=64, num_heads=6,
                   num_kv_heads=2, head_dim=64, vocab_size=50, max_position_embeddings=64)
     layout = KVLayout(s, bs, name, window_tokens=window)

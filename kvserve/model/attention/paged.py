@@ -68,7 +68,8 @@ class PagedAttention:
         block_kernel_fits = k_codec.per_token or (  # the int8/int4 kernel's stack buffers
             spec.head_dim <= cpu_kernels.I4_MAX_HEAD_DIM
             and spec.num_heads // spec.num_kv_heads <= cpu_kernels.I4_MAX_GROUP
-            and bs * spec.head_dim <= cpu_kernels.I4_MAX_BLOCK_ELEMS)
+            and bs * spec.head_dim <= cpu_kernels.I4_MAX_BLOCK_ELEMS
+            and bs <= cpu_kernels.I4_MAX_BLOCK_TOKENS)
         same = k_codec.name == v_codec.name and k_codec.name in FAST_FORMATS
         both_block = not (k_codec.per_token or v_codec.per_token)  # int8, int4
         return (self.use_fast_decode and st.device.type == "cpu"
