@@ -27,6 +27,7 @@ from kvserve.kv_dtypes import (
 CACHE_MODES = ("none", "contiguous", "paged")
 KV_QUANT_CHECKS = ("refuse", "warn", "off")  # engine/kv_check.py judges
 DTYPES = ("float32", "bfloat16", "float16")
+QUANTIZATIONS = ("none", "gguf")
 
 
 @dataclass(frozen=True)
@@ -346,6 +347,10 @@ class EngineConfig:
                                 "SmolLM2-135M-Instruct)")
     dtype: str = setting("float32", "weights and compute dtype", choices=DTYPES)
     device: str = setting("cpu", "cpu, cuda or cuda:N")
+    quantization: str = setting(
+        "none", "weights' format in memory: none: dequantized to --dtype; gguf: a GGUF file's "
+        "Q4_0/Q4_1/Q8_0 tensors kept as stored and multiplied as stored (CPU; float32 "
+        "activations; other tensors dequantized)", choices=QUANTIZATIONS)
     seed: int = setting(0, "seed of unseeded sampling", kind="int", flag=False)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -369,6 +374,12 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ConfigError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got "
+                              f"{self.quantization!r}")
+        if self.quantization == "gguf" and (self.device != "cpu" or self.dtype != "float32"):
+            raise ConfigError("quantization 'gguf' runs on cpu with dtype float32 (the "
+                              "activations' dtype); use quantization 'none' elsewhere")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
         if self.offload.enabled and (self.cache.cache_mode != "paged"

@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from kvserve.kernels.qweight import QuantWeight
+
 logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("gemv.c")
@@ -35,9 +37,12 @@ _QUANT_DECODE = {"fp8_e4m3": "kv_paged_decode_attention_e4m3",
                  "fp8_e5m2": "kv_paged_decode_attention_e5m2"}
 
 
-def reference_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def reference_linear(x: torch.Tensor, weight: torch.Tensor | QuantWeight) -> torch.Tensor:
     """y = x @ weight^T in plain PyTorch; bf16/fp16 weights on CPU are widened to float32 first
-    because CPUs without native bf16 matmul run F.linear in bf16 several times slower."""
+    because CPUs without native bf16 matmul run F.linear in bf16 several times slower, and
+    quantized weights are dequantized (QuantWeight.dequantize, the reference of their kernels)."""
+    if isinstance(weight, QuantWeight):
+        return F.linear(x.float(), weight.dequantize(torch.float32)).to(x.dtype)
     if x.device.type == "cpu" and weight.dtype != torch.float32:
         return F.linear(x.float(), weight.float()).to(x.dtype)
     return F.linear(x, weight)
@@ -127,6 +132,9 @@ def _declare(lib: ctypes.CDLL) -> None:
         "kv_paged_decode_attention_bf16": [ptr, i32, ptr, ptr, ptr, i32, ptr] + [i32] * 6
         + [ptr, ptr],
         "kv_set_fp8_lut": [i32, ptr],
+        "kv_gemv_q4": [ptr, ptr, ptr, ptr, ptr, i32, i32, i32, i32],
+        "kv_gemv_q8": [ptr, ptr, ptr, ptr, i32, i32, i32, i32],  # both return 0: no scratch
+        "kv_dequantize_q": [i32, ptr, ptr, ptr, ptr, i32, i32],
     }
     signatures["kv_paged_decode_attention_affine"] = [
         i32, i32, ptr, i32, ptr, ptr, ptr, ptr, ptr, ptr, i32, ptr, ptr, ptr, i32, ptr, i32,
@@ -137,7 +145,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)
         fn.argtypes = argtypes
-        fn.restype = ctypes.c_double if name == "kv_read_sum" else None
+        fn.restype = {"kv_read_sum": ctypes.c_double, "kv_gemv_q4": ctypes.c_int,
+                      "kv_gemv_q8": ctypes.c_int}.get(name)
     lib.kv_max_m.restype = i32
     for which, dtype in enumerate((torch.float8_e4m3fn, torch.float8_e5m2)):
         # the C side reads fp8 codes through torch's own conversion of all 256 bytes
@@ -171,26 +180,59 @@ def decode_threads():
         _lib.kv_set_num_threads(0)
 
 
-def _gemv_for(weight: torch.Tensor):
+def _gemv_for(weight: torch.Tensor | QuantWeight):
+    """fn(weight, x, y, m, n, k, accumulate) for this weight's C product, or None."""
     lib = _lib if _tried else load()
-    if lib is None or not weight.is_contiguous():
+    if lib is None:
         return None
-    if weight.dtype == torch.float32:
-        return lib.kv_gemv_f32
-    if weight.dtype == torch.bfloat16:
-        return lib.kv_gemv_bf16
-    return None
+    if isinstance(weight, QuantWeight):
+        if weight.device.type != "cpu":
+            return None
+        return _quant_product
+    if not weight.is_contiguous():
+        return None
+    fn = {torch.float32: lib.kv_gemv_f32, torch.bfloat16: lib.kv_gemv_bf16}.get(weight.dtype)
+    return None if fn is None else lambda w, *rest: fn(w.data_ptr(), *rest)
+
+
+def _quant_product(w: QuantWeight, x_ptr: int, y_ptr: int, m: int, n: int, k: int,
+                   accumulate: int) -> None:
+    if w.format == "q4":
+        done = _lib.kv_gemv_q4(w.codes.data_ptr(), w.scale.data_ptr(), w.min.data_ptr(), x_ptr,
+                               y_ptr, m, n, k, accumulate)
+    else:
+        done = _lib.kv_gemv_q8(w.codes.data_ptr(), w.scale.data_ptr(), x_ptr, y_ptr, m, n, k,
+                               accumulate)
+    if not done:
+        raise MemoryError("kvserve: no memory for a quantized product's scratch")
+
+
+def dequantize(weight: QuantWeight) -> torch.Tensor:
+    """weight as float32 [n, k] (the C twin of QuantWeight.dequantize, for prefill-sized
+    products)."""
+    lib = _lib if _tried else load()
+    if lib is None or weight.device.type != "cpu":
+        return weight.dequantize(torch.float32)
+    n, k = weight.shape
+    out = torch.empty((n, k), dtype=torch.float32)
+    lib.kv_dequantize_q(4 if weight.format == "q4" else 8, weight.codes.data_ptr(),
+                        weight.scale.data_ptr(),
+                        None if weight.min is None else weight.min.data_ptr(), out.data_ptr(),
+                        n, k)
+    return out
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """y[m, n] = x[m, k] @ weight[n, k]^T, through gemv.c when m is small on CPU."""
     fn = _gemv_for(weight) if x.device.type == "cpu" and x.dim() == 2 else None
     if fn is None or x.shape[0] > MAX_M:
+        if isinstance(weight, QuantWeight) and weight.device.type == "cpu":
+            return F.linear(x.float(), dequantize(weight)).to(x.dtype)
         return reference_linear(x, weight)
     m, k = x.shape
     xf = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
     y = torch.empty((m, weight.shape[0]), dtype=torch.float32)  # [m, n]
-    fn(weight.data_ptr(), xf.data_ptr(), y.data_ptr(), m, weight.shape[0], k, 0)
+    fn(weight, xf.data_ptr(), y.data_ptr(), m, weight.shape[0], k, 0)
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
@@ -204,8 +246,8 @@ def fast_path_ok(x: torch.Tensor) -> bool:
 def linear_add_(y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> None:
     """y[m, n] += x[m, k] @ weight[n, k]^T in place (the residual add fused into the product).
     Reference: y += reference_linear(x, weight)."""
-    _gemv_for(weight)(weight.data_ptr(), x.data_ptr(), y.data_ptr(), x.shape[0],
-                      weight.shape[0], x.shape[1], 1)
+    _gemv_for(weight)(weight, x.data_ptr(), y.data_ptr(), x.shape[0], weight.shape[0],
+                      x.shape[1], 1)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

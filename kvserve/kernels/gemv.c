@@ -955,3 +955,307 @@ void kv_paged_decode_attention_affine(
   }
   free(heap);
 }
+
+/* Weights in GGUF's block formats, read as stored (kvserve/model/qweight.py: the layouts, and
+ * QuantWeight.dequantize, the reference): 32 inputs per block, an fp16 scale per block and row,
+ *   q4: codes [n, k / 2], byte j of a block holds element j (low nibble) and j + 16 (high);
+ *       x = code * scale + min, min [n, k / 32] fp16 (Q4_1; Q4_0 as min = -8 * scale);
+ *   q8: codes [n, k] int8, x = code * scale (Q8_0).
+ * Y[m, n] (=|+=) X[m, k] @ W^T for m <= MAX_M rows of X. Each row of X is first rounded to int16
+ * per block of 32 (x ~ xq * dx, dx = max|x| / 32767: an error of at most dx / 2 per element, 2^-16
+ * of the block's largest value, ~250x finer than bfloat16), so a weight block's codes are widened
+ * only to 16 bits (two shuffles) and multiplied pairwise into 32-bit sums (vpmaddwd), one float
+ * conversion and one FMA per block and row; widening every code to float32 cost ~3x as many
+ * instructions and left the kernel bound by them, not by the 20 bytes a Q4_1 block reads from
+ * memory. q4's min term is sum_b min_b * (X's exact float sum over block b). Without AVX2 the
+ * portable loop multiplies float32 codes by float32 X. */
+#define QB 32
+typedef struct {
+  int16_t *xq;  /* [m, k] */
+  float *dx;    /* [m, k / 32] */
+  float *xsum;  /* [m, k / 32] */
+} qx_t;
+
+static int qx_init(qx_t *q, const float *X, int m, int k) {
+  int nb = k / QB;
+  q->xq = malloc(sizeof(int16_t) * (size_t)m * k);
+  q->dx = malloc(sizeof(float) * (size_t)m * nb);
+  q->xsum = malloc(sizeof(float) * (size_t)m * nb);
+  if (!q->xq || !q->dx || !q->xsum) return 0;
+  for (int i = 0; i < m * nb; i++) {
+    const float *x = X + (size_t)(i / nb) * k + (size_t)(i % nb) * QB;
+    int16_t *xq = q->xq + (size_t)(i / nb) * k + (size_t)(i % nb) * QB;
+    float amax = 0.f, sum = 0.f;
+    for (int j = 0; j < QB; j++) {
+      float a = fabsf(x[j]);
+      amax = a > amax ? a : amax;
+      sum += x[j];
+    }
+    float d = amax / 32767.f, inv = amax > 0.f ? 32767.f / amax : 0.f;
+    for (int j = 0; j < QB; j++) xq[j] = (int16_t)lrintf(x[j] * inv);
+    q->dx[i] = d;
+    q->xsum[i] = sum;
+  }
+  return 1;
+}
+static void qx_free(qx_t *q) {
+  free(q->xq);
+  free(q->dx);
+  free(q->xsum);
+}
+
+static inline void q4_widen_scalar(const uint8_t *c, float *w) {
+  for (int j = 0; j < 16; j++) {
+    w[j] = (float)(c[j] & 15);
+    w[j + 16] = (float)(c[j] >> 4);
+  }
+}
+static inline void q8_widen_scalar(const int8_t *c, float *w) {
+  for (int j = 0; j < QB; j++) w[j] = (float)c[j];
+}
+
+#ifdef KV_AVX2
+/* a block's 32 codes as two vectors of 16 int16, in element order */
+static inline void q4_widen16(const uint8_t *c, __m256i w[2]) {
+  __m128i b = _mm_loadu_si128((const __m128i *)c), mask = _mm_set1_epi8(0x0f);
+  w[0] = _mm256_cvtepu8_epi16(_mm_and_si128(b, mask));
+  w[1] = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(b, 4), mask));
+}
+static inline void q8_widen16(const int8_t *c, __m256i w[2]) {
+  w[0] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)c));
+  w[1] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(c + 16)));
+}
+/* codes . x of one block as 8 float partial sums (w: the block's codes as 2 x 16 int16) */
+#define QDOT(w, x)                                                                                \
+  _mm256_cvtepi32_ps(_mm256_add_epi32(                                                            \
+      _mm256_madd_epi16((w)[0], _mm256_loadu_si256((const __m256i *)(x))),                        \
+      _mm256_madd_epi16((w)[1], _mm256_loadu_si256((const __m256i *)((x) + 16)))))
+/* One weight row against NR <= 4 rows of X: out[i] = sum_b scale_b * dx[i][b] * (codes_b . xq_i,b).
+ * Scales are widened 8 blocks at a time and multiplied by X's steps up front; two accumulators
+ * per row (even and odd blocks), as one would serialize the loop on the FMA's latency. */
+#define QROWS(NAME, CTYPE, WIDEN, CPB, NR)                                                        \
+  static inline void NAME(const CTYPE *codes, const uint16_t *scale, const int16_t *xq,         \
+                          const float *dx, int k, float *out) {                                   \
+    int nb = k / QB;                                                                              \
+    __m256 acc[NR][2];                                                                            \
+    for (int i = 0; i < NR; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();                     \
+    for (int b0 = 0; b0 < nb; b0 += 8) {                                                          \
+      int nbb = nb - b0 < 8 ? nb - b0 : 8;                                                        \
+      float sd[NR][8];                                                                            \
+      if (nbb == 8) {                                                                             \
+        __m256 sc = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scale + b0)));              \
+        for (int i = 0; i < NR; i++)                                                              \
+          _mm256_storeu_ps(sd[i], _mm256_mul_ps(sc, _mm256_loadu_ps(dx + (size_t)i * nb + b0)));  \
+      } else {                                                                                    \
+        for (int j = 0; j < nbb; j++)                                                             \
+          for (int i = 0; i < NR; i++) sd[i][j] = h2f(scale[b0 + j]) * dx[(size_t)i * nb + b0 + j]; \
+      }                                                                                           \
+      int j = 0;                                                                                  \
+      for (; j + 2 <= nbb; j += 2) { /* blocks j, j + 1 into the two accumulators */              \
+        __m256i w[2], v[2];                                                                       \
+        WIDEN(codes + (size_t)(b0 + j) * CPB, w);                                                 \
+        WIDEN(codes + (size_t)(b0 + j + 1) * CPB, v);                                             \
+        for (int i = 0; i < NR; i++) {                                                            \
+          const int16_t *x = xq + (size_t)i * k + (size_t)(b0 + j) * QB;                          \
+          acc[i][0] = _mm256_fmadd_ps(QDOT(w, x), _mm256_broadcast_ss(&sd[i][j]), acc[i][0]);     \
+          acc[i][1] = _mm256_fmadd_ps(QDOT(v, x + QB), _mm256_broadcast_ss(&sd[i][j + 1]),        \
+                                      acc[i][1]);                                                 \
+        }                                                                                         \
+      }                                                                                           \
+      if (j < nbb) {                                                                              \
+        __m256i w[2];                                                                             \
+        WIDEN(codes + (size_t)(b0 + j) * CPB, w);                                                 \
+        for (int i = 0; i < NR; i++) {                                                            \
+          const int16_t *x = xq + (size_t)i * k + (size_t)(b0 + j) * QB;                          \
+          acc[i][0] = _mm256_fmadd_ps(QDOT(w, x), _mm256_broadcast_ss(&sd[i][j]), acc[i][0]);     \
+        }                                                                                         \
+      }                                                                                           \
+    }                                                                                             \
+    for (int i = 0; i < NR; i++) out[i] = hsum256(_mm256_add_ps(acc[i][0], acc[i][1]));           \
+  }
+#define QROW_SET(PREFIX, CTYPE, WIDEN, CPB)                                                       \
+  QROWS(PREFIX##1, CTYPE, WIDEN, CPB, 1)                                                          \
+  QROWS(PREFIX##2, CTYPE, WIDEN, CPB, 2)                                                          \
+  QROWS(PREFIX##3, CTYPE, WIDEN, CPB, 3)                                                          \
+  QROWS(PREFIX##4, CTYPE, WIDEN, CPB, 4)                                                          \
+  static void PREFIX(const CTYPE *codes, const uint16_t *scale, const qx_t *q, int m, int k,      \
+                     float *out) {                                                                \
+    int nb = k / QB;                                                                              \
+    for (int i0 = 0; i0 < m; i0 += 4) {                                                           \
+      const int16_t *x = q->xq + (size_t)i0 * k;                                                  \
+      const float *dx = q->dx + (size_t)i0 * nb;                                                  \
+      switch (m - i0 < 4 ? m - i0 : 4) {                                                          \
+        case 4: PREFIX##4(codes, scale, x, dx, k, out + i0); break;                               \
+        case 3: PREFIX##3(codes, scale, x, dx, k, out + i0); break;                               \
+        case 2: PREFIX##2(codes, scale, x, dx, k, out + i0); break;                               \
+        default: PREFIX##1(codes, scale, x, dx, k, out + i0); break;                              \
+      }                                                                                           \
+    }                                                                                             \
+  }
+QROW_SET(q4_row, uint8_t, q4_widen16, QB / 2)
+QROW_SET(q8_row, int8_t, q8_widen16, QB)
+#endif
+
+#ifdef KV_AVX2
+/* One row of X against 4 weight rows (codes_r = codes + r * code_row), the decode case: the
+ * block of X is loaded once for the 4, and the 4 results leave through one horizontal-add tree.
+ * With mins (q4), sum_b min_b * xsum_b rides in the same accumulators. */
+#define QROWS4(NAME, CTYPE, WIDEN, CPB)                                                           \
+  static inline void NAME(const CTYPE *codes, size_t code_row, const uint16_t *scale,            \
+                          const uint16_t *mins, const int16_t *xq, const float *dx,              \
+                          const float *xsum, int k, float *y) {                                   \
+    int nb = k / QB;                                                                              \
+    __m256 acc[4];                                                                                \
+    float tail[4] = {0.f, 0.f, 0.f, 0.f};                                                         \
+    for (int r = 0; r < 4; r++) acc[r] = _mm256_setzero_ps();                                     \
+    for (int b0 = 0; b0 < nb; b0 += 8) {                                                          \
+      int nbb = nb - b0 < 8 ? nb - b0 : 8;                                                        \
+      float sd[4][8];                                                                             \
+      for (int r = 0; r < 4; r++) {                                                               \
+        const uint16_t *sr = scale + (size_t)r * nb + b0;                                         \
+        if (nbb == 8) {                                                                           \
+          __m256 sc = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)sr));                      \
+          _mm256_storeu_ps(sd[r], _mm256_mul_ps(sc, _mm256_loadu_ps(dx + b0)));                   \
+          if (mins)                                                                               \
+            acc[r] = _mm256_fmadd_ps(                                                             \
+                _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mins + (size_t)r * nb + b0))),  \
+                _mm256_loadu_ps(xsum + b0), acc[r]);                                              \
+        } else {                                                                                  \
+          for (int j = 0; j < nbb; j++) {                                                         \
+            sd[r][j] = h2f(sr[j]) * dx[b0 + j];                                                   \
+            if (mins) tail[r] += h2f(mins[(size_t)r * nb + b0 + j]) * xsum[b0 + j];               \
+          }                                                                                       \
+        }                                                                                         \
+      }                                                                                           \
+      for (int j = 0; j < nbb; j++) {                                                             \
+        const int16_t *x = xq + (size_t)(b0 + j) * QB;                                            \
+        __m256i x0 = _mm256_loadu_si256((const __m256i *)x);                                      \
+        __m256i x1 = _mm256_loadu_si256((const __m256i *)(x + 16));                               \
+        for (int r = 0; r < 4; r++) {                                                             \
+          __m256i w[2];                                                                           \
+          WIDEN(codes + r * code_row + (size_t)(b0 + j) * CPB, w);                                \
+          __m256 p = _mm256_cvtepi32_ps(                                                          \
+              _mm256_add_epi32(_mm256_madd_epi16(w[0], x0), _mm256_madd_epi16(w[1], x1)));        \
+          acc[r] = _mm256_fmadd_ps(p, _mm256_broadcast_ss(&sd[r][j]), acc[r]);                    \
+        }                                                                                         \
+      }                                                                                           \
+    }                                                                                             \
+    _mm_storeu_ps(y, _mm_add_ps(sum4_ps(acc[0], acc[1], acc[2], acc[3]), _mm_loadu_ps(tail)));    \
+  }
+QROWS4(q4_rows4, uint8_t, q4_widen16, QB / 2)
+QROWS4(q8_rows4, int8_t, q8_widen16, QB)
+#endif
+
+/* sum_b mins[b] * xs[b] over nb blocks */
+static inline float q4_min_term(const uint16_t *mins, const float *xs, int nb) {
+  int b = 0;
+  float s = 0.f;
+#if defined(KV_AVX2) && defined(__F16C__)
+  __m256 acc = _mm256_setzero_ps();
+  for (; b + 8 <= nb; b += 8)
+    acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mins + b))),
+                          _mm256_loadu_ps(xs + b), acc);
+  s = hsum256(acc);
+#endif
+  for (; b < nb; b++) s += h2f(mins[b]) * xs[b];
+  return s;
+}
+
+/* the portable product of one weight row and every row of X, in float32 */
+static void q_row_portable(int fmt, const void *codes, const uint16_t *scale, const float *X,
+                           int m, int k, float *out) {
+  for (int i = 0; i < m; i++) out[i] = 0.f;
+  for (int b = 0; b < k / QB; b++) {
+    float w[QB], d = h2f(scale[b]);
+    if (fmt == 4)
+      q4_widen_scalar((const uint8_t *)codes + (size_t)b * (QB / 2), w);
+    else
+      q8_widen_scalar((const int8_t *)codes + (size_t)b * QB, w);
+    for (int i = 0; i < m; i++) {
+      const float *x = X + (size_t)i * k + (size_t)b * QB;
+      float acc = 0.f;
+      for (int j = 0; j < QB; j++) acc += w[j] * x[j];
+      out[i] += d * acc;
+    }
+  }
+}
+
+/* Rows of W split across threads. Returns 0 (Y untouched) if scratch could not be allocated. */
+static int q_gemv(int fmt, const void *codes, const uint16_t *scale, const uint16_t *mins,
+                  const float *X, float *Y, int m, int n, int k, int accumulate) {
+  int nb = k / QB;
+  qx_t q;
+  if (!qx_init(&q, X, m, k)) {
+    qx_free(&q);
+    return 0;
+  }
+  int r0 = 0;
+#ifdef KV_AVX2
+  if (m == 1) { /* decode at batch 1: 4 weight rows at a time */
+    r0 = n / 4 * 4;
+    _Pragma("omp parallel for schedule(static) num_threads(kv_team())")
+    for (int r = 0; r < r0; r += 4) {
+      float out[4];
+      if (fmt == 4)
+        q4_rows4((const uint8_t *)codes + (size_t)r * (k / 2), k / 2, scale + (size_t)r * nb,
+                 mins + (size_t)r * nb, q.xq, q.dx, q.xsum, k, out);
+      else
+        q8_rows4((const int8_t *)codes + (size_t)r * k, k, scale + (size_t)r * nb, NULL, q.xq,
+                 q.dx, q.xsum, k, out);
+      for (int j = 0; j < 4; j++) Y[r + j] = accumulate ? Y[r + j] + out[j] : out[j];
+    }
+  }
+#endif
+  _Pragma("omp parallel for schedule(static) num_threads(kv_team())")
+  for (int r = r0; r < n; r++) {
+    float out[MAX_M];
+    const uint16_t *sr = scale + (size_t)r * nb;
+#ifdef KV_AVX2
+    if (fmt == 4)
+      q4_row((const uint8_t *)codes + (size_t)r * (k / 2), sr, &q, m, k, out);
+    else
+      q8_row((const int8_t *)codes + (size_t)r * k, sr, &q, m, k, out);
+#else
+    q_row_portable(fmt, fmt == 4 ? (const void *)((const uint8_t *)codes + (size_t)r * (k / 2))
+                                 : (const void *)((const int8_t *)codes + (size_t)r * k),
+                   sr, X, m, k, out);
+#endif
+    if (fmt == 4)
+      for (int i = 0; i < m; i++)
+        out[i] += q4_min_term(mins + (size_t)r * nb, q.xsum + (size_t)i * nb, nb);
+    for (int i = 0; i < m; i++) {
+      float *y = Y + (size_t)i * n + r;
+      *y = accumulate ? *y + out[i] : out[i];
+    }
+  }
+  qx_free(&q);
+  return 1;
+}
+int kv_gemv_q4(const uint8_t *codes, const uint16_t *scale, const uint16_t *mins,
+               const float *X, float *Y, int m, int n, int k, int accumulate) {
+  return q_gemv(4, codes, scale, mins, X, Y, m, n, k, accumulate);
+}
+int kv_gemv_q8(const int8_t *codes, const uint16_t *scale, const float *X, float *Y, int m,
+               int n, int k, int accumulate) {
+  return q_gemv(8, codes, scale, NULL, X, Y, m, n, k, accumulate);
+}
+
+/* W dequantized into out [n, k] float32 (prefill-sized batches: the product then runs in
+ * torch's float32 GEMM over a weight dequantized once per call). */
+void kv_dequantize_q(int fmt, const void *codes, const uint16_t *scale, const uint16_t *mins,
+                     float *out, int n, int k) {
+  int nb = k / QB;
+  _Pragma("omp parallel for schedule(static) num_threads(kv_team())")
+  for (int r = 0; r < n; r++)
+    for (int b = 0; b < nb; b++) {
+      float w[QB], d = h2f(scale[(size_t)r * nb + b]), *o = out + (size_t)r * k + (size_t)b * QB;
+      if (fmt == 4) {
+        q4_widen_scalar((const uint8_t *)codes + (size_t)r * (k / 2) + (size_t)b * (QB / 2), w);
+        float mn = h2f(mins[(size_t)r * nb + b]);
+        for (int j = 0; j < QB; j++) o[j] = w[j] * d + mn;
+      } else {
+        q8_widen_scalar((const int8_t *)codes + (size_t)r * k + (size_t)b * QB, w);
+        for (int j = 0; j < QB; j++) o[j] = w[j] * d;
+      }
+    }
+}

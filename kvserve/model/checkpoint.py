@@ -20,14 +20,16 @@ from dataclasses import dataclass
 import torch
 
 from kvserve.config import ModelSpec
+from kvserve.kernels.qweight import QuantWeight
 from kvserve.model.tokenizer import Tokenizer
 
 
 @dataclass
 class Checkpoint:
     spec: ModelSpec
-    # float32 CPU tensors, dequantized, in Hugging Face names and layout (see module docstring)
-    tensors: dict[str, torch.Tensor]
+    # float32 CPU tensors, dequantized, in Hugging Face names and layout (see module docstring);
+    # matrices kept in a GGUF block format are QuantWeights (same names, same [n, k] shapes)
+    tensors: dict[str, torch.Tensor | QuantWeight]
     tokenizer: Tokenizer
     source: str  # the file or folder it came from
     source_format: str  # "gguf" or "hf"

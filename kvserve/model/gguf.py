@@ -1,5 +1,6 @@
 """Loads a llama.cpp GGUF file into a Checkpoint: metadata -> ModelSpec, every tensor dequantized to
-float32 and renamed to Hugging Face's Llama layout, with llama.cpp's Q/K row permutation undone.
+float32 (or, on request, kept in its Q4_0/Q4_1/Q8_0 blocks) and renamed to Hugging Face's Llama
+layout, with llama.cpp's Q/K row permutation undone.
 
 The tokenizer is tokenizer.py's; choosing between GGUF and a Hugging Face folder is loader.py's.
 """
@@ -18,6 +19,7 @@ from gguf.quants import dequantize
 
 from kvserve.config import ModelSpec, RopeScaling
 from kvserve.errors import ConfigError, ModelLoadError
+from kvserve.kernels.qweight import GGUF_BLOCK_BYTES, QuantWeight, from_gguf_blocks
 from kvserve.model.checkpoint import Checkpoint
 from kvserve.model.tokenizer import Tokenizer
 from kvserve.model_files import gguf_metadata, open_gguf
@@ -175,17 +177,35 @@ def _check_names(spec: ModelSpec, present: set[str], path: str) -> None:
                              f"{', '.join(unknown[:4])}")
 
 
-def _hf_tensors(raw: dict[str, Any], spec: ModelSpec) -> dict[str, torch.Tensor]:
-    out = {}
+def _as_stored(tensor: Any) -> QuantWeight | None:
+    """A 2-D tensor in a block format the kernels read as stored, split into codes and scales;
+    None for any other tensor (dequantized instead)."""
+    if tensor.tensor_type.name not in GGUF_BLOCK_BYTES or len(tensor.shape) != 2:
+        return None
+    n, k = int(tensor.shape[1]), int(tensor.shape[0])
+    if tensor.data.size != n * (k // 32) * GGUF_BLOCK_BYTES[tensor.tensor_type.name]:
+        raise ModelLoadError(f"tensor '{tensor.name}' holds {tensor.data.size} bytes, expected "
+                             f"those of [{n}, {k}]: the file is truncated or damaged")
+    return from_gguf_blocks(tensor.tensor_type.name, tensor.data, n, k)
+
+
+def _hf_tensors(raw: dict[str, Any], spec: ModelSpec,
+                keep_quantized: bool) -> dict[str, torch.Tensor | QuantWeight]:
+    out: dict[str, torch.Tensor | QuantWeight] = {}
     for gguf_name, tensor in raw.items():
         hf_name = _hf_name(gguf_name)
         if hf_name is None:
             continue
-        weight = torch.from_numpy(_dequantize(tensor))
-        if hf_name.endswith("q_proj.weight"):
-            weight = unpermute_rows(weight, spec.num_heads)
-        elif hf_name.endswith("k_proj.weight"):
-            weight = unpermute_rows(weight, spec.num_kv_heads)
+        weight = _as_stored(tensor) if keep_quantized else None
+        if weight is None:
+            weight = torch.from_numpy(_dequantize(tensor))
+        heads = (spec.num_heads if hf_name.endswith("q_proj.weight") else
+                 spec.num_kv_heads if hf_name.endswith("k_proj.weight") else 0)
+        if heads and isinstance(weight, QuantWeight):  # whole rows move: blocks stay intact
+            order = unpermute_rows(torch.arange(weight.shape[0]).unsqueeze(1), heads)
+            weight = weight.rows(order.squeeze(1))
+        elif heads:
+            weight = unpermute_rows(weight, heads)
         out[hf_name] = weight
     return out
 
@@ -204,8 +224,9 @@ def _check_shapes(tensors: dict[str, torch.Tensor], spec: ModelSpec, path: str) 
                                  f"expected {want[kind]} from the metadata")
 
 
-def load_gguf(path: str) -> Checkpoint:
-    """Reads `path` (a llama-family GGUF) into float32 Hugging Face-named tensors."""
+def load_gguf(path: str, keep_quantized: bool = False) -> Checkpoint:
+    """Reads `path` (a llama-family GGUF) into float32 Hugging Face-named tensors; with
+    keep_quantized, its Q4_0/Q4_1/Q8_0 matrices stay in their blocks (QuantWeight)."""
     reader = open_gguf(path, _type_names())
     meta = gguf_metadata(reader)
     arch = meta.get("general.architecture")
@@ -219,7 +240,7 @@ def load_gguf(path: str) -> Checkpoint:
     spec = _spec(meta, arch, int(raw["token_embd.weight"].shape[1]), "output.weight" in raw,
                  rope_freqs, name)
     _check_names(spec, set(raw), path)
-    tensors = _hf_tensors(raw, spec)
+    tensors = _hf_tensors(raw, spec, keep_quantized)
     _check_shapes(tensors, spec, path)
     return Checkpoint(spec=spec, tensors=tensors, tokenizer=Tokenizer.from_gguf(reader),
                       source=path, source_format="gguf")

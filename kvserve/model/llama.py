@@ -12,6 +12,8 @@ import torch
 
 from kvserve.config import ModelSpec
 from kvserve.kernels import cpu as cpu_kernels
+from kvserve.kernels import qweight
+from kvserve.kernels.qweight import QuantWeight
 from kvserve.model.attention import AttentionBackend, AttentionMetadata
 from kvserve.model.checkpoint import Checkpoint
 from kvserve.model.layers import RotaryEmbedding, apply_rope, linear, rms_norm, swiglu
@@ -23,19 +25,26 @@ def activation_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "cpu" else dtype
 
 
+Weight = torch.Tensor | QuantWeight  # a matrix: a tensor, or kept in a GGUF block format
+
+
 @dataclass
 class LayerWeights:
     input_norm: torch.Tensor  # [hidden]
-    qkv: torch.Tensor  # [q_size + 2 * kv_size, hidden]
-    o: torch.Tensor  # [hidden, q_size]
+    qkv: Weight  # [q_size + 2 * kv_size, hidden]
+    o: Weight  # [hidden, q_size]
     post_norm: torch.Tensor  # [hidden]
-    gate_up: torch.Tensor  # [2 * intermediate, hidden]
-    down: torch.Tensor  # [hidden, intermediate]
+    gate_up: Weight  # [2 * intermediate, hidden]
+    down: Weight  # [hidden, intermediate]
+
+
+def _nbytes(x: Weight) -> int:
+    return x.nbytes() if isinstance(x, QuantWeight) else x.numel() * x.element_size()
 
 
 class LlamaModel:
-    def __init__(self, spec: ModelSpec, layers: list[LayerWeights], embed: torch.Tensor,
-                 norm: torch.Tensor, lm_head: torch.Tensor, dtype: torch.dtype,
+    def __init__(self, spec: ModelSpec, layers: list[LayerWeights], embed: Weight,
+                 norm: torch.Tensor, lm_head: Weight, dtype: torch.dtype,
                  device: torch.device):
         self.spec = spec
         self.layers = layers
@@ -61,14 +70,24 @@ class LlamaModel:
 
         act = activation_dtype(dtype, device)
 
-        def w(name: str) -> torch.Tensor:
-            return t[name].to(dtype=dtype, device=device).contiguous()
+        def dense(x: Weight) -> torch.Tensor:
+            return x.dequantize(torch.float32) if isinstance(x, QuantWeight) else x
+
+        def w(name: str) -> Weight:
+            if isinstance(t[name], QuantWeight) and device.type == "cpu":
+                return t[name]  # multiplied as stored (kernels/qweight.py)
+            return dense(t[name]).to(dtype=dtype, device=device).contiguous()
 
         def norm(name: str) -> torch.Tensor:
             return t[name].to(dtype=act, device=device).contiguous()
 
-        def cat(*names: str) -> torch.Tensor:
-            return torch.cat([t[n] for n in names]).to(dtype=dtype, device=device).contiguous()
+        def cat(*names: str) -> Weight:
+            parts = [t[n] for n in names]
+            if device.type == "cpu" and all(isinstance(x, QuantWeight) for x in parts) and \
+                    len({x.format for x in parts}) == 1:
+                return qweight.cat(parts)
+            return torch.cat([dense(x) for x in parts]).to(dtype=dtype, device=device) \
+                .contiguous()
 
         layers = []
         for i in range(ckpt.spec.num_layers):
@@ -90,7 +109,18 @@ class LlamaModel:
         """Bytes of weights a decode step reads: every layer, the final norm and the LM head
         (the embedding row gather is negligible and not counted)."""
         tensors = [x for lw in self.layers for x in vars(lw).values()] + [self.norm, self.lm_head]
-        return sum(x.numel() * x.element_size() for x in tensors)
+        return sum(_nbytes(x) for x in tensors)
+
+    @property
+    def weights_as_stored(self) -> bool:
+        """Whether matrices are multiplied in their GGUF block formats (--quantization gguf)."""
+        return isinstance(self.layers[0].qkv, QuantWeight) if self.layers else False
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[num_tokens] -> [num_tokens, hidden] in the activation dtype (a fresh tensor)."""
+        if isinstance(self.embed, QuantWeight):
+            return self.embed.dequantize_rows(input_ids, self.act_dtype)
+        return self.embed[input_ids].to(self.act_dtype)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
@@ -100,7 +130,7 @@ class LlamaModel:
         attn); logits_rows [num_seqs] picks the rows to score. Returns float32 logits
         [num_seqs, vocab]."""
         s = self.spec
-        h = self.embed[input_ids].to(self.act_dtype)  # [num_tokens, hidden]
+        h = self.embed_tokens(input_ids)  # [num_tokens, hidden]
         cos, sin = self.rope.tables(positions)  # [num_tokens, head_dim] each
         if self.use_fast_decode and cpu_kernels.fast_path_ok(h):
             with cpu_kernels.decode_threads():

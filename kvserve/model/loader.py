@@ -10,21 +10,27 @@ import dataclasses
 import hashlib
 import os
 
+from kvserve.errors import ModelLoadError
 from kvserve.model.checkpoint import Checkpoint
 from kvserve.model.gguf import load_gguf
 from kvserve.model.hf import load_hf_folder
 from kvserve.model_files import DEFAULT_MODEL_NAME, default_model_path, locate_model
 
 
-def load_checkpoint(model: str | None = None) -> Checkpoint:
+def load_checkpoint(model: str | None = None, quantization: str = "none") -> Checkpoint:
     """Loads `model` (None: the embedded default; a .gguf file; a Hugging Face folder or its
-    config.json) into a Checkpoint of float32 tensors."""
+    config.json) into a Checkpoint of float32 tensors; quantization "gguf" keeps a GGUF file's
+    Q4_0/Q4_1/Q8_0 matrices in their blocks."""
+    keep = quantization == "gguf"
     if model is None:
-        checkpoint = load_gguf(default_model_path())
+        checkpoint = load_gguf(default_model_path(), keep)
         checkpoint.spec = dataclasses.replace(checkpoint.spec, name=DEFAULT_MODEL_NAME)
         return checkpoint
     kind, path = locate_model(model)
-    return load_gguf(path) if kind == "gguf" else load_hf_folder(path)
+    if kind != "gguf" and keep:
+        raise ModelLoadError(f"quantization 'gguf' keeps a GGUF file's blocks; '{model}' is a "
+                             "Hugging Face folder")
+    return load_gguf(path, keep) if kind == "gguf" else load_hf_folder(path)
 
 
 def model_fingerprint(model: str | None = None) -> str:
