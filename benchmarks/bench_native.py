@@ -37,6 +37,7 @@ from kvserve.model.loader import default_model_path
 
 CONTEXT = 2000
 CTX_DECODE = 64
+QUALITY_CHUNK = 64  # positions per forward in the perplexity run
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,10 +46,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=500)
     p.add_argument("--skip-llama", action="store_true")
     p.add_argument("--skip-hf", action="store_true")
-    p.add_argument("--quick", action="store_true", help="1 round, 64 tokens, 256-token prompts")
+    p.add_argument("--ppl-windows", type=int, default=20,
+                   help="perplexity windows of 1,024 tokens of the shipped text (default 20)")
+    p.add_argument("--quick", action="store_true",
+                   help="1 round, 64 tokens, 256-token prompts, 1 perplexity window")
     args = p.parse_args(argv)
     if args.quick:
-        args.rounds, args.new_tokens = 1, 64
+        args.rounds, args.new_tokens, args.ppl_windows = 1, 64, 1
     args.context = 256 if args.quick else CONTEXT
     return args
 
@@ -200,7 +204,57 @@ def main(argv: list[str] | None = None) -> None:
             bench_core.log(f"round {r} {e.label:22s} decode {tps:6.1f} tok/s, prefill "
                            f"{row['prefill'][-1]:6.1f} tok/s, ctx decode "
                            f"{'-' if ctx is None else f'{ctx:.1f} ms'}")
-    report(engines, rows, args)
+    q = quality(engines[0], engines[1], args.ppl_windows) if args.ppl_windows else None
+    report(engines, rows, args, q)
+
+
+def quality(native: Kvserve, dense: Kvserve, windows: int) -> dict:
+    """Perplexity of both kvserve models over `windows` windows of 1,024 tokens of the shipped
+    public-domain text (after the KV guardrail's calibration tokens), fed QUALITY_CHUNK positions
+    per forward so every product runs the decode-sized kernels (at most MAX_M rows; larger
+    batches multiply dequantized weights, identical to the float32 path by construction), plus
+    the mean KL divergence of native's next-token distributions from float32's and top-1
+    agreement."""
+    import math
+
+    import torch
+
+    from kvserve.engine.kv_quality import CALIBRATION_TOKENS, Variant, corpus_text, log_probs
+    from kvserve.kernels.cpu import MAX_M
+
+    ids = native.llm.engine.tokenizer.encode(corpus_text())
+    w = 1024
+    if CALIBRATION_TOKENS + windows * w > len(ids):
+        raise SystemExit(f"bench_native: the corpus has {len(ids):,} tokens; {windows} windows "
+                         "do not fit")
+    variant = Variant("float32", "float32")
+    nll = {"native": 0.0, "float32": 0.0}
+    kl = top1 = count = 0.0
+    chunk = min(QUALITY_CHUNK, MAX_M)
+    for i in range(windows):
+        text = ids[CALIBRATION_TOKENS + i * w:CALIBRATION_TOKENS + (i + 1) * w]
+        runs = (log_probs(native.llm.engine.model, variant, text, chunk_size=chunk),
+                log_probs(dense.llm.engine.model, variant, text, chunk_size=chunk))
+        start = 0
+        for lp_native, lp_dense in zip(*runs):
+            n = lp_native.shape[0]
+            targets = torch.tensor(text[start + 1:start + n + 1], dtype=torch.long).unsqueeze(-1)
+            m = targets.shape[0]
+            a, b = lp_native[:m], lp_dense[:m]
+            nll["native"] -= float(a.gather(-1, targets).sum())
+            nll["float32"] -= float(b.gather(-1, targets).sum())
+            kl += float((b.exp() * (b - a)).sum())
+            top1 += float((a.argmax(-1) == b.argmax(-1)).sum())
+            count += m
+            start += n
+        bench_core.log(f"perplexity window {i + 1}/{windows}")
+    ppl = {k: math.exp(v / count) for k, v in nll.items()}
+    if kl <= 0:
+        raise SystemExit("bench_native: native's distributions equal float32's exactly: the "
+                         "native kernels did not run")
+    return {"predictions": int(count), "perplexity": ppl,
+            "perplexity_change": ppl["native"] / ppl["float32"] - 1, "mean_kl": kl / count,
+            "top1_agreement": top1 / count, "chunk": chunk}
 
 
 def ratio(rows, a: str, b: str, key: str, invert: bool = False) -> float | None:
@@ -210,7 +264,7 @@ def ratio(rows, a: str, b: str, key: str, invert: bool = False) -> float | None:
     return statistics.median((y / x) if invert else (x / y) for x, y in pairs)
 
 
-def report(engines, rows, args) -> None:
+def report(engines, rows, args, q: dict | None) -> None:
     print(f"\nbench_native: {args.rounds} rounds; decode {args.new_tokens} tokens at batch 1, "
           f"prefill and decode after {args.context:,} tokens (medians over rounds)\n")
     print(f"{'engine':24s} {'MB/token':>9s} {'decode tok/s':>13s} {'prefill tok/s':>14s} "
@@ -238,8 +292,14 @@ def report(engines, rows, args) -> None:
         fmt = lambda v: "-" if v is None else f"{v:.2f}x"  # noqa: E731
         print(f"native vs {other}: decode {fmt(r['decode'])}, prefill {fmt(r['prefill'])}, "
               f"decode at {args.context:,} context {fmt(r['ctx_speed'])} (per-round medians)")
+    if q is not None:
+        print(f"quality over {q['predictions']:,} predictions ({q['chunk']} positions per "
+              f"forward): perplexity native {q['perplexity']['native']:.4f}, float32 "
+              f"{q['perplexity']['float32']:.4f} ({100 * q['perplexity_change']:+.3f}%), mean KL "
+              f"{q['mean_kl']:.2e}, top-1 agreement {100 * q['top1_agreement']:.2f}%")
     print(json.dumps({"rounds": args.rounds, "new_tokens": args.new_tokens,
-                      "context": args.context, "engines": summary, "native_ratios": ratios}))
+                      "context": args.context, "engines": summary, "native_ratios": ratios,
+                      "quality": q}))
 
 
 if __name__ == "__main__":

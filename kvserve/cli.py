@@ -196,6 +196,7 @@ def print_stats(llm, wall_s: float) -> None:
     lines = [
         f"model: {engine.model_name} ({engine.config.dtype}, {engine.device}, "
         f"cache {kv.cache_mode}, KV {kv.kv_cache_dtype}), loaded in {engine.load_time_s:.2f} s",
+        engine.model.weights_description(),
         f"prompt tokens: {out.num_prompt_tokens}, generated tokens: {len(out.token_ids)}, "
         f"finish: {out.finish_reason}",
         f"TTFT: {m.get('ttft_s', float('nan')) * 1e3:.1f} ms, "

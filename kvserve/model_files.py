@@ -62,27 +62,28 @@ def locate_model(model: str) -> tuple[str, str]:
 
 
 def open_gguf(path: str, supported_types: str = "") -> Any:
-    """A gguf.GGUFReader over `path` (memory-mapped: tensors are not read), or ModelLoadError."""
-    from gguf import GGUFReader
+    """A GGUFFile over `path` (gguf_file.py: metadata parsed, tensors memory-mapped, not read),
+    or ModelLoadError."""
+    from kvserve.gguf_file import GGUFFile
 
     if not os.path.exists(path):
         raise ModelLoadError(f"model file '{path}' not found")
     if not os.path.isfile(path):
         raise ModelLoadError(f"'{path}' is not a file")
     try:
-        return GGUFReader(path)
+        return GGUFFile(path)
     except ValueError as err:
         if "GGMLQuantizationType" in str(err):  # a tensor type id this gguf version does not know
             hint = f"; supported: {supported_types}" if supported_types else ""
             raise ModelLoadError(f"'{path}' has a tensor of unsupported quantization type "
                                  f"({err}{hint})") from None
         raise ModelLoadError(f"'{path}' is not a valid GGUF file or is truncated ({err})") from None
-    except Exception as err:  # GGUFReader raises struct/index/memmap errors on a damaged file
+    except Exception as err:  # struct/unicode/memmap errors on a damaged file
         raise ModelLoadError(f"'{path}' is not a valid GGUF file or is truncated "
                              f"({type(err).__name__}: {err})") from None
 
 
 def gguf_metadata(reader: Any) -> dict[str, Any]:
     """Every scalar or short key as a plain value (the long tokenizer arrays are tokenizer.py's)."""
-    return {key: field.contents() for key, field in reader.fields.items()
-            if not key.startswith("tokenizer.ggml.")}
+    return {key: field.contents() if hasattr(field, "contents") else field
+            for key, field in reader.fields.items() if not key.startswith("tokenizer.ggml.")}

@@ -75,6 +75,8 @@ class LLMEngine:
         self.model = LlamaModel.from_checkpoint(ckpt, self.dtype, self.device)
         del ckpt
         self.load_time_s = time.perf_counter() - t0
+        log.info("model %s loaded in %.2f s; %s", self.model_name, self.load_time_s,
+                 self.model.weights_description())
         context = self.spec.max_position_embeddings
         self.max_model_len = min(config.scheduler.max_model_len or context, context)
         # Cached blocks are keyed by what made their K/V: the weights, the KV format and its

@@ -49,10 +49,11 @@ class Variant:
 
 
 def log_probs(model: LlamaModel, variant: Variant, token_ids: Sequence[int],
-              block_size: int = 16, window_tokens: int = 0) -> Iterator[torch.Tensor]:
+              block_size: int = 16, window_tokens: int = 0,
+              chunk_size: int = CHUNK) -> Iterator[torch.Tensor]:
     """log_softmax of the next-token logits at every position of token_ids, [rows, vocab] float32
-    a chunk at a time, with K/V stored as `variant` says (a quantized format's residual window
-    of window_tokens, unless the variant names its own)."""
+    a chunk of chunk_size positions at a time, with K/V stored as `variant` says (a quantized
+    format's residual window of window_tokens, unless the variant names its own)."""
     block_size = variant.block_size or block_size
     window = variant.window_tokens if variant.window_tokens is not None else window_tokens
     layout = KVLayout(model.spec, block_size, variant.kv_cache_dtype, window_tokens=window)
@@ -64,8 +65,8 @@ def log_probs(model: LlamaModel, variant: Variant, token_ids: Sequence[int],
     attention = PagedAttention(store)
     inputs = InputBuilder(model.device, block_size)
     blocks = tuple(range(num_blocks))
-    for start in range(0, len(token_ids), CHUNK):
-        chunk = tuple(token_ids[start:start + CHUNK])
+    for start in range(0, len(token_ids), chunk_size):
+        chunk = tuple(token_ids[start:start + chunk_size])
         step = inputs.build(StepPlan((ScheduledSeq("text", chunk, start, True, blocks),)))
         attention.prepare(step.meta)
         rows = torch.arange(len(chunk), device=model.device)

@@ -135,6 +135,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         "kv_gemv_q4": [ptr, ptr, ptr, ptr, ptr, i32, i32, i32, i32],
         "kv_gemv_q8": [ptr, ptr, ptr, ptr, i32, i32, i32, i32],  # both return 0: no scratch
         "kv_dequantize_q": [i32, ptr, ptr, ptr, ptr, i32, i32],
+        "kv_layer_pre": [ptr, ptr, f32, ptr, ptr, ptr, i32, i32, i32, ptr],
+        "kv_layer_post": [ptr, ptr, ptr, ptr, f32, ptr, ptr, i32],
     }
     signatures["kv_paged_decode_attention_affine"] = [
         i32, i32, ptr, i32, ptr, ptr, ptr, ptr, ptr, ptr, i32, ptr, ptr, ptr, i32, ptr, i32,
@@ -146,7 +148,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         fn = getattr(lib, name)
         fn.argtypes = argtypes
         fn.restype = {"kv_read_sum": ctypes.c_double, "kv_gemv_q4": ctypes.c_int,
-                      "kv_gemv_q8": ctypes.c_int}.get(name)
+                      "kv_gemv_q8": ctypes.c_int, "kv_layer_pre": ctypes.c_int,
+                      "kv_layer_post": ctypes.c_int}.get(name)
     lib.kv_max_m.restype = i32
     for which, dtype in enumerate((torch.float8_e4m3fn, torch.float8_e5m2)):
         # the C side reads fp8 codes through torch's own conversion of all 256 bytes
@@ -248,6 +251,51 @@ def linear_add_(y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> None:
     Reference: y += reference_linear(x, weight)."""
     _gemv_for(weight)(weight, x.data_ptr(), y.data_ptr(), x.shape[0], weight.shape[0],
                       x.shape[1], 1)
+
+
+class WeightRef(ctypes.Structure):
+    """A matrix as gemv.c's kv_weight sees it; holds the tensors it points into."""
+    _fields_ = [("kind", ctypes.c_int), ("n", ctypes.c_int), ("k", ctypes.c_int),
+                ("data", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("mins", ctypes.c_void_p)]
+
+
+def weight_ref(weight: torch.Tensor | QuantWeight) -> WeightRef | None:
+    """The C description of a CPU matrix the fused layer calls can read, or None."""
+    if weight.device.type != "cpu":
+        return None
+    n, k = weight.shape
+    if isinstance(weight, QuantWeight):
+        ref = WeightRef(4 if weight.format == "q4" else 8, n, k, weight.codes.data_ptr(),
+                        weight.scale.data_ptr(),
+                        None if weight.min is None else weight.min.data_ptr())
+    elif weight.is_contiguous() and weight.dtype in (torch.float32, torch.bfloat16):
+        ref = WeightRef(32 if weight.dtype == torch.float32 else 16, n, k, weight.data_ptr(),
+                        None, None)
+    else:
+        return None
+    ref.keep = weight  # the memory it points into lives as long as the description
+    return ref
+
+
+def layer_pre(h: torch.Tensor, norm: torch.Tensor, eps: float, qkv: WeightRef,
+              cos: torch.Tensor, sin: torch.Tensor, rope_heads: int,
+              head_dim: int) -> torch.Tensor:
+    """rope(rms_norm(h) @ Wqkv^T) in one call: [m, qkv.n]. Reference: the same three ops
+    (model.llama.LlamaModel._layer_reference)."""
+    out = torch.empty((h.shape[0], qkv.n), dtype=torch.float32)
+    if not _lib.kv_layer_pre(h.data_ptr(), norm.data_ptr(), eps, ctypes.byref(qkv),
+                             cos.data_ptr(), sin.data_ptr(), rope_heads, head_dim, h.shape[0],
+                             out.data_ptr()):
+        raise MemoryError("kvserve: no memory for a decode layer's scratch")
+    return out
+
+
+def layer_post_(h: torch.Tensor, o: torch.Tensor, wo: WeightRef, norm: torch.Tensor, eps: float,
+                gate_up: WeightRef, down: WeightRef) -> None:
+    """h += o @ Wo^T; h += swiglu(rms_norm(h) @ Wgu^T) @ Wdown^T, in place, in one call."""
+    if not _lib.kv_layer_post(h.data_ptr(), o.data_ptr(), ctypes.byref(wo), norm.data_ptr(), eps,
+                              ctypes.byref(gate_up), ctypes.byref(down), h.shape[0]):
+        raise MemoryError("kvserve: no memory for a decode layer's scratch")
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -985,6 +985,30 @@ static int qx_init(qx_t *q, const float *X, int m, int k) {
   for (int i = 0; i < m * nb; i++) {
     const float *x = X + (size_t)(i / nb) * k + (size_t)(i % nb) * QB;
     int16_t *xq = q->xq + (size_t)(i / nb) * k + (size_t)(i % nb) * QB;
+#ifdef KV_AVX2
+    { /* the same rounding (to nearest, ties to even: the default mode), 8 lanes at a time */
+      __m256 v[4], sign = _mm256_set1_ps(-0.f), mx = _mm256_setzero_ps(), sm = mx;
+      for (int j = 0; j < 4; j++) {
+        v[j] = _mm256_loadu_ps(x + 8 * j);
+        mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v[j]));
+        sm = _mm256_add_ps(sm, v[j]);
+      }
+      __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+      m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+      float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+      __m256 inv = _mm256_set1_ps(amax > 0.f ? 32767.f / amax : 0.f);
+      __m256i q0 = _mm256_packs_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(v[0], inv)),
+                                      _mm256_cvtps_epi32(_mm256_mul_ps(v[1], inv)));
+      __m256i q1 = _mm256_packs_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(v[2], inv)),
+                                      _mm256_cvtps_epi32(_mm256_mul_ps(v[3], inv)));
+      /* packs interleaves 128-bit lanes: put the quarters back in order */
+      _mm256_storeu_si256((__m256i *)xq, _mm256_permute4x64_epi64(q0, 0xD8));
+      _mm256_storeu_si256((__m256i *)(xq + 16), _mm256_permute4x64_epi64(q1, 0xD8));
+      q->dx[i] = amax / 32767.f;
+      q->xsum[i] = hsum256(sm);
+      continue;
+    }
+#endif
     float amax = 0.f, sum = 0.f;
     for (int j = 0; j < QB; j++) {
       float a = fabsf(x[j]);
@@ -1048,7 +1072,7 @@ static inline void q8_widen16(const int8_t *c, __m256i w[2]) {
           _mm256_storeu_ps(sd[i], _mm256_mul_ps(sc, _mm256_loadu_ps(dx + (size_t)i * nb + b0)));  \
       } else {                                                                                    \
         for (int j = 0; j < nbb; j++)                                                             \
-          for (int i = 0; i < NR; i++) sd[i][j] = h2f(scale[b0 + j]) * dx[(size_t)i * nb + b0 + j]; \
+          for (int i = 0; i < NR; i++) sd[i][j] = h2f(scale[b0 + j]) * dx[(size_t)i * nb + b0 + j];\
       }                                                                                           \
       int j = 0;                                                                                  \
       for (; j + 2 <= nbb; j += 2) { /* blocks j, j + 1 into the two accumulators */              \
@@ -1100,47 +1124,62 @@ QROW_SET(q8_row, int8_t, q8_widen16, QB)
 /* One row of X against 4 weight rows (codes_r = codes + r * code_row), the decode case: the
  * block of X is loaded once for the 4, and the 4 results leave through one horizontal-add tree.
  * With mins (q4), sum_b min_b * xsum_b rides in the same accumulators. */
+#define QROW4_STEP(R, ACC, WIDEN, CPB)                                                            \
+  {                                                                                               \
+    __m256i w[2];                                                                                 \
+    WIDEN(codes + R * code_row + (size_t)(b0 + j) * CPB, w);                                      \
+    __m256 p = _mm256_cvtepi32_ps(                                                                \
+        _mm256_add_epi32(_mm256_madd_epi16(w[0], x0), _mm256_madd_epi16(w[1], x1)));              \
+    ACC = _mm256_fmadd_ps(p, _mm256_broadcast_ss(&sd[R][j]), ACC);                                \
+  }
 #define QROWS4(NAME, CTYPE, WIDEN, CPB)                                                           \
   static inline void NAME(const CTYPE *codes, size_t code_row, const uint16_t *scale,            \
                           const uint16_t *mins, const int16_t *xq, const float *dx,              \
                           const float *xsum, int k, float *y) {                                   \
     int nb = k / QB;                                                                              \
-    __m256 acc[4];                                                                                \
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, m0 = a0, m1 = a0, m2 = a0,        \
+           m3 = a0;                                                                               \
     float tail[4] = {0.f, 0.f, 0.f, 0.f};                                                         \
-    for (int r = 0; r < 4; r++) acc[r] = _mm256_setzero_ps();                                     \
     for (int b0 = 0; b0 < nb; b0 += 8) {                                                          \
       int nbb = nb - b0 < 8 ? nb - b0 : 8;                                                        \
       float sd[4][8];                                                                             \
-      for (int r = 0; r < 4; r++) {                                                               \
-        const uint16_t *sr = scale + (size_t)r * nb + b0;                                         \
-        if (nbb == 8) {                                                                           \
-          __m256 sc = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)sr));                      \
-          _mm256_storeu_ps(sd[r], _mm256_mul_ps(sc, _mm256_loadu_ps(dx + b0)));                   \
-          if (mins)                                                                               \
-            acc[r] = _mm256_fmadd_ps(                                                             \
-                _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mins + (size_t)r * nb + b0))),  \
-                _mm256_loadu_ps(xsum + b0), acc[r]);                                              \
-        } else {                                                                                  \
+      if (nbb == 8) {                                                                             \
+        __m256 d8 = _mm256_loadu_ps(dx + b0);                                                     \
+        for (int r = 0; r < 4; r++)                                                               \
+          _mm256_storeu_ps(sd[r], _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(                  \
+                                      (const __m128i *)(scale + (size_t)r * nb + b0))), d8));     \
+        if (mins) {                                                                               \
+          __m256 s8 = _mm256_loadu_ps(xsum + b0);                                                 \
+          const uint16_t *mn = mins + b0;                                                         \
+          m0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)mn)), s8, m0);    \
+          m1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mn + nb))), s8,  \
+                               m1);                                                               \
+          m2 = _mm256_fmadd_ps(                                                                   \
+              _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mn + 2 * nb))), s8, m2);          \
+          m3 = _mm256_fmadd_ps(                                                                   \
+              _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mn + 3 * nb))), s8, m3);          \
+        }                                                                                         \
+      } else {                                                                                    \
+        for (int r = 0; r < 4; r++)                                                               \
           for (int j = 0; j < nbb; j++) {                                                         \
-            sd[r][j] = h2f(sr[j]) * dx[b0 + j];                                                   \
+            sd[r][j] = h2f(scale[(size_t)r * nb + b0 + j]) * dx[b0 + j];                          \
             if (mins) tail[r] += h2f(mins[(size_t)r * nb + b0 + j]) * xsum[b0 + j];               \
           }                                                                                       \
-        }                                                                                         \
       }                                                                                           \
       for (int j = 0; j < nbb; j++) {                                                             \
         const int16_t *x = xq + (size_t)(b0 + j) * QB;                                            \
         __m256i x0 = _mm256_loadu_si256((const __m256i *)x);                                      \
         __m256i x1 = _mm256_loadu_si256((const __m256i *)(x + 16));                               \
-        for (int r = 0; r < 4; r++) {                                                             \
-          __m256i w[2];                                                                           \
-          WIDEN(codes + r * code_row + (size_t)(b0 + j) * CPB, w);                                \
-          __m256 p = _mm256_cvtepi32_ps(                                                          \
-              _mm256_add_epi32(_mm256_madd_epi16(w[0], x0), _mm256_madd_epi16(w[1], x1)));        \
-          acc[r] = _mm256_fmadd_ps(p, _mm256_broadcast_ss(&sd[r][j]), acc[r]);                    \
-        }                                                                                         \
+        QROW4_STEP(0, a0, WIDEN, CPB)                                                             \
+        QROW4_STEP(1, a1, WIDEN, CPB)                                                             \
+        QROW4_STEP(2, a2, WIDEN, CPB)                                                             \
+        QROW4_STEP(3, a3, WIDEN, CPB)                                                             \
       }                                                                                           \
     }                                                                                             \
-    _mm_storeu_ps(y, _mm_add_ps(sum4_ps(acc[0], acc[1], acc[2], acc[3]), _mm_loadu_ps(tail)));    \
+    __m128 t = _mm_add_ps(sum4_ps(_mm256_add_ps(a0, m0), _mm256_add_ps(a1, m1),                   \
+                                  _mm256_add_ps(a2, m2), _mm256_add_ps(a3, m3)),                  \
+                          _mm_loadu_ps(tail));                                                    \
+    _mm_storeu_ps(y, t);                                                                          \
   }
 QROWS4(q4_rows4, uint8_t, q4_widen16, QB / 2)
 QROWS4(q8_rows4, int8_t, q8_widen16, QB)
@@ -1206,7 +1245,7 @@ static int q_gemv(int fmt, const void *codes, const uint16_t *scale, const uint1
     }
   }
 #endif
-  _Pragma("omp parallel for schedule(static) num_threads(kv_team())")
+  _Pragma("omp parallel for schedule(static) num_threads(kv_team()) if (r0 < n)")
   for (int r = r0; r < n; r++) {
     float out[MAX_M];
     const uint16_t *sr = scale + (size_t)r * nb;
@@ -1258,4 +1297,64 @@ void kv_dequantize_q(int fmt, const void *codes, const uint16_t *scale, const ui
         for (int j = 0; j < QB; j++) o[j] = w[j] * d;
       }
     }
+}
+
+/* The two halves of a decode layer around attention, one call each (each call from Python costs
+ * ~10-20 us on this CPU, several times what the small ops themselves take; a layer made 7 of
+ * them besides attention). A weight is described by kv_weight: kind 32 (float32), 16 (bfloat16),
+ * 4 (q4) or 8 (q8), its data (codes for q4/q8), scales and mins. References, composed:
+ * kvserve.model.llama.LlamaModel._layer_reference.
+ *   kv_layer_pre:  qkv = rope(rms_norm(h) @ Wqkv^T) (the first rope_heads heads rotated)
+ *   kv_layer_post: h += o @ Wo^T;  h += swiglu(rms_norm(h) @ Wgu^T) @ Wdown^T
+ * Returns 0 when scratch could not be allocated (nothing written then, except by _post's first
+ * product, so callers treat it as fatal). */
+typedef struct {
+  int kind, n, k;
+  const void *data;
+  const uint16_t *scale, *mins;
+} kv_weight;
+
+static int weight_product(const kv_weight *w, const float *X, float *Y, int m, int accumulate) {
+  switch (w->kind) {
+    case 32: kv_gemv_f32((const float *)w->data, X, Y, m, w->n, w->k, accumulate); return 1;
+    case 16: kv_gemv_bf16((const uint16_t *)w->data, X, Y, m, w->n, w->k, accumulate); return 1;
+    case 4: return q_gemv(4, w->data, w->scale, w->mins, X, Y, m, w->n, w->k, accumulate);
+    case 8: return q_gemv(8, w->data, w->scale, NULL, X, Y, m, w->n, w->k, accumulate);
+  }
+  return 0;
+}
+
+int kv_layer_pre(const float *h, const float *norm_w, float eps, const kv_weight *qkv,
+                 const float *cos_t, const float *sin_t, int rope_heads, int head_dim, int m,
+                 float *out) {
+  int hidden = qkv->k;
+  float *x = malloc(sizeof(float) * (size_t)m * hidden);
+  if (!x) return 0;
+  kv_rms_norm(h, norm_w, x, m, hidden, eps);
+  int ok = weight_product(qkv, x, out, m, 0);
+  free(x);
+  if (ok) kv_rope(out, cos_t, sin_t, m, rope_heads, head_dim, qkv->n);
+  return ok;
+}
+
+int kv_layer_post(float *h, const float *o, const kv_weight *wo, const float *norm_w, float eps,
+                  const kv_weight *gate_up, const kv_weight *down, int m) {
+  int hidden = wo->n, inter = down->k;
+  if (!weight_product(wo, o, h, m, 1)) return 0;
+  float *x = malloc(sizeof(float) * (size_t)m * hidden);
+  float *gu = malloc(sizeof(float) * (size_t)m * 2 * inter);
+  float *act = malloc(sizeof(float) * (size_t)m * inter);
+  int ok = x && gu && act;
+  if (ok) {
+    kv_rms_norm(h, norm_w, x, m, hidden, eps);
+    ok = weight_product(gate_up, x, gu, m, 0);
+  }
+  if (ok) {
+    kv_swiglu(gu, act, m, inter);
+    ok = weight_product(down, act, h, m, 1);
+  }
+  free(x);
+  free(gu);
+  free(act);
+  return ok;
 }

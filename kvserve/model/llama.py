@@ -60,6 +60,9 @@ class LlamaModel:
         # the PyTorch layer below is the reference it is tested against, and serves the rest.
         self.use_fast_decode = (device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
                                 and cpu_kernels.available())
+        # Each fast layer's matrices as the fused C calls see them (kernels/cpu.py WeightRef).
+        self._refs = [tuple(cpu_kernels.weight_ref(x) for x in (lw.qkv, lw.o, lw.gate_up, lw.down))
+                      for lw in layers] if self.use_fast_decode else []
         # K/V projections computed (one per token per layer): the work the cache exists to save.
         self.num_kv_projections = 0
 
@@ -110,6 +113,20 @@ class LlamaModel:
         (the embedding row gather is negligible and not counted)."""
         tensors = [x for lw in self.layers for x in vars(lw).values()] + [self.norm, self.lm_head]
         return sum(_nbytes(x) for x in tensors)
+
+    def weights_description(self) -> str:
+        """Which path multiplies the weights and the bytes it reads per decode token, e.g.
+        'weights as stored (120 q4, 1 q8 matrices), 96.6 MB/token'."""
+        mats = [x for lw in self.layers for x in (lw.qkv, lw.o, lw.gate_up, lw.down)]
+        mats.append(self.lm_head)
+        counts: dict[str, int] = {}
+        for x in mats:
+            kind = x.format if isinstance(x, QuantWeight) else str(x.dtype).removeprefix("torch.")
+            counts[kind] = counts.get(kind, 0) + 1
+        kinds = ", ".join(f"{n} {k}" for k, n in counts.items())
+        how = "as stored" if self.weights_as_stored else "dequantized"
+        return (f"weights {how} ({kinds} matrices), "
+                f"{self.num_weight_bytes_per_token() / 1e6:.1f} MB/token")
 
     @property
     def weights_as_stored(self) -> bool:
@@ -172,7 +189,18 @@ class LlamaModel:
         """The same layer in a handful of C calls (decode-sized float32 CPU batches)."""
         s = self.spec
         num_tokens = h.shape[0]
+        refs = self._refs[i] if self._refs else (None,)
         # h is updated in place: it is this forward's own tensor (the embedding gather's copy).
+        if all(r is not None for r in refs):  # two C calls around attention
+            qkv = cpu_kernels.layer_pre(h, lw.input_norm, s.rms_norm_eps, refs[0], cos, sin,
+                                        s.num_heads + s.num_kv_heads, s.head_dim)
+            q = qkv[:, :s.q_size].view(num_tokens, s.num_heads, s.head_dim)
+            k = qkv[:, s.q_size:s.q_size + s.kv_size].view(num_tokens, s.num_kv_heads, s.head_dim)
+            v = qkv[:, s.q_size + s.kv_size:].view(num_tokens, s.num_kv_heads, s.head_dim)
+            o = attn.forward(i, q, k, v, meta).reshape(num_tokens, s.q_size).contiguous()
+            cpu_kernels.layer_post_(h, o, refs[1], lw.post_norm, s.rms_norm_eps, refs[2],
+                                    refs[3])
+            return h
         qkv = cpu_kernels.linear(cpu_kernels.rms_norm(h, lw.input_norm, s.rms_norm_eps), lw.qkv)
         cpu_kernels.rope_(qkv, cos, sin, s.num_heads + s.num_kv_heads, s.head_dim)
         q = qkv[:, :s.q_size].view(num_tokens, s.num_heads, s.head_dim)

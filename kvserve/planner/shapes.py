@@ -226,7 +226,7 @@ def _read_gguf(path: str, _version: tuple[int, int] | None) -> ModelShape:
 
     hidden, heads = key("embedding_length"), key("attention.head_count")
     tokens = reader.fields.get("tokenizer.ggml.tokens")
-    vocab = key("vocab_size", len(tokens.data) if tokens is not None else 0)
+    vocab = key("vocab_size", len(tokens) if tokens is not None else 0)
     names = {t.name for t in reader.tensors}
     window = meta.get(f"{arch}.attention.sliding_window")
     layers = key("block_count")
