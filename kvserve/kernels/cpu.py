@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -210,14 +211,24 @@ def _quant_product(w: QuantWeight, x_ptr: int, y_ptr: int, m: int, n: int, k: in
         raise MemoryError("kvserve: no memory for a quantized product's scratch")
 
 
-def dequantize(weight: QuantWeight) -> torch.Tensor:
+_scratch = threading.local()
+
+
+def dequantize(weight: QuantWeight, reuse: bool = False) -> torch.Tensor:
     """weight as float32 [n, k] (the C twin of QuantWeight.dequantize, for prefill-sized
-    products)."""
+    products). reuse: into this thread's scratch buffer, valid until its next reuse call (a
+    fresh 100 MB tensor per product cost more in page faults than the dequantization)."""
     lib = _lib if _tried else load()
     if lib is None or weight.device.type != "cpu":
         return weight.dequantize(torch.float32)
     n, k = weight.shape
-    out = torch.empty((n, k), dtype=torch.float32)
+    if reuse:
+        buf = getattr(_scratch, "buf", None)
+        if buf is None or buf.numel() < n * k:
+            buf = _scratch.buf = torch.empty(n * k, dtype=torch.float32)
+        out = buf[:n * k].view(n, k)
+    else:
+        out = torch.empty((n, k), dtype=torch.float32)
     lib.kv_dequantize_q(4 if weight.format == "q4" else 8, weight.codes.data_ptr(),
                         weight.scale.data_ptr(),
                         None if weight.min is None else weight.min.data_ptr(), out.data_ptr(),
@@ -230,7 +241,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     fn = _gemv_for(weight) if x.device.type == "cpu" and x.dim() == 2 else None
     if fn is None or x.shape[0] > MAX_M:
         if isinstance(weight, QuantWeight) and weight.device.type == "cpu":
-            return F.linear(x.float(), dequantize(weight)).to(x.dtype)
+            return F.linear(x.float(), dequantize(weight, reuse=True)).to(x.dtype)
         return reference_linear(x, weight)
     m, k = x.shape
     xf = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()

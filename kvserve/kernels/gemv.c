@@ -1289,11 +1289,30 @@ void kv_dequantize_q(int fmt, const void *codes, const uint16_t *scale, const ui
     for (int b = 0; b < nb; b++) {
       float w[QB], d = h2f(scale[(size_t)r * nb + b]), *o = out + (size_t)r * k + (size_t)b * QB;
       if (fmt == 4) {
-        q4_widen_scalar((const uint8_t *)codes + (size_t)r * (k / 2) + (size_t)b * (QB / 2), w);
+        const uint8_t *c = (const uint8_t *)codes + (size_t)r * (k / 2) + (size_t)b * (QB / 2);
         float mn = h2f(mins[(size_t)r * nb + b]);
+#ifdef KV_AVX2
+        __m128i bytes = _mm_loadu_si128((const __m128i *)c), mask = _mm_set1_epi8(0x0f);
+        __m128i lo = _mm_and_si128(bytes, mask), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+        __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+        __m256 dv = _mm256_set1_ps(d), mv = _mm256_set1_ps(mn);
+        for (int j = 0; j < 4; j++)
+          _mm256_storeu_ps(o + 8 * j, _mm256_fmadd_ps(
+              _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[j])), dv, mv));
+        continue;
+#endif
+        q4_widen_scalar(c, w);
         for (int j = 0; j < QB; j++) o[j] = w[j] * d + mn;
       } else {
-        q8_widen_scalar((const int8_t *)codes + (size_t)r * k + (size_t)b * QB, w);
+        const int8_t *c = (const int8_t *)codes + (size_t)r * k + (size_t)b * QB;
+#ifdef KV_AVX2
+        __m256 dv = _mm256_set1_ps(d);
+        for (int j = 0; j < 4; j++)
+          _mm256_storeu_ps(o + 8 * j, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                                          _mm_loadl_epi64((const __m128i *)(c + 8 * j)))), dv));
+        continue;
+#endif
+        q8_widen_scalar(c, w);
         for (int j = 0; j < QB; j++) o[j] = w[j] * d;
       }
     }
