@@ -27,7 +27,7 @@ from kvserve.kv_dtypes import (
 CACHE_MODES = ("none", "contiguous", "paged")
 KV_QUANT_CHECKS = ("refuse", "warn", "off")  # engine/kv_check.py judges
 DTYPES = ("float32", "bfloat16", "float16")
-QUANTIZATIONS = ("none", "gguf")
+QUANTIZATIONS = ("auto", "none", "gguf")
 
 
 @dataclass(frozen=True)
@@ -348,9 +348,10 @@ class EngineConfig:
     dtype: str = setting("float32", "weights and compute dtype", choices=DTYPES)
     device: str = setting("cpu", "cpu, cuda or cuda:N")
     quantization: str = setting(
-        "none", "weights' format in memory: none: dequantized to --dtype; gguf: a GGUF file's "
-        "Q4_0/Q4_1/Q8_0 tensors kept as stored and multiplied as stored (CPU; float32 "
-        "activations; other tensors dequantized)", choices=QUANTIZATIONS)
+        "auto", "weights' format in memory: gguf: a GGUF file's Q4_0/Q4_1/Q8_0 matrices kept "
+        "and multiplied as stored (CPU, float32 activations; other tensors dequantized); none: "
+        "every tensor dequantized to --dtype (the exact reference path); auto: gguf for a GGUF "
+        "file on cpu with dtype float32, else none", choices=QUANTIZATIONS)
     seed: int = setting(0, "seed of unseeded sampling", kind="int", flag=False)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -386,6 +387,14 @@ class EngineConfig:
                                      or not self.cache.enable_prefix_caching):
             raise ConfigError("offload tiers (cpu_offload_memory) hold the prefix cache's "
                               "blocks: they need cache_mode 'paged' with prefix caching on")
+
+    @property
+    def resolved_quantization(self) -> str:
+        """What the loader is asked for: 'auto' stays 'auto' (blocks kept if the file is a GGUF)
+        only where stored blocks can run: cpu, float32."""
+        if self.quantization == "auto":
+            return "auto" if self.device == "cpu" and self.dtype == "float32" else "none"
+        return self.quantization
 
     @property
     def kv_cache_dtype(self) -> str:

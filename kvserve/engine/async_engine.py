@@ -119,6 +119,11 @@ class AsyncLLMEngine:
         return self.engine.kv_quality
 
     @property
+    def weights_description(self) -> str:
+        """How the weights are held and multiplied, and the bytes a decode step reads."""
+        return self.engine.model.weights_description()
+
+    @property
     def load_time_s(self) -> float:
         """Seconds building the engine took (reading the weights, sizing the KV cache)."""
         return self.engine.load_time_s

@@ -68,7 +68,7 @@ class LLMEngine:
         self.dtype = TORCH_DTYPES[config.dtype]
         torch.manual_seed(config.seed)  # the stream unseeded requests sample from
         t0 = time.perf_counter()
-        ckpt = load_checkpoint(config.model, config.quantization)
+        ckpt = load_checkpoint(config.model, config.resolved_quantization)
         self.model_name = ckpt.spec.name
         self.spec = ckpt.spec
         self.tokenizer = ckpt.tokenizer

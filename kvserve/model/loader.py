@@ -20,14 +20,15 @@ from kvserve.model_files import DEFAULT_MODEL_NAME, default_model_path, locate_m
 def load_checkpoint(model: str | None = None, quantization: str = "none") -> Checkpoint:
     """Loads `model` (None: the embedded default; a .gguf file; a Hugging Face folder or its
     config.json) into a Checkpoint of float32 tensors; quantization "gguf" keeps a GGUF file's
-    Q4_0/Q4_1/Q8_0 matrices in their blocks."""
-    keep = quantization == "gguf"
+    Q4_0/Q4_1/Q8_0 matrices in their blocks, "auto" does so for a GGUF file and loads a Hugging
+    Face folder as "none"."""
+    keep = quantization in ("gguf", "auto")
     if model is None:
         checkpoint = load_gguf(default_model_path(), keep)
         checkpoint.spec = dataclasses.replace(checkpoint.spec, name=DEFAULT_MODEL_NAME)
         return checkpoint
     kind, path = locate_model(model)
-    if kind != "gguf" and keep:
+    if kind != "gguf" and quantization == "gguf":
         raise ModelLoadError(f"quantization 'gguf' keeps a GGUF file's blocks; '{model}' is a "
                              "Hugging Face folder")
     return load_gguf(path, keep) if kind == "gguf" else load_hf_folder(path)

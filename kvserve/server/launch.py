@@ -76,7 +76,7 @@ def serve(engine_config: EngineConfig, config: ServerConfig, log_level: str = "i
     print(f"kvserve: serving {name} ({engine_config.dtype}, {engine.device}, "
           f"cache {engine_config.cache.cache_mode}, KV {engine.kv_cache_dtype}{check}) on "
           f"http://{config.host}:{config.port}/v1 "
-          f"- loaded in {engine.load_time_s:.1f} s; {engine.model.weights_description()}"
+          f"- loaded in {engine.load_time_s:.1f} s; {engine.weights_description}"
           + (f"; {len(config.api_keys)} API key(s), one cache tenant each"
              if config.api_keys else ""), file=sys.stderr, flush=True)
     server = _server_class(engine, config.shutdown_timeout_s)(uvicorn.Config(

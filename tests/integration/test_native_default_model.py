@@ -14,7 +14,7 @@ PROMPTS = ["The old lighthouse keeper climbed the spiral stairs at dusk, and",
 
 def test_native_greedy_equals_the_dequantized_float32_model():
     params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
-    native, dense = LLM(quantization="gguf"), LLM()
+    native, dense = LLM(quantization="gguf"), LLM(quantization="none")
     described = native.engine.model.weights_description()
     assert described.startswith("weights as stored (120 q4, 1 q8 matrices)"), described
     assert native.engine.model.num_weight_bytes_per_token() == 96_576_768  # the file's blocks

@@ -24,7 +24,7 @@ def gguf_file(request, tiny_hf_dir, tmp_path_factory):
 def test_blocks_stay_quantized_and_agree_with_the_dequantized_model(gguf_file):
     path, qtype = gguf_file
     native = LLM(model=str(path), quantization="gguf", cache_mode="contiguous")
-    dense = LLM(model=str(path), cache_mode="contiguous")
+    dense = LLM(model=str(path), cache_mode="contiguous", quantization="none")
     model = native.engine.model
     assert model.weights_as_stored and not dense.engine.model.weights_as_stored
     assert isinstance(model.layers[0].gate_up, QuantWeight)
@@ -61,6 +61,13 @@ def test_fused_c_layer_equals_the_reference_layer_on_stored_blocks(gguf_file):
 def test_a_hugging_face_folder_cannot_be_kept_as_stored(tiny_hf_dir):
     with pytest.raises(ModelLoadError, match="keeps a GGUF file's blocks"):
         LLM(model=str(tiny_hf_dir), quantization="gguf")
+    assert not LLM(model=str(tiny_hf_dir)).engine.model.weights_as_stored  # auto: dequantized
+
+
+def test_auto_keeps_blocks_on_cpu_float32_only(gguf_file):
+    path, _ = gguf_file
+    assert LLM(model=str(path)).engine.model.weights_as_stored  # the default
+    assert not LLM(model=str(path), dtype="bfloat16").engine.model.weights_as_stored
 
 
 def test_prefill_sized_batches_multiply_dequantized_weights(gguf_file):
