@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import random
 import statistics
 import time
@@ -136,9 +137,10 @@ def bench_kvserve(prompts: list[list[int]], new_tokens: int, repeats: int) -> di
 def matmul_flops(model, prompts: list[list[int]], new_tokens: int) -> float:
     """Weight-matmul FLOPs any engine must spend on this mix (attention left out): every prompt
     token through every layer, one LM-head row per sampled token."""
-    layer = 2 * sum(x.numel() for lw in model.layers for x in vars(lw).values()
-                    if x.dim() == 2)
-    head = 2 * model.lm_head.numel()
+    # shapes, not tensors: matrices may be kept in GGUF blocks (QuantWeight)
+    layer = 2 * sum(math.prod(x.shape) for lw in model.layers for x in vars(lw).values()
+                    if len(x.shape) == 2)
+    head = 2 * math.prod(model.lm_head.shape)
     tokens = sum(len(p) for p in prompts) + len(prompts) * (new_tokens - 1)
     return tokens * layer + len(prompts) * new_tokens * head
 
