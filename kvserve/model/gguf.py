@@ -19,6 +19,7 @@ from gguf.quants import dequantize
 
 from kvserve.config import ModelSpec, RopeScaling
 from kvserve.errors import ConfigError, ModelLoadError
+from kvserve.kernels import cpu as cpu_kernels
 from kvserve.kernels.qweight import GGUF_BLOCK_BYTES, QuantWeight, from_gguf_blocks
 from kvserve.model.checkpoint import Checkpoint
 from kvserve.model.tokenizer import Tokenizer
@@ -196,8 +197,10 @@ def _hf_tensors(raw: dict[str, Any], spec: ModelSpec,
         hf_name = _hf_name(gguf_name)
         if hf_name is None:
             continue
-        weight = _as_stored(tensor) if keep_quantized else None
-        if weight is None:
+        weight = _as_stored(tensor)
+        if weight is not None and not keep_quantized:  # the C twin of gguf-py's dequantize
+            weight = cpu_kernels.dequantize(weight)
+        elif weight is None:
             weight = torch.from_numpy(_dequantize(tensor))
         heads = (spec.num_heads if hf_name.endswith("q_proj.weight") else
                  spec.num_kv_heads if hf_name.endswith("k_proj.weight") else 0)

@@ -99,3 +99,25 @@ def test_rows_and_cat_keep_blocks_whole():
     assert torch.equal(a.rows(perm).dequantize(), a.dequantize()[perm])
     with pytest.raises(ValueError, match="different quantized formats"):
         cat([a, random_weight("q8", 2, 64, 3)])
+
+
+def test_the_dequantized_checkpoint_equals_gguf_py_bit_for_bit():
+    """--quantization none dequantizes the blocks in C: the same floats gguf-py makes."""
+    from kvserve.model.gguf import unpermute_rows
+    from kvserve.model.loader import load_checkpoint
+    from kvserve.model_files import default_model_path, open_gguf
+
+    ckpt = load_checkpoint(None, "none")
+    raw = {t.name: t for t in open_gguf(default_model_path()).tensors}
+    for gguf_name, hf_name, heads in [
+            ("blk.7.ffn_up.weight", "model.layers.7.mlp.up_proj.weight", 0),
+            ("blk.2.attn_q.weight", "model.layers.2.self_attn.q_proj.weight",
+             ckpt.spec.num_heads),
+            ("token_embd.weight", "model.embed_tokens.weight", 0)]:
+        t = raw[gguf_name]
+        shape = tuple(int(d) for d in reversed(t.shape))
+        want = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type),
+                                         dtype=np.float32).reshape(shape))
+        if heads:
+            want = unpermute_rows(want, heads)
+        assert torch.equal(ckpt.tensors[hf_name], want), gguf_name
