@@ -85,5 +85,5 @@ def open_gguf(path: str, supported_types: str = "") -> Any:
 
 def gguf_metadata(reader: Any) -> dict[str, Any]:
     """Every scalar or short key as a plain value (the long tokenizer arrays are tokenizer.py's)."""
-    return {key: field.contents() if hasattr(field, "contents") else field
-            for key, field in reader.fields.items() if not key.startswith("tokenizer.ggml.")}
+    return {key: value for key, value in reader.fields.items()
+            if not key.startswith("tokenizer.ggml.")}

@@ -383,8 +383,9 @@ DECODE_ATTENTION(kv_decode_attention_bf16, bf16_t, LOAD1_BF16, STORE_BF16)
     for (int hh = 0; hh < group; hh++)                                                            \
       for (int t = 0; t < len; t++) s[(size_t)hh * lds + t] *= scale;                             \
   }                                                                                               \
-  /* o[hh] = sum_t p[hh * lds + t] * V[t] for hh < group (o is [group, d]) */                     \
-  static void paged_pv_##KTYPE(const float *p, int lds, int group, int d, const KTYPE *base,       \
+  /* o[hh] = sum_t p[hh * lds + t] * V[t] for hh < group (o is [group, d]); int8/int4 V has  \
+   * block_values instead, so u8_t's instance goes unused */                                    \
+  __attribute__((unused)) static void paged_pv_##KTYPE(const float *p, int lds, int group, int d, const KTYPE *base,       \
                                const int *table, int block_size, size_t block_elems,              \
                                size_t row_elems, int len, float *o) {                             \
     int j0 = 0;                                                                                   \
@@ -612,16 +613,6 @@ static inline float h2f(uint16_t h) {
 #else
   return half_to_f32(h);
 #endif
-}
-
-/* n fp16 values -> floats */
-static inline void h2f_row(const uint16_t *restrict h, float *restrict x, int n) {
-  int i = 0;
-#if defined(KV_AVX2) && defined(__F16C__)
-  for (; i + 8 <= n; i += 8)
-    _mm256_storeu_ps(x + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
-#endif
-  for (; i < n; i++) x[i] = h2f(h[i]);
 }
 
 /* One row of d int4 codes (element 2i the low nibble of byte i) -> d bytes, in order */
@@ -1200,6 +1191,7 @@ static inline float q4_min_term(const uint16_t *mins, const float *xs, int nb) {
   return s;
 }
 
+#ifndef KV_AVX2
 /* the portable product of one weight row and every row of X, in float32 */
 static void q_row_portable(int fmt, const void *codes, const uint16_t *scale, const float *X,
                            int m, int k, float *out) {
@@ -1218,6 +1210,7 @@ static void q_row_portable(int fmt, const void *codes, const uint16_t *scale, co
     }
   }
 }
+#endif
 
 /* Rows of W split across threads. Returns 0 (Y untouched) if scratch could not be allocated. */
 static int q_gemv(int fmt, const void *codes, const uint16_t *scale, const uint16_t *mins,

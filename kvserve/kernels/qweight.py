@@ -19,7 +19,6 @@ import numpy as np
 import torch
 
 BLOCK = 32
-FORMATS = ("q4", "q8")
 GGUF_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
 
 
@@ -50,9 +49,6 @@ class QuantWeight:
     def rows(self, index: torch.Tensor) -> QuantWeight:
         """The rows `index` (a permutation or a selection), still quantized."""
         return self._map(lambda t: t[index].contiguous())
-
-    def to(self, device: torch.device) -> QuantWeight:
-        return self._map(lambda t: t.to(device).contiguous())
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The reference: [n, k] in `dtype` (computed in float32)."""

@@ -58,11 +58,12 @@ class LlamaModel:
                                     spec.rope_scaling, self.act_dtype, device)
         # The fused C decode layer (kernels/gemv.c) serves decode-sized CPU batches when built;
         # the PyTorch layer below is the reference it is tested against, and serves the rest.
-        self.use_fast_decode = (device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
-                                and cpu_kernels.available())
-        # Each fast layer's matrices as the fused C calls see them (kernels/cpu.py WeightRef).
+        # Each layer's matrices as the fused C calls see them (kernels/cpu.py WeightRef).
+        fast = (device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
+                and cpu_kernels.available())
         self._refs = [tuple(cpu_kernels.weight_ref(x) for x in (lw.qkv, lw.o, lw.gate_up, lw.down))
-                      for lw in layers] if self.use_fast_decode else []
+                      for lw in layers] if fast else []
+        self.use_fast_decode = fast and all(r is not None for refs in self._refs for r in refs)
         # K/V projections computed (one per token per layer): the work the cache exists to save.
         self.num_kv_projections = 0
 
@@ -186,29 +187,16 @@ class LlamaModel:
     def _layer_fast(self, i: int, lw: LayerWeights, h: torch.Tensor, cos: torch.Tensor,
                     sin: torch.Tensor, attn: AttentionBackend,
                     meta: AttentionMetadata) -> torch.Tensor:
-        """The same layer in a handful of C calls (decode-sized float32 CPU batches)."""
+        """The same layer in two C calls around attention (decode-sized float32 CPU batches)."""
         s = self.spec
         num_tokens = h.shape[0]
-        refs = self._refs[i] if self._refs else (None,)
+        wqkv, wo, wgate_up, wdown = self._refs[i]
         # h is updated in place: it is this forward's own tensor (the embedding gather's copy).
-        if all(r is not None for r in refs):  # two C calls around attention
-            qkv = cpu_kernels.layer_pre(h, lw.input_norm, s.rms_norm_eps, refs[0], cos, sin,
-                                        s.num_heads + s.num_kv_heads, s.head_dim)
-            q = qkv[:, :s.q_size].view(num_tokens, s.num_heads, s.head_dim)
-            k = qkv[:, s.q_size:s.q_size + s.kv_size].view(num_tokens, s.num_kv_heads, s.head_dim)
-            v = qkv[:, s.q_size + s.kv_size:].view(num_tokens, s.num_kv_heads, s.head_dim)
-            o = attn.forward(i, q, k, v, meta).reshape(num_tokens, s.q_size).contiguous()
-            cpu_kernels.layer_post_(h, o, refs[1], lw.post_norm, s.rms_norm_eps, refs[2],
-                                    refs[3])
-            return h
-        qkv = cpu_kernels.linear(cpu_kernels.rms_norm(h, lw.input_norm, s.rms_norm_eps), lw.qkv)
-        cpu_kernels.rope_(qkv, cos, sin, s.num_heads + s.num_kv_heads, s.head_dim)
+        qkv = cpu_kernels.layer_pre(h, lw.input_norm, s.rms_norm_eps, wqkv, cos, sin,
+                                    s.num_heads + s.num_kv_heads, s.head_dim)
         q = qkv[:, :s.q_size].view(num_tokens, s.num_heads, s.head_dim)
         k = qkv[:, s.q_size:s.q_size + s.kv_size].view(num_tokens, s.num_kv_heads, s.head_dim)
         v = qkv[:, s.q_size + s.kv_size:].view(num_tokens, s.num_kv_heads, s.head_dim)
         o = attn.forward(i, q, k, v, meta).reshape(num_tokens, s.q_size).contiguous()
-        cpu_kernels.linear_add_(h, o, lw.o)  # h += o @ Wo^T
-        gate_up = cpu_kernels.linear(cpu_kernels.rms_norm(h, lw.post_norm, s.rms_norm_eps),
-                                     lw.gate_up)
-        cpu_kernels.linear_add_(h, cpu_kernels.swiglu(gate_up), lw.down)
+        cpu_kernels.layer_post_(h, o, wo, lw.post_norm, s.rms_norm_eps, wgate_up, wdown)
         return h
