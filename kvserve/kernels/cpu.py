@@ -138,6 +138,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         "kv_dequantize_q": [i32, ptr, ptr, ptr, ptr, i32, i32],
         "kv_layer_pre": [ptr, ptr, f32, ptr, ptr, ptr, i32, i32, i32, ptr],
         "kv_layer_post": [ptr, ptr, ptr, ptr, f32, ptr, ptr, i32],
+        "kv_decode_layers": [ptr, i32, ptr, i32, f32, ptr, ptr, i32, i32, i32, i32, ptr, ptr,
+                             ctypes.c_size_t, ptr, ptr, i32, ptr, i32, i32, ptr],
     }
     signatures["kv_paged_decode_attention_affine"] = [
         i32, i32, ptr, i32, ptr, ptr, ptr, ptr, ptr, ptr, i32, ptr, ptr, ptr, i32, ptr, i32,
@@ -150,7 +152,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         fn.argtypes = argtypes
         fn.restype = {"kv_read_sum": ctypes.c_double, "kv_gemv_q4": ctypes.c_int,
                       "kv_gemv_q8": ctypes.c_int, "kv_layer_pre": ctypes.c_int,
-                      "kv_layer_post": ctypes.c_int}.get(name)
+                      "kv_layer_post": ctypes.c_int, "kv_decode_layers": ctypes.c_int}.get(name)
     lib.kv_max_m.restype = i32
     for which, dtype in enumerate((torch.float8_e4m3fn, torch.float8_e5m2)):
         # the C side reads fp8 codes through torch's own conversion of all 256 bytes
@@ -307,6 +309,55 @@ def layer_post_(h: torch.Tensor, o: torch.Tensor, wo: WeightRef, norm: torch.Ten
     if not _lib.kv_layer_post(h.data_ptr(), o.data_ptr(), ctypes.byref(wo), norm.data_ptr(), eps,
                               ctypes.byref(gate_up), ctypes.byref(down), h.shape[0]):
         raise MemoryError("kvserve: no memory for a decode layer's scratch")
+
+
+class LayerRef(ctypes.Structure):
+    """One decode layer as gemv.c's kv_layer_ref sees it: its two norms and four matrices."""
+    _fields_ = [("input_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p),
+                ("qkv", WeightRef), ("o", WeightRef), ("gate_up", WeightRef),
+                ("down", WeightRef)]
+
+
+def layer_refs(layers: list[tuple[torch.Tensor, torch.Tensor, WeightRef, WeightRef, WeightRef,
+                                  WeightRef]]):
+    """The C array of every layer's LayerRef (input norm, post norm, qkv, o, gate_up, down);
+    keeps the tensors it points into alive."""
+    arr = (LayerRef * len(layers))()
+    for ref, (n1, n2, qkv, o, gu, down) in zip(arr, layers):
+        ref.input_norm, ref.post_norm = n1.data_ptr(), n2.data_ptr()
+        ref.qkv, ref.o, ref.gate_up, ref.down = qkv, o, gu, down
+    arr.keep = layers
+    return arr
+
+
+@dataclass(frozen=True)
+class PagedDecode:
+    """What kv_decode_layers needs of a decode step over a paged float32/bfloat16 store: K and V
+    of every layer ([layers, num_blocks, block_size, num_kv, d] each), the new tokens' slots
+    (long), the tables (int32), the contexts (int32, new token included), the scores scratch."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    slots: torch.Tensor
+    block_tables: torch.Tensor
+    context_lens: torch.Tensor
+    max_context: int
+    scores: torch.Tensor
+
+
+def decode_layers_(h: torch.Tensor, layers, eps: float, cos: torch.Tensor, sin: torch.Tensor,
+                   num_heads: int, num_kv: int, head_dim: int, step: PagedDecode) -> None:
+    """Every layer of a decode step in one call (h [m, hidden] updated in place): per layer
+    layer_pre, the K/V write into the step's slots, paged_decode_attention, layer_post_. The
+    reference is that sequence of calls (LlamaModel._layer_fast with PagedAttention)."""
+    k, v = step.keys, step.values
+    kind = 32 if k.dtype == torch.float32 else 16
+    if not _lib.kv_decode_layers(
+            h.data_ptr(), h.shape[0], layers, len(layers), eps, cos.data_ptr(), sin.data_ptr(),
+            num_heads, num_kv, head_dim, kind, k.data_ptr(), v.data_ptr(), k[0].numel(),
+            step.slots.data_ptr(), step.block_tables.data_ptr(), step.block_tables.shape[1],
+            step.context_lens.data_ptr(), k.shape[2], step.max_context, step.scores.data_ptr()):
+        raise MemoryError("kvserve: no memory for a decode step's scratch")
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

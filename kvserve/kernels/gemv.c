@@ -447,29 +447,90 @@ PAGED_HELPERS(bf16_t, load8_bf16, LOAD1_BF16)
  * One task per (sequence, KV head): each K/V row is read once for all the query heads that share
  * it (grouped-query attention). `scores` is scratch of B * num_heads * max_context floats.
  * Reference: kvserve.model.attention.ops.attention_reference over the gathered blocks. */
+/* Runs per (sequence, KV head) task of a paged decode attention: with fewer tasks than 4 per
+ * thread (batch 1: 3 KV heads on 2 threads left one idle half the time), each sequence's blocks
+ * are cut into runs of at least DECODE_MIN_CHUNK_BLOCKS blocks whose partial softmaxes are
+ * merged after (merge_runs), as flash-decoding does. */
+#define DECODE_MIN_CHUNK_BLOCKS 16
+static inline int decode_chunks(int tasks, int team, int max_context, int block_size) {
+  int chunks = 1, longest = max_context / block_size;
+  if (tasks < 4 * team) chunks = (4 * team + tasks - 1) / tasks;
+  if (chunks > longest / DECODE_MIN_CHUNK_BLOCKS) chunks = longest / DECODE_MIN_CHUNK_BLOCKS;
+  return chunks < 1 ? 1 : chunks;
+}
+/* out[bh] = sum_c w_c * po[c] / sum_c w_c * pl[c], w_c = exp(pm[c] - max_c pm[c]), for each of
+ * the nbh (sequence, query head) rows: run r = task * chunks + c of head hh holds its maximum
+ * score pm[r * group + hh], exp-sum pl[...] and unnormalized output po[(r * group + hh) * d]. */
+static void merge_runs(int nbh, int group, int chunks, int d, const float *pm, const float *pl,
+                       const float *po, float *out) {
+  _Pragma("omp parallel for schedule(static) num_threads(kv_team())")
+  for (int bh = 0; bh < nbh; bh++) {
+    int bg = bh / group, hh = bh % group;
+    float mx = -INFINITY, total = 0.f, *o = out + (size_t)bh * d;
+    for (int c = 0; c < chunks; c++) {
+      float mc = pm[((size_t)bg * chunks + c) * group + hh];
+      mx = mc > mx ? mc : mx;
+    }
+    for (int cc = 0; cc < d; cc++) o[cc] = 0.f;
+    for (int c = 0; c < chunks; c++) {
+      size_t r = (size_t)bg * chunks + c;
+      float w = pl[r * group + hh] > 0.f ? expf(pm[r * group + hh] - mx) : 0.f;
+      const float *pc = po + (r * group + hh) * d;
+      total += w * pl[r * group + hh];
+      for (int cc = 0; cc < d; cc++) o[cc] += w * pc[cc];
+    }
+    float inv = 1.0f / total;
+    for (int cc = 0; cc < d; cc++) o[cc] *= inv;
+  }
+}
 #define PAGED_DECODE(NAME, KTYPE, LOADK)                                                         \
   void NAME(const float *restrict q, int q_row_stride, const KTYPE *restrict K,                  \
             const KTYPE *restrict V, const int *restrict block_tables, int max_blocks,            \
             const int *restrict context_lens, int batch, int block_size, int num_heads,           \
             int num_kv, int d, int max_context, float *restrict out, float *restrict scores) {    \
-    int group = num_heads / num_kv;                                                               \
+    int group = num_heads / num_kv, team = kv_team();                                             \
     float scale = 1.0f / sqrtf((float)d);                                                         \
     size_t row_elems = (size_t)num_kv * d, block_elems = (size_t)block_size * row_elems;          \
-    _Pragma("omp parallel for schedule(dynamic, 1) num_threads(kv_team())")                       \
-    for (int bg = 0; bg < batch * num_kv; bg++) {                                                 \
+    int tasks = batch * num_kv, chunks = decode_chunks(tasks, team, max_context, block_size);      \
+    float *heap = chunks > 1 ? malloc(sizeof(float) * tasks * chunks * group * (d + 2)) : NULL;   \
+    if (!heap) chunks = 1;                                                                        \
+    size_t runs = (size_t)tasks * chunks;                                                         \
+    float *pm = heap, *pl = heap ? heap + runs * group : NULL;                                    \
+    float *po = heap ? pl + runs * group : NULL;                                                  \
+    _Pragma("omp parallel for schedule(dynamic, 1) num_threads(team)")                            \
+    for (size_t run = 0; run < runs; run++) {                                                     \
+      int bg = (int)(run / chunks), c = (int)(run % chunks);                                      \
       int b = bg / num_kv, g = bg % num_kv, len = context_lens[b], h0 = g * group;                \
-      const int *table = block_tables + (size_t)b * max_blocks;                                   \
+      int nblk = (len + block_size - 1) / block_size;                                             \
+      int j0 = (int)((long)nblk * c / chunks), j1 = (int)((long)nblk * (c + 1) / chunks);         \
+      int t0 = j0 * block_size, t1 = j1 * block_size < len ? j1 * block_size : len;               \
+      const int *table = block_tables + (size_t)b * max_blocks + j0;                              \
       const float *qg = q + (size_t)b * q_row_stride + (size_t)h0 * d;                            \
-      float *s = scores + ((size_t)b * num_heads + h0) * max_context;                             \
+      float *s = scores + ((size_t)b * num_heads + h0) * max_context + t0;                        \
+      float *o = chunks > 1 ? po + run * group * d : out + ((size_t)b * num_heads + h0) * d;      \
+      float *m = chunks > 1 ? pm + run * group : NULL, *l = chunks > 1 ? pl + run * group : NULL; \
+      if (t1 <= t0) { /* an empty run (a short sequence among long ones) */                       \
+        for (int hh = 0; chunks > 1 && hh < group; hh++) m[hh] = -INFINITY, l[hh] = 0.f;          \
+        for (int i = 0; i < group * d; i++) o[i] = 0.f;                                           \
+        continue;                                                                                 \
+      }                                                                                           \
       paged_qk_##KTYPE(qg, group, d, K + (size_t)g * d, table, block_size, block_elems,           \
-                       row_elems, len, scale, s, max_context);                                    \
+                       row_elems, t1 - t0, scale, s, max_context);                                \
       for (int hh = 0; hh < group; hh++) {                                                        \
-        float *sh = s + (size_t)hh * max_context, inv = 1.0f / exp_shifted(sh, len);              \
-        for (int t = 0; t < len; t++) sh[t] *= inv;                                               \
+        float *sh = s + (size_t)hh * max_context, mx;                                             \
+        float total = exp_shifted_max(sh, t1 - t0, &mx);                                          \
+        if (chunks > 1) {                                                                         \
+          m[hh] = mx, l[hh] = total;                                                              \
+        } else {                                                                                  \
+          float inv = 1.0f / total;                                                               \
+          for (int t = 0; t < t1 - t0; t++) sh[t] *= inv;                                         \
+        }                                                                                         \
       }                                                                                           \
       paged_pv_##KTYPE(s, max_context, group, d, V + (size_t)g * d, table, block_size,            \
-                       block_elems, row_elems, len, out + ((size_t)b * num_heads + h0) * d);      \
+                       block_elems, row_elems, t1 - t0, o);                                       \
     }                                                                                             \
+    if (chunks > 1) merge_runs(batch * num_heads, group, chunks, d, pm, pl, po, out);             \
+    free(heap);                                                                                   \
   }
 PAGED_DECODE(kv_paged_decode_attention_f32, float, LOAD1_F32)
 PAGED_DECODE(kv_paged_decode_attention_bf16, bf16_t, LOAD1_BF16)
@@ -831,7 +892,6 @@ static void block_values(const float *w, int ldw, int group, int ncols, const ui
  * leaves its unnormalized output, score maximum and exp-sum per query head, and the runs are
  * merged as flash-decoding does. At batch 1 (3 KV heads on 2 threads) whole sequences left a
  * thread idle for a third of the time. */
-#define AFFINE_MIN_CHUNK_BLOCKS 16
 void kv_paged_decode_attention_affine(
     int k_bits, int v_bits, const float *restrict q, int q_row_stride, const uint8_t *restrict K,
     const uint16_t *restrict Ks, const uint16_t *restrict Kz, const uint8_t *restrict V,
@@ -845,10 +905,7 @@ void kv_paged_decode_attention_affine(
   size_t row = (size_t)num_kv * d, k_code_row = row * k_bits / 8, v_code_row = row * v_bits / 8;
   /* where a block's codes are read: in place (int8), or widened into `wide` (int4) */
   size_t k_crow = k_bits == 8 ? row : (size_t)d, v_crow = v_bits == 8 ? row : (size_t)d;
-  int tasks = batch * num_kv, chunks = 1, longest = max_context / block_size;
-  if (tasks < 4 * team) chunks = (4 * team + tasks - 1) / tasks;
-  if (chunks > longest / AFFINE_MIN_CHUNK_BLOCKS) chunks = longest / AFFINE_MIN_CHUNK_BLOCKS;
-  if (chunks < 1) chunks = 1;
+  int tasks = batch * num_kv, chunks = decode_chunks(tasks, team, max_context, block_size);
   float *heap = chunks > 1 ? malloc(sizeof(float) * tasks * chunks * group * (d + 2)) : NULL;
   if (!heap) chunks = 1; /* a chunk's partial output, score maximum and exp-sum per head */
   size_t runs = (size_t)tasks * chunks;
@@ -923,27 +980,7 @@ void kv_paged_decode_attention_affine(
         for (int cc = 0; cc < d; cc++) o[(size_t)hh * d + cc] *= inv;
       }
   }
-  if (chunks > 1) {
-    _Pragma("omp parallel for schedule(static) num_threads(team)")
-    for (int bh = 0; bh < batch * num_heads; bh++) {
-      int bg = bh / group, hh = bh % group;
-      float mx = -INFINITY, total = 0.f, *o = out + (size_t)bh * d;
-      for (int c = 0; c < chunks; c++) {
-        float mc = pm[((size_t)bg * chunks + c) * group + hh];
-        mx = mc > mx ? mc : mx;
-      }
-      for (int cc = 0; cc < d; cc++) o[cc] = 0.f;
-      for (int c = 0; c < chunks; c++) {
-        size_t r = (size_t)bg * chunks + c;
-        float w = pl[r * group + hh] > 0.f ? expf(pm[r * group + hh] - mx) : 0.f;
-        const float *pc = po + (r * group + hh) * d;
-        total += w * pl[r * group + hh];
-        for (int cc = 0; cc < d; cc++) o[cc] += w * pc[cc];
-      }
-      float inv = 1.0f / total;
-      for (int cc = 0; cc < d; cc++) o[cc] *= inv;
-    }
-  }
+  if (chunks > 1) merge_runs(batch * num_heads, group, chunks, d, pm, pl, po, out);
   free(heap);
 }
 
@@ -1112,12 +1149,18 @@ QROW_SET(q8_row, int8_t, q8_widen16, QB)
 #endif
 
 #ifdef KV_AVX2
+/* Rows ahead whose codes are prefetched: with 4 rows read side by side the hardware prefetcher
+ * alone left the kernel at ~12 GB/s of the ~23 GB/s this machine streams in calls of this size;
+ * prefetching 8 rows ahead reached ~16-20 GB/s (4 and 16 did about as well). */
+#define QPF 8
 /* One row of X against 4 weight rows (codes_r = codes + r * code_row), the decode case: the
  * block of X is loaded once for the 4, and the 4 results leave through one horizontal-add tree.
  * With mins (q4), sum_b min_b * xsum_b rides in the same accumulators. */
 #define QROW4_STEP(R, ACC, WIDEN, CPB)                                                            \
   {                                                                                               \
     __m256i w[2];                                                                                 \
+    _mm_prefetch((const char *)(codes + (R + QPF) * code_row + (size_t)(b0 + j) * CPB),           \
+                 _MM_HINT_T0);                                                                    \
     WIDEN(codes + R * code_row + (size_t)(b0 + j) * CPB, w);                                      \
     __m256 p = _mm256_cvtepi32_ps(                                                                \
         _mm256_add_epi32(_mm256_madd_epi16(w[0], x0), _mm256_madd_epi16(w[1], x1)));              \
@@ -1368,5 +1411,65 @@ int kv_layer_post(float *h, const float *o, const kv_weight *wo, const float *no
   free(x);
   free(gu);
   free(act);
+  return ok;
+}
+
+/* A whole decode step's layers in one call, for a paged float32 or bfloat16 K/V store (the
+ * default CPU configuration): per layer, kv_layer_pre, the new tokens' K and V written into
+ * their slots, the paged decode attention over every row (one new token per sequence), and
+ * kv_layer_post. Per layer from Python this was 2 C calls, the store's write (two index_copy_)
+ * and the attention's wrapper: ~2 ms a token on this CPU, ~20% of a token's time. References:
+ * LlamaModel._layer_fast (which this composes) and PagedKVStore.write.
+ *   K, V: [layers][num_blocks, block_size, num_kv, d] each, layer_stride elements apart;
+ *   kv_kind 32 (float32) or 16 (bfloat16, rounded to nearest even as torch's conversion);
+ *   slots [m] int64 (block * block_size + offset); block_tables [m, max_blocks] int32;
+ *   context_lens [m] int32 (the new token included); scores: scratch of m * num_heads *
+ *   max_context floats. Returns 0 if scratch could not be allocated (h then partly updated). */
+typedef struct {
+  const float *input_norm, *post_norm;
+  kv_weight qkv, o, gate_up, down;
+} kv_layer_ref;
+
+int kv_decode_layers(float *h, int m, const kv_layer_ref *layers, int num_layers, float eps,
+                     const float *cos_t, const float *sin_t, int num_heads, int num_kv, int d,
+                     int kv_kind, void *K, void *V, size_t layer_stride, const int64_t *slots,
+                     const int *block_tables, int max_blocks, const int *context_lens,
+                     int block_size, int max_context, float *scores) {
+  int qkv_n = (num_heads + 2 * num_kv) * d, kv_row = num_kv * d;
+  float *qkv = malloc(sizeof(float) * (size_t)m * qkv_n);
+  float *o = malloc(sizeof(float) * (size_t)m * num_heads * d);
+  int ok = qkv && o;
+  for (int l = 0; ok && l < num_layers; l++) {
+    const kv_layer_ref *w = layers + l;
+    ok = kv_layer_pre(h, w->input_norm, eps, &w->qkv, cos_t, sin_t, num_heads + num_kv, d, m,
+                      qkv);
+    if (!ok) break;
+    size_t base = (size_t)l * layer_stride;
+    for (int i = 0; i < m; i++) {
+      const float *k = qkv + (size_t)i * qkv_n + (size_t)num_heads * d, *v = k + kv_row;
+      size_t at = base + (size_t)slots[i] * kv_row;
+      if (kv_kind == 32) {
+        memcpy((float *)K + at, k, sizeof(float) * kv_row);
+        memcpy((float *)V + at, v, sizeof(float) * kv_row);
+      } else {
+        for (int j = 0; j < kv_row; j++) {
+          ((uint16_t *)K)[at + j] = f32_to_bf16(k[j]);
+          ((uint16_t *)V)[at + j] = f32_to_bf16(v[j]);
+        }
+      }
+    }
+    if (kv_kind == 32)
+      kv_paged_decode_attention_f32(qkv, qkv_n, (const float *)K + base, (const float *)V + base,
+                                    block_tables, max_blocks, context_lens, m, block_size,
+                                    num_heads, num_kv, d, max_context, o, scores);
+    else
+      kv_paged_decode_attention_bf16(qkv, qkv_n, (const bf16_t *)K + base,
+                                     (const bf16_t *)V + base, block_tables, max_blocks,
+                                     context_lens, m, block_size, num_heads, num_kv, d,
+                                     max_context, o, scores);
+    ok = kv_layer_post(h, o, &w->o, w->post_norm, eps, &w->gate_up, &w->down, m);
+  }
+  free(qkv);
+  free(o);
   return ok;
 }

@@ -67,6 +67,42 @@ class QuantWeight:
         return self.rows(index).dequantize(dtype)
 
 
+ACTIVATION_LEVELS = 32767  # the decode kernels round activations to int16 per block
+
+
+def round_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [m, k] float32 rounded per block of 32 to int16 as the decode kernels do (gemv.c
+    qx_init): step dx = max|x| / 32767 (float32), codes = round-half-even(x * (32767 / max|x|)).
+    Returns the codes [m, k / 32, 32] (as float32) and dx [m, k / 32]."""
+    m, k = x.shape
+    blocks = x.float().reshape(m, k // BLOCK, BLOCK)
+    amax = blocks.abs().amax(-1)  # [m, k / 32]
+    inv = torch.where(amax > 0, ACTIVATION_LEVELS / amax, torch.zeros_like(amax))
+    codes = torch.round(blocks * inv.unsqueeze(-1))
+    return codes, amax / ACTIVATION_LEVELS
+
+
+def rounded_activation_linear(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
+    """The reference of the decode-sized C product (gemv.c q_gemv): y [m, n] = x @ W^T with x
+    rounded per block to int16 (round_activations), each block's integer dot product exact,
+    times scale * dx; q4's min term over x's exact float block sums. Computed in float64.
+    (int8 activations, as llama.cpp rounds them, were ~10% faster here but moved the default
+    model's perplexity by +1.4% over 20k tokens against float32; int16's moves it by 0.001%.)"""
+    n, k = w.shape
+    codes, dx = round_activations(x)  # [m, nb, 32], [m, nb]
+    if w.format == "q8":
+        wc = w.codes.view(n, k // BLOCK, BLOCK).double()
+    else:
+        c = w.codes.view(n, k // BLOCK, BLOCK // 2)
+        wc = torch.cat((c & 15, c >> 4), dim=-1).double()  # [n, nb, 32]
+    dots = torch.einsum("mbj,nbj->mnb", codes.double(), wc)  # exact integers
+    y = (dots * w.scale.double().unsqueeze(0) * dx.double().unsqueeze(1)).sum(-1)
+    if w.min is not None:
+        xsum = x.double().reshape(x.shape[0], k // BLOCK, BLOCK).sum(-1)  # [m, nb]
+        y = y + xsum @ w.min.double().t()
+    return y
+
+
 def cat(weights: list[QuantWeight]) -> QuantWeight:
     """Row-wise concatenation (fused Q|K|V, gate|up); all in one format."""
     fmt = weights[0].format

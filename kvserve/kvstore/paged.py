@@ -134,6 +134,11 @@ class PagedKVStore:
         """One part of one layer's K (which=0) or V (1): [num_blocks, ...]."""
         return self._parts[which][name][layer_idx]
 
+    def float_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of every layer, [num_layers, num_blocks, block_size, num_kv, d] each (a
+        float format: the tensors the per-layer keys()/values() are views of)."""
+        return self._parts[0]["kv"], self._parts[1]["kv"]
+
     def keys(self, layer_idx: int) -> torch.Tensor:
         return self.part("kv", layer_idx, 0)  # [num_blocks, block_size, num_kv_heads, head_dim]
 

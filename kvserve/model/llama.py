@@ -64,6 +64,10 @@ class LlamaModel:
         self._refs = [tuple(cpu_kernels.weight_ref(x) for x in (lw.qkv, lw.o, lw.gate_up, lw.down))
                       for lw in layers] if fast else []
         self.use_fast_decode = fast and all(r is not None for refs in self._refs for r in refs)
+        # The same, every layer in one C array, for decode steps run in one call
+        self._layer_refs = cpu_kernels.layer_refs(
+            [(lw.input_norm, lw.post_norm, *refs) for lw, refs in zip(layers, self._refs)]
+        ) if self.use_fast_decode else None
         # K/V projections computed (one per token per layer): the work the cache exists to save.
         self.num_kv_projections = 0
 
@@ -152,8 +156,13 @@ class LlamaModel:
         cos, sin = self.rope.tables(positions)  # [num_tokens, head_dim] each
         if self.use_fast_decode and cpu_kernels.fast_path_ok(h):
             with cpu_kernels.decode_threads():
-                for i, lw in enumerate(self.layers):
-                    h = self._layer_fast(i, lw, h, cos, sin, attn, meta)
+                step = attn.fused_decode(meta)
+                if step is not None:  # every layer in one C call, K/V written and attended there
+                    cpu_kernels.decode_layers_(h, self._layer_refs, s.rms_norm_eps, cos, sin,
+                                               s.num_heads, s.num_kv_heads, s.head_dim, step)
+                else:
+                    for i, lw in enumerate(self.layers):
+                        h = self._layer_fast(i, lw, h, cos, sin, attn, meta)
                 logits = self._logits(h, logits_rows)
         else:
             for i, lw in enumerate(self.layers):

@@ -215,11 +215,12 @@ def test_c_decode_reads_codes_and_residual_windows_as_the_reference(name, window
     check_c_decode(name, window, outliers, [1, 5, 16, 23, 9])
 
 
-@pytest.mark.parametrize("name, window", [("int8", 8), ("int4", 0), ("int8/int4", 12)])
+@pytest.mark.parametrize("name, window", [("int8", 8), ("int4", 0), ("int8/int4", 12),
+                                          ("float32", 0), ("bfloat16", 0)])
 @pytest.mark.parametrize("lens", [[333], [150, 1, 97]], ids=["one", "three"])
 def test_c_decode_split_into_runs_merges_as_the_reference(name, window, lens):
-    """Long sequences and few of them: the int8/int4 kernel cuts each sequence into runs of
-    blocks (threads would otherwise idle at batch 1) and merges their partial softmaxes; short
+    """Long sequences and few of them: the float and int8/int4 kernels cut each sequence into
+    runs of blocks (threads would otherwise idle at batch 1) and merge their partial softmaxes; short
     sequences beside them leave runs empty."""
     check_c_decode(name, window, True, lens)
 
@@ -236,7 +237,7 @@ def check_c_decode(name, window, outliers, lens):
                   num_kv_heads=2, head_dim=64, vocab_size=50, max_position_embeddings=64)
     layout = KVLayout(s, bs, name, window_tokens=window)
     num_blocks = sum(-(-n // bs) for n in lens) + 3
-    store = PagedKVStore(layout, num_blocks, torch.device("cpu"), residual_slots=2)
+    store = PagedKVStore(layout, num_blocks, torch.device("cpu"), residual_slots=len(lens))
     g = torch.Generator().manual_seed(5)
     order = torch.randperm(num_blocks, generator=g).tolist()
     tables = [[order.pop() for _ in range(-(-n // bs))] for n in lens]

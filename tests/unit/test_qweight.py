@@ -8,7 +8,13 @@ from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
 
 from kvserve.kernels import cpu
-from kvserve.kernels.qweight import QuantWeight, cat, from_gguf_blocks
+from kvserve.kernels.qweight import (
+    QuantWeight,
+    cat,
+    from_gguf_blocks,
+    round_activations,
+    rounded_activation_linear,
+)
 
 
 def random_weight(fmt: str, n: int, k: int, seed: int, outliers: bool = False) -> QuantWeight:
@@ -52,15 +58,38 @@ needs_c = pytest.mark.skipif(cpu.load() is None, reason="no C compiler: referenc
 @needs_c
 @pytest.mark.parametrize("fmt", ["q4", "q8"])
 @pytest.mark.parametrize("m", [1, 2, 5, 64, 65, 300])  # decode kernel up to MAX_M, then dequantize
-@pytest.mark.parametrize("n,k", [(1, 32), (7, 96), (130, 576)])
+# k = 224: 7 blocks, an odd count (the kernel pairs blocks); 1536: 48 blocks, 8 at a time
+@pytest.mark.parametrize("n,k", [(1, 32), (7, 96), (5, 224), (130, 576), (9, 1536)])
 def test_products_over_blocks_equal_the_dequantized_reference(fmt, m, n, k):
     w = random_weight(fmt, n, k, seed=m + n + k, outliers=True)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
     x[:, 5] *= 50  # an outlier channel: its blocks get a coarse int16 step
     want = x.double() @ w.dequantize().double().t()
     got = cpu.linear(x, w)
-    assert_within_int16_rounding(got, want, x, w, decode=m <= cpu.MAX_M)
+    decode = m <= cpu.MAX_M
+    assert_within_int16_rounding(got, want, x, w, decode=decode)
     assert_within_int16_rounding(cpu.reference_linear(x, w), want, x, w, decode=False)
+    if decode:  # the kernel is its reference's arithmetic: X rounded, then exact products
+        assert_close_to_float32_rounding(got, rounded_activation_linear(x, w), x, w)
+
+
+def test_activations_round_per_block_to_int16_half_to_even():
+    x = torch.zeros(2, 64)
+    x[0, :32] = torch.linspace(-32767, 32767, 32)  # max|x| = 32767: a step of exactly 1
+    x[0, 3], x[0, 4] = 2.5, 3.5  # halfway: to the even neighbours 2 and 4
+    x[1, 32:] = 5.0  # a constant block, and a zero block (step 0, codes 0)
+    codes, dx = round_activations(x)
+    assert codes[0, 0, 3] == 2 and codes[0, 0, 4] == 4 and dx[0, 0] == 1
+    assert codes[0, 0, 0] == -32767 and codes[0, 0, 31] == 32767
+    assert torch.equal(codes[1, 0], torch.zeros(32)) and dx[1, 0] == 0
+    assert torch.equal(codes[1, 1], torch.full((32,), 32767.0))
+
+
+def assert_close_to_float32_rounding(got, want, x, w):
+    """Within float32 accumulation (relative to sum |x| |w|): 1e-7 at one row of X, up to 5e-6
+    at 64 (the min term summed apart); int16 rounding itself moves products by up to ~1e-4."""
+    scale = x.double().abs() @ w.dequantize().double().abs().t() + 1e-6
+    assert float(((got.double() - want).abs() / scale).max()) < 1e-5
 
 
 def assert_within_int16_rounding(got, want, x, w, decode):
@@ -87,6 +116,7 @@ def test_products_accumulate_into_y_and_dequantize_in_c_equals_the_reference(fmt
     y0 = y.clone()
     cpu.linear_add_(y, x, w)
     assert_within_int16_rounding(y - y0, x.double() @ w.dequantize().double().t(), x, w, True)
+    assert_close_to_float32_rounding(y - y0, rounded_activation_linear(x, w), x, w)
     assert torch.equal(cpu.dequantize(w), w.dequantize())
 
 

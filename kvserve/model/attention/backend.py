@@ -29,6 +29,12 @@ class AttentionBackend(Protocol):
         -> [num_tokens, num_heads, head_dim]; stores k/v for later steps if it keeps a cache."""
         ...
 
+    def fused_decode(self, meta: AttentionMetadata):
+        """The step's store as kernels/cpu.py PagedDecode when the model may run every layer of
+        this decode step in one C call that writes and attends itself, else None (then forward()
+        per layer). Called after prepare()."""
+        ...
+
     def release(self, seq_id: str) -> None:
         """Forget K/V the backend keeps per sequence (paged blocks are the block manager's)."""
         ...

@@ -39,6 +39,9 @@ class NoCacheAttention:
             out[rows] = attention_sdpa(q[rows], k[rows].transpose(0, 1), v[rows].transpose(0, 1))
         return out
 
+    def fused_decode(self, meta: AttentionMetadata) -> None:
+        return None  # per layer: forward()
+
     def release(self, seq_id: str) -> None:
         """Nothing is held."""
 
@@ -118,6 +121,9 @@ class ContiguousAttention:
         keys = kv[0, :, :s.context_len].to(q.dtype)
         values = kv[1, :, :s.context_len].to(q.dtype)
         out[rows] = attention_sdpa(q[rows], keys, values)
+
+    def fused_decode(self, meta: AttentionMetadata) -> None:
+        return None  # per layer: forward()
 
     def release(self, seq_id: str) -> None:
         self.store.pop(seq_id, None)

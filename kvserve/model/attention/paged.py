@@ -76,6 +76,22 @@ class PagedAttention:
                 and type(k_codec).__module__ == type(v_codec).__module__ == _CODECS
                 and (same or both_block) and block_kernel_fits and cpu_kernels.available())
 
+    def fused_decode(self, meta: AttentionMetadata) -> cpu_kernels.PagedDecode | None:
+        """A decode step's K/V store and tables for a model that runs all its layers in one C
+        call (kernels/cpu.py decode_layers_), writing and attending as forward() would; None
+        when this step needs forward() per layer (prefill or mixed rows, a quantized format,
+        residual windows, CUDA). Call after prepare()."""
+        st, decode = self.store, meta.paged.decode
+        if (not self._fast or decode is None or decode.rows is not None or st.dtype is None
+                or st.has_residual or not self.fused_decode_enabled):
+            return None
+        keys, values = st.float_kv()
+        return cpu_kernels.PagedDecode(
+            keys, values, meta.paged.slot_mapping,
+            decode.block_tables, decode.context_lens, decode.max_context_len, self._scores)
+
+    fused_decode_enabled = True  # tests switch it off to compare with the per-layer calls
+
     def forward(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         st = self.store
