@@ -220,8 +220,8 @@ def test_c_decode_reads_codes_and_residual_windows_as_the_reference(name, window
 @pytest.mark.parametrize("lens", [[333], [150, 1, 97]], ids=["one", "three"])
 def test_c_decode_split_into_runs_merges_as_the_reference(name, window, lens):
     """Long sequences and few of them: the float and int8/int4 kernels cut each sequence into
-    runs of blocks (threads would otherwise idle at batch 1) and merge their partial softmaxes; short
-    sequences beside them leave runs empty."""
+    runs of blocks (threads would otherwise idle at batch 1) and merge their partial softmaxes;
+    short sequences beside them leave runs empty."""
     check_c_decode(name, window, True, lens)
 
 
