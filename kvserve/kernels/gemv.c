@@ -358,6 +358,15 @@ static inline uint16_t f32_to_bf16(float f) {
 DECODE_ATTENTION(kv_decode_attention_f32, float, LOAD1_F32, STORE_F32)
 DECODE_ATTENTION(kv_decode_attention_bf16, bf16_t, LOAD1_BF16, STORE_BF16)
 
+/* Tokens ahead whose K (or V) row a paged decode kernel prefetches: blocks are scattered over
+ * the pool and a head's row is a strided slice of each token's, which the hardware prefetcher
+ * does not follow (float32 at 2k tokens, 30 layers: 13.4 -> 10.6 ms; 8 to 64 did about as well).
+ */
+#define KV_PF_TOKENS 16
+static inline void prefetch_row(const void *p, size_t bytes) {
+  for (size_t off = 0; off < bytes; off += 64) __builtin_prefetch((const char *)p + off, 0, 3);
+}
+
 /* The two products of one (sequence, KV head) pair of paged decode attention, over the `group`
  * query heads that share the KV head. Token t's row of K (or V) for this head lives at
  * base + table[t / block_size] * block_elems + (t % block_size) * row_elems. */
@@ -372,6 +381,10 @@ DECODE_ATTENTION(kv_decode_attention_bf16, bf16_t, LOAD1_BF16, STORE_BF16)
       for (int j = 0; j < nb; j++) {                                                              \
         int t = t0 + j;                                                                           \
         b[j] = base + table[t / block_size] * block_elems + (size_t)(t % block_size) * row_elems; \
+        if (t + KV_PF_TOKENS < len)                                                               \
+          prefetch_row(base + table[(t + KV_PF_TOKENS) / block_size] * block_elems +              \
+                           (size_t)((t + KV_PF_TOKENS) % block_size) * row_elems,                 \
+                       d * sizeof(KTYPE));                                                        \
       }                                                                                           \
       for (int h0 = 0; h0 < group; h0 += 4) {                                                     \
         int ma = group - h0 < 4 ? group - h0 : 4;                                                 \
@@ -411,6 +424,10 @@ DECODE_ATTENTION(kv_decode_attention_bf16, bf16_t, LOAD1_BF16, STORE_BF16)
     for (int t = 0; t < len; t++) {                                                               \
       const KTYPE *v = base + table[t / block_size] * block_elems +                               \
                        (size_t)(t % block_size) * row_elems + j0;                                 \
+      if (j0 == 0 && t + KV_PF_TOKENS < len) /* the first pass brings the rows in */             \
+        prefetch_row(base + table[(t + KV_PF_TOKENS) / block_size] * block_elems +                \
+                         (size_t)((t + KV_PF_TOKENS) % block_size) * row_elems,                   \
+                     d * sizeof(KTYPE));                                                          \
       __m256 v0 = LOAD8(v), v1 = LOAD8(v + 8);                                                    \
       for (int i = 0; i < NH; i++) {                                                              \
         __m256 w = _mm256_broadcast_ss(p + (size_t)(h0 + i) * lds + t);                           \
