@@ -363,28 +363,48 @@ DECODE_ATTENTION(kv_decode_attention_bf16, bf16_t, LOAD1_BF16, STORE_BF16)
  * does not follow (float32 at 2k tokens, 30 layers: 13.4 -> 10.6 ms; 8 to 64 did about as well).
  */
 #define KV_PF_TOKENS 16
+/* A token's place in a paged sequence, walked token by token (a division per token, t /
+ * block_size with a run-time block size, is not needed): block index and slot. */
+typedef struct {
+  int blk, off;
+} kv_cursor;
+static inline size_t cursor_at(const kv_cursor *c, const int *table, size_t block_elems,
+                               size_t row_elems) {
+  return (size_t)table[c->blk] * block_elems + (size_t)c->off * row_elems;
+}
+static inline void cursor_step(kv_cursor *c, int block_size) {
+  if (++c->off == block_size) c->off = 0, c->blk++;
+}
+/* the current token's element offset, then one step on */
+static inline size_t cursor_offset(kv_cursor *c, const int *table, int block_size,
+                                   size_t block_elems, size_t row_elems) {
+  size_t at = cursor_at(c, table, block_elems, row_elems);
+  cursor_step(c, block_size);
+  return at;
+}
 static inline void prefetch_row(const void *p, size_t bytes) {
   for (size_t off = 0; off < bytes; off += 64) __builtin_prefetch((const char *)p + off, 0, 3);
 }
 
 /* The two products of one (sequence, KV head) pair of paged decode attention, over the `group`
  * query heads that share the KV head. Token t's row of K (or V) for this head lives at
- * base + table[t / block_size] * block_elems + (t % block_size) * row_elems. */
+ * base + table[t / block_size] * block_elems + (t % block_size) * row_elems (walked with a
+ * kv_cursor). */
 #define PAGED_HELPERS(KTYPE, LOAD8, LOADK)                                                        \
   /* s[hh * lds + t] = scale * q[hh] . K[t] for hh < group, t < len */                           \
-  static void paged_qk_##KTYPE(const float *q, int group, int d, const KTYPE *base,               \
+  __attribute__((unused)) static void paged_qk_##KTYPE(const float *q, int group, int d,         \
+                                                      const KTYPE *base,                          \
                                const int *table, int block_size, size_t block_elems,              \
                                size_t row_elems, int len, float scale, float *s, int lds) {       \
+    kv_cursor at = {0, 0}, ahead = {KV_PF_TOKENS / block_size, KV_PF_TOKENS % block_size};       \
     for (int t0 = 0; t0 < len; t0 += 3) {                                                         \
       int nb = len - t0 < 3 ? len - t0 : 3;                                                       \
       const KTYPE *b[3];                                                                          \
       for (int j = 0; j < nb; j++) {                                                              \
-        int t = t0 + j;                                                                           \
-        b[j] = base + table[t / block_size] * block_elems + (size_t)(t % block_size) * row_elems; \
-        if (t + KV_PF_TOKENS < len)                                                               \
-          prefetch_row(base + table[(t + KV_PF_TOKENS) / block_size] * block_elems +              \
-                           (size_t)((t + KV_PF_TOKENS) % block_size) * row_elems,                 \
-                       d * sizeof(KTYPE));                                                        \
+        b[j] = base + cursor_offset(&at, table, block_size, block_elems, row_elems);              \
+        if (t0 + j + KV_PF_TOKENS < len)                                                          \
+          prefetch_row(base + cursor_at(&ahead, table, block_elems, row_elems), d * sizeof(KTYPE));\
+        cursor_step(&ahead, block_size);                                                          \
       }                                                                                           \
       for (int h0 = 0; h0 < group; h0 += 4) {                                                     \
         int ma = group - h0 < 4 ? group - h0 : 4;                                                 \
@@ -405,9 +425,9 @@ static inline void prefetch_row(const void *p, size_t bytes) {
     PAGED_PV_VECTOR(KTYPE, LOAD8)                                                                 \
     for (int hh = 0; hh < group; hh++)                                                            \
       for (int j = j0; j < d; j++) o[(size_t)hh * d + j] = 0.f;                                   \
+    kv_cursor at = {0, 0};                                                                        \
     for (int t = 0; t < len && j0 < d; t++) {                                                     \
-      const KTYPE *v = base + table[t / block_size] * block_elems +                               \
-                       (size_t)(t % block_size) * row_elems;                                      \
+      const KTYPE *v = base + cursor_offset(&at, table, block_size, block_elems, row_elems);      \
       for (int hh = 0; hh < group; hh++) {                                                        \
         float w = p[(size_t)hh * lds + t], *oh = o + (size_t)hh * d;                              \
         for (int j = j0; j < d; j++) oh[j] += w * LOADK(v[j]);                                    \
@@ -421,13 +441,12 @@ static inline void prefetch_row(const void *p, size_t bytes) {
   {                                                                                               \
     __m256 acc[NH][2];                                                                            \
     for (int i = 0; i < NH; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();                     \
+    kv_cursor at = {0, 0}, ahead = {KV_PF_TOKENS / block_size, KV_PF_TOKENS % block_size};       \
     for (int t = 0; t < len; t++) {                                                               \
-      const KTYPE *v = base + table[t / block_size] * block_elems +                               \
-                       (size_t)(t % block_size) * row_elems + j0;                                 \
+      const KTYPE *v = base + cursor_offset(&at, table, block_size, block_elems, row_elems) + j0; \
       if (j0 == 0 && t + KV_PF_TOKENS < len) /* the first pass brings the rows in */             \
-        prefetch_row(base + table[(t + KV_PF_TOKENS) / block_size] * block_elems +                \
-                         (size_t)((t + KV_PF_TOKENS) % block_size) * row_elems,                   \
-                     d * sizeof(KTYPE));                                                          \
+        prefetch_row(base + cursor_at(&ahead, table, block_elems, row_elems), d * sizeof(KTYPE)); \
+      cursor_step(&ahead, block_size);                                                            \
       __m256 v0 = LOAD8(v), v1 = LOAD8(v + 8);                                                    \
       for (int i = 0; i < NH; i++) {                                                              \
         __m256 w = _mm256_broadcast_ss(p + (size_t)(h0 + i) * lds + t);                           \
@@ -500,54 +519,114 @@ static void merge_runs(int nbh, int group, int chunks, int d, const float *pm, c
     for (int cc = 0; cc < d; cc++) o[cc] *= inv;
   }
 }
+/* out[b, h] from sequence b's runs first[b] .. first[b + 1] (each run's maximum score pm[run *
+ * num_heads + h], exp-sum pl[...] and unnormalized output po[(run * num_heads + h) * d]). */
+static void merge_seq_runs(int batch, int num_heads, int d, const int *first, const float *pm,
+                           const float *pl, const float *po, float *out) {
+  _Pragma("omp parallel for schedule(static) num_threads(kv_team())")
+  for (int bh = 0; bh < batch * num_heads; bh++) {
+    int b = bh / num_heads, h = bh % num_heads;
+    float mx = -INFINITY, total = 0.f, *o = out + (size_t)bh * d;
+    for (int r = first[b]; r < first[b + 1]; r++) {
+      float mr = pm[(size_t)r * num_heads + h];
+      mx = mr > mx ? mr : mx;
+    }
+    for (int cc = 0; cc < d; cc++) o[cc] = 0.f;
+    for (int r = first[b]; r < first[b + 1]; r++) {
+      size_t at = (size_t)r * num_heads + h;
+      float w = pl[at] > 0.f ? expf(pm[at] - mx) : 0.f;
+      const float *pr = po + at * d;
+      total += w * pl[at];
+      for (int cc = 0; cc < d; cc++) o[cc] += w * pr[cc];
+    }
+    float inv = total > 0.f ? 1.0f / total : 0.f;
+    for (int cc = 0; cc < d; cc++) o[cc] *= inv;
+  }
+}
+/* float32 / bfloat16 K/V: each sequence is cut into runs of KV_RUN_TOKENS tokens (whole
+ * blocks), one task per run over all heads, and the runs merged (merge_seq_runs). Within a run a
+ * token's whole K row (every KV head) is read at once, so a block (block_size contiguous rows)
+ * streams in order; a task per (sequence, KV head) read a strided third of each row and left
+ * the prefetchers behind (9 GB/s at 2k tokens). The run's V rows are prefetched while its scores
+ * are computed, then read from cache by the value passes. */
+#define KV_RUN_TOKENS 64
 #define PAGED_DECODE(NAME, KTYPE, LOADK)                                                         \
   void NAME(const float *restrict q, int q_row_stride, const KTYPE *restrict K,                  \
             const KTYPE *restrict V, const int *restrict block_tables, int max_blocks,            \
             const int *restrict context_lens, int batch, int block_size, int num_heads,           \
             int num_kv, int d, int max_context, float *restrict out, float *restrict scores) {    \
-    int group = num_heads / num_kv, team = kv_team();                                             \
+    int group = num_heads / num_kv;                                                               \
+    int run_blocks = block_size >= KV_RUN_TOKENS ? 1 : KV_RUN_TOKENS / block_size;                \
     float scale = 1.0f / sqrtf((float)d);                                                         \
     size_t row_elems = (size_t)num_kv * d, block_elems = (size_t)block_size * row_elems;          \
-    int tasks = batch * num_kv, chunks = decode_chunks(tasks, team, max_context, block_size);      \
-    float *heap = chunks > 1 ? malloc(sizeof(float) * tasks * chunks * group * (d + 2)) : NULL;   \
-    if (!heap) chunks = 1;                                                                        \
-    size_t runs = (size_t)tasks * chunks;                                                         \
-    float *pm = heap, *pl = heap ? heap + runs * group : NULL;                                    \
-    float *po = heap ? pl + runs * group : NULL;                                                  \
-    _Pragma("omp parallel for schedule(dynamic, 1) num_threads(team)")                            \
-    for (size_t run = 0; run < runs; run++) {                                                     \
-      int bg = (int)(run / chunks), c = (int)(run % chunks);                                      \
-      int b = bg / num_kv, g = bg % num_kv, len = context_lens[b], h0 = g * group;                \
-      int nblk = (len + block_size - 1) / block_size;                                             \
-      int j0 = (int)((long)nblk * c / chunks), j1 = (int)((long)nblk * (c + 1) / chunks);         \
-      int t0 = j0 * block_size, t1 = j1 * block_size < len ? j1 * block_size : len;               \
-      const int *table = block_tables + (size_t)b * max_blocks + j0;                              \
-      const float *qg = q + (size_t)b * q_row_stride + (size_t)h0 * d;                            \
-      float *s = scores + ((size_t)b * num_heads + h0) * max_context + t0;                        \
-      float *o = chunks > 1 ? po + run * group * d : out + ((size_t)b * num_heads + h0) * d;      \
-      float *m = chunks > 1 ? pm + run * group : NULL, *l = chunks > 1 ? pl + run * group : NULL; \
-      if (t1 <= t0) { /* an empty run (a short sequence among long ones) */                       \
-        for (int hh = 0; chunks > 1 && hh < group; hh++) m[hh] = -INFINITY, l[hh] = 0.f;          \
-        for (int i = 0; i < group * d; i++) o[i] = 0.f;                                           \
+    int *first = malloc(sizeof(int) * (batch + 1));                                               \
+    if (!first) return;                                                                           \
+    first[0] = 0;                                                                                 \
+    for (int b = 0; b < batch; b++) {                                                             \
+      int nblk = (context_lens[b] + block_size - 1) / block_size;                                 \
+      first[b + 1] = first[b] + (nblk + run_blocks - 1) / run_blocks + (nblk == 0);               \
+    }                                                                                             \
+    int runs = first[batch];                                                                      \
+    float *heap = malloc(sizeof(float) * (size_t)runs * num_heads * (d + 2));                     \
+    int *seq_of = malloc(sizeof(int) * (runs > 0 ? runs : 1));                                    \
+    if (!heap || !seq_of) {                                                                       \
+      free(first), free(heap), free(seq_of);                                                      \
+      return;                                                                                     \
+    }                                                                                             \
+    for (int b = 0; b < batch; b++)                                                               \
+      for (int r = first[b]; r < first[b + 1]; r++) seq_of[r] = b;                                \
+    float *pm = heap, *pl = heap + (size_t)runs * num_heads, *po = pl + (size_t)runs * num_heads; \
+    _Pragma("omp parallel for schedule(dynamic, 1) num_threads(kv_team())")                       \
+    for (int run = 0; run < runs; run++) {                                                        \
+      int b = seq_of[run], c = run - first[b], len = context_lens[b];                             \
+      int t0 = c * run_blocks * block_size, t1 = t0 + run_blocks * block_size;                    \
+      int nt = (t1 < len ? t1 : len) - t0;                                                        \
+      const int *table = block_tables + (size_t)b * max_blocks + c * run_blocks;                  \
+      float qb[num_heads * d]; /* the query, scaled once (not every score) */                    \
+      for (int i = 0; i < num_heads * d; i++) qb[i] = q[(size_t)b * q_row_stride + i] * scale;    \
+      float *s = scores + (size_t)b * num_heads * max_context + t0;                               \
+      float *m = pm + (size_t)run * num_heads, *l = pl + (size_t)run * num_heads;                 \
+      float *o = po + (size_t)run * num_heads * d;                                                \
+      if (nt <= 0) {                                                                              \
+        for (int h = 0; h < num_heads; h++) m[h] = -INFINITY, l[h] = 0.f;                         \
+        for (int i = 0; i < num_heads * d; i++) o[i] = 0.f;                                       \
         continue;                                                                                 \
       }                                                                                           \
-      paged_qk_##KTYPE(qg, group, d, K + (size_t)g * d, table, block_size, block_elems,           \
-                       row_elems, t1 - t0, scale, s, max_context);                                \
-      for (int hh = 0; hh < group; hh++) {                                                        \
-        float *sh = s + (size_t)hh * max_context, mx;                                             \
-        float total = exp_shifted_max(sh, t1 - t0, &mx);                                          \
-        if (chunks > 1) {                                                                         \
-          m[hh] = mx, l[hh] = total;                                                              \
-        } else {                                                                                  \
-          float inv = 1.0f / total;                                                               \
-          for (int t = 0; t < t1 - t0; t++) sh[t] *= inv;                                         \
+      kv_cursor at = {0, 0}, ahead = {KV_PF_TOKENS / block_size, KV_PF_TOKENS % block_size};     \
+      for (int tt = 0; tt < nt; tt += 3) { /* scores, 3 tokens x each KV head's query heads */    \
+        int nb = nt - tt < 3 ? nt - tt : 3;                                                       \
+        size_t rows[3];                                                                           \
+        for (int j = 0; j < nb; j++) {                                                            \
+          rows[j] = cursor_offset(&at, table, block_size, block_elems, row_elems);                \
+          if (tt + j + KV_PF_TOKENS < nt) {                                                       \
+            size_t ahead_at = cursor_at(&ahead, table, block_elems, row_elems);                   \
+            prefetch_row(K + ahead_at, row_elems * sizeof(KTYPE));                                \
+            prefetch_row(V + ahead_at, row_elems * sizeof(KTYPE));                                \
+          }                                                                                       \
+          cursor_step(&ahead, block_size);                                                        \
+        }                                                                                         \
+        for (int g = 0; g < num_kv; g++) {                                                        \
+          const KTYPE *bk[3];                                                                     \
+          for (int j = 0; j < nb; j++) bk[j] = K + rows[j] + (size_t)g * d;                       \
+          for (int h0 = 0; h0 < group; h0 += 4) {                                                 \
+            int ma = group - h0 < 4 ? group - h0 : 4;                                             \
+            const float *a[4];                                                                    \
+            for (int i = 0; i < ma; i++) a[i] = qb + (size_t)(g * group + h0 + i) * d;            \
+            tile_##KTYPE(a, ma, bk, nb, d, s + (size_t)(g * group + h0) * max_context + tt,       \
+                         max_context, 0);                                                         \
+          }                                                                                       \
         }                                                                                         \
       }                                                                                           \
-      paged_pv_##KTYPE(s, max_context, group, d, V + (size_t)g * d, table, block_size,            \
-                       block_elems, row_elems, t1 - t0, o);                                       \
+      for (int h = 0; h < num_heads; h++) {                                                       \
+        l[h] = exp_shifted_max(s + (size_t)h * max_context, nt, m + h);                           \
+      }                                                                                           \
+      for (int g = 0; g < num_kv; g++)                                                            \
+        paged_pv_##KTYPE(s + (size_t)g * group * max_context, max_context, group, d,              \
+                         V + (size_t)g * d, table, block_size, block_elems, row_elems, nt,        \
+                         o + (size_t)g * group * d);                                              \
     }                                                                                             \
-    if (chunks > 1) merge_runs(batch * num_heads, group, chunks, d, pm, pl, po, out);             \
-    free(heap);                                                                                   \
+    merge_seq_runs(batch, num_heads, d, first, pm, pl, po, out);                                  \
+    free(first), free(heap), free(seq_of);                                                        \
   }
 PAGED_DECODE(kv_paged_decode_attention_f32, float, LOAD1_F32)
 PAGED_DECODE(kv_paged_decode_attention_bf16, bf16_t, LOAD1_BF16)

@@ -225,14 +225,13 @@ def test_c_decode_split_into_runs_merges_as_the_reference(name, window, lens):
     check_c_decode(name, window, True, lens)
 
 
-def check_c_decode(name, window, outliers, lens):
+def check_c_decode(name, window, outliers, lens, bs=4):
     from kvserve.kernels import cpu as cpu_kernels
     from kvserve.model.attention.metadata import DecodeRows
     from kvserve.model.attention.paged import PagedAttention
 
     if not cpu_kernels.available():
         pytest.skip("no C compiler: reference path only")
-    bs = 4
     s = ModelSpec(name="t", num_layers=3, hidden_size=32, intermediate_size=64, num_heads=6,
                   num_kv_heads=2, head_dim=64, vocab_size=50, max_position_embeddings=64)
     layout = KVLayout(s, bs, name, window_tokens=window)
@@ -256,6 +255,12 @@ def check_c_decode(name, window, outliers, lens):
         k, v = store.gather(2, torch.tensor(table), n, torch.float32, store.residual_slot(f"s{b}"))
         ref = attention_reference(q[b:b + 1], k.transpose(0, 1), v.transpose(0, 1))[0]
         torch.testing.assert_close(out[b], ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["float32", "bfloat16"])
+def test_c_decode_of_blocks_longer_than_a_run(name):
+    """Blocks of 128 tokens: a float kernel's run (64 tokens, whole blocks) is one block."""
+    check_c_decode(name, 0, True, [333, 5, 128], bs=128)
 
 
 def test_k_and_v_in_different_formats_decode_each_with_its_own_codec():
