@@ -139,7 +139,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "kv_layer_pre": [ptr, ptr, f32, ptr, ptr, ptr, i32, i32, i32, ptr],
         "kv_layer_post": [ptr, ptr, ptr, ptr, f32, ptr, ptr, i32],
         "kv_decode_layers": [ptr, i32, ptr, i32, f32, ptr, ptr, i32, i32, i32, i32, ptr, ptr,
-                             ctypes.c_size_t, ptr, ptr, i32, ptr, i32, i32, ptr],
+                             ctypes.c_size_t, ptr, ptr, i32, ptr, i32, i32, ptr, ptr, ptr, ptr],
     }
     signatures["kv_paged_decode_attention_affine"] = [
         i32, i32, ptr, i32, ptr, ptr, ptr, ptr, ptr, ptr, i32, ptr, ptr, ptr, i32, ptr, i32,
@@ -346,18 +346,28 @@ class PagedDecode:
 
 
 def decode_layers_(h: torch.Tensor, layers, eps: float, cos: torch.Tensor, sin: torch.Tensor,
-                   num_heads: int, num_kv: int, head_dim: int, step: PagedDecode) -> None:
+                   num_heads: int, num_kv: int, head_dim: int, step: PagedDecode,
+                   final_norm: torch.Tensor | None = None,
+                   lm_head: WeightRef | None = None) -> torch.Tensor | None:
     """Every layer of a decode step in one call (h [m, hidden] updated in place): per layer
-    layer_pre, the K/V write into the step's slots, paged_decode_attention, layer_post_. The
-    reference is that sequence of calls (LlamaModel._layer_fast with PagedAttention)."""
+    layer_pre, the K/V write into the step's slots, paged_decode_attention, layer_post_; then,
+    given lm_head, every row's float32 logits [m, vocab] = rms_norm(h) @ lm_head^T (returned).
+    The reference is that sequence of calls (LlamaModel._layer_fast with PagedAttention, then
+    LlamaModel._logits)."""
     k, v = step.keys, step.values
     kind = 32 if k.dtype == torch.float32 else 16
+    logits = None if lm_head is None else torch.empty((h.shape[0], lm_head.n),
+                                                      dtype=torch.float32)
     if not _lib.kv_decode_layers(
             h.data_ptr(), h.shape[0], layers, len(layers), eps, cos.data_ptr(), sin.data_ptr(),
             num_heads, num_kv, head_dim, kind, k.data_ptr(), v.data_ptr(), k[0].numel(),
             step.slots.data_ptr(), step.block_tables.data_ptr(), step.block_tables.shape[1],
-            step.context_lens.data_ptr(), k.shape[2], step.max_context, step.scores.data_ptr()):
+            step.context_lens.data_ptr(), k.shape[2], step.max_context, step.scores.data_ptr(),
+            None if lm_head is None else final_norm.data_ptr(),
+            None if lm_head is None else ctypes.byref(lm_head),
+            None if logits is None else logits.data_ptr()):
         raise MemoryError("kvserve: no memory for a decode step's scratch")
+    return logits
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

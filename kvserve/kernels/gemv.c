@@ -1611,7 +1611,9 @@ int kv_layer_post(float *h, const float *o, const kv_weight *wo, const float *no
  *   kv_kind 32 (float32) or 16 (bfloat16, rounded to nearest even as torch's conversion);
  *   slots [m] int64 (block * block_size + offset); block_tables [m, max_blocks] int32;
  *   context_lens [m] int32 (the new token included); scores: scratch of m * num_heads *
- *   max_context floats. Returns 0 if scratch could not be allocated (h then partly updated). */
+ *   max_context floats. With lm_head (else NULL), also every row's logits [m, vocab] =
+ *   rms_norm(h, final_norm) @ lm_head^T (LlamaModel._logits), one call for the whole step.
+ * Returns 0 if scratch could not be allocated (h then partly updated). */
 typedef struct {
   const float *input_norm, *post_norm;
   kv_weight qkv, o, gate_up, down;
@@ -1621,7 +1623,8 @@ int kv_decode_layers(float *h, int m, const kv_layer_ref *layers, int num_layers
                      const float *cos_t, const float *sin_t, int num_heads, int num_kv, int d,
                      int kv_kind, void *K, void *V, size_t layer_stride, const int64_t *slots,
                      const int *block_tables, int max_blocks, const int *context_lens,
-                     int block_size, int max_context, float *scores) {
+                     int block_size, int max_context, float *scores, const float *final_norm,
+                     const kv_weight *lm_head, float *logits) {
   int qkv_n = (num_heads + 2 * num_kv) * d, kv_row = num_kv * d;
   float *qkv = malloc(sizeof(float) * (size_t)m * qkv_n);
   float *o = malloc(sizeof(float) * (size_t)m * num_heads * d);
@@ -1655,6 +1658,16 @@ int kv_decode_layers(float *h, int m, const kv_layer_ref *layers, int num_layers
                                      context_lens, m, block_size, num_heads, num_kv, d,
                                      max_context, o, scores);
     ok = kv_layer_post(h, o, &w->o, w->post_norm, eps, &w->gate_up, &w->down, m);
+  }
+  if (ok && lm_head) { /* every row's logits: logits = rms_norm(h) @ lm_head^T */
+    int hidden = lm_head->k;
+    float *x = malloc(sizeof(float) * (size_t)m * hidden);
+    ok = x != NULL;
+    if (ok) {
+      kv_rms_norm(h, final_norm, x, m, hidden, eps);
+      ok = weight_product(lm_head, x, logits, m, 0);
+    }
+    free(x);
   }
   free(qkv);
   free(o);

@@ -68,6 +68,7 @@ class LlamaModel:
         self._layer_refs = cpu_kernels.layer_refs(
             [(lw.input_norm, lw.post_norm, *refs) for lw, refs in zip(layers, self._refs)]
         ) if self.use_fast_decode else None
+        self._lm_head_ref = cpu_kernels.weight_ref(lm_head) if self.use_fast_decode else None
         # K/V projections computed (one per token per layer): the work the cache exists to save.
         self.num_kv_projections = 0
 
@@ -158,12 +159,19 @@ class LlamaModel:
             with cpu_kernels.decode_threads():
                 step = attn.fused_decode(meta)
                 if step is not None:  # every layer in one C call, K/V written and attended there
-                    cpu_kernels.decode_layers_(h, self._layer_refs, s.rms_norm_eps, cos, sin,
-                                               s.num_heads, s.num_kv_heads, s.head_dim, step)
+                    # and, when every row samples in order (a decode step), the logits too
+                    every_row = self._lm_head_ref is not None and torch.equal(
+                        logits_rows, torch.arange(h.shape[0]))
+                    logits = cpu_kernels.decode_layers_(
+                        h, self._layer_refs, s.rms_norm_eps, cos, sin, s.num_heads,
+                        s.num_kv_heads, s.head_dim, step, self.norm if every_row else None,
+                        self._lm_head_ref if every_row else None)
+                    if logits is None:
+                        logits = self._logits(h, logits_rows)
                 else:
                     for i, lw in enumerate(self.layers):
                         h = self._layer_fast(i, lw, h, cos, sin, attn, meta)
-                logits = self._logits(h, logits_rows)
+                    logits = self._logits(h, logits_rows)
         else:
             for i, lw in enumerate(self.layers):
                 h = self._layer_reference(i, lw, h, cos, sin, attn, meta)

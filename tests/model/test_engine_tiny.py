@@ -171,23 +171,25 @@ def test_fast_decode_matches_reference_layer(tiny_hf_dir, dtype, tol):
 def test_one_call_decode_step_equals_the_per_layer_calls(tiny_hf_dir, kv_dtype, monkeypatch):
     """kv_decode_layers (every layer of a paged decode step in one C call, writing K/V itself)
     against the per-layer path it composes (layer_pre, the store's write, the paged decode
-    attention, layer_post): the same tokens, and the stores hold the same K/V bit for bit."""
+    attention, layer_post) and the final norm and LM head after (LlamaModel._logits): the same
+    tokens and log-probabilities, and the stores hold the same K/V bit for bit."""
     from kvserve.model.attention.paged import PagedAttention
 
     calls = []
     real = cpu_kernels.decode_layers_
     monkeypatch.setattr(cpu_kernels, "decode_layers_",
-                        lambda h, *a: (calls.append(h.shape[0]), real(h, *a)))
+                        lambda h, *a: (calls.append(h.shape[0]), real(h, *a))[1])
     runs = {}
     for fused in (True, False):
         monkeypatch.setattr(PagedAttention, "fused_decode_enabled", fused)
         llm = LLM(model=str(tiny_hf_dir), cache_mode="paged", kv_cache_dtype=kv_dtype,
                   enable_prefix_caching=False)
-        params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+        params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, logprobs=3)
                   for n in (30, 17, 40)]  # sequences leave the batch at different steps
-        tokens = [list(o.token_ids) for o in llm.generate(PROMPTS[1:4], params, use_tqdm=False)]
+        outs = [o.outputs[0] for o in llm.generate(PROMPTS[1:4], params, use_tqdm=False)]
         keys, values = llm.engine.runner.attention.store.float_kv()
-        runs[fused] = tokens, keys.clone(), values.clone()
+        runs[fused] = ([list(o.token_ids) for o in outs], keys.clone(), values.clone(),
+                       [lp for o in outs for lp, _ in o.logprobs])
         if fused:
             assert calls and max(calls) == 3 and min(calls) == 1  # batches of 3, 2 and 1 rows
             calls.clear()
@@ -195,6 +197,8 @@ def test_one_call_decode_step_equals_the_per_layer_calls(tiny_hf_dir, kv_dtype, 
     assert runs[True][0] == runs[False][0]
     assert torch.equal(runs[True][1], runs[False][1])
     assert torch.equal(runs[True][2], runs[False][2])
+    torch.testing.assert_close(torch.tensor(runs[True][3]), torch.tensor(runs[False][3]),
+                               rtol=1e-5, atol=1e-5)
 
 
 # -- sampling -----------------------------------------------------------------------------------
