@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from kvserve.kernels import cpu as cpu_kernels
 from kvserve.kvstore.disk import DiskTier
 from kvserve.kvstore.host import HostBlockStore
 from kvserve.kvstore.paged import PagedKVStore
@@ -48,6 +49,8 @@ class ModelRunner:
         self.kv_store = kv_store  # the paged pool's tensors (None unless paged)
         self.host_blocks = HostBlockStore(pin_memory=model.device.type == "cuda")  # swapped out
         self.device = model.device
+        if self.device.type == "cpu":  # no page faults per op in prefill (kernels/cpu.py)
+            cpu_kernels.keep_freed_memory()
         self.eos_token_ids = eos_token_ids
         self.inputs = InputBuilder(self.device,
                                    kv_store.layout.block_size if kv_store is not None else None)

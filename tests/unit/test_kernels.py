@@ -59,3 +59,18 @@ def test_a_new_build_drops_stale_builds(tmp_path, monkeypatch):
     assert target is not None and target.is_file() and target.parent == stale.parent
     assert not stale.exists()
     assert cpu._build() == target  # cached: found, not rebuilt
+
+
+def test_freed_memory_is_kept_for_reuse_unless_opted_out():
+    """keep_freed_memory (mallopt, glibc on Linux), once per process; KVSERVE_KEEP_FREED_MEMORY=0
+    leaves malloc's defaults."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from kvserve.kernels import cpu; "
+            "print(cpu.keep_freed_memory(), cpu.keep_freed_memory())")
+    for env, want in (({}, "True True"), ({"KVSERVE_KEEP_FREED_MEMORY": "0"}, "False False")):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env={**os.environ, **env}, check=True).stdout.strip()
+        assert out == want
