@@ -152,7 +152,9 @@ def _declare(lib: ctypes.CDLL) -> None:
         fn.argtypes = argtypes
         fn.restype = {"kv_read_sum": ctypes.c_double, "kv_gemv_q4": ctypes.c_int,
                       "kv_gemv_q8": ctypes.c_int, "kv_layer_pre": ctypes.c_int,
-                      "kv_layer_post": ctypes.c_int, "kv_decode_layers": ctypes.c_int}.get(name)
+                      "kv_layer_post": ctypes.c_int, "kv_decode_layers": ctypes.c_int,
+                      "kv_paged_decode_attention_f32": ctypes.c_int,
+                      "kv_paged_decode_attention_bf16": ctypes.c_int}.get(name)
     lib.kv_max_m.restype = i32
     for which, dtype in enumerate((torch.float8_e4m3fn, torch.float8_e5m2)):
         # the C side reads fp8 codes through torch's own conversion of all 256 bytes
@@ -453,9 +455,11 @@ def paged_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Te
     out = torch.empty((batch, num_heads, d), dtype=torch.float32)
     fn = (_lib.kv_paged_decode_attention_f32 if keys.dtype == torch.float32
           else _lib.kv_paged_decode_attention_bf16)
-    fn(q.data_ptr(), q.stride(0), keys.data_ptr(), values.data_ptr(), block_tables.data_ptr(),
-       block_tables.shape[1], context_lens.data_ptr(), batch, keys.shape[1], num_heads,
-       keys.shape[2], d, max_context, out.data_ptr(), scores.data_ptr())
+    if not fn(q.data_ptr(), q.stride(0), keys.data_ptr(), values.data_ptr(),
+              block_tables.data_ptr(), block_tables.shape[1], context_lens.data_ptr(), batch,
+              keys.shape[1], num_heads, keys.shape[2], d, max_context, out.data_ptr(),
+              scores.data_ptr()):
+        raise MemoryError("kvserve: no memory for a decode attention's scratch")
     return out
 
 

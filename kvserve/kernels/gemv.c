@@ -551,7 +551,7 @@ static void merge_seq_runs(int batch, int num_heads, int d, const int *first, co
  * are computed, then read from cache by the value passes. */
 #define KV_RUN_TOKENS 64
 #define PAGED_DECODE(NAME, KTYPE, LOADK)                                                         \
-  void NAME(const float *restrict q, int q_row_stride, const KTYPE *restrict K,                  \
+  int NAME(const float *restrict q, int q_row_stride, const KTYPE *restrict K,                   \
             const KTYPE *restrict V, const int *restrict block_tables, int max_blocks,            \
             const int *restrict context_lens, int batch, int block_size, int num_heads,           \
             int num_kv, int d, int max_context, float *restrict out, float *restrict scores) {    \
@@ -560,7 +560,7 @@ static void merge_seq_runs(int batch, int num_heads, int d, const int *first, co
     float scale = 1.0f / sqrtf((float)d);                                                         \
     size_t row_elems = (size_t)num_kv * d, block_elems = (size_t)block_size * row_elems;          \
     int *first = malloc(sizeof(int) * (batch + 1));                                               \
-    if (!first) return;                                                                           \
+    if (!first) return 0;                                                                         \
     first[0] = 0;                                                                                 \
     for (int b = 0; b < batch; b++) {                                                             \
       int nblk = (context_lens[b] + block_size - 1) / block_size;                                 \
@@ -571,7 +571,7 @@ static void merge_seq_runs(int batch, int num_heads, int d, const int *first, co
     int *seq_of = malloc(sizeof(int) * (runs > 0 ? runs : 1));                                    \
     if (!heap || !seq_of) {                                                                       \
       free(first), free(heap), free(seq_of);                                                      \
-      return;                                                                                     \
+      return 0;                                                                                   \
     }                                                                                             \
     for (int b = 0; b < batch; b++)                                                               \
       for (int r = first[b]; r < first[b + 1]; r++) seq_of[r] = b;                                \
@@ -627,6 +627,7 @@ static void merge_seq_runs(int batch, int num_heads, int d, const int *first, co
     }                                                                                             \
     merge_seq_runs(batch, num_heads, d, first, pm, pl, po, out);                                  \
     free(first), free(heap), free(seq_of);                                                        \
+    return 1;                                                                                     \
   }
 PAGED_DECODE(kv_paged_decode_attention_f32, float, LOAD1_F32)
 PAGED_DECODE(kv_paged_decode_attention_bf16, bf16_t, LOAD1_BF16)
@@ -1649,14 +1650,16 @@ int kv_decode_layers(float *h, int m, const kv_layer_ref *layers, int num_layers
       }
     }
     if (kv_kind == 32)
-      kv_paged_decode_attention_f32(qkv, qkv_n, (const float *)K + base, (const float *)V + base,
-                                    block_tables, max_blocks, context_lens, m, block_size,
-                                    num_heads, num_kv, d, max_context, o, scores);
+      ok = kv_paged_decode_attention_f32(qkv, qkv_n, (const float *)K + base,
+                                         (const float *)V + base, block_tables, max_blocks,
+                                         context_lens, m, block_size, num_heads, num_kv, d,
+                                         max_context, o, scores);
     else
-      kv_paged_decode_attention_bf16(qkv, qkv_n, (const bf16_t *)K + base,
-                                     (const bf16_t *)V + base, block_tables, max_blocks,
-                                     context_lens, m, block_size, num_heads, num_kv, d,
-                                     max_context, o, scores);
+      ok = kv_paged_decode_attention_bf16(qkv, qkv_n, (const bf16_t *)K + base,
+                                          (const bf16_t *)V + base, block_tables, max_blocks,
+                                          context_lens, m, block_size, num_heads, num_kv, d,
+                                          max_context, o, scores);
+    if (!ok) break;
     ok = kv_layer_post(h, o, &w->o, w->post_norm, eps, &w->gate_up, &w->down, m);
   }
   if (ok && lm_head) { /* every row's logits: logits = rms_norm(h) @ lm_head^T */
