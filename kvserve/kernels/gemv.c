@@ -475,14 +475,6 @@ static inline void prefetch_row(const void *p, size_t bytes) {
 PAGED_HELPERS(float, load8_f32, LOAD1_F32)
 PAGED_HELPERS(bf16_t, load8_bf16, LOAD1_BF16)
 
-/* Decode attention of a batch of sequences over a paged K/V store, one query token each:
- * K, V are [num_blocks, block_size, num_kv, d]; sequence b's token t lives in block
- * block_tables[b * max_blocks + t / block_size], slot t % block_size, for t < context_lens[b]
- * (its new K/V already written there). q rows are q_row_stride floats apart, heads d apart;
- * out is [B, num_heads, d] contiguous. Blocks are read where they lie: nothing is gathered.
- * One task per (sequence, KV head): each K/V row is read once for all the query heads that share
- * it (grouped-query attention). `scores` is scratch of B * num_heads * max_context floats.
- * Reference: kvserve.model.attention.ops.attention_reference over the gathered blocks. */
 /* Runs per (sequence, KV head) task of a paged decode attention: with fewer tasks than 4 per
  * thread (batch 1: 3 KV heads on 2 threads left one idle half the time), each sequence's blocks
  * are cut into runs of at least DECODE_MIN_CHUNK_BLOCKS blocks whose partial softmaxes are
@@ -494,29 +486,31 @@ static inline int decode_chunks(int tasks, int team, int max_context, int block_
   if (chunks > longest / DECODE_MIN_CHUNK_BLOCKS) chunks = longest / DECODE_MIN_CHUNK_BLOCKS;
   return chunks < 1 ? 1 : chunks;
 }
-/* out[bh] = sum_c w_c * po[c] / sum_c w_c * pl[c], w_c = exp(pm[c] - max_c pm[c]), for each of
- * the nbh (sequence, query head) rows: run r = task * chunks + c of head hh holds its maximum
- * score pm[r * group + hh], exp-sum pl[...] and unnormalized output po[(r * group + hh) * d]. */
+/* One output row from n partial softmaxes: partial i has maximum score m[i * stride], exp-sum
+ * l[i * stride] and unnormalized output o[i * stride * d]; out = sum_i w_i o_i / sum_i w_i l_i,
+ * w_i = exp(m_i - max_i m_i) (an empty partial, l = 0, weighs nothing). */
+static inline void merge_partials(int n, size_t stride, int d, const float *m, const float *l,
+                                  const float *o, float *out) {
+  float mx = -INFINITY, total = 0.f;
+  for (int i = 0; i < n; i++) mx = m[i * stride] > mx ? m[i * stride] : mx;
+  for (int cc = 0; cc < d; cc++) out[cc] = 0.f;
+  for (int i = 0; i < n; i++) {
+    float w = l[i * stride] > 0.f ? expf(m[i * stride] - mx) : 0.f;
+    const float *oi = o + i * stride * d;
+    total += w * l[i * stride];
+    for (int cc = 0; cc < d; cc++) out[cc] += w * oi[cc];
+  }
+  float inv = total > 0.f ? 1.0f / total : 0.f;
+  for (int cc = 0; cc < d; cc++) out[cc] *= inv;
+}
+/* out[bh] for each of the nbh (sequence, query head) rows from `chunks` runs per task: run
+ * r = task * chunks + c of head hh holds pm[r * group + hh], pl[...], po[(r * group + hh) * d]. */
 static void merge_runs(int nbh, int group, int chunks, int d, const float *pm, const float *pl,
                        const float *po, float *out) {
   _Pragma("omp parallel for schedule(static) num_threads(kv_team())")
   for (int bh = 0; bh < nbh; bh++) {
-    int bg = bh / group, hh = bh % group;
-    float mx = -INFINITY, total = 0.f, *o = out + (size_t)bh * d;
-    for (int c = 0; c < chunks; c++) {
-      float mc = pm[((size_t)bg * chunks + c) * group + hh];
-      mx = mc > mx ? mc : mx;
-    }
-    for (int cc = 0; cc < d; cc++) o[cc] = 0.f;
-    for (int c = 0; c < chunks; c++) {
-      size_t r = (size_t)bg * chunks + c;
-      float w = pl[r * group + hh] > 0.f ? expf(pm[r * group + hh] - mx) : 0.f;
-      const float *pc = po + (r * group + hh) * d;
-      total += w * pl[r * group + hh];
-      for (int cc = 0; cc < d; cc++) o[cc] += w * pc[cc];
-    }
-    float inv = 1.0f / total;
-    for (int cc = 0; cc < d; cc++) o[cc] *= inv;
+    size_t at = (size_t)(bh / group) * chunks * group + bh % group;
+    merge_partials(chunks, group, d, pm + at, pl + at, po + at * d, out + (size_t)bh * d);
   }
 }
 /* out[b, h] from sequence b's runs first[b] .. first[b + 1] (each run's maximum score pm[run *
@@ -525,25 +519,21 @@ static void merge_seq_runs(int batch, int num_heads, int d, const int *first, co
                            const float *pl, const float *po, float *out) {
   _Pragma("omp parallel for schedule(static) num_threads(kv_team())")
   for (int bh = 0; bh < batch * num_heads; bh++) {
-    int b = bh / num_heads, h = bh % num_heads;
-    float mx = -INFINITY, total = 0.f, *o = out + (size_t)bh * d;
-    for (int r = first[b]; r < first[b + 1]; r++) {
-      float mr = pm[(size_t)r * num_heads + h];
-      mx = mr > mx ? mr : mx;
-    }
-    for (int cc = 0; cc < d; cc++) o[cc] = 0.f;
-    for (int r = first[b]; r < first[b + 1]; r++) {
-      size_t at = (size_t)r * num_heads + h;
-      float w = pl[at] > 0.f ? expf(pm[at] - mx) : 0.f;
-      const float *pr = po + at * d;
-      total += w * pl[at];
-      for (int cc = 0; cc < d; cc++) o[cc] += w * pr[cc];
-    }
-    float inv = total > 0.f ? 1.0f / total : 0.f;
-    for (int cc = 0; cc < d; cc++) o[cc] *= inv;
+    int b = bh / num_heads;
+    size_t at = (size_t)first[b] * num_heads + bh % num_heads;
+    merge_partials(first[b + 1] - first[b], num_heads, d, pm + at, pl + at, po + at * d,
+                   out + (size_t)bh * d);
   }
 }
-/* float32 / bfloat16 K/V: each sequence is cut into runs of KV_RUN_TOKENS tokens (whole
+/* Decode attention of a batch of sequences over a paged K/V store, one query token each:
+ * K, V are [num_blocks, block_size, num_kv, d]; sequence b's token t lives in block
+ * block_tables[b * max_blocks + t / block_size], slot t % block_size, for t < context_lens[b]
+ * (its new K/V already written there). q rows are q_row_stride floats apart, heads d apart;
+ * out is [B, num_heads, d] contiguous. Blocks are read where they lie: nothing is gathered.
+ * `scores` is scratch of B * num_heads * max_context floats. Returns 0 (out unwritten) if its
+ * own scratch could not be allocated. Reference: kvserve.model.attention.ops.attention_reference
+ * over the gathered blocks.
+ * float32 / bfloat16 K/V: each sequence is cut into runs of KV_RUN_TOKENS tokens (whole
  * blocks), one task per run over all heads, and the runs merged (merge_seq_runs). Within a run a
  * token's whole K row (every KV head) is read at once, so a block (block_size contiguous rows)
  * streams in order; a task per (sequence, KV head) read a strided third of each row and left
@@ -1250,69 +1240,46 @@ QROW_SET(q8_row, int8_t, q8_widen16, QB)
  * alone left the kernel at ~12 GB/s of the ~23 GB/s this machine streams in calls of this size;
  * prefetching 8 rows ahead reached ~16-20 GB/s (4 and 16 did about as well). */
 #define QPF 8
-/* One row of X against 4 weight rows (codes_r = codes + r * code_row), the decode case: the
- * block of X is loaded once for the 4, and the 4 results leave through one horizontal-add tree.
- * With mins (q4), sum_b min_b * xsum_b rides in the same accumulators. */
-#define QROW4_STEP(R, ACC, WIDEN, CPB)                                                            \
+/* q8 at batch 1: one row of X against 4 weight rows (codes_r = codes + r * code_row), the
+ * block of X loaded once for the 4, the 4 results leaving through one horizontal-add tree. */
+#define Q8ROW4_STEP(R, ACC)                                                                       \
   {                                                                                               \
     __m256i w[2];                                                                                 \
-    _mm_prefetch((const char *)(codes + (R + QPF) * code_row + (size_t)(b0 + j) * CPB),           \
+    _mm_prefetch((const char *)(codes + (R + QPF) * code_row + (size_t)(b0 + j) * QB),            \
                  _MM_HINT_T0);                                                                    \
-    WIDEN(codes + R * code_row + (size_t)(b0 + j) * CPB, w);                                      \
+    q8_widen16(codes + R * code_row + (size_t)(b0 + j) * QB, w);                                  \
     __m256 p = _mm256_cvtepi32_ps(                                                                \
         _mm256_add_epi32(_mm256_madd_epi16(w[0], x0), _mm256_madd_epi16(w[1], x1)));              \
     ACC = _mm256_fmadd_ps(p, _mm256_broadcast_ss(&sd[R][j]), ACC);                                \
   }
-#define QROWS4(NAME, CTYPE, WIDEN, CPB)                                                           \
-  static inline void NAME(const CTYPE *codes, size_t code_row, const uint16_t *scale,            \
-                          const uint16_t *mins, const int16_t *xq, const float *dx,              \
-                          const float *xsum, int k, float *y) {                                   \
-    int nb = k / QB;                                                                              \
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, m0 = a0, m1 = a0, m2 = a0,        \
-           m3 = a0;                                                                               \
-    float tail[4] = {0.f, 0.f, 0.f, 0.f};                                                         \
-    for (int b0 = 0; b0 < nb; b0 += 8) {                                                          \
-      int nbb = nb - b0 < 8 ? nb - b0 : 8;                                                        \
-      float sd[4][8];                                                                             \
-      if (nbb == 8) {                                                                             \
-        __m256 d8 = _mm256_loadu_ps(dx + b0);                                                     \
-        for (int r = 0; r < 4; r++)                                                               \
-          _mm256_storeu_ps(sd[r], _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(                  \
-                                      (const __m128i *)(scale + (size_t)r * nb + b0))), d8));     \
-        if (mins) {                                                                               \
-          __m256 s8 = _mm256_loadu_ps(xsum + b0);                                                 \
-          const uint16_t *mn = mins + b0;                                                         \
-          m0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)mn)), s8, m0);    \
-          m1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mn + nb))), s8,  \
-                               m1);                                                               \
-          m2 = _mm256_fmadd_ps(                                                                   \
-              _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mn + 2 * nb))), s8, m2);          \
-          m3 = _mm256_fmadd_ps(                                                                   \
-              _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mn + 3 * nb))), s8, m3);          \
-        }                                                                                         \
-      } else {                                                                                    \
-        for (int r = 0; r < 4; r++)                                                               \
-          for (int j = 0; j < nbb; j++) {                                                         \
-            sd[r][j] = h2f(scale[(size_t)r * nb + b0 + j]) * dx[b0 + j];                          \
-            if (mins) tail[r] += h2f(mins[(size_t)r * nb + b0 + j]) * xsum[b0 + j];               \
-          }                                                                                       \
-      }                                                                                           \
-      for (int j = 0; j < nbb; j++) {                                                             \
-        const int16_t *x = xq + (size_t)(b0 + j) * QB;                                            \
-        __m256i x0 = _mm256_loadu_si256((const __m256i *)x);                                      \
-        __m256i x1 = _mm256_loadu_si256((const __m256i *)(x + 16));                               \
-        QROW4_STEP(0, a0, WIDEN, CPB)                                                             \
-        QROW4_STEP(1, a1, WIDEN, CPB)                                                             \
-        QROW4_STEP(2, a2, WIDEN, CPB)                                                             \
-        QROW4_STEP(3, a3, WIDEN, CPB)                                                             \
-      }                                                                                           \
-    }                                                                                             \
-    __m128 t = _mm_add_ps(sum4_ps(_mm256_add_ps(a0, m0), _mm256_add_ps(a1, m1),                   \
-                                  _mm256_add_ps(a2, m2), _mm256_add_ps(a3, m3)),                  \
-                          _mm_loadu_ps(tail));                                                    \
-    _mm_storeu_ps(y, t);                                                                          \
+static inline void q8_rows4(const int8_t *codes, size_t code_row, const uint16_t *scale,
+                            const int16_t *xq, const float *dx, int k, float *y) {
+  int nb = k / QB;
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  for (int b0 = 0; b0 < nb; b0 += 8) {
+    int nbb = nb - b0 < 8 ? nb - b0 : 8;
+    float sd[4][8];
+    if (nbb == 8) {
+      __m256 d8 = _mm256_loadu_ps(dx + b0);
+      for (int r = 0; r < 4; r++)
+        _mm256_storeu_ps(sd[r], _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(
+                                    (const __m128i *)(scale + (size_t)r * nb + b0))), d8));
+    } else {
+      for (int r = 0; r < 4; r++)
+        for (int j = 0; j < nbb; j++) sd[r][j] = h2f(scale[(size_t)r * nb + b0 + j]) * dx[b0 + j];
+    }
+    for (int j = 0; j < nbb; j++) {
+      const int16_t *x = xq + (size_t)(b0 + j) * QB;
+      __m256i x0 = _mm256_loadu_si256((const __m256i *)x);
+      __m256i x1 = _mm256_loadu_si256((const __m256i *)(x + 16));
+      Q8ROW4_STEP(0, a0)
+      Q8ROW4_STEP(1, a1)
+      Q8ROW4_STEP(2, a2)
+      Q8ROW4_STEP(3, a3)
+    }
   }
-QROWS4(q8_rows4, int8_t, q8_widen16, QB)
+  _mm_storeu_ps(y, sum4_ps(a0, a1, a2, a3));
+}
 
 /* q4 at batch 1, two blocks per step: one 32-byte load holds blocks b, b + 1 (16 bytes each); its
  * low and high nibbles, zero-extended to 16 bits within each 128-bit lane (unpack, not the
@@ -1324,14 +1291,19 @@ static const int32_t q4_pair_sels[4][8] = {
     {0, 0, 0, 0, 1, 1, 1, 1}, {2, 2, 2, 2, 3, 3, 3, 3}, {4, 4, 4, 4, 5, 5, 5, 5},
     {6, 6, 6, 6, 7, 7, 7, 7}};
 /* xq [k] int16 in element order -> xp [npair * 64] in the pair layout (an odd last block pairs
- * with zeros) */
+ * with zeros): per pair, the 128-bit halves of the two blocks' vectors interleaved */
 static void q4_pair_x(const int16_t *xq, int nb, int16_t *xp) {
-  for (int b = 0; b < nb + (nb & 1); b += 2)
-    for (int i = 0; i < 4; i++)
-      for (int j = 0; j < 8; j++) {
-        xp[(size_t)b * 32 + i * 16 + j] = xq[(size_t)b * QB + 8 * i + j];
-        xp[(size_t)b * 32 + i * 16 + 8 + j] = b + 1 < nb ? xq[(size_t)(b + 1) * QB + 8 * i + j] : 0;
-      }
+  for (int b = 0; b < nb; b += 2) {
+    const __m256i *x = (const __m256i *)(xq + (size_t)b * QB);
+    __m256i x0 = _mm256_loadu_si256(x), x1 = _mm256_loadu_si256(x + 1);
+    __m256i y0 = _mm256_setzero_si256(), y1 = y0;
+    if (b + 1 < nb) y0 = _mm256_loadu_si256(x + 2), y1 = _mm256_loadu_si256(x + 3);
+    __m256i *out = (__m256i *)(xp + (size_t)b * 32);
+    _mm256_storeu_si256(out, _mm256_permute2x128_si256(x0, y0, 0x20));
+    _mm256_storeu_si256(out + 1, _mm256_permute2x128_si256(x0, y0, 0x31));
+    _mm256_storeu_si256(out + 2, _mm256_permute2x128_si256(x1, y1, 0x20));
+    _mm256_storeu_si256(out + 3, _mm256_permute2x128_si256(x1, y1, 0x31));
+  }
 }
 static inline __m256i q4_pair_dot(const uint8_t *c, int two, const __m256i *x) {
   __m256i w = two ? _mm256_loadu_si256((const __m256i *)c)
@@ -1462,8 +1434,8 @@ static int q_gemv(int fmt, const void *codes, const uint16_t *scale, const uint1
         q4_rows4_pair((const uint8_t *)codes + (size_t)r * (k / 2), k / 2, scale + (size_t)r * nb,
                       mins + (size_t)r * nb, xp, q.dx, q.xsum, nb, out);
       else
-        q8_rows4((const int8_t *)codes + (size_t)r * k, k, scale + (size_t)r * nb, NULL, q.xq,
-                 q.dx, q.xsum, k, out);
+        q8_rows4((const int8_t *)codes + (size_t)r * k, k, scale + (size_t)r * nb, q.xq, q.dx, k,
+                 out);
       for (int j = 0; j < 4; j++) Y[r + j] = accumulate ? Y[r + j] + out[j] : out[j];
     }
   }

@@ -157,7 +157,7 @@ class LlamaModel:
         cos, sin = self.rope.tables(positions)  # [num_tokens, head_dim] each
         if self.use_fast_decode and cpu_kernels.fast_path_ok(h):
             with cpu_kernels.decode_threads():
-                step = attn.fused_decode(meta)
+                step, logits = attn.fused_decode(meta), None
                 if step is not None:  # every layer in one C call, K/V written and attended there
                     # and, when every row samples in order (a decode step), the logits too
                     every_row = self._lm_head_ref is not None and torch.equal(
@@ -166,11 +166,10 @@ class LlamaModel:
                         h, self._layer_refs, s.rms_norm_eps, cos, sin, s.num_heads,
                         s.num_kv_heads, s.head_dim, step, self.norm if every_row else None,
                         self._lm_head_ref if every_row else None)
-                    if logits is None:
-                        logits = self._logits(h, logits_rows)
                 else:
                     for i, lw in enumerate(self.layers):
                         h = self._layer_fast(i, lw, h, cos, sin, attn, meta)
+                if logits is None:
                     logits = self._logits(h, logits_rows)
         else:
             for i, lw in enumerate(self.layers):
