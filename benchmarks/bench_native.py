@@ -19,6 +19,12 @@ Needs the `peers` extra (llama-cpp-python) for llama.cpp and transformers for it
 --skip-llama / --skip-hf run without them.
 
     .venv/bin/python benchmarks/bench_native.py [--rounds 3] [--new-tokens 500] [--quick]
+        [--model FILE.gguf] [--quantization gguf|int8|int4]
+
+--model runs the same comparison on another GGUF (e.g. a k-quant file; transformers is then
+skipped: its column needs the default model's Hugging Face twin); --quantization int8|int4 makes
+the "native" column kvserve's own load-time quantization of the float weights instead of the
+file's blocks.
 """
 
 from __future__ import annotations
@@ -48,11 +54,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--ppl-windows", type=int, default=20,
                    help="perplexity windows of 1,024 tokens of the shipped text (default 20)")
+    p.add_argument("--model", default=None,
+                   help="a GGUF file (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--quantization", default="gguf", choices=("gguf", "int8", "int4"),
+                   help="the native column's --quantization (default gguf)")
     p.add_argument("--quick", action="store_true",
                    help="1 round, 64 tokens, 256-token prompts, 1 perplexity window")
     args = p.parse_args(argv)
     if args.quick:
         args.rounds, args.new_tokens, args.ppl_windows = 1, 64, 1
+    if args.model is not None:
+        args.skip_hf = True
     args.context = 256 if args.quick else CONTEXT
     return args
 
@@ -92,10 +104,11 @@ class Kvserve:
 class LlamaCpp:
     label = "llama.cpp"
 
-    def __init__(self, n_ctx: int):
+    def __init__(self, n_ctx: int, path: str):
         from llama_cpp import Llama
 
-        self.llm = Llama(default_model_path(), n_ctx=n_ctx, n_threads=2, n_threads_batch=2,
+        self.path = path
+        self.llm = Llama(path, n_ctx=n_ctx, n_threads=2, n_threads_batch=2,
                          n_batch=512, seed=0, verbose=False)
 
     def _last_logits(self) -> np.ndarray:
@@ -135,7 +148,7 @@ class LlamaCpp:
         from kvserve.model_files import open_gguf
 
         # every tensor of the file, read once per token (the tied embedding as the LM head)
-        return sum(int(t.n_bytes) for t in open_gguf(default_model_path()).tensors)
+        return sum(int(t.n_bytes) for t in open_gguf(self.path).tensors)
 
 
 class Transformers:
@@ -177,15 +190,17 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     decode_ids, prompts = bench_core.build_inputs(args.context, 4 * (2 * args.rounds + 1))
     fresh = iter(prompts)
-    engines = [Kvserve("kvserve native", quantization="gguf"),
-               Kvserve("kvserve float32", quantization="none")]
+    engines = [Kvserve("kvserve native", model=args.model, quantization=args.quantization),
+               Kvserve("kvserve float32", model=args.model, quantization="none")]
     if not args.skip_llama:
-        engines.append(LlamaCpp(args.context + CTX_DECODE + 8))
+        engines.append(LlamaCpp(args.context + CTX_DECODE + 8, args.model or default_model_path()))
     if not args.skip_hf:
         engines.append(Transformers())
     native = engines[0].llm.engine.model
     if not native.weights_as_stored:
-        raise SystemExit("bench_native: --quantization gguf did not keep the weights as stored")
+        raise SystemExit(f"bench_native: --quantization {args.quantization} did not keep the "
+                         "weights quantized")
+    bench_core.log(f"kvserve native: {native.weights_description()}")
     for e in engines:  # warm-up: one of each measure
         e.decode(decode_ids, 16)
         e.prefill(next(fresh))
@@ -265,7 +280,10 @@ def ratio(rows, a: str, b: str, key: str, invert: bool = False) -> float | None:
 
 
 def report(engines, rows, args, q: dict | None) -> None:
-    print(f"\nbench_native: {args.rounds} rounds; decode {args.new_tokens} tokens at batch 1, "
+    model = args.model or "the embedded SmolLM2-135M-Instruct (Q4_1/Q8_0)"
+    print(f"\nbench_native: {model}, native = --quantization {args.quantization}: "
+          f"{engines[0].llm.engine.model.weights_description()}")
+    print(f"{args.rounds} rounds; decode {args.new_tokens} tokens at batch 1, "
           f"prefill and decode after {args.context:,} tokens (medians over rounds)\n")
     print(f"{'engine':24s} {'MB/token':>9s} {'decode tok/s':>13s} {'prefill tok/s':>14s} "
           f"{'ctx ms/token':>13s} {'greedy = native':>16s}")
@@ -297,7 +315,8 @@ def report(engines, rows, args, q: dict | None) -> None:
               f"forward): perplexity native {q['perplexity']['native']:.4f}, float32 "
               f"{q['perplexity']['float32']:.4f} ({100 * q['perplexity_change']:+.3f}%), mean KL "
               f"{q['mean_kl']:.2e}, top-1 agreement {100 * q['top1_agreement']:.2f}%")
-    print(json.dumps({"rounds": args.rounds, "new_tokens": args.new_tokens,
+    print(json.dumps({"model": args.model, "quantization": args.quantization,
+                      "rounds": args.rounds, "new_tokens": args.new_tokens,
                       "context": args.context, "engines": summary, "native_ratios": ratios,
                       "quality": q}))
 

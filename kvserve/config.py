@@ -27,7 +27,7 @@ from kvserve.kv_dtypes import (
 CACHE_MODES = ("none", "contiguous", "paged")
 KV_QUANT_CHECKS = ("refuse", "warn", "off")  # engine/kv_check.py judges
 DTYPES = ("float32", "bfloat16", "float16")
-QUANTIZATIONS = ("auto", "none", "gguf")
+QUANTIZATIONS = ("auto", "none", "gguf", "int8", "int4")
 
 
 @dataclass(frozen=True)
@@ -348,10 +348,13 @@ class EngineConfig:
     dtype: str = setting("float32", "weights and compute dtype", choices=DTYPES)
     device: str = setting("cpu", "cpu, cuda or cuda:N")
     quantization: str = setting(
-        "auto", "weights' format in memory: gguf: a GGUF file's Q4_0/Q4_1/Q8_0 matrices kept "
-        "and multiplied as stored (CPU, float32 activations; other tensors dequantized); none: "
-        "every tensor dequantized to --dtype (the exact reference path); auto: gguf for a GGUF "
-        "file on cpu with dtype float32, else none", choices=QUANTIZATIONS)
+        "auto", "weights' format in memory: gguf: a GGUF file's quantized matrices (Q8_0, Q4_0, "
+        "Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) kept quantized and multiplied so (other tensors "
+        "dequantized); int8, int4: every matrix of any checkpoint quantized at load per block "
+        "of 32 inputs (int8: scale = max|x| / 127; int4: scale and min, 16 levels); none: every "
+        "tensor dequantized to --dtype (the exact reference path); auto: gguf for a GGUF file "
+        "on cpu with dtype float32, else none. gguf, int8 and int4 run on cpu with dtype "
+        "float32", choices=QUANTIZATIONS)
     seed: int = setting(0, "seed of unseeded sampling", kind="int", flag=False)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -378,9 +381,11 @@ class EngineConfig:
         if self.quantization not in QUANTIZATIONS:
             raise ConfigError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got "
                               f"{self.quantization!r}")
-        if self.quantization == "gguf" and (self.device != "cpu" or self.dtype != "float32"):
-            raise ConfigError("quantization 'gguf' runs on cpu with dtype float32 (the "
-                              "activations' dtype); use quantization 'none' elsewhere")
+        if self.quantization in ("gguf", "int8", "int4") and (
+                self.device != "cpu" or self.dtype != "float32"):
+            raise ConfigError(f"quantization '{self.quantization}' runs on cpu with dtype "
+                              "float32 (the activations' dtype); use quantization 'none' "
+                              "elsewhere")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
         if self.offload.enabled and (self.cache.cache_mode != "paged"

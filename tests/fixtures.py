@@ -68,11 +68,14 @@ def tiny_tokenizer() -> Tokenizer:
     return Tokenizer.from_str(_tiny_tokenizer_json())
 
 
-def tiny_config(*, tie: bool = True, rope_scaling: dict | None = None) -> dict:
+def tiny_config(*, tie: bool = True, rope_scaling: dict | None = None,
+                wide: bool = False) -> dict:
+    """wide: rows of 256 and 512 inputs, what GGUF's k-quant super-blocks need."""
     config = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+        "hidden_size": 256 if wide else 64, "intermediate_size": 512 if wide else 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 64 if wide else 16,
         "vocab_size": tiny_tokenizer().get_vocab_size(), "max_position_embeddings": 256,
         "rope_theta": 10000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": tie,
         "bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "hidden_act": "silu",
@@ -108,11 +111,11 @@ def tiny_weights(config: dict, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def write_tiny_llama(dir: str | Path, *, tie: bool = True, rope_scaling: dict | None = None,
-                     seed: int = 0) -> Path:
+                     seed: int = 0, wide: bool = False) -> Path:
     """Writes the tiny model as a Hugging Face folder and returns its path."""
     folder = Path(dir)
     folder.mkdir(parents=True, exist_ok=True)
-    config = tiny_config(tie=tie, rope_scaling=rope_scaling)
+    config = tiny_config(tie=tie, rope_scaling=rope_scaling, wide=wide)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     save_file(tiny_weights(config, seed), str(folder / "model.safetensors"),
               metadata={"format": "pt"})
@@ -210,10 +213,75 @@ def _add_hparams(writer: gguf.GGUFWriter, config: dict) -> None:
         writer.add_rope_scaling_orig_ctx_len(orig)
 
 
-def _encode(weight: np.ndarray, qtype: str) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
+def _pack_k_scales(sc: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """Q4_K/Q5_K's 12 bytes of eight 6-bit scales and mins ([..., 8] each), as get_scale_min
+    unpacks them."""
+    sc, m = sc.astype(np.uint8), m.astype(np.uint8)
+    return np.concatenate([
+        sc[..., :4] | ((sc[..., 4:] >> 4) << 6), m[..., :4] | ((m[..., 4:] >> 4) << 6),
+        (sc[..., 4:] & 15) | ((m[..., 4:] & 15) << 4)], axis=-1)
+
+
+def quantize_k(weight: np.ndarray, name: str) -> np.ndarray:
+    """A plain round-to-nearest encoder of GGUF's Q4_K, Q5_K and Q6_K (gguf-py has none; llama.cpp
+    searches for better scales): valid blocks of `weight` [n, k], k a multiple of 256, for tests.
+    Returns [n, bytes per row] uint8."""
+    n, k = weight.shape
+    x = weight.astype(np.float32).reshape(n, k // 256, 256)
+    f16 = lambda v: v.astype(np.float16).view(np.uint8).reshape(n, k // 256, 2)  # noqa: E731
+    if name == "Q6_K":
+        g = x.reshape(n, k // 256, 16, 16)
+        s = np.abs(g).max(-1) / 31  # per 16 values, codes - 32 in -32..31
+        d = (s.max(-1, keepdims=True) / 127).astype(np.float16)
+        sc = np.where(d > 0, np.round(s / np.maximum(d, 1e-30)), 0).clip(-128, 127)
+        step = (d.astype(np.float32) * sc)[..., None]
+        q = (np.round(np.where(step > 0, g / np.maximum(step, 1e-30), 0)) + 32).clip(0, 63)
+        q = q.reshape(n, k // 256, 2, 128).astype(np.uint8)  # halves of 128
+        low, high = q & 15, q >> 4
+        ql = (low[..., :64] | (low[..., 64:] << 4)).reshape(n, k // 256, 128)
+        hq = high.reshape(n, k // 256, 2, 4, 32)
+        qh = (hq[:, :, :, 0] | (hq[:, :, :, 1] << 2) | (hq[:, :, :, 2] << 4)
+              | (hq[:, :, :, 3] << 6)).reshape(n, k // 256, 64)
+        blocks = [ql, qh, sc.astype(np.int8).view(np.uint8), f16(d[..., 0])]
+        return np.concatenate(blocks, axis=-1).reshape(n, -1)
+    levels = 15 if name == "Q4_K" else 31
+    g = x.reshape(n, k // 256, 8, 32)
+    lo = np.minimum(g.min(-1), 0)
+    s = (g.max(-1) - lo) / levels
+    d = (s.max(-1, keepdims=True) / 63).astype(np.float16)
+    dmin = (-lo.min(-1, keepdims=True) / 63).astype(np.float16)
+    sc = np.where(d > 0, np.round(s / np.maximum(d, 1e-30)), 0).clip(0, 63)
+    mn = np.where(dmin > 0, np.round(-lo / np.maximum(dmin, 1e-30)), 0).clip(0, 63)
+    step = (d.astype(np.float32) * sc)[..., None]
+    base = (dmin.astype(np.float32) * mn)[..., None]
+    q = np.round(np.where(step > 0, (g + base) / np.maximum(step, 1e-30), 0))
+    q = q.clip(0, levels).astype(np.uint8)  # [n, sb, 8, 32]
+    pairs = q.reshape(n, k // 256, 4, 2, 32)
+    qs = ((pairs[:, :, :, 0] & 15) | ((pairs[:, :, :, 1] & 15) << 4)).reshape(n, k // 256, 128)
+    head = [f16(d[..., 0]), f16(dmin[..., 0]), _pack_k_scales(sc, mn)]
+    if name == "Q4_K":
+        return np.concatenate(head + [qs], axis=-1).reshape(n, -1)
+    bits = (q >> 4).transpose(0, 1, 3, 2)  # [n, sb, 32 values, 8 sub-blocks]
+    qh = np.packbits(bits, axis=-1, bitorder="little").reshape(n, k // 256, 32)
+    return np.concatenate(head + [qh, qs], axis=-1).reshape(n, -1)
+
+
+K_QUANTS = ("Q4_K", "Q5_K", "Q6_K")
+# a mix as llama.cpp's Q4_K_M writes one: Q6_K for V, the FFN's down projection and the embedding
+Q4_K_M = {"attn_v": "Q6_K", "ffn_down": "Q6_K", "token_embd": "Q6_K"}
+
+
+def _encode(weight: np.ndarray, qtype: str,
+            gguf_tensor: str = "") -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
+    if qtype == "Q4_K_M":
+        part = gguf_tensor.split(".")[-2] if gguf_tensor.startswith("blk.") \
+            else gguf_tensor.split(".")[0]
+        qtype = Q4_K_M.get(part, "Q4_K")
     kind = gguf.GGMLQuantizationType[qtype]
     if weight.ndim == 1 or kind == gguf.GGMLQuantizationType.F32:  # norms stay F32, as llama.cpp
         return weight.astype(np.float32), gguf.GGMLQuantizationType.F32
+    if qtype in K_QUANTS:
+        return quantize_k(weight, qtype), kind
     return gguf.quants.quantize(weight, kind), kind
 
 
@@ -236,7 +304,7 @@ def write_tiny_gguf(path: str | Path, hf_dir: str | Path, *, qtype: str = "F32",
             weight = llama_cpp_permute(weight, config["num_attention_heads"])
         elif name.endswith("k_proj.weight"):
             weight = llama_cpp_permute(weight, config["num_key_value_heads"])
-        data, kind = _encode(weight, qtype)
+        data, kind = _encode(weight, qtype, gguf_name(name))
         raw = None if kind in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16) \
             else kind
         writer.add_tensor(gguf_name(name), data, raw_dtype=raw)

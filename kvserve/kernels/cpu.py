@@ -133,9 +133,9 @@ def _declare(lib: ctypes.CDLL) -> None:
         "kv_paged_decode_attention_bf16": [ptr, i32, ptr, ptr, ptr, i32, ptr] + [i32] * 6
         + [ptr, ptr],
         "kv_set_fp8_lut": [i32, ptr],
-        "kv_gemv_q4": [ptr, ptr, ptr, ptr, ptr, i32, i32, i32, i32],
-        "kv_gemv_q8": [ptr, ptr, ptr, ptr, i32, i32, i32, i32],  # both return 0: no scratch
-        "kv_dequantize_q": [i32, ptr, ptr, ptr, ptr, i32, i32],
+        "kv_gemv_q4": [ptr, ptr, ptr, i32, ptr, ptr, i32, i32, i32, i32],
+        "kv_gemv_q8": [ptr, ptr, ptr, i32, i32, ptr, ptr, i32, i32, i32, i32],  # both: 0 no scratch
+        "kv_dequantize_q": [i32, i32, ptr, ptr, ptr, i32, ptr, i32, i32],
         "kv_layer_pre": [ptr, ptr, f32, ptr, ptr, ptr, i32, i32, i32, ptr],
         "kv_layer_post": [ptr, ptr, ptr, ptr, f32, ptr, ptr, i32],
         "kv_decode_layers": [ptr, i32, ptr, i32, f32, ptr, ptr, i32, i32, i32, i32, ptr, ptr,
@@ -231,13 +231,17 @@ def _gemv_for(weight: torch.Tensor | QuantWeight):
 def _quant_product(w: QuantWeight, x_ptr: int, y_ptr: int, m: int, n: int, k: int,
                    accumulate: int) -> None:
     if w.format == "q4":
-        done = _lib.kv_gemv_q4(w.codes.data_ptr(), w.scale.data_ptr(), w.min.data_ptr(), x_ptr,
-                               y_ptr, m, n, k, accumulate)
+        done = _lib.kv_gemv_q4(w.codes.data_ptr(), w.scale.data_ptr(), w.min.data_ptr(),
+                               w.scale_f32, x_ptr, y_ptr, m, n, k, accumulate)
     else:
-        done = _lib.kv_gemv_q8(w.codes.data_ptr(), w.scale.data_ptr(), x_ptr, y_ptr, m, n, k,
-                               accumulate)
+        done = _lib.kv_gemv_q8(w.codes.data_ptr(), w.scale.data_ptr(), _min_ptr(w), w.scale_f32,
+                               w.group, x_ptr, y_ptr, m, n, k, accumulate)
     if not done:
         raise MemoryError("kvserve: no memory for a quantized product's scratch")
+
+
+def _min_ptr(w: QuantWeight) -> int | None:
+    return None if w.min is None else w.min.data_ptr()
 
 
 _scratch = threading.local()
@@ -258,10 +262,9 @@ def dequantize(weight: QuantWeight, reuse: bool = False) -> torch.Tensor:
         out = buf[:n * k].view(n, k)
     else:
         out = torch.empty((n, k), dtype=torch.float32)
-    lib.kv_dequantize_q(4 if weight.format == "q4" else 8, weight.codes.data_ptr(),
-                        weight.scale.data_ptr(),
-                        None if weight.min is None else weight.min.data_ptr(), out.data_ptr(),
-                        n, k)
+    lib.kv_dequantize_q(4 if weight.format == "q4" else 8, weight.group, weight.codes.data_ptr(),
+                        weight.scale.data_ptr(), _min_ptr(weight), weight.scale_f32,
+                        out.data_ptr(), n, k)
     return out
 
 
@@ -296,7 +299,8 @@ def linear_add_(y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> None:
 class WeightRef(ctypes.Structure):
     """A matrix as gemv.c's kv_weight sees it; holds the tensors it points into."""
     _fields_ = [("kind", ctypes.c_int), ("n", ctypes.c_int), ("k", ctypes.c_int),
-                ("data", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("mins", ctypes.c_void_p)]
+                ("data", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("mins", ctypes.c_void_p),
+                ("group", ctypes.c_int), ("scale_f32", ctypes.c_int)]
 
 
 def weight_ref(weight: torch.Tensor | QuantWeight) -> WeightRef | None:
@@ -306,11 +310,11 @@ def weight_ref(weight: torch.Tensor | QuantWeight) -> WeightRef | None:
     n, k = weight.shape
     if isinstance(weight, QuantWeight):
         ref = WeightRef(4 if weight.format == "q4" else 8, n, k, weight.codes.data_ptr(),
-                        weight.scale.data_ptr(),
-                        None if weight.min is None else weight.min.data_ptr())
+                        weight.scale.data_ptr(), _min_ptr(weight), weight.group,
+                        weight.scale_f32)
     elif weight.is_contiguous() and weight.dtype in (torch.float32, torch.bfloat16):
         ref = WeightRef(32 if weight.dtype == torch.float32 else 16, n, k, weight.data_ptr(),
-                        None, None)
+                        None, None, 0, 0)
     else:
         return None
     ref.keep = weight  # the memory it points into lives as long as the description

@@ -1071,20 +1071,43 @@ void kv_paged_decode_attention_affine(
   free(heap);
 }
 
-/* Weights in GGUF's block formats, read as stored (kvserve/model/qweight.py: the layouts, and
- * QuantWeight.dequantize, the reference): 32 inputs per block, an fp16 scale per block and row,
+/* Quantized weights, multiplied as they are held (kvserve/kernels/qweight.py: the layouts, and
+ * QuantWeight.dequantize, the reference; kvserve/model/gguf_blocks.py: which GGUF formats become
+ * which): 32 inputs per block, a scale per block (or per 16 values) and row, float16 or float32
+ * (sv_t below),
  *   q4: codes [n, k / 2], byte j of a block holds element j (low nibble) and j + 16 (high);
- *       x = code * scale + min, min [n, k / 32] fp16 (Q4_1; Q4_0 as min = -8 * scale);
- *   q8: codes [n, k] int8, x = code * scale (Q8_0).
+ *       x = code * scale + min, min [n, k / 32] (Q4_1; Q4_0 as min = -8 * scale; Q4_K);
+ *   q8: codes [n, k] int8, x = code * scale (+ min), scale [n, k / group] with group 32
+ *       (Q8_0; Q5_0, Q5_1 and Q5_K widened to int8) or 16 (Q6_K's sub-blocks), min [n, k / 32]
+ *       or none.
  * Y[m, n] (=|+=) X[m, k] @ W^T for m <= MAX_M rows of X. Each row of X is first rounded to int16
  * per block of 32 (x ~ xq * dx, dx = max|x| / 32767: an error of at most dx / 2 per element, 2^-16
  * of the block's largest value, ~250x finer than bfloat16), so a weight block's codes are widened
  * only to 16 bits (two shuffles) and multiplied pairwise into 32-bit sums (vpmaddwd), one float
  * conversion and one FMA per block and row; widening every code to float32 cost ~3x as many
  * instructions and left the kernel bound by them, not by the 20 bytes a Q4_1 block reads from
- * memory. q4's min term is sum_b min_b * (X's exact float sum over block b). Without AVX2 the
+ * memory. The min term is sum_b min_b * (X's exact float sum over block b). Without AVX2 the
  * portable loop multiplies float32 codes by float32 X. */
 #define QB 32
+/* Scales and mins are float16, or float32 where float16 cannot hold them exactly (the k-quants'
+ * d * sc products): a pointer and which. */
+typedef struct {
+  const void *p;
+  int f32;
+} sv_t;
+static inline sv_t sv_at(sv_t s, size_t i) {
+  s.p = s.p ? (const char *)s.p + i * (s.f32 ? 4 : 2) : NULL;
+  return s;
+}
+static inline float sv1(sv_t s, size_t i) {
+  return s.f32 ? ((const float *)s.p)[i] : h2f(((const uint16_t *)s.p)[i]);
+}
+#ifdef KV_AVX2
+static inline __m256 sv8(sv_t s, size_t i) {
+  return s.f32 ? _mm256_loadu_ps((const float *)s.p + i)
+               : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)s.p + i)));
+}
+#endif
 typedef struct {
   int16_t *xq;  /* [m, k] */
   float *dx;    /* [m, k / 32] */
@@ -1173,7 +1196,7 @@ static inline void q8_widen16(const int8_t *c, __m256i w[2]) {
  * Scales are widened 8 blocks at a time and multiplied by X's steps up front; two accumulators
  * per row (even and odd blocks), as one would serialize the loop on the FMA's latency. */
 #define QROWS(NAME, CTYPE, WIDEN, CPB, NR)                                                        \
-  static inline void NAME(const CTYPE *codes, const uint16_t *scale, const int16_t *xq,         \
+  static inline void NAME(const CTYPE *codes, sv_t scale, const int16_t *xq,         \
                           const float *dx, int k, float *out) {                                   \
     int nb = k / QB;                                                                              \
     __m256 acc[NR][2];                                                                            \
@@ -1182,12 +1205,12 @@ static inline void q8_widen16(const int8_t *c, __m256i w[2]) {
       int nbb = nb - b0 < 8 ? nb - b0 : 8;                                                        \
       float sd[NR][8];                                                                            \
       if (nbb == 8) {                                                                             \
-        __m256 sc = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scale + b0)));              \
+        __m256 sc = sv8(scale, b0);              \
         for (int i = 0; i < NR; i++)                                                              \
           _mm256_storeu_ps(sd[i], _mm256_mul_ps(sc, _mm256_loadu_ps(dx + (size_t)i * nb + b0)));  \
       } else {                                                                                    \
         for (int j = 0; j < nbb; j++)                                                             \
-          for (int i = 0; i < NR; i++) sd[i][j] = h2f(scale[b0 + j]) * dx[(size_t)i * nb + b0 + j];\
+          for (int i = 0; i < NR; i++) sd[i][j] = sv1(scale, b0 + j) * dx[(size_t)i * nb + b0 + j];\
       }                                                                                           \
       int j = 0;                                                                                  \
       for (; j + 2 <= nbb; j += 2) { /* blocks j, j + 1 into the two accumulators */              \
@@ -1217,7 +1240,7 @@ static inline void q8_widen16(const int8_t *c, __m256i w[2]) {
   QROWS(PREFIX##2, CTYPE, WIDEN, CPB, 2)                                                          \
   QROWS(PREFIX##3, CTYPE, WIDEN, CPB, 3)                                                          \
   QROWS(PREFIX##4, CTYPE, WIDEN, CPB, 4)                                                          \
-  static void PREFIX(const CTYPE *codes, const uint16_t *scale, const qx_t *q, int m, int k,      \
+  static void PREFIX(const CTYPE *codes, sv_t scale, const qx_t *q, int m, int k,      \
                      float *out) {                                                                \
     int nb = k / QB;                                                                              \
     for (int i0 = 0; i0 < m; i0 += 4) {                                                           \
@@ -1252,7 +1275,7 @@ QROW_SET(q8_row, int8_t, q8_widen16, QB)
         _mm256_add_epi32(_mm256_madd_epi16(w[0], x0), _mm256_madd_epi16(w[1], x1)));              \
     ACC = _mm256_fmadd_ps(p, _mm256_broadcast_ss(&sd[R][j]), ACC);                                \
   }
-static inline void q8_rows4(const int8_t *codes, size_t code_row, const uint16_t *scale,
+static inline void q8_rows4(const int8_t *codes, size_t code_row, sv_t scale,
                             const int16_t *xq, const float *dx, int k, float *y) {
   int nb = k / QB;
   __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
@@ -1262,11 +1285,10 @@ static inline void q8_rows4(const int8_t *codes, size_t code_row, const uint16_t
     if (nbb == 8) {
       __m256 d8 = _mm256_loadu_ps(dx + b0);
       for (int r = 0; r < 4; r++)
-        _mm256_storeu_ps(sd[r], _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(
-                                    (const __m128i *)(scale + (size_t)r * nb + b0))), d8));
+        _mm256_storeu_ps(sd[r], _mm256_mul_ps(sv8(scale, (size_t)r * nb + b0), d8));
     } else {
       for (int r = 0; r < 4; r++)
-        for (int j = 0; j < nbb; j++) sd[r][j] = h2f(scale[(size_t)r * nb + b0 + j]) * dx[b0 + j];
+        for (int j = 0; j < nbb; j++) sd[r][j] = sv1(scale, (size_t)r * nb + b0 + j) * dx[b0 + j];
     }
     for (int j = 0; j < nbb; j++) {
       const int16_t *x = xq + (size_t)(b0 + j) * QB;
@@ -1279,6 +1301,75 @@ static inline void q8_rows4(const int8_t *codes, size_t code_row, const uint16_t
     }
   }
   _mm_storeu_ps(y, sum4_ps(a0, a1, a2, a3));
+}
+
+/* q8 with 16-value scale groups (Q6_K) at batch 1: as q8_rows4, the two 16-code halves of a
+ * block each scaled by their own group's scale * the block's dx. */
+static const int32_t g16_lo[8] = {0, 0, 1, 1, 2, 2, 3, 3}, g16_hi[8] = {4, 4, 5, 5, 6, 6, 7, 7};
+#define Q8G16_STEP(R, ACC)                                                                        \
+  {                                                                                               \
+    __m256i w[2];                                                                                 \
+    _mm_prefetch((const char *)(codes + (R + QPF) * code_row + (size_t)(b0 + j) * QB),            \
+                 _MM_HINT_T0);                                                                    \
+    q8_widen16(codes + R * code_row + (size_t)(b0 + j) * QB, w);                                  \
+    ACC = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(w[0], x0)),                        \
+                          _mm256_broadcast_ss(&sd[R][2 * j]), ACC);                               \
+    ACC = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(w[1], x1)),                        \
+                          _mm256_broadcast_ss(&sd[R][2 * j + 1]), ACC);                           \
+  }
+static inline void q8g16_rows4(const int8_t *codes, size_t code_row, sv_t scale,
+                               const int16_t *xq, const float *dx, int k, float *y) {
+  int nb = k / QB, ng = 2 * nb;
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  for (int b0 = 0; b0 < nb; b0 += 8) {
+    int nbb = nb - b0 < 8 ? nb - b0 : 8;
+    float sd[4][16];
+    if (nbb == 8) {
+      __m256 d8 = _mm256_loadu_ps(dx + b0);
+      __m256 dlo = _mm256_permutevar8x32_ps(d8, _mm256_loadu_si256((const __m256i *)g16_lo));
+      __m256 dhi = _mm256_permutevar8x32_ps(d8, _mm256_loadu_si256((const __m256i *)g16_hi));
+      for (int r = 0; r < 4; r++) {
+        size_t s = (size_t)r * ng + 2 * b0;
+        _mm256_storeu_ps(sd[r], _mm256_mul_ps(sv8(scale, s), dlo));
+        _mm256_storeu_ps(sd[r] + 8, _mm256_mul_ps(sv8(scale, s + 8), dhi));
+      }
+    } else {
+      for (int r = 0; r < 4; r++)
+        for (int j = 0; j < 2 * nbb; j++)
+          sd[r][j] = sv1(scale, (size_t)r * ng + 2 * b0 + j) * dx[b0 + j / 2];
+    }
+    for (int j = 0; j < nbb; j++) {
+      const int16_t *x = xq + (size_t)(b0 + j) * QB;
+      __m256i x0 = _mm256_loadu_si256((const __m256i *)x);
+      __m256i x1 = _mm256_loadu_si256((const __m256i *)(x + 16));
+      Q8G16_STEP(0, a0)
+      Q8G16_STEP(1, a1)
+      Q8G16_STEP(2, a2)
+      Q8G16_STEP(3, a3)
+    }
+  }
+  _mm_storeu_ps(y, sum4_ps(a0, a1, a2, a3));
+}
+/* the same for one weight row against m rows of X (larger batches) */
+static void q8g16_row(const int8_t *codes, sv_t scale, const qx_t *q, int m, int k,
+                      float *out) {
+  int nb = k / QB;
+  for (int i = 0; i < m; i++) {
+    const int16_t *xq = q->xq + (size_t)i * k;
+    const float *dx = q->dx + (size_t)i * nb;
+    __m256 acc = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+      __m256i w[2];
+      q8_widen16(codes + (size_t)b * QB, w);
+      const __m256i *x = (const __m256i *)(xq + (size_t)b * QB);
+      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(w[0], _mm256_loadu_si256(x))),
+                            _mm256_set1_ps(sv1(scale, 2 * b) * dx[b]), acc);
+      acc = _mm256_fmadd_ps(
+          _mm256_cvtepi32_ps(_mm256_madd_epi16(w[1], _mm256_loadu_si256(x + 1))),
+          _mm256_set1_ps(sv1(scale, 2 * b + 1) * dx[b]), acc);
+    }
+    out[i] = hsum256(acc);
+  }
 }
 
 /* q4 at batch 1, two blocks per step: one 32-byte load holds blocks b, b + 1 (16 bytes each); its
@@ -1316,13 +1407,13 @@ static inline __m256i q4_pair_dot(const uint8_t *c, int two, const __m256i *x) {
   __m256i s3 = _mm256_madd_epi16(_mm256_unpackhi_epi8(hi, zero), x[3]);
   return _mm256_add_epi32(_mm256_add_epi32(s0, s1), _mm256_add_epi32(s2, s3));
 }
-static inline __m256 q4_pair_scales(const uint16_t *scale, const float *dx, int b, int two) {
-  __m128 s0 = _mm_set1_ps(h2f(scale[b]) * dx[b]);
-  __m128 s1 = _mm_set1_ps(two ? h2f(scale[b + 1]) * dx[b + 1] : 0.f);
+static inline __m256 q4_pair_scales(sv_t scale, const float *dx, int b, int two) {
+  __m128 s0 = _mm_set1_ps(sv1(scale, b) * dx[b]);
+  __m128 s1 = _mm_set1_ps(two ? sv1(scale, b + 1) * dx[b + 1] : 0.f);
   return _mm256_insertf128_ps(_mm256_castps128_ps256(s0), s1, 1);
 }
-static inline void q4_rows4_pair(const uint8_t *codes, size_t code_row, const uint16_t *scale,
-                                 const uint16_t *mins, const int16_t *xp, const float *dx,
+static inline void q4_rows4_pair(const uint8_t *codes, size_t code_row, sv_t scale,
+                                 sv_t mins, const int16_t *xp, const float *dx,
                                  const float *xsum, int nb, float *y) {
   int nfull = nb / 8 * 8;
   __m256 acc[4], mn[4];
@@ -1331,9 +1422,9 @@ static inline void q4_rows4_pair(const uint8_t *codes, size_t code_row, const ui
     __m256 sd[4], d8 = _mm256_loadu_ps(dx + b0), s8 = _mm256_loadu_ps(xsum + b0);
     for (int r = 0; r < 4; r++) {
       sd[r] = _mm256_mul_ps(
-          _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scale + (size_t)r * nb + b0))), d8);
+          sv8(scale, (size_t)r * nb + b0), d8);
       mn[r] = _mm256_fmadd_ps(
-          _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mins + (size_t)r * nb + b0))), s8,
+          sv8(mins, (size_t)r * nb + b0), s8,
           mn[r]);
     }
     for (int p = 0; p < 4; p++) {
@@ -1359,8 +1450,8 @@ static inline void q4_rows4_pair(const uint8_t *codes, size_t code_row, const ui
     for (int r = 0; r < 4; r++) {
       acc[r] = _mm256_fmadd_ps(
           _mm256_cvtepi32_ps(q4_pair_dot(codes + r * code_row + (size_t)b * (QB / 2), two, xv)),
-          q4_pair_scales(scale + (size_t)r * nb, dx, b, two), acc[r]);
-      for (int j = b; j < b + 1 + two; j++) tail[r] += h2f(mins[(size_t)r * nb + j]) * xsum[j];
+          q4_pair_scales(sv_at(scale, (size_t)r * nb), dx, b, two), acc[r]);
+      for (int j = b; j < b + 1 + two; j++) tail[r] += sv1(mins, (size_t)r * nb + j) * xsum[j];
     }
   }
   __m128 t = sum4_ps(_mm256_add_ps(acc[0], mn[0]), _mm256_add_ps(acc[1], mn[1]),
@@ -1370,45 +1461,47 @@ static inline void q4_rows4_pair(const uint8_t *codes, size_t code_row, const ui
 #endif
 
 /* sum_b mins[b] * xs[b] over nb blocks */
-static inline float q4_min_term(const uint16_t *mins, const float *xs, int nb) {
+static inline float q4_min_term(sv_t mins, const float *xs, int nb) {
   int b = 0;
   float s = 0.f;
 #if defined(KV_AVX2) && defined(__F16C__)
   __m256 acc = _mm256_setzero_ps();
   for (; b + 8 <= nb; b += 8)
-    acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mins + b))),
-                          _mm256_loadu_ps(xs + b), acc);
+    acc = _mm256_fmadd_ps(sv8(mins, b), _mm256_loadu_ps(xs + b), acc);
   s = hsum256(acc);
 #endif
-  for (; b < nb; b++) s += h2f(mins[b]) * xs[b];
+  for (; b < nb; b++) s += sv1(mins, b) * xs[b];
   return s;
 }
 
 #ifndef KV_AVX2
 /* the portable product of one weight row and every row of X, in float32 */
-static void q_row_portable(int fmt, const void *codes, const uint16_t *scale, const float *X,
-                           int m, int k, float *out) {
+static void q_row_portable(int fmt, int group, const void *codes, sv_t scale,
+                           const float *X, int m, int k, float *out) {
   for (int i = 0; i < m; i++) out[i] = 0.f;
   for (int b = 0; b < k / QB; b++) {
-    float w[QB], d = h2f(scale[b]);
+    float w[QB];
     if (fmt == 4)
       q4_widen_scalar((const uint8_t *)codes + (size_t)b * (QB / 2), w);
     else
       q8_widen_scalar((const int8_t *)codes + (size_t)b * QB, w);
+    for (int j = 0; j < QB; j++) w[j] *= sv1(scale, (b * QB + j) / group);
     for (int i = 0; i < m; i++) {
       const float *x = X + (size_t)i * k + (size_t)b * QB;
       float acc = 0.f;
       for (int j = 0; j < QB; j++) acc += w[j] * x[j];
-      out[i] += d * acc;
+      out[i] += acc;
     }
   }
 }
 #endif
 
-/* Rows of W split across threads. Returns 0 (Y untouched) if scratch could not be allocated. */
-static int q_gemv(int fmt, const void *codes, const uint16_t *scale, const uint16_t *mins,
-                  const float *X, float *Y, int m, int n, int k, int accumulate) {
-  int nb = k / QB;
+/* Rows of W split across threads; group: values per scale (32, or 16 for q8); mins: NULL or one
+ * per block of 32 (required for q4). Returns 0 (Y untouched) if scratch could not be allocated. */
+static int q_gemv(int fmt, int group, const void *codes, sv_t scale,
+                  sv_t mins, const float *X, float *Y, int m, int n, int k,
+                  int accumulate) {
+  int nb = k / QB, ng = k / group;
   qx_t q;
   if (!qx_init(&q, X, m, k)) {
     qx_free(&q);
@@ -1430,12 +1523,21 @@ static int q_gemv(int fmt, const void *codes, const uint16_t *scale, const uint1
     _Pragma("omp parallel for schedule(static) num_threads(kv_team())")
     for (int r = 0; r < r0; r += 4) {
       float out[4];
-      if (fmt == 4)
-        q4_rows4_pair((const uint8_t *)codes + (size_t)r * (k / 2), k / 2, scale + (size_t)r * nb,
-                      mins + (size_t)r * nb, xp, q.dx, q.xsum, nb, out);
-      else
-        q8_rows4((const int8_t *)codes + (size_t)r * k, k, scale + (size_t)r * nb, q.xq, q.dx, k,
-                 out);
+      if (fmt == 4) {
+        q4_rows4_pair((const uint8_t *)codes + (size_t)r * (k / 2), k / 2,
+                      sv_at(scale, (size_t)r * nb), sv_at(mins, (size_t)r * nb), xp, q.dx,
+                      q.xsum, nb, out);
+      } else {
+        if (group == QB)
+          q8_rows4((const int8_t *)codes + (size_t)r * k, k, sv_at(scale, (size_t)r * nb), q.xq,
+                   q.dx, k, out);
+        else
+          q8g16_rows4((const int8_t *)codes + (size_t)r * k, k, sv_at(scale, (size_t)r * ng), q.xq,
+                      q.dx, k, out);
+        if (mins.p)
+          for (int j = 0; j < 4; j++)
+            out[j] += q4_min_term(sv_at(mins, (size_t)(r + j) * nb), q.xsum, nb);
+      }
       for (int j = 0; j < 4; j++) Y[r + j] = accumulate ? Y[r + j] + out[j] : out[j];
     }
   }
@@ -1443,20 +1545,23 @@ static int q_gemv(int fmt, const void *codes, const uint16_t *scale, const uint1
   _Pragma("omp parallel for schedule(static) num_threads(kv_team()) if (r0 < n)")
   for (int r = r0; r < n; r++) {
     float out[MAX_M];
-    const uint16_t *sr = scale + (size_t)r * nb;
+    sv_t sr = sv_at(scale, (size_t)r * ng);
 #ifdef KV_AVX2
     if (fmt == 4)
       q4_row((const uint8_t *)codes + (size_t)r * (k / 2), sr, &q, m, k, out);
-    else
+    else if (group == QB)
       q8_row((const int8_t *)codes + (size_t)r * k, sr, &q, m, k, out);
+    else
+      q8g16_row((const int8_t *)codes + (size_t)r * k, sr, &q, m, k, out);
 #else
-    q_row_portable(fmt, fmt == 4 ? (const void *)((const uint8_t *)codes + (size_t)r * (k / 2))
-                                 : (const void *)((const int8_t *)codes + (size_t)r * k),
+    q_row_portable(fmt, group,
+                   fmt == 4 ? (const void *)((const uint8_t *)codes + (size_t)r * (k / 2))
+                            : (const void *)((const int8_t *)codes + (size_t)r * k),
                    sr, X, m, k, out);
 #endif
-    if (fmt == 4)
+    if (mins.p)
       for (int i = 0; i < m; i++)
-        out[i] += q4_min_term(mins + (size_t)r * nb, q.xsum + (size_t)i * nb, nb);
+        out[i] += q4_min_term(sv_at(mins, (size_t)r * nb), q.xsum + (size_t)i * nb, nb);
     for (int i = 0; i < m; i++) {
       float *y = Y + (size_t)i * n + r;
       *y = accumulate ? *y + out[i] : out[i];
@@ -1466,27 +1571,31 @@ static int q_gemv(int fmt, const void *codes, const uint16_t *scale, const uint1
   qx_free(&q);
   return 1;
 }
-int kv_gemv_q4(const uint8_t *codes, const uint16_t *scale, const uint16_t *mins,
+/* scale_f32: scales and mins are float32 (else float16) */
+int kv_gemv_q4(const uint8_t *codes, const void *scale, const void *mins, int scale_f32,
                const float *X, float *Y, int m, int n, int k, int accumulate) {
-  return q_gemv(4, codes, scale, mins, X, Y, m, n, k, accumulate);
+  sv_t s = {scale, scale_f32}, mn = {mins, scale_f32};
+  return q_gemv(4, QB, codes, s, mn, X, Y, m, n, k, accumulate);
 }
-int kv_gemv_q8(const int8_t *codes, const uint16_t *scale, const float *X, float *Y, int m,
-               int n, int k, int accumulate) {
-  return q_gemv(8, codes, scale, NULL, X, Y, m, n, k, accumulate);
+int kv_gemv_q8(const int8_t *codes, const void *scale, const void *mins, int scale_f32,
+               int group, const float *X, float *Y, int m, int n, int k, int accumulate) {
+  sv_t s = {scale, scale_f32}, mn = {mins, scale_f32};
+  return q_gemv(8, group, codes, s, mn, X, Y, m, n, k, accumulate);
 }
 
 /* W dequantized into out [n, k] float32 (prefill-sized batches: the product then runs in
  * torch's float32 GEMM over a weight dequantized once per call). */
-void kv_dequantize_q(int fmt, const void *codes, const uint16_t *scale, const uint16_t *mins,
-                     float *out, int n, int k) {
+void kv_dequantize_q(int fmt, int group, const void *codes, const void *scale_p,
+                     const void *mins_p, int scale_f32, float *out, int n, int k) {
   int nb = k / QB;
+  sv_t scale = {scale_p, scale_f32}, mins = {mins_p, scale_f32};
   _Pragma("omp parallel for schedule(static) num_threads(kv_team())")
   for (int r = 0; r < n; r++)
     for (int b = 0; b < nb; b++) {
-      float w[QB], d = h2f(scale[(size_t)r * nb + b]), *o = out + (size_t)r * k + (size_t)b * QB;
+      float w[QB], *o = out + (size_t)r * k + (size_t)b * QB;
       if (fmt == 4) {
         const uint8_t *c = (const uint8_t *)codes + (size_t)r * (k / 2) + (size_t)b * (QB / 2);
-        float mn = h2f(mins[(size_t)r * nb + b]);
+        float d = sv1(scale, (size_t)r * nb + b), mn = sv1(mins, (size_t)r * nb + b);
 #ifdef KV_AVX2
         __m128i bytes = _mm_loadu_si128((const __m128i *)c), mask = _mm_set1_epi8(0x0f);
         __m128i lo = _mm_and_si128(bytes, mask), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
@@ -1499,17 +1608,20 @@ void kv_dequantize_q(int fmt, const void *codes, const uint16_t *scale, const ui
 #endif
         q4_widen_scalar(c, w);
         for (int j = 0; j < QB; j++) o[j] = w[j] * d + mn;
-      } else {
+      } else { /* group 32 or 16: the scale of element j is scale[(b * 32 + j) / group] */
         const int8_t *c = (const int8_t *)codes + (size_t)r * k + (size_t)b * QB;
+        sv_t sc = sv_at(scale, (size_t)r * (k / group) + (size_t)b * (QB / group));
+        float mn = mins.p ? sv1(mins, (size_t)r * nb + b) : 0.f;
 #ifdef KV_AVX2
-        __m256 dv = _mm256_set1_ps(d);
+        __m256 mv = _mm256_set1_ps(mn);
         for (int j = 0; j < 4; j++)
-          _mm256_storeu_ps(o + 8 * j, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
-                                          _mm_loadl_epi64((const __m128i *)(c + 8 * j)))), dv));
+          _mm256_storeu_ps(o + 8 * j, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                                              _mm_loadl_epi64((const __m128i *)(c + 8 * j)))),
+                                          _mm256_set1_ps(sv1(sc, 8 * j / group)), mv));
         continue;
 #endif
         q8_widen_scalar(c, w);
-        for (int j = 0; j < QB; j++) o[j] = w[j] * d;
+        for (int j = 0; j < QB; j++) o[j] = w[j] * sv1(sc, j / group) + mn;
       }
     }
 }
@@ -1517,8 +1629,8 @@ void kv_dequantize_q(int fmt, const void *codes, const uint16_t *scale, const ui
 /* The two halves of a decode layer around attention, one call each (each call from Python costs
  * ~10-20 us on this CPU, several times what the small ops themselves take; a layer made 7 of
  * them besides attention). A weight is described by kv_weight: kind 32 (float32), 16 (bfloat16),
- * 4 (q4) or 8 (q8), its data (codes for q4/q8), scales and mins. References, composed:
- * kvserve.model.llama.LlamaModel._layer_reference.
+ * 4 (q4) or 8 (q8), its data (codes for q4/q8), scales, mins and (q8) scale group. References,
+ * composed: kvserve.model.llama.LlamaModel._layer_reference.
  *   kv_layer_pre:  qkv = rope(rms_norm(h) @ Wqkv^T) (the first rope_heads heads rotated)
  *   kv_layer_post: h += o @ Wo^T;  h += swiglu(rms_norm(h) @ Wgu^T) @ Wdown^T
  * Returns 0 when scratch could not be allocated (nothing written then, except by _post's first
@@ -1526,15 +1638,21 @@ void kv_dequantize_q(int fmt, const void *codes, const uint16_t *scale, const ui
 typedef struct {
   int kind, n, k;
   const void *data;
-  const uint16_t *scale, *mins;
+  const void *scale, *mins;
+  int group;     /* q8: values per scale (32 or 16) */
+  int scale_f32; /* scales and mins are float32 (else float16) */
 } kv_weight;
 
 static int weight_product(const kv_weight *w, const float *X, float *Y, int m, int accumulate) {
   switch (w->kind) {
     case 32: kv_gemv_f32((const float *)w->data, X, Y, m, w->n, w->k, accumulate); return 1;
     case 16: kv_gemv_bf16((const uint16_t *)w->data, X, Y, m, w->n, w->k, accumulate); return 1;
-    case 4: return q_gemv(4, w->data, w->scale, w->mins, X, Y, m, w->n, w->k, accumulate);
-    case 8: return q_gemv(8, w->data, w->scale, NULL, X, Y, m, w->n, w->k, accumulate);
+    case 4:
+    case 8: {
+      sv_t s = {w->scale, w->scale_f32}, mn = {w->mins, w->scale_f32};
+      return q_gemv(w->kind, w->kind == 4 ? QB : w->group, w->data, s, mn, X, Y, m, w->n, w->k,
+                    accumulate);
+    }
   }
   return 0;
 }

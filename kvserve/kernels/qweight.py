@@ -1,33 +1,49 @@
-"""Weights kept in a GGUF file's own quantized formats, for the kernels that read them as stored.
+"""Weights kept quantized in memory, for the kernels that multiply them as they are.
 
 A QuantWeight is one [n, k] matrix (n output rows, k inputs) cut into blocks of 32 inputs per row:
-  q4  (GGUF Q4_1, and Q4_0 as Q4_1 with min = -8 * scale, which fp16 holds exactly):
-      x = code * scale + min, code in 0..15; codes [n, k / 2] uint8, the low nibble of a block's
-      byte j is element j and the high nibble element j + 16 (GGUF's order); scale, min
-      [n, k / 32] float16.
-  q8  (GGUF Q8_0): x = code * scale, code int8; codes [n, k] int8; scale [n, k / 32] float16.
-The block bytes are split into codes and scales once at load, so each kernel reads aligned rows.
-dequantize() is the plain PyTorch reference every kernel is tested against; it equals gguf-py's
-dequantize of the same blocks.
+  q4: x = code * scale + min, code in 0..15; codes [n, k / 2] uint8, the low nibble of a block's
+      byte j is element j and the high nibble element j + 16 (GGUF's Q4_0/Q4_1 order); scale, min
+      [n, k / 32].
+  q8: x = code * scale (+ min), code int8; codes [n, k] int8; scale [n, k / group] with group 32
+      or 16 (a scale per 16 values: GGUF's Q6_K); min [n, k / 32], or None.
+Scales and mins are float16, or float32 where float16 cannot hold them exactly (a k-quant's
+float16 super-block scale times its integer sub-block scales).
+Which GGUF block formats map onto these, and how exactly, is model/gguf_blocks.py's; quantize()
+makes them from float weights (`--quantization int8|int4`). The codes and scales are split apart
+once at load, so each kernel reads aligned rows. dequantize() is the plain PyTorch reference every
+kernel is tested against.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 BLOCK = 32
-GGUF_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
 
 
 @dataclass
 class QuantWeight:
     format: str  # "q4" or "q8"
     codes: torch.Tensor
-    scale: torch.Tensor  # [n, k / 32] float16
-    min: torch.Tensor | None  # [n, k / 32] float16 (q4), None (q8)
+    scale: torch.Tensor  # [n, k / group] float16 or float32
+    min: torch.Tensor | None  # [n, k / 32] as scale (always for q4), or None
+    group: int = BLOCK  # values per scale: 32, or 16 (q8 only)
+
+    def __post_init__(self):
+        if self.format == "q4" and (self.min is None or self.group != BLOCK):
+            raise ValueError("q4 weights have a min and a scale per 32 values")
+        if self.group not in (BLOCK, 16):
+            raise ValueError(f"scale groups of {self.group} values are not supported (32, 16)")
+        if self.scale.dtype not in (torch.float16, torch.float32) or (
+                self.min is not None and self.min.dtype != self.scale.dtype):
+            raise ValueError("scales and mins are both float16 or both float32")
+
+    @property
+    def scale_f32(self) -> int:
+        """1 when scales and mins are float32 (the C kernels' flag), 0 for float16."""
+        return int(self.scale.dtype == torch.float32)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -44,7 +60,7 @@ class QuantWeight:
 
     def _map(self, fn) -> QuantWeight:
         return QuantWeight(self.format, fn(self.codes), fn(self.scale),
-                           None if self.min is None else fn(self.min))
+                           None if self.min is None else fn(self.min), self.group)
 
     def rows(self, index: torch.Tensor) -> QuantWeight:
         """The rows `index` (a permutation or a selection), still quantized."""
@@ -61,7 +77,9 @@ class QuantWeight:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The reference: [n, k] in `dtype` (computed in float32)."""
         n, k = self.shape
-        x = self.codes_in_order().float() * self.scale.float().unsqueeze(-1)
+        x = self.codes_in_order().float().reshape(n, k // self.group, self.group) \
+            * self.scale.float().unsqueeze(-1)
+        x = x.reshape(n, k // BLOCK, BLOCK)
         if self.min is not None:
             x = x + self.min.float().unsqueeze(-1)
         return x.reshape(n, k).to(dtype)
@@ -89,46 +107,78 @@ def round_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def rounded_activation_linear(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
     """The reference of the decode-sized C product (gemv.c q_gemv): y [m, n] = x @ W^T with x
     rounded per block to int16 (round_activations), each block's integer dot product exact,
-    times scale * dx; q4's min term over x's exact float block sums. Computed in float64.
+    times scale * dx (per group of 16 as two half-block sums); the min term over x's exact float
+    block sums. Computed in float64.
     (int8 activations, as llama.cpp rounds them, were ~10% faster here but moved the default
     model's perplexity by +1.4% over 20k tokens against float32; int16's moves it by 0.001%.)"""
     n, k = w.shape
     codes, dx = round_activations(x)  # [m, nb, 32], [m, nb]
-    dots = torch.einsum("mbj,nbj->mnb", codes.double(),
-                        w.codes_in_order().double())  # exact integers
-    y = (dots * w.scale.double().unsqueeze(0) * dx.double().unsqueeze(1)).sum(-1)
+    per = BLOCK // w.group  # scale groups per block
+    dots = torch.einsum("mgj,ngj->mng", codes.double().reshape(x.shape[0], -1, w.group),
+                        w.codes_in_order().double().reshape(n, -1, w.group))  # exact integers
+    dx = dx.double().repeat_interleave(per, dim=1)  # [m, ng]
+    y = (dots * w.scale.double().unsqueeze(0) * dx.unsqueeze(1)).sum(-1)
     if w.min is not None:
         xsum = x.double().reshape(x.shape[0], k // BLOCK, BLOCK).sum(-1)  # [m, nb]
         y = y + xsum @ w.min.double().t()
     return y
 
 
+def as_q8(w: QuantWeight, group: int, with_min: bool, dtype: torch.dtype) -> QuantWeight:
+    """The same values as q8 with scale groups of `group`, scales in `dtype` (w's or wider) and
+    a min (zero if w has none) when with_min: exact, as q4 codes (0..15) are int8 codes, a scale
+    per 32 is two equal ones per 16, and float16 widens to float32 exactly."""
+    n, k = w.shape
+    codes = w.codes_in_order().reshape(n, k).to(torch.int8) if w.format == "q4" else w.codes
+    scale = w.scale.repeat_interleave(w.group // group, dim=1) if w.group != group else w.scale
+    scale = scale.to(dtype)
+    mins = None if w.min is None else w.min.to(dtype)
+    if with_min and mins is None:
+        mins = torch.zeros((n, k // BLOCK), dtype=dtype, device=w.device)
+    return QuantWeight("q8", codes.contiguous(), scale.contiguous(), mins, group)
+
+
 def cat(weights: list[QuantWeight]) -> QuantWeight:
-    """Row-wise concatenation (fused Q|K|V, gate|up); all in one format."""
-    fmt = weights[0].format
-    if any(w.format != fmt for w in weights):
-        raise ValueError("cannot fuse weights of different quantized formats")
-    mins = None if fmt == "q8" else torch.cat([w.min for w in weights])
-    return QuantWeight(fmt, torch.cat([w.codes for w in weights]),
-                       torch.cat([w.scale for w in weights]), mins)
+    """Row-wise concatenation (fused Q|K|V, gate|up). Parts in different layouts (a Q4_K_M file
+    keeps some layers' V in Q6_K beside Q4_K Q and K) are first widened exactly to one q8 layout
+    (as_q8): more bytes for those rows, the same values, still one product."""
+    first = weights[0]
+    dtype = torch.float32 if any(w.scale_f32 for w in weights) else torch.float16
+    layout = (first.format, first.group, first.min is None)
+    if any((w.format, w.group, w.min is None) != layout for w in weights):
+        group = min(w.group for w in weights)
+        with_min = any(w.min is not None for w in weights)
+        weights = [as_q8(w, group, with_min, dtype) for w in weights]
+    elif any(w.scale.dtype != dtype for w in weights):  # float16 scales widened, exactly
+        weights = [w._map(lambda t: t.to(dtype) if t.is_floating_point() else t) for w in weights]
+    first = weights[0]
+    mins = None if first.min is None else torch.cat([w.min for w in weights])
+    return QuantWeight(first.format, torch.cat([w.codes for w in weights]),
+                       torch.cat([w.scale for w in weights]), mins, first.group)
 
 
-def from_gguf_blocks(type_name: str, blocks: np.ndarray, n: int, k: int) -> QuantWeight:
-    """A GGUF tensor's raw blocks ([n, bytes per row] uint8, as gguf-py memory-maps them) of type
-    Q4_0, Q4_1 or Q8_0, for an [n, k] matrix, split into codes and scales (copied out of the map).
-    """
+def quantize(weight: torch.Tensor, bits: int) -> QuantWeight:
+    """A float [n, k] matrix quantized per block of 32 inputs, as GGUF's round-to-nearest
+    quantizers do: bits 8 -> q8, scale = max|x| / 127, code = round(x / scale) (Q8_0); bits 4 ->
+    q4, min = the block's minimum, scale = (max - min) / 15, code = round((x - min) / scale)
+    (Q4_1). Scales and mins are float16; codes are computed from the float16 values, so each
+    weight is off by at most half a step (plus the float16 rounding of min)."""
+    n, k = weight.shape
     if k % BLOCK:
         raise ValueError(f"row length {k} is not a multiple of {BLOCK}")
-    size = GGUF_BLOCK_BYTES[type_name]
-    raw = np.ascontiguousarray(blocks).reshape(n, k // BLOCK, size)
-    scale = torch.from_numpy(raw[..., 0:2].copy().view(np.float16).reshape(n, k // BLOCK))
-    if type_name == "Q8_0":
-        codes = raw[..., 2:].copy().view(np.int8).reshape(n, k)
-        return QuantWeight("q8", torch.from_numpy(codes), scale, None)
-    if type_name == "Q4_1":
-        mins = torch.from_numpy(raw[..., 2:4].copy().view(np.float16).reshape(n, k // BLOCK))
-        codes = raw[..., 4:].copy().reshape(n, k // 2)
-    else:  # Q4_0: x = (code - 8) * scale, i.e. min = -8 * scale (exact in float16)
-        mins = scale * -8
-        codes = raw[..., 2:].copy().reshape(n, k // 2)
-    return QuantWeight("q4", torch.from_numpy(codes), scale, mins)
+    x = weight.detach().float().reshape(n, k // BLOCK, BLOCK)
+    if bits == 8:
+        scale = (x.abs().amax(-1) / 127).half()
+        inv = torch.where(scale > 0, 1 / scale.float(), torch.zeros_like(scale, dtype=torch.float))
+        codes = torch.round(x * inv.unsqueeze(-1)).clamp(-127, 127).to(torch.int8)
+        return QuantWeight("q8", codes.reshape(n, k).contiguous(), scale.contiguous(), None)
+    if bits != 4:
+        raise ValueError(f"quantize takes 8 or 4 bits, not {bits}")
+    lo = x.amin(-1).half()
+    scale = ((x.amax(-1) - lo.float()) / 15).half()
+    inv = torch.where(scale > 0, 1 / scale.float(), torch.zeros_like(scale, dtype=torch.float))
+    codes = torch.round((x - lo.float().unsqueeze(-1)) * inv.unsqueeze(-1)).clamp(0, 15)
+    codes = codes.to(torch.uint8)
+    packed = codes[..., :BLOCK // 2] | (codes[..., BLOCK // 2:] << 4)
+    return QuantWeight("q4", packed.reshape(n, k // 2).contiguous(), scale.contiguous(),
+                       lo.contiguous())

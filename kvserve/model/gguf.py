@@ -1,6 +1,8 @@
 """Loads a llama.cpp GGUF file into a Checkpoint: metadata -> ModelSpec, every tensor dequantized to
-float32 (or, on request, kept in its Q4_0/Q4_1/Q8_0 blocks) and renamed to Hugging Face's Llama
-layout, with llama.cpp's Q/K row permutation undone.
+float32 (or, on request, kept quantized in the layouts of gguf_blocks.py: Q8_0, Q4_0, Q4_1, Q5_0,
+Q5_1, Q4_K, Q5_K, Q6_K) and renamed to Hugging Face's Llama layout, with llama.cpp's Q/K row
+permutation undone. Any other format gguf-py can read (Q2_K, Q3_K, IQ4_NL, IQ4_XS, the IQ2/IQ3
+families, ...) loads dequantized.
 
 The tokenizer is tokenizer.py's; choosing between GGUF and a Hugging Face folder is loader.py's.
 """
@@ -20,15 +22,20 @@ from gguf.quants import dequantize
 from kvserve.config import ModelSpec, RopeScaling
 from kvserve.errors import ConfigError, ModelLoadError
 from kvserve.kernels import cpu as cpu_kernels
-from kvserve.kernels.qweight import GGUF_BLOCK_BYTES, QuantWeight, from_gguf_blocks
+from kvserve.kernels.qweight import QuantWeight
 from kvserve.model.checkpoint import Checkpoint
+from kvserve.model.gguf_blocks import BLOCK_SIZES, from_gguf_blocks
 from kvserve.model.tokenizer import Tokenizer
 from kvserve.model_files import gguf_metadata, open_gguf
 
 # llama.cpp writes Mistral / Mixtral-free Llama variants as "llama"; "mistral" is accepted too.
 SUPPORTED_ARCHITECTURES = ("llama", "mistral")
 _Q = GGMLQuantizationType
-SUPPORTED_TYPES = (_Q.F32, _Q.F16, _Q.BF16, _Q.Q8_0, _Q.Q4_0, _Q.Q4_1)
+# every type gguf-py dequantizes (the ones in BLOCK_SIZES are also kept quantized on request)
+SUPPORTED_TYPES = (_Q.F32, _Q.F16, _Q.BF16, _Q.Q8_0, _Q.Q4_0, _Q.Q4_1, _Q.Q5_0, _Q.Q5_1,
+                   _Q.Q2_K, _Q.Q3_K, _Q.Q4_K, _Q.Q5_K, _Q.Q6_K, _Q.IQ4_NL, _Q.IQ4_XS,
+                   _Q.IQ2_XXS, _Q.IQ2_XS, _Q.IQ2_S, _Q.IQ3_XXS, _Q.IQ3_S, _Q.IQ1_S, _Q.IQ1_M,
+                   _Q.TQ1_0, _Q.TQ2_0)
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -179,12 +186,16 @@ def _check_names(spec: ModelSpec, present: set[str], path: str) -> None:
 
 
 def _as_stored(tensor: Any) -> QuantWeight | None:
-    """A 2-D tensor in a block format the kernels read as stored, split into codes and scales;
-    None for any other tensor (dequantized instead)."""
-    if tensor.tensor_type.name not in GGUF_BLOCK_BYTES or len(tensor.shape) != 2:
+    """A 2-D tensor in a block format the kernels read (gguf_blocks.py), split into codes and
+    scales; None for any other tensor (dequantized instead)."""
+    if tensor.tensor_type.name not in BLOCK_SIZES or len(tensor.shape) != 2:
         return None
     n, k = int(tensor.shape[1]), int(tensor.shape[0])
-    if tensor.data.size != n * (k // 32) * GGUF_BLOCK_BYTES[tensor.tensor_type.name]:
+    per, size = BLOCK_SIZES[tensor.tensor_type.name]
+    if k % per:
+        raise ModelLoadError(f"tensor '{tensor.name}' has rows of {k} values, not a multiple of "
+                             f"its {tensor.tensor_type.name} blocks ({per})")
+    if tensor.data.size != n * (k // per) * size:
         raise ModelLoadError(f"tensor '{tensor.name}' holds {tensor.data.size} bytes, expected "
                              f"those of [{n}, {k}]: the file is truncated or damaged")
     return from_gguf_blocks(tensor.tensor_type.name, tensor.data, n, k)
@@ -229,7 +240,7 @@ def _check_shapes(tensors: dict[str, torch.Tensor], spec: ModelSpec, path: str) 
 
 def load_gguf(path: str, keep_quantized: bool = False) -> Checkpoint:
     """Reads `path` (a llama-family GGUF) into float32 Hugging Face-named tensors; with
-    keep_quantized, its Q4_0/Q4_1/Q8_0 matrices stay in their blocks (QuantWeight)."""
+    keep_quantized, its matrices in the formats of gguf_blocks.py stay quantized (QuantWeight)."""
     reader = open_gguf(path, _type_names())
     meta = gguf_metadata(reader)
     arch = meta.get("general.architecture")

@@ -92,9 +92,8 @@ class LlamaModel:
 
         def cat(*names: str) -> Weight:
             parts = [t[n] for n in names]
-            if device.type == "cpu" and all(isinstance(x, QuantWeight) for x in parts) and \
-                    len({x.format for x in parts}) == 1:
-                return qweight.cat(parts)
+            if device.type == "cpu" and all(isinstance(x, QuantWeight) for x in parts):
+                return qweight.cat(parts)  # layouts that differ are widened to one, exactly
             return torch.cat([dense(x) for x in parts]).to(dtype=dtype, device=device) \
                 .contiguous()
 
@@ -122,7 +121,7 @@ class LlamaModel:
 
     def weights_description(self) -> str:
         """Which path multiplies the weights and the bytes it reads per decode token, e.g.
-        'weights as stored (120 q4, 1 q8 matrices), 96.6 MB/token'."""
+        'weights quantized (120 q4, 1 q8 matrices), 96.6 MB/token'."""
         mats = [x for lw in self.layers for x in (lw.qkv, lw.o, lw.gate_up, lw.down)]
         mats.append(self.lm_head)
         counts: dict[str, int] = {}
@@ -130,13 +129,13 @@ class LlamaModel:
             kind = x.format if isinstance(x, QuantWeight) else str(x.dtype).removeprefix("torch.")
             counts[kind] = counts.get(kind, 0) + 1
         kinds = ", ".join(f"{n} {k}" for k, n in counts.items())
-        how = "as stored" if self.weights_as_stored else "dequantized"
+        how = "quantized" if self.weights_as_stored else "dequantized"
         return (f"weights {how} ({kinds} matrices), "
                 f"{self.num_weight_bytes_per_token() / 1e6:.1f} MB/token")
 
     @property
     def weights_as_stored(self) -> bool:
-        """Whether matrices are multiplied in their GGUF block formats (--quantization gguf)."""
+        """Whether matrices are multiplied quantized (--quantization gguf, int8 or int4)."""
         return isinstance(self.layers[0].qkv, QuantWeight) if self.layers else False
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,10 @@ import dataclasses
 import hashlib
 import os
 
+import torch
+
 from kvserve.errors import ModelLoadError
+from kvserve.kernels.qweight import quantize
 from kvserve.model.checkpoint import Checkpoint
 from kvserve.model.gguf import load_gguf
 from kvserve.model.hf import load_hf_folder
@@ -20,8 +23,12 @@ from kvserve.model_files import DEFAULT_MODEL_NAME, default_model_path, locate_m
 def load_checkpoint(model: str | None = None, quantization: str = "none") -> Checkpoint:
     """Loads `model` (None: the embedded default; a .gguf file; a Hugging Face folder or its
     config.json) into a Checkpoint of float32 tensors; quantization "gguf" keeps a GGUF file's
-    Q4_0/Q4_1/Q8_0 matrices in their blocks, "auto" does so for a GGUF file and loads a Hugging
-    Face folder as "none"."""
+    quantized matrices quantized (model/gguf_blocks.py), "auto" does so for a GGUF file and loads
+    a Hugging Face folder as "none"; "int8" and "int4" load as "none", then quantize every matrix
+    (qweight.quantize)."""
+    if quantization in ("int8", "int4"):
+        return quantize_checkpoint(load_checkpoint(model, "none"), 8 if quantization == "int8"
+                                   else 4)
     keep = quantization in ("gguf", "auto")
     if model is None:
         checkpoint = load_gguf(default_model_path(), keep)
@@ -32,6 +39,16 @@ def load_checkpoint(model: str | None = None, quantization: str = "none") -> Che
         raise ModelLoadError(f"quantization 'gguf' keeps a GGUF file's blocks; '{model}' is a "
                              "Hugging Face folder")
     return load_gguf(path, keep) if kind == "gguf" else load_hf_folder(path)
+
+
+def quantize_checkpoint(ckpt: Checkpoint, bits: int) -> Checkpoint:
+    """Every 2-D float tensor (the layers' matrices, the embedding, the LM head) quantized per
+    block of 32 inputs; one whose rows are not a multiple of 32 long stays float32 (counted as
+    such in the model's weights description)."""
+    for name, tensor in ckpt.tensors.items():
+        if isinstance(tensor, torch.Tensor) and tensor.dim() == 2 and tensor.shape[1] % 32 == 0:
+            ckpt.tensors[name] = quantize(tensor, bits)
+    return ckpt
 
 
 def model_fingerprint(model: str | None = None) -> str:

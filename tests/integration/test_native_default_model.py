@@ -16,7 +16,7 @@ def test_native_greedy_equals_the_dequantized_float32_model():
     params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
     native, dense = LLM(quantization="gguf"), LLM(quantization="none")
     described = native.engine.model.weights_description()
-    assert described.startswith("weights as stored (120 q4, 1 q8 matrices)"), described
+    assert described.startswith("weights quantized (120 q4, 1 q8 matrices)"), described
     assert native.engine.model.num_weight_bytes_per_token() == 96_576_768  # the file's blocks
     got = [o.outputs[0].token_ids for o in native.generate(PROMPTS, params, use_tqdm=False)]
     want = [o.outputs[0].token_ids for o in dense.generate(PROMPTS, params, use_tqdm=False)]

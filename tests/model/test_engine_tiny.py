@@ -124,9 +124,10 @@ def test_bfloat16_runs_and_mostly_agrees_with_float32(tiny_hf_dir, reference):
 
 
 # -- the fused C decode layer against the PyTorch reference layer ----------------------------------
-def decode_logits(llm: LLM, prompt_ids: list[int],
-                  num_tokens: int) -> tuple[list[int], torch.Tensor]:
-    """Greedy decode straight through model.forward over the engine's own contiguous cache."""
+def decode_logits(llm: LLM, prompt_ids: list[int], num_tokens: int,
+                  forced: list[int] | None = None) -> tuple[list[int], torch.Tensor]:
+    """Greedy decode straight through model.forward over the engine's own contiguous cache
+    (forced: feed these tokens instead of the argmax ones, teacher-forcing)."""
     model, cache = llm.engine.model, llm.engine.runner.attention
     feed, start, tokens, rows = list(prompt_ids), 0, [], []
     try:
@@ -137,7 +138,7 @@ def decode_logits(llm: LLM, prompt_ids: list[int],
             logits = model.forward(torch.tensor(feed), torch.arange(start, start + n), cache,
                                    meta, torch.tensor([n - 1]))[0]
             start += n
-            feed = [int(logits.argmax())]
+            feed = [int(logits.argmax()) if forced is None else forced[len(tokens)]]
             tokens.append(feed[0])
             rows.append(logits)
     finally:

@@ -75,9 +75,9 @@ def test_wrong_architecture_gguf(tmp_path):
 
 
 def test_unsupported_quantization_type(tmp_path, tiny_hf_dir):
-    path = fixtures.write_tiny_gguf(tmp_path / "q5.gguf", tiny_hf_dir, qtype="Q5_1")
+    path = fixtures.write_tiny_gguf(tmp_path / "mxfp4.gguf", tiny_hf_dir, qtype="MXFP4")
     message = _error(str(path))
-    assert "unsupported quantization type Q5_1" in message and "tensor '" in message
+    assert "unsupported quantization type MXFP4" in message and "tensor '" in message
     assert "Q4_1" in message  # lists what is supported
 
 

@@ -1,5 +1,6 @@
-"""Weights in GGUF's block formats: the parse against gguf-py's own dequantize, and the C products
-over the blocks (decode-sized and prefill-sized batches) against QuantWeight.dequantize."""
+"""Quantized weights: GGUF's block formats parsed against gguf-py's own dequantize, weights
+quantized at load (int8/int4), and the C products over every layout (decode-sized and
+prefill-sized batches) against QuantWeight.dequantize and the int16-activation reference."""
 
 import numpy as np
 import pytest
@@ -11,32 +12,80 @@ from kvserve.kernels import cpu
 from kvserve.kernels.qweight import (
     QuantWeight,
     cat,
-    from_gguf_blocks,
     round_activations,
     rounded_activation_linear,
 )
+from kvserve.kernels.qweight import quantize as quantize_weight
+from kvserve.model.gguf_blocks import BLOCK_SIZES, from_gguf_blocks
+
+# every layout the kernels take: q4 (min always), q8 with or without mins, scales per 32 or 16,
+# float16 or (_f32) float32 scales
+LAYOUTS = ["q4", "q8", "q8_min", "q8_g16", "q4_f32", "q8_min_f32", "q8_g16_f32"]
 
 
 def random_weight(fmt: str, n: int, k: int, seed: int, outliers: bool = False) -> QuantWeight:
     g = torch.Generator().manual_seed(seed)
-    scale = (torch.rand(n, k // 32, generator=g) * 0.05 + 1e-3).half()
+    if fmt.endswith("_f32"):
+        w = random_weight(fmt.removesuffix("_f32"), n, k, seed, outliers)
+        return w._map(lambda t: t.float() if t.is_floating_point() else t)
+    group = 16 if fmt == "q8_g16" else 32
+    scale = (torch.rand(n, k // group, generator=g) * 0.05 + 1e-3).half()
     if outliers:  # a few blocks with scales 100x the rest, as real checkpoints have
         scale.view(-1)[::7] *= 100
-    if fmt == "q8":
-        codes = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
-        return QuantWeight("q8", codes, scale, None)
-    codes = torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8)
     mins = (-torch.rand(n, k // 32, generator=g) * 0.3).half()
+    if fmt.startswith("q8"):
+        codes = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+        return QuantWeight("q8", codes, scale, mins if fmt == "q8_min" else None, group)
+    codes = torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8)
     return QuantWeight("q4", codes, scale, mins)
 
 
-@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q8_0])
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0])
 def test_gguf_blocks_parse_to_what_gguf_py_dequantizes(qtype):
+    """The formats the layouts hold exactly: bit for bit."""
     x = np.random.default_rng(0).standard_normal((6, 96)).astype(np.float32)
     blocks = quantize(x, qtype)
     w = from_gguf_blocks(qtype.name, blocks, 6, 96)
     want = torch.from_numpy(np.asarray(dequantize(blocks, qtype), dtype=np.float32).reshape(6, 96))
     assert torch.equal(w.dequantize(), want)
+
+
+def random_blocks(name: str, n: int, k: int, seed: int, d_scale: float = 0.01) -> np.ndarray:
+    """Random bytes as blocks of `name`, with sane float16 d (and dmin / min) fields."""
+    rng = np.random.default_rng(seed)
+    per, size = BLOCK_SIZES[name]
+    raw = rng.integers(0, 256, (n, k // per, size), dtype=np.uint8)
+    offsets = [208] if name == "Q6_K" else [0, 2] if name in ("Q4_1", "Q5_1", "Q4_K", "Q5_K") \
+        else [0]
+    for off in offsets:
+        d = np.clip(rng.standard_normal((n, k // per)) * d_scale, -6e4, 6e4).astype(np.float16)
+        raw[..., off:off + 2] = d.view(np.uint8).reshape(n, k // per, 2)
+    return raw.reshape(n, -1)
+
+
+@pytest.mark.parametrize("name", ["Q4_K", "Q5_K", "Q6_K"])
+def test_k_quant_blocks_parse_to_what_gguf_py_dequantizes(name):
+    """k-quants: d * sc and dmin * m held as float32 scales and mins, so bit for bit too (as
+    float16 they were off by up to 2^-11, enough to move a tiny model's logits by ~0.6%)."""
+    n, k = 5, 512
+    raw = random_blocks(name, n, k, seed=1)
+    want = torch.from_numpy(np.asarray(dequantize(raw, Q[name]), dtype=np.float32).reshape(n, k))
+    w = from_gguf_blocks(name, raw, n, k)
+    assert (w.format, w.group) == (("q4", 32) if name == "Q4_K" else ("q8", 16 if name == "Q6_K"
+                                                                     else 32))
+    assert w.scale.dtype == torch.float32
+    assert torch.equal(w.dequantize(), want)
+    if cpu.load() is not None:
+        assert torch.equal(cpu.dequantize(w), want)
+
+
+def test_q4_0_blocks_whose_min_overflows_float16_keep_float32_scales():
+    """Q4_0's min = -8 * d leaves float16 when |d| > 8188: scales and mins go float32 instead."""
+    raw = random_blocks("Q4_0", 2, 256, seed=2, d_scale=30000.0)
+    w = from_gguf_blocks("Q4_0", raw, 2, 256)
+    assert w.scale.dtype == torch.float32
+    want = np.asarray(dequantize(raw, Q.Q4_0), dtype=np.float32).reshape(2, 256)
+    assert torch.equal(w.dequantize(), torch.from_numpy(want))
 
 
 def test_q4_1_blocks_of_the_default_model_parse_exactly():
@@ -56,7 +105,7 @@ needs_c = pytest.mark.skipif(cpu.load() is None, reason="no C compiler: referenc
 
 
 @needs_c
-@pytest.mark.parametrize("fmt", ["q4", "q8"])
+@pytest.mark.parametrize("fmt", LAYOUTS)
 @pytest.mark.parametrize("m", [1, 2, 5, 64, 65, 300])  # decode kernel up to MAX_M, then dequantize
 # k = 224: 7 blocks, an odd count (the kernel pairs blocks); 1536: 48 blocks, 8 at a time
 @pytest.mark.parametrize("n,k", [(1, 32), (7, 96), (5, 224), (130, 576), (9, 1536)])
@@ -98,7 +147,7 @@ def assert_within_int16_rounding(got, want, x, w, decode):
     over each block (q4's min term uses the exact float sums), plus float32 rounding."""
     n, k = w.shape
     ref = w.dequantize().double()
-    if w.format == "q4":
+    if w.min is not None:
         ref = ref - w.min.double().repeat_interleave(32, dim=1)
     step = x.double().abs().view(x.shape[0], k // 32, 32).amax(-1) / 32767  # [m, blocks]
     per_block = ref.abs().view(n, k // 32, 32).sum(-1)  # [n, blocks]
@@ -109,7 +158,7 @@ def assert_within_int16_rounding(got, want, x, w, decode):
 
 
 @needs_c
-@pytest.mark.parametrize("fmt", ["q4", "q8"])
+@pytest.mark.parametrize("fmt", LAYOUTS)
 def test_products_accumulate_into_y_and_dequantize_in_c_equals_the_reference(fmt):
     w = random_weight(fmt, 33, 160, seed=3)
     x, y = torch.randn(4, 160), torch.randn(4, 33)
@@ -127,8 +176,39 @@ def test_rows_and_cat_keep_blocks_whole():
     assert torch.equal(fused.dequantize(), torch.cat([a.dequantize(), b.dequantize()]))
     perm = torch.tensor([4, 0, 3, 1, 2])
     assert torch.equal(a.rows(perm).dequantize(), a.dequantize()[perm])
-    with pytest.raises(ValueError, match="different quantized formats"):
-        cat([a, random_weight("q8", 2, 64, 3)])
+
+
+@pytest.mark.parametrize("others", [["q8"], ["q8_g16"], ["q8_min", "q8"], ["q8_g16", "q4"],
+                                    ["q8_g16_f32"], ["q4_f32"]])
+def test_cat_of_different_layouts_widens_them_exactly(others):
+    """A Q4_K_M file's Q4_K Q and K beside a Q6_K V: one fused q8 matrix, the same values;
+    float16 scales beside float32 ones widen to float32."""
+    parts = [random_weight("q4", 5, 64, 1)] + [random_weight(f, 3, 64, i + 2)
+                                                for i, f in enumerate(others)]
+    fused = cat(parts)
+    assert fused.format == ("q4" if others == ["q4_f32"] else "q8")
+    assert fused.group == (16 if any("g16" in f for f in others) else 32)
+    assert fused.scale_f32 == any(f.endswith("f32") for f in others)
+    assert torch.equal(fused.dequantize(), torch.cat([p.dequantize() for p in parts]))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantize_rounds_each_weight_to_its_nearest_level(bits):
+    """--quantization int8|int4: every weight within half a step of its value (plus float16's
+    rounding of the block min for int4), codes in range, and outliers kept in their own blocks."""
+    x = torch.randn(6, 128, generator=torch.Generator().manual_seed(bits))
+    x[2, 40] = 100.0  # one block with an outlier: its step only
+    x[4, 64:96] = 0.0  # an all-zero block: scale 0, exact zeros
+    w = quantize_weight(x, bits)
+    assert w.format == ("q8" if bits == 8 else "q4") and w.shape == (6, 128)
+    step = w.scale.float().repeat_interleave(32, dim=1)
+    slack = 0 if bits == 8 else w.min.float().abs().repeat_interleave(32, dim=1) * 2.0 ** -11
+    assert bool(((w.dequantize() - x).abs() <= step / 2 + slack + 1e-6).all())
+    assert torch.equal(w.dequantize()[4, 64:96], torch.zeros(32))
+    fine = w.scale.float()[2, 0], w.scale.float()[2, 1]
+    assert fine[1] > 10 * fine[0]  # the outlier's block alone got the coarse step
+    with pytest.raises(ValueError, match="8 or 4"):
+        quantize_weight(x, 2)
 
 
 def test_the_dequantized_checkpoint_equals_gguf_py_bit_for_bit():
