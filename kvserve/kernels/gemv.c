@@ -1275,9 +1275,14 @@ QROW_SET(q8_row, int8_t, q8_widen16, QB)
         _mm256_add_epi32(_mm256_madd_epi16(w[0], x0), _mm256_madd_epi16(w[1], x1)));              \
     ACC = _mm256_fmadd_ps(p, _mm256_broadcast_ss(&sd[R][j]), ACC);                                \
   }
-static inline void q8_rows4(const int8_t *codes, size_t code_row, sv_t scale,
-                            const int16_t *xq, const float *dx, int k, float *y) {
+/* (the hot batch-1 kernels take the scales' type as a constant F32 at each call, so the
+ * compiler specializes them and the branch in sv1/sv8 folds away) */
+static inline __attribute__((always_inline)) void q8_rows4(const int8_t *codes, size_t code_row,
+                                                           sv_t scale, const int16_t *xq,
+                                                           const float *dx, int k, float *y,
+                                                           const int F32) {
   int nb = k / QB;
+  scale.f32 = F32;
   __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
   for (int b0 = 0; b0 < nb; b0 += 8) {
     int nbb = nb - b0 < 8 ? nb - b0 : 8;
@@ -1412,9 +1417,10 @@ static inline __m256 q4_pair_scales(sv_t scale, const float *dx, int b, int two)
   __m128 s1 = _mm_set1_ps(two ? sv1(scale, b + 1) * dx[b + 1] : 0.f);
   return _mm256_insertf128_ps(_mm256_castps128_ps256(s0), s1, 1);
 }
-static inline void q4_rows4_pair(const uint8_t *codes, size_t code_row, sv_t scale,
-                                 sv_t mins, const int16_t *xp, const float *dx,
-                                 const float *xsum, int nb, float *y) {
+static __attribute__((noinline)) void q4_rows4_pair(
+    const uint8_t *codes, size_t code_row, sv_t scale, sv_t mins, const int16_t *xp,
+    const float *dx, const float *xsum, int nb, float *y, const int F32) {
+  scale.f32 = mins.f32 = F32;
   int nfull = nb / 8 * 8;
   __m256 acc[4], mn[4];
   for (int r = 0; r < 4; r++) acc[r] = mn[r] = _mm256_setzero_ps();
@@ -1524,16 +1530,21 @@ static int q_gemv(int fmt, int group, const void *codes, sv_t scale,
     for (int r = 0; r < r0; r += 4) {
       float out[4];
       if (fmt == 4) {
-        q4_rows4_pair((const uint8_t *)codes + (size_t)r * (k / 2), k / 2,
-                      sv_at(scale, (size_t)r * nb), sv_at(mins, (size_t)r * nb), xp, q.dx,
-                      q.xsum, nb, out);
-      } else {
-        if (group == QB)
-          q8_rows4((const int8_t *)codes + (size_t)r * k, k, sv_at(scale, (size_t)r * nb), q.xq,
-                   q.dx, k, out);
+        const uint8_t *c = (const uint8_t *)codes + (size_t)r * (k / 2);
+        sv_t s = sv_at(scale, (size_t)r * nb), mn = sv_at(mins, (size_t)r * nb);
+        if (scale.f32)
+          q4_rows4_pair(c, k / 2, s, mn, xp, q.dx, q.xsum, nb, out, 1);
         else
-          q8g16_rows4((const int8_t *)codes + (size_t)r * k, k, sv_at(scale, (size_t)r * ng), q.xq,
-                      q.dx, k, out);
+          q4_rows4_pair(c, k / 2, s, mn, xp, q.dx, q.xsum, nb, out, 0);
+      } else {
+        const int8_t *c = (const int8_t *)codes + (size_t)r * k;
+        sv_t s = sv_at(scale, (size_t)r * nb);
+        if (group == QB && scale.f32)
+          q8_rows4(c, k, s, q.xq, q.dx, k, out, 1);
+        else if (group == QB)
+          q8_rows4(c, k, s, q.xq, q.dx, k, out, 0);
+        else
+          q8g16_rows4(c, k, sv_at(scale, (size_t)r * ng), q.xq, q.dx, k, out);
         if (mins.p)
           for (int j = 0; j < 4; j++)
             out[j] += q4_min_term(sv_at(mins, (size_t)(r + j) * nb), q.xsum, nb);
