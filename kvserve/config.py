@@ -351,7 +351,8 @@ class EngineConfig:
         "auto", "weights' format in memory: gguf: a GGUF file's quantized matrices (Q8_0, Q4_0, "
         "Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) kept quantized and multiplied so (other tensors "
         "dequantized); int8, int4: every matrix of any checkpoint quantized at load per block "
-        "of 32 inputs (int8: scale = max|x| / 127; int4: scale and min, 16 levels); none: every "
+        "of 32 inputs (int8: scale = max|x| / 127; int4: scale and min, 16 levels, the embedding "
+        "and LM head at int8); none: every "
         "tensor dequantized to --dtype (the exact reference path); auto: gguf for a GGUF file "
         "on cpu with dtype float32, else none. gguf, int8 and int4 run on cpu with dtype "
         "float32", choices=QUANTIZATIONS)
