@@ -35,16 +35,16 @@ def bad_models(tmp_path_factory, tiny_hf_dir, tiny_gguf_path) -> dict[str, Path]
     data = tiny_gguf_path.read_bytes()
     half.write_bytes(data[: len(data) // 2])
     gpt2 = fixtures.write_wrong_arch_gguf(folder / "gpt2.gguf")
-    q5 = fixtures.write_tiny_gguf(folder / "q5.gguf", tiny_hf_dir, qtype="Q5_1")
+    mxfp4 = fixtures.write_tiny_gguf(folder / "mxfp4.gguf", tiny_hf_dir, qtype="MXFP4")
     return {"missing": folder / "no-such-model.gguf", "truncated": half, "architecture": gpt2,
-            "quantization": q5}
+            "quantization": mxfp4}
 
 
 MODEL_ERRORS = {  # which bad file -> what the one line must say
     "missing": "not found",
     "truncated": "truncated",
     "architecture": "unsupported architecture 'gpt2'",
-    "quantization": "unsupported quantization type Q5_1",
+    "quantization": "unsupported quantization type MXFP4",
 }
 # name -> (prompt, extra flags, what the one line must say); "{tiny}" is the tiny model folder.
 CLI_CASES = {
