@@ -1077,9 +1077,11 @@ void kv_paged_decode_attention_affine(
  * (sv_t below),
  *   q4: codes [n, k / 2], byte j of a block holds element j (low nibble) and j + 16 (high);
  *       x = code * scale + min, min [n, k / 32] (Q4_1; Q4_0 as min = -8 * scale; Q4_K);
+ *   q5: q4's nibbles plus hbits [n, k / 8], each block's fifth bits as a little-endian 32-bit
+ *       word, bit j for element j (GGUF's qh): x = (nibble + 16 * bit) * scale + min (Q5_0 as
+ *       min = -16 * scale, Q5_1, Q5_K);
  *   q8: codes [n, k] int8, x = code * scale (+ min), scale [n, k / group] with group 32
- *       (Q8_0; Q5_0, Q5_1 and Q5_K widened to int8) or 16 (Q6_K's sub-blocks), min [n, k / 32]
- *       or none.
+ *       (Q8_0) or 16 (Q6_K's sub-blocks), min [n, k / 32] or none.
  * Y[m, n] (=|+=) X[m, k] @ W^T for m <= MAX_M rows of X. Each row of X is first rounded to int16
  * per block of 32 (x ~ xq * dx, dx = max|x| / 32767: an error of at most dx / 2 per element, 2^-16
  * of the block's largest value, ~250x finer than bfloat16), so a weight block's codes are widened
@@ -1175,6 +1177,11 @@ static inline void q4_widen_scalar(const uint8_t *c, float *w) {
 static inline void q8_widen_scalar(const int8_t *c, float *w) {
   for (int j = 0; j < QB; j++) w[j] = (float)c[j];
 }
+/* q5: q4's nibbles plus each value's fifth bit, 4 bytes per block (bit j: element j) */
+static inline void q5_widen_scalar(const uint8_t *c, const uint8_t *h, float *w) {
+  q4_widen_scalar(c, w);
+  for (int j = 0; j < QB; j++) w[j] += (float)(((h[j / 8] >> (j % 8)) & 1) << 4);
+}
 
 #ifdef KV_AVX2
 /* a block's 32 codes as two vectors of 16 int16, in element order */
@@ -1186,6 +1193,20 @@ static inline void q4_widen16(const uint8_t *c, __m256i w[2]) {
 static inline void q8_widen16(const int8_t *c, __m256i w[2]) {
   w[0] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)c));
   w[1] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(c + 16)));
+}
+/* 16 fifth bits (bits 0-15 of v) as 16 int16 lanes of 0 or 16 */
+static inline __m256i q5_bits16(uint32_t v) {
+  const __m256i sel = _mm256_setr_epi16(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096,
+                                        8192, 16384, (short)-32768);
+  __m256i b = _mm256_and_si256(_mm256_set1_epi16((short)(v & 0xffff)), sel);
+  return _mm256_and_si256(_mm256_cmpeq_epi16(b, sel), _mm256_set1_epi16(16));
+}
+static inline void q5_widen16(const uint8_t *c, const uint8_t *h, __m256i w[2]) {
+  uint32_t bits;
+  memcpy(&bits, h, 4);
+  q4_widen16(c, w);
+  w[0] = _mm256_or_si256(w[0], q5_bits16(bits));
+  w[1] = _mm256_or_si256(w[1], q5_bits16(bits >> 16));
 }
 /* codes . x of one block as 8 float partial sums (w: the block's codes as 2 x 16 int16) */
 #define QDOT(w, x)                                                                                \
@@ -1256,6 +1277,22 @@ static inline void q8_widen16(const int8_t *c, __m256i w[2]) {
   }
 QROW_SET(q4_row, uint8_t, q4_widen16, QB / 2)
 QROW_SET(q8_row, int8_t, q8_widen16, QB)
+/* q5: one weight row against m rows of X, each block widened once for all of them */
+static void q5_row(const uint8_t *codes, const uint8_t *hb, sv_t scale, const qx_t *q, int m,
+                   int k, float *out) {
+  int nb = k / QB;
+  __m256 acc[MAX_M];
+  for (int i = 0; i < m; i++) acc[i] = _mm256_setzero_ps();
+  for (int b = 0; b < nb; b++) {
+    __m256i w[2];
+    q5_widen16(codes + (size_t)b * (QB / 2), hb + (size_t)b * 4, w);
+    float s = sv1(scale, b);
+    for (int i = 0; i < m; i++)
+      acc[i] = _mm256_fmadd_ps(QDOT(w, q->xq + (size_t)i * k + (size_t)b * QB),
+                               _mm256_set1_ps(s * q->dx[(size_t)i * nb + b]), acc[i]);
+  }
+  for (int i = 0; i < m; i++) out[i] = hsum256(acc[i]);
+}
 #endif
 
 #ifdef KV_AVX2
@@ -1412,14 +1449,44 @@ static inline __m256i q4_pair_dot(const uint8_t *c, int two, const __m256i *x) {
   __m256i s3 = _mm256_madd_epi16(_mm256_unpackhi_epi8(hi, zero), x[3]);
   return _mm256_add_epi32(_mm256_add_epi32(s0, s1), _mm256_add_epi32(s2, s3));
 }
+/* q5: as q4_pair_dot, each nibble's fifth bit ORed in first: the two blocks' 32-bit words of
+ * fifth bits broadcast to their lanes, byte i of a lane picking its word's byte (i / 8) (the low
+ * nibbles hold elements 0-15: bits 0-15; the high ones 16-31), tested against bit i % 8 */
+static inline __m256i q5_pair_dot(const uint8_t *c, const uint8_t *h, int two, const __m256i *x) {
+  __m256i w = two ? _mm256_loadu_si256((const __m256i *)c)
+                  : _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)c));
+  uint32_t b0, b1 = 0;
+  memcpy(&b0, h, 4);
+  if (two) memcpy(&b1, h + 4, 4);
+  __m256i v = _mm256_setr_epi32((int)b0, (int)b0, (int)b0, (int)b0, (int)b1, (int)b1, (int)b1,
+                                (int)b1);
+  const __m256i pick_lo = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0,
+                                           0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  const __m256i pick_hi = _mm256_add_epi8(pick_lo, _mm256_set1_epi8(2));
+  const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+  __m256i mask = _mm256_set1_epi8(0x0f), zero = _mm256_setzero_si256(), f = _mm256_set1_epi8(16);
+  __m256i h_lo = _mm256_and_si256(
+      _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(v, pick_lo), bit), bit), f);
+  __m256i h_hi = _mm256_and_si256(
+      _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(v, pick_hi), bit), bit), f);
+  __m256i lo = _mm256_or_si256(_mm256_and_si256(w, mask), h_lo);
+  __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(w, 4), mask), h_hi);
+  __m256i s0 = _mm256_madd_epi16(_mm256_unpacklo_epi8(lo, zero), x[0]);
+  __m256i s1 = _mm256_madd_epi16(_mm256_unpackhi_epi8(lo, zero), x[1]);
+  __m256i s2 = _mm256_madd_epi16(_mm256_unpacklo_epi8(hi, zero), x[2]);
+  __m256i s3 = _mm256_madd_epi16(_mm256_unpackhi_epi8(hi, zero), x[3]);
+  return _mm256_add_epi32(_mm256_add_epi32(s0, s1), _mm256_add_epi32(s2, s3));
+}
 static inline __m256 q4_pair_scales(sv_t scale, const float *dx, int b, int two) {
   __m128 s0 = _mm_set1_ps(sv1(scale, b) * dx[b]);
   __m128 s1 = _mm_set1_ps(two ? sv1(scale, b + 1) * dx[b + 1] : 0.f);
   return _mm256_insertf128_ps(_mm256_castps128_ps256(s0), s1, 1);
 }
+/* (q5 too: Q5 = 1, hb its fifth bits, hb_row bytes per row) */
 static __attribute__((noinline)) void q4_rows4_pair(
-    const uint8_t *codes, size_t code_row, sv_t scale, sv_t mins, const int16_t *xp,
-    const float *dx, const float *xsum, int nb, float *y, const int F32) {
+    const uint8_t *codes, size_t code_row, const uint8_t *hb, size_t hb_row, sv_t scale,
+    sv_t mins, const int16_t *xp, const float *dx, const float *xsum, int nb, float *y,
+    const int F32, const int Q5) {
   scale.f32 = mins.f32 = F32;
   int nfull = nb / 8 * 8;
   __m256 acc[4], mn[4];
@@ -1427,11 +1494,9 @@ static __attribute__((noinline)) void q4_rows4_pair(
   for (int b0 = 0; b0 < nfull; b0 += 8) {
     __m256 sd[4], d8 = _mm256_loadu_ps(dx + b0), s8 = _mm256_loadu_ps(xsum + b0);
     for (int r = 0; r < 4; r++) {
-      sd[r] = _mm256_mul_ps(
-          sv8(scale, (size_t)r * nb + b0), d8);
-      mn[r] = _mm256_fmadd_ps(
-          sv8(mins, (size_t)r * nb + b0), s8,
-          mn[r]);
+      sd[r] = _mm256_mul_ps(sv8(scale, (size_t)r * nb + b0), d8);
+      mn[r] = _mm256_fmadd_ps(sv8(mins, (size_t)r * nb + b0), s8, mn[r]);
+      if (Q5) _mm_prefetch((const char *)(hb + (r + QPF) * hb_row + (size_t)b0 * 4), _MM_HINT_T0);
     }
     for (int p = 0; p < 4; p++) {
       int b = b0 + 2 * p;
@@ -1442,8 +1507,10 @@ static __attribute__((noinline)) void q4_rows4_pair(
       for (int r = 0; r < 4; r++) {
         const uint8_t *c = codes + r * code_row + (size_t)b * (QB / 2);
         _mm_prefetch((const char *)(c + QPF * code_row), _MM_HINT_T0);
-        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q4_pair_dot(c, 1, xv)),
-                                 _mm256_permutevar8x32_ps(sd[r], sel), acc[r]);
+        __m256i dot = Q5 ? q5_pair_dot(c, hb + r * hb_row + (size_t)b * 4, 1, xv)
+                         : q4_pair_dot(c, 1, xv);
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_permutevar8x32_ps(sd[r], sel),
+                                 acc[r]);
       }
     }
   }
@@ -1454,9 +1521,11 @@ static __attribute__((noinline)) void q4_rows4_pair(
     __m256i xv[4] = {_mm256_loadu_si256(x), _mm256_loadu_si256(x + 1), _mm256_loadu_si256(x + 2),
                      _mm256_loadu_si256(x + 3)};
     for (int r = 0; r < 4; r++) {
-      acc[r] = _mm256_fmadd_ps(
-          _mm256_cvtepi32_ps(q4_pair_dot(codes + r * code_row + (size_t)b * (QB / 2), two, xv)),
-          q4_pair_scales(sv_at(scale, (size_t)r * nb), dx, b, two), acc[r]);
+      const uint8_t *c = codes + r * code_row + (size_t)b * (QB / 2);
+      __m256i dot = Q5 ? q5_pair_dot(c, hb + r * hb_row + (size_t)b * 4, two, xv)
+                       : q4_pair_dot(c, two, xv);
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot),
+                               q4_pair_scales(sv_at(scale, (size_t)r * nb), dx, b, two), acc[r]);
       for (int j = b; j < b + 1 + two; j++) tail[r] += sv1(mins, (size_t)r * nb + j) * xsum[j];
     }
   }
@@ -1482,13 +1551,15 @@ static inline float q4_min_term(sv_t mins, const float *xs, int nb) {
 
 #ifndef KV_AVX2
 /* the portable product of one weight row and every row of X, in float32 */
-static void q_row_portable(int fmt, int group, const void *codes, sv_t scale,
-                           const float *X, int m, int k, float *out) {
+static void q_row_portable(int fmt, int group, const void *codes, const uint8_t *hb,
+                           sv_t scale, const float *X, int m, int k, float *out) {
   for (int i = 0; i < m; i++) out[i] = 0.f;
   for (int b = 0; b < k / QB; b++) {
     float w[QB];
     if (fmt == 4)
       q4_widen_scalar((const uint8_t *)codes + (size_t)b * (QB / 2), w);
+    else if (fmt == 5)
+      q5_widen_scalar((const uint8_t *)codes + (size_t)b * (QB / 2), hb + (size_t)b * 4, w);
     else
       q8_widen_scalar((const int8_t *)codes + (size_t)b * QB, w);
     for (int j = 0; j < QB; j++) w[j] *= sv1(scale, (b * QB + j) / group);
@@ -1504,9 +1575,9 @@ static void q_row_portable(int fmt, int group, const void *codes, sv_t scale,
 
 /* Rows of W split across threads; group: values per scale (32, or 16 for q8); mins: NULL or one
  * per block of 32 (required for q4). Returns 0 (Y untouched) if scratch could not be allocated. */
-static int q_gemv(int fmt, int group, const void *codes, sv_t scale,
-                  sv_t mins, const float *X, float *Y, int m, int n, int k,
-                  int accumulate) {
+/* fmt 4 (q4), 5 (q5: hb, its fifth bits [n, k / 8]) or 8 (q8) */
+static int q_gemv(int fmt, int group, const void *codes, const uint8_t *hb, sv_t scale,
+                  sv_t mins, const float *X, float *Y, int m, int n, int k, int accumulate) {
   int nb = k / QB, ng = k / group;
   qx_t q;
   if (!qx_init(&q, X, m, k)) {
@@ -1516,7 +1587,7 @@ static int q_gemv(int fmt, int group, const void *codes, sv_t scale,
   int r0 = 0;
   int16_t *xp = NULL;
 #ifdef KV_AVX2
-  if (m == 1 && fmt == 4) { /* X in the pair layout of q4_rows4_pair */
+  if (m == 1 && fmt != 8) { /* X in the pair layout of q4_rows4_pair */
     xp = malloc(sizeof(int16_t) * (size_t)(nb + 1) * QB);
     if (!xp) {
       qx_free(&q);
@@ -1529,13 +1600,18 @@ static int q_gemv(int fmt, int group, const void *codes, sv_t scale,
     _Pragma("omp parallel for schedule(static) num_threads(kv_team())")
     for (int r = 0; r < r0; r += 4) {
       float out[4];
-      if (fmt == 4) {
+      if (fmt != 8) {
         const uint8_t *c = (const uint8_t *)codes + (size_t)r * (k / 2);
+        const uint8_t *h = fmt == 5 ? hb + (size_t)r * (k / 8) : NULL;
         sv_t s = sv_at(scale, (size_t)r * nb), mn = sv_at(mins, (size_t)r * nb);
-        if (scale.f32)
-          q4_rows4_pair(c, k / 2, s, mn, xp, q.dx, q.xsum, nb, out, 1);
+        if (fmt == 5 && scale.f32)
+          q4_rows4_pair(c, k / 2, h, k / 8, s, mn, xp, q.dx, q.xsum, nb, out, 1, 1);
+        else if (fmt == 5)
+          q4_rows4_pair(c, k / 2, h, k / 8, s, mn, xp, q.dx, q.xsum, nb, out, 0, 1);
+        else if (scale.f32)
+          q4_rows4_pair(c, k / 2, NULL, 0, s, mn, xp, q.dx, q.xsum, nb, out, 1, 0);
         else
-          q4_rows4_pair(c, k / 2, s, mn, xp, q.dx, q.xsum, nb, out, 0);
+          q4_rows4_pair(c, k / 2, NULL, 0, s, mn, xp, q.dx, q.xsum, nb, out, 0, 0);
       } else {
         const int8_t *c = (const int8_t *)codes + (size_t)r * k;
         sv_t s = sv_at(scale, (size_t)r * nb);
@@ -1560,15 +1636,18 @@ static int q_gemv(int fmt, int group, const void *codes, sv_t scale,
 #ifdef KV_AVX2
     if (fmt == 4)
       q4_row((const uint8_t *)codes + (size_t)r * (k / 2), sr, &q, m, k, out);
+    else if (fmt == 5)
+      q5_row((const uint8_t *)codes + (size_t)r * (k / 2), hb + (size_t)r * (k / 8), sr, &q, m,
+             k, out);
     else if (group == QB)
       q8_row((const int8_t *)codes + (size_t)r * k, sr, &q, m, k, out);
     else
       q8g16_row((const int8_t *)codes + (size_t)r * k, sr, &q, m, k, out);
 #else
     q_row_portable(fmt, group,
-                   fmt == 4 ? (const void *)((const uint8_t *)codes + (size_t)r * (k / 2))
+                   fmt != 8 ? (const void *)((const uint8_t *)codes + (size_t)r * (k / 2))
                             : (const void *)((const int8_t *)codes + (size_t)r * k),
-                   sr, X, m, k, out);
+                   fmt == 5 ? hb + (size_t)r * (k / 8) : NULL, sr, X, m, k, out);
 #endif
     if (mins.p)
       for (int i = 0; i < m; i++)
@@ -1586,18 +1665,24 @@ static int q_gemv(int fmt, int group, const void *codes, sv_t scale,
 int kv_gemv_q4(const uint8_t *codes, const void *scale, const void *mins, int scale_f32,
                const float *X, float *Y, int m, int n, int k, int accumulate) {
   sv_t s = {scale, scale_f32}, mn = {mins, scale_f32};
-  return q_gemv(4, QB, codes, s, mn, X, Y, m, n, k, accumulate);
+  return q_gemv(4, QB, codes, NULL, s, mn, X, Y, m, n, k, accumulate);
+}
+int kv_gemv_q5(const uint8_t *codes, const uint8_t *hbits, const void *scale, const void *mins,
+               int scale_f32, const float *X, float *Y, int m, int n, int k, int accumulate) {
+  sv_t s = {scale, scale_f32}, mn = {mins, scale_f32};
+  return q_gemv(5, QB, codes, hbits, s, mn, X, Y, m, n, k, accumulate);
 }
 int kv_gemv_q8(const int8_t *codes, const void *scale, const void *mins, int scale_f32,
                int group, const float *X, float *Y, int m, int n, int k, int accumulate) {
   sv_t s = {scale, scale_f32}, mn = {mins, scale_f32};
-  return q_gemv(8, group, codes, s, mn, X, Y, m, n, k, accumulate);
+  return q_gemv(8, group, codes, NULL, s, mn, X, Y, m, n, k, accumulate);
 }
 
 /* W dequantized into out [n, k] float32 (prefill-sized batches: the product then runs in
  * torch's float32 GEMM over a weight dequantized once per call). */
-void kv_dequantize_q(int fmt, int group, const void *codes, const void *scale_p,
-                     const void *mins_p, int scale_f32, float *out, int n, int k) {
+void kv_dequantize_q(int fmt, int group, const void *codes, const uint8_t *hbits,
+                     const void *scale_p, const void *mins_p, int scale_f32, float *out, int n,
+                     int k) {
   int nb = k / QB;
   sv_t scale = {scale_p, scale_f32}, mins = {mins_p, scale_f32};
   _Pragma("omp parallel for schedule(static) num_threads(kv_team())")
@@ -1619,6 +1704,11 @@ void kv_dequantize_q(int fmt, int group, const void *codes, const void *scale_p,
 #endif
         q4_widen_scalar(c, w);
         for (int j = 0; j < QB; j++) o[j] = w[j] * d + mn;
+      } else if (fmt == 5) {
+        const uint8_t *c = (const uint8_t *)codes + (size_t)r * (k / 2) + (size_t)b * (QB / 2);
+        float d = sv1(scale, (size_t)r * nb + b), mn = sv1(mins, (size_t)r * nb + b);
+        q5_widen_scalar(c, hbits + (size_t)r * (k / 8) + (size_t)b * 4, w);
+        for (int j = 0; j < QB; j++) o[j] = fmaf(w[j], d, mn);
       } else { /* group 32 or 16: the scale of element j is scale[(b * 32 + j) / group] */
         const int8_t *c = (const int8_t *)codes + (size_t)r * k + (size_t)b * QB;
         sv_t sc = sv_at(scale, (size_t)r * (k / group) + (size_t)b * (QB / group));
@@ -1640,7 +1730,8 @@ void kv_dequantize_q(int fmt, int group, const void *codes, const void *scale_p,
 /* The two halves of a decode layer around attention, one call each (each call from Python costs
  * ~10-20 us on this CPU, several times what the small ops themselves take; a layer made 7 of
  * them besides attention). A weight is described by kv_weight: kind 32 (float32), 16 (bfloat16),
- * 4 (q4) or 8 (q8), its data (codes for q4/q8), scales, mins and (q8) scale group. References,
+ * 4 (q4), 5 (q5) or 8 (q8), its data (codes), scales, mins, (q8) scale group and (q5) fifth
+ * bits. References,
  * composed: kvserve.model.llama.LlamaModel._layer_reference.
  *   kv_layer_pre:  qkv = rope(rms_norm(h) @ Wqkv^T) (the first rope_heads heads rotated)
  *   kv_layer_post: h += o @ Wo^T;  h += swiglu(rms_norm(h) @ Wgu^T) @ Wdown^T
@@ -1652,6 +1743,7 @@ typedef struct {
   const void *scale, *mins;
   int group;     /* q8: values per scale (32 or 16) */
   int scale_f32; /* scales and mins are float32 (else float16) */
+  const uint8_t *hbits; /* q5: the fifth bits */
 } kv_weight;
 
 static int weight_product(const kv_weight *w, const float *X, float *Y, int m, int accumulate) {
@@ -1659,10 +1751,11 @@ static int weight_product(const kv_weight *w, const float *X, float *Y, int m, i
     case 32: kv_gemv_f32((const float *)w->data, X, Y, m, w->n, w->k, accumulate); return 1;
     case 16: kv_gemv_bf16((const uint16_t *)w->data, X, Y, m, w->n, w->k, accumulate); return 1;
     case 4:
+    case 5:
     case 8: {
       sv_t s = {w->scale, w->scale_f32}, mn = {w->mins, w->scale_f32};
-      return q_gemv(w->kind, w->kind == 4 ? QB : w->group, w->data, s, mn, X, Y, m, w->n, w->k,
-                    accumulate);
+      return q_gemv(w->kind, w->kind == 8 ? w->group : QB, w->data, w->hbits, s, mn, X, Y, m,
+                    w->n, w->k, accumulate);
     }
   }
   return 0;

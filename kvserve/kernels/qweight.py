@@ -4,6 +4,8 @@ A QuantWeight is one [n, k] matrix (n output rows, k inputs) cut into blocks of 
   q4: x = code * scale + min, code in 0..15; codes [n, k / 2] uint8, the low nibble of a block's
       byte j is element j and the high nibble element j + 16 (GGUF's Q4_0/Q4_1 order); scale, min
       [n, k / 32].
+  q5: q4's codes plus each value's fifth bit: high [n, k / 8] uint8, per block a little-endian
+      32-bit word, bit j for element j (GGUF's qh); x = (code + 16 * bit) * scale + min.
   q8: x = code * scale (+ min), code int8; codes [n, k] int8; scale [n, k / group] with group 32
       or 16 (a scale per 16 values: GGUF's Q6_K); min [n, k / 32], or None.
 Scales and mins are float16, or float32 where float16 cannot hold them exactly (a k-quant's
@@ -25,15 +27,18 @@ BLOCK = 32
 
 @dataclass
 class QuantWeight:
-    format: str  # "q4" or "q8"
+    format: str  # "q4", "q5" or "q8"
     codes: torch.Tensor
     scale: torch.Tensor  # [n, k / group] float16 or float32
     min: torch.Tensor | None  # [n, k / 32] as scale (always for q4), or None
     group: int = BLOCK  # values per scale: 32, or 16 (q8 only)
+    high: torch.Tensor | None = None  # q5's fifth bits [n, k / 8] uint8
 
     def __post_init__(self):
-        if self.format == "q4" and (self.min is None or self.group != BLOCK):
-            raise ValueError("q4 weights have a min and a scale per 32 values")
+        if self.format in ("q4", "q5") and (self.min is None or self.group != BLOCK):
+            raise ValueError(f"{self.format} weights have a min and a scale per 32 values")
+        if (self.format == "q5") != (self.high is not None):
+            raise ValueError("q5 weights, and only they, have fifth bits")
         if self.group not in (BLOCK, 16):
             raise ValueError(f"scale groups of {self.group} values are not supported (32, 16)")
         if self.scale.dtype not in (torch.float16, torch.float32) or (
@@ -48,31 +53,38 @@ class QuantWeight:
     @property
     def shape(self) -> tuple[int, int]:
         n, per_row = self.codes.shape
-        return n, per_row * (2 if self.format == "q4" else 1)
+        return n, per_row * (1 if self.format == "q8" else 2)
 
     @property
     def device(self) -> torch.device:
         return self.codes.device
 
     def nbytes(self) -> int:
-        parts = [self.codes, self.scale] + ([self.min] if self.min is not None else [])
+        parts = [t for t in (self.codes, self.scale, self.min, self.high) if t is not None]
         return sum(p.numel() * p.element_size() for p in parts)
 
     def _map(self, fn) -> QuantWeight:
         return QuantWeight(self.format, fn(self.codes), fn(self.scale),
-                           None if self.min is None else fn(self.min), self.group)
+                           None if self.min is None else fn(self.min), self.group,
+                           None if self.high is None else fn(self.high))
 
     def rows(self, index: torch.Tensor) -> QuantWeight:
         """The rows `index` (a permutation or a selection), still quantized."""
         return self._map(lambda t: t[index].contiguous())
 
     def codes_in_order(self) -> torch.Tensor:
-        """Each block's codes in element order, [n, k / 32, 32] (q4's nibbles unpacked)."""
+        """Each block's codes in element order, [n, k / 32, 32] (nibbles unpacked, q5's fifth
+        bits added)."""
         n, k = self.shape
         if self.format == "q8":
             return self.codes.view(n, k // BLOCK, BLOCK)
         c = self.codes.view(n, k // BLOCK, BLOCK // 2)
-        return torch.cat((c & 15, c >> 4), dim=-1)
+        codes = torch.cat((c & 15, c >> 4), dim=-1)
+        if self.high is not None:
+            shifts = torch.arange(8, dtype=torch.uint8, device=c.device)
+            bits = (self.high.view(n, k // BLOCK, 4, 1) >> shifts) & 1  # [n, nb, 4 bytes, 8]
+            codes = codes | (bits.reshape(n, k // BLOCK, BLOCK) << 4)
+        return codes
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The reference: [n, k] in `dtype` (computed in float32)."""
@@ -129,7 +141,7 @@ def as_q8(w: QuantWeight, group: int, with_min: bool, dtype: torch.dtype) -> Qua
     a min (zero if w has none) when with_min: exact, as q4 codes (0..15) are int8 codes, a scale
     per 32 is two equal ones per 16, and float16 widens to float32 exactly."""
     n, k = w.shape
-    codes = w.codes_in_order().reshape(n, k).to(torch.int8) if w.format == "q4" else w.codes
+    codes = w.codes_in_order().reshape(n, k).to(torch.int8) if w.format != "q8" else w.codes
     scale = w.scale.repeat_interleave(w.group // group, dim=1) if w.group != group else w.scale
     scale = scale.to(dtype)
     mins = None if w.min is None else w.min.to(dtype)
@@ -138,12 +150,24 @@ def as_q8(w: QuantWeight, group: int, with_min: bool, dtype: torch.dtype) -> Qua
     return QuantWeight("q8", codes.contiguous(), scale.contiguous(), mins, group)
 
 
+def as_q5(w: QuantWeight) -> QuantWeight:
+    """q4 as q5 (fifth bits all 0): exact."""
+    if w.format == "q5":
+        return w
+    n, k = w.shape
+    return QuantWeight("q5", w.codes, w.scale, w.min, BLOCK,
+                       torch.zeros((n, k // 8), dtype=torch.uint8, device=w.device))
+
+
 def cat(weights: list[QuantWeight]) -> QuantWeight:
     """Row-wise concatenation (fused Q|K|V, gate|up). Parts in different layouts (a Q4_K_M file
-    keeps some layers' V in Q6_K beside Q4_K Q and K) are first widened exactly to one q8 layout
-    (as_q8): more bytes for those rows, the same values, still one product."""
-    first = weights[0]
+    keeps some layers' V in Q6_K beside Q4_K Q and K) are first widened exactly to one: q4 beside
+    q5 to q5, anything beside q8 to q8 (as_q8): more bytes for those rows, the same values,
+    still one product."""
     dtype = torch.float32 if any(w.scale_f32 for w in weights) else torch.float16
+    if {w.format for w in weights} == {"q4", "q5"}:
+        weights = [as_q5(w) for w in weights]
+    first = weights[0]
     layout = (first.format, first.group, first.min is None)
     if any((w.format, w.group, w.min is None) != layout for w in weights):
         group = min(w.group for w in weights)
@@ -153,8 +177,9 @@ def cat(weights: list[QuantWeight]) -> QuantWeight:
         weights = [w._map(lambda t: t.to(dtype) if t.is_floating_point() else t) for w in weights]
     first = weights[0]
     mins = None if first.min is None else torch.cat([w.min for w in weights])
+    high = None if first.high is None else torch.cat([w.high for w in weights])
     return QuantWeight(first.format, torch.cat([w.codes for w in weights]),
-                       torch.cat([w.scale for w in weights]), mins, first.group)
+                       torch.cat([w.scale for w in weights]), mins, first.group, high)
 
 
 def quantize(weight: torch.Tensor, bits: int) -> QuantWeight:

@@ -6,19 +6,18 @@ same float gguf-py's dequantize makes:
   Q8_0    q8      as stored           float16, as stored           8.5   8.5
   Q4_0    q4      as stored           float16; min = -8 * scale*   4.5   5
   Q4_1    q4      as stored           float16, as stored           5     5
-  Q5_0    q8      5-bit value - 16    float16, as stored           5.5   8.5
-  Q5_1    q8      5-bit value         float16, as stored           6     9
+  Q5_0    q5      as stored           float16; min = -16 * scale*  5.5   6
+  Q5_1    q5      as stored           float16, as stored           6     6
   Q4_K    q4      nibbles reordered   float32 d * sc, -dmin * m    4.5   6
-  Q5_K    q8      5-bit value         float32 d * sc, -dmin * m    5.5   10
+  Q5_K    q5      reordered           float32 d * sc, -dmin * m    5.5   7
   Q6_K    q8      6-bit value - 32    float32 d * sc per 16        6.6   10
-(* both float32 in the odd file whose -8 * scale overflows float16.)
+(* both float32 in the odd file whose -8 or -16 * scale overflows float16.)
 A k-quant stores a float16 super-block scale d (and dmin) and small integer sub-block scales sc
 (and m); their products need up to 19 significant bits, so they are held as float32. Held as
 float16 they were rounded by up to 2^-11, which moved the tiny test model's logits by ~0.6%
-(Q4_K's asymmetric blocks: a rounded scale * code and the min nearly cancel). 5- and 6-bit codes
-are held as int8: more bytes than stored, and what `kvserve generate --stats` reports per token
-counts what is really read. (llama.cpp multiplies these formats as stored: fewer bytes, the
-decode gap on such files is wider than on Q4_0/Q4_1/Q8_0.)
+(Q4_K's asymmetric blocks: a rounded scale * code and the min nearly cancel). Q6_K's 6-bit codes
+are held as int8. What `kvserve generate --stats` reports per token counts what is really read.
+(llama.cpp multiplies every format as stored, so on k-quant files it reads fewer bytes.)
 """
 
 from __future__ import annotations
@@ -44,16 +43,6 @@ def _pack_q4(codes: np.ndarray, n: int, k: int) -> np.ndarray:
     return (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(n, k // 2)
 
 
-def _nibbles(qs: np.ndarray) -> np.ndarray:
-    """[..., 16] bytes -> [..., 32] values: low nibbles (elements 0-15), then high (16-31)."""
-    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
-
-
-def _fifth_bits(qh: np.ndarray) -> np.ndarray:
-    """Q5_0/Q5_1's qh [..., 4] bytes (a little-endian uint32) -> [..., 32] bit j of each."""
-    return np.unpackbits(qh, axis=-1, bitorder="little")
-
-
 def _k_scales(raw: np.ndarray, nsb: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Q4_K/Q5_K's d, dmin [n, nsb, 1] and 6-bit sc, m [n, nsb, 8] (float32)."""
     d, dmin = _f16(raw[..., 0:2])[..., None], _f16(raw[..., 2:4])[..., None]
@@ -70,12 +59,22 @@ def _k_low_nibbles(qs: np.ndarray) -> np.ndarray:
 
 
 def _quant(fmt: str, codes: np.ndarray, scale: np.ndarray, mins: np.ndarray | None,
-           n: int, group: int = BLOCK) -> QuantWeight:
+           n: int, group: int = BLOCK, high: np.ndarray | None = None) -> QuantWeight:
     t = torch.from_numpy
     return QuantWeight(fmt, t(np.ascontiguousarray(codes)),
                        t(np.ascontiguousarray(scale).reshape(n, -1)),
                        None if mins is None else t(np.ascontiguousarray(mins).reshape(n, -1)),
-                       group)
+                       group,
+                       None if high is None else t(np.ascontiguousarray(high).reshape(n, -1)))
+
+
+def _scaled_min(d: np.ndarray, factor: float) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_0's / Q5_0's implicit min (d * factor, factor -8 or -16: exact in float16 unless it
+    overflows, then scale and min both float32) and the scale to go with it."""
+    mins = d.astype(np.float32) * factor
+    if np.all(np.abs(mins) <= np.finfo(np.float16).max):
+        return d, mins.astype(np.float16)
+    return d.astype(np.float32), mins
 
 
 def from_gguf_blocks(type_name: str, blocks: np.ndarray, n: int, k: int) -> QuantWeight:
@@ -91,23 +90,19 @@ def from_gguf_blocks(type_name: str, blocks: np.ndarray, n: int, k: int) -> Quan
     if type_name == "Q8_0":
         return _quant("q8", raw[..., 2:].copy().view(np.int8).reshape(n, k), d, None, n)
     if type_name == "Q4_0":
-        mins = d.astype(np.float32) * -8  # exact in float16 unless it overflows
-        if np.all(np.abs(mins) <= np.finfo(np.float16).max):
-            mins = mins.astype(np.float16)
-        else:
-            d = d.astype(np.float32)
+        d, mins = _scaled_min(d, -8)
         return _quant("q4", raw[..., 2:].reshape(n, k // 2), d, mins, n)
     if type_name == "Q4_1":
         mins = raw[..., 2:4].copy().view(np.float16)[..., 0]
         return _quant("q4", raw[..., 4:].reshape(n, k // 2), d, mins, n)
-    if type_name in ("Q5_0", "Q5_1"):
+    if type_name in ("Q5_0", "Q5_1"):  # nibbles and fifth bits both in q5's order already
         off = 2 if type_name == "Q5_0" else 4
-        q = _nibbles(raw[..., off + 4:]) | (_fifth_bits(raw[..., off:off + 4]) << 4)
         if type_name == "Q5_0":
-            return _quant("q8", (q.astype(np.int16) - 16).astype(np.int8).reshape(n, k), d,
-                           None, n)
-        mins = raw[..., 2:4].copy().view(np.float16)[..., 0]
-        return _quant("q8", q.astype(np.int8).reshape(n, k), d, mins, n)
+            d, mins = _scaled_min(d, -16)
+        else:
+            mins = raw[..., 2:4].copy().view(np.float16)[..., 0]
+        return _quant("q5", raw[..., off + 4:].reshape(n, k // 2), d, mins, n,
+                      high=raw[..., off:off + 4].reshape(n, k // 8))
     if type_name in ("Q4_K", "Q5_K"):
         dd, dmin, sc, m = _k_scales(raw, nsb)
         scale, mins = dd * sc, -dmin * m  # exact in float32
@@ -115,8 +110,10 @@ def from_gguf_blocks(type_name: str, blocks: np.ndarray, n: int, k: int) -> Quan
             q = _k_low_nibbles(raw[..., 16:])
             return _quant("q4", _pack_q4(q.reshape(n, k), n, k), scale, mins, n)
         high = np.unpackbits(raw[..., 16:48].reshape(n, nsb, 32, 1), axis=-1, bitorder="little")
-        q = _k_low_nibbles(raw[..., 48:]) | (high.transpose(0, 1, 3, 2) << 4)  # bit i: sub-block i
-        return _quant("q8", q.astype(np.int8).reshape(n, k), scale, mins, n)
+        high = high.transpose(0, 1, 3, 2).reshape(n, k // BLOCK, BLOCK)  # bit i: sub-block i
+        q = _k_low_nibbles(raw[..., 48:]).reshape(n, k)
+        return _quant("q5", _pack_q4(q, n, k), scale, mins, n,
+                      high=np.packbits(high, axis=-1, bitorder="little").reshape(n, k // 8))
     # Q6_K: ql [128], qh [64], scales [16] int8, d
     ql = raw[..., 0:128].reshape(n, nsb, 2, 1, 64)
     ql = np.concatenate([ql & 0x0F, ql >> 4], axis=-2).reshape(n, nsb, 8, 32)

@@ -17,8 +17,8 @@ pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="C kernels n
 
 
 # format -> the layout its FFN's gate|up matrix is kept in
-LAYOUT = {"Q4_0": "q4", "Q4_1": "q4", "Q8_0": "q8", "Q5_0": "q8", "Q5_1": "q8", "Q4_K": "q4",
-          "Q5_K": "q8", "Q6_K": "q8", "Q4_K_M": "q4"}
+LAYOUT = {"Q4_0": "q4", "Q4_1": "q4", "Q8_0": "q8", "Q5_0": "q5", "Q5_1": "q5", "Q4_K": "q4",
+          "Q5_K": "q5", "Q6_K": "q8", "Q4_K_M": "q4"}
 
 
 @pytest.fixture(scope="module")

@@ -18,9 +18,9 @@ from kvserve.kernels.qweight import (
 from kvserve.kernels.qweight import quantize as quantize_weight
 from kvserve.model.gguf_blocks import BLOCK_SIZES, from_gguf_blocks
 
-# every layout the kernels take: q4 (min always), q8 with or without mins, scales per 32 or 16,
-# float16 or (_f32) float32 scales
-LAYOUTS = ["q4", "q8", "q8_min", "q8_g16", "q4_f32", "q8_min_f32", "q8_g16_f32"]
+# every layout the kernels take: q4 and q5 (min always), q8 with or without mins, scales per 32
+# or 16, float16 or (_f32) float32 scales
+LAYOUTS = ["q4", "q5", "q8", "q8_min", "q8_g16", "q4_f32", "q5_f32", "q8_min_f32", "q8_g16_f32"]
 
 
 def random_weight(fmt: str, n: int, k: int, seed: int, outliers: bool = False) -> QuantWeight:
@@ -37,6 +37,9 @@ def random_weight(fmt: str, n: int, k: int, seed: int, outliers: bool = False) -
         codes = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
         return QuantWeight("q8", codes, scale, mins if fmt == "q8_min" else None, group)
     codes = torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8)
+    if fmt == "q5":
+        high = torch.randint(0, 256, (n, k // 8), generator=g, dtype=torch.uint8)
+        return QuantWeight("q5", codes, scale, mins, 32, high)
     return QuantWeight("q4", codes, scale, mins)
 
 
@@ -71,8 +74,7 @@ def test_k_quant_blocks_parse_to_what_gguf_py_dequantizes(name):
     raw = random_blocks(name, n, k, seed=1)
     want = torch.from_numpy(np.asarray(dequantize(raw, Q[name]), dtype=np.float32).reshape(n, k))
     w = from_gguf_blocks(name, raw, n, k)
-    assert (w.format, w.group) == (("q4", 32) if name == "Q4_K" else ("q8", 16 if name == "Q6_K"
-                                                                     else 32))
+    assert (w.format, w.group) == {"Q4_K": ("q4", 32), "Q5_K": ("q5", 32), "Q6_K": ("q8", 16)}[name]
     assert w.scale.dtype == torch.float32
     assert torch.equal(w.dequantize(), want)
     if cpu.load() is not None:
@@ -179,14 +181,15 @@ def test_rows_and_cat_keep_blocks_whole():
 
 
 @pytest.mark.parametrize("others", [["q8"], ["q8_g16"], ["q8_min", "q8"], ["q8_g16", "q4"],
-                                    ["q8_g16_f32"], ["q4_f32"]])
+                                    ["q8_g16_f32"], ["q4_f32"], ["q5"], ["q5_f32", "q8"]])
 def test_cat_of_different_layouts_widens_them_exactly(others):
     """A Q4_K_M file's Q4_K Q and K beside a Q6_K V: one fused q8 matrix, the same values;
-    float16 scales beside float32 ones widen to float32."""
+    q4 beside q5 becomes q5; float16 scales beside float32 ones widen to float32."""
     parts = [random_weight("q4", 5, 64, 1)] + [random_weight(f, 3, 64, i + 2)
                                                 for i, f in enumerate(others)]
     fused = cat(parts)
-    assert fused.format == ("q4" if others == ["q4_f32"] else "q8")
+    assert fused.format == ("q4" if others == ["q4_f32"] else "q5" if others == ["q5"]
+                            else "q8")
     assert fused.group == (16 if any("g16" in f for f in others) else 32)
     assert fused.scale_f32 == any(f.endswith("f32") for f in others)
     assert torch.equal(fused.dequantize(), torch.cat([p.dequantize() for p in parts]))
