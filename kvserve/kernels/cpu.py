@@ -152,7 +152,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         fn = getattr(lib, name)
         fn.argtypes = argtypes
         fn.restype = {"kv_read_sum": ctypes.c_double, "kv_gemv_q4": ctypes.c_int,
-                      "kv_gemv_q8": ctypes.c_int, "kv_gemv_q5": ctypes.c_int, "kv_layer_pre": ctypes.c_int,
+                      "kv_gemv_q8": ctypes.c_int, "kv_gemv_q5": ctypes.c_int,
+                      "kv_layer_pre": ctypes.c_int,
                       "kv_layer_post": ctypes.c_int, "kv_decode_layers": ctypes.c_int,
                       "kv_paged_decode_attention_f32": ctypes.c_int,
                       "kv_paged_decode_attention_bf16": ctypes.c_int}.get(name)
