@@ -133,10 +133,9 @@ def _declare(lib: ctypes.CDLL) -> None:
         "kv_paged_decode_attention_bf16": [ptr, i32, ptr, ptr, ptr, i32, ptr] + [i32] * 6
         + [ptr, ptr],
         "kv_set_fp8_lut": [i32, ptr],
-        "kv_gemv_q4": [ptr, ptr, ptr, i32, ptr, ptr, i32, i32, i32, i32],
-        "kv_gemv_q5": [ptr, ptr, ptr, ptr, i32, ptr, ptr, i32, i32, i32, i32],
-        "kv_gemv_q8": [ptr, ptr, ptr, i32, i32, ptr, ptr, i32, i32, i32, i32],  # all: 0 no scratch
-        "kv_dequantize_q": [i32, i32, ptr, ptr, ptr, ptr, i32, ptr, i32, i32],
+        "kv_gemv_q": [i32, i32, ptr, ptr, ptr, ptr, ptr, ptr, i32, ptr, ptr, i32, i32, i32,
+                      i32],  # returns 0: no scratch
+        "kv_dequantize_q": [i32, i32, ptr, ptr, ptr, ptr, ptr, ptr, i32, ptr, i32, i32],
         "kv_layer_pre": [ptr, ptr, f32, ptr, ptr, ptr, i32, i32, i32, ptr],
         "kv_layer_post": [ptr, ptr, ptr, ptr, f32, ptr, ptr, i32],
         "kv_decode_layers": [ptr, i32, ptr, i32, f32, ptr, ptr, i32, i32, i32, i32, ptr, ptr,
@@ -151,8 +150,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)
         fn.argtypes = argtypes
-        fn.restype = {"kv_read_sum": ctypes.c_double, "kv_gemv_q4": ctypes.c_int,
-                      "kv_gemv_q8": ctypes.c_int, "kv_gemv_q5": ctypes.c_int,
+        fn.restype = {"kv_read_sum": ctypes.c_double, "kv_gemv_q": ctypes.c_int,
                       "kv_layer_pre": ctypes.c_int,
                       "kv_layer_post": ctypes.c_int, "kv_decode_layers": ctypes.c_int,
                       "kv_paged_decode_attention_f32": ctypes.c_int,
@@ -232,15 +230,8 @@ def _gemv_for(weight: torch.Tensor | QuantWeight):
 
 def _quant_product(w: QuantWeight, x_ptr: int, y_ptr: int, m: int, n: int, k: int,
                    accumulate: int) -> None:
-    if w.format == "q5":
-        done = _lib.kv_gemv_q5(w.codes.data_ptr(), w.high.data_ptr(), w.scale.data_ptr(),
-                               w.min.data_ptr(), w.scale_f32, x_ptr, y_ptr, m, n, k, accumulate)
-    elif w.format == "q4":
-        done = _lib.kv_gemv_q4(w.codes.data_ptr(), w.scale.data_ptr(), w.min.data_ptr(),
-                               w.scale_f32, x_ptr, y_ptr, m, n, k, accumulate)
-    else:
-        done = _lib.kv_gemv_q8(w.codes.data_ptr(), w.scale.data_ptr(), _min_ptr(w), w.scale_f32,
-                               w.group, x_ptr, y_ptr, m, n, k, accumulate)
+    done = _lib.kv_gemv_q(_KINDS[w.format], w.group, *_pointers(w), x_ptr, y_ptr, m, n, k,
+                          accumulate)
     if not done:
         raise MemoryError("kvserve: no memory for a quantized product's scratch")
 
@@ -248,8 +239,14 @@ def _quant_product(w: QuantWeight, x_ptr: int, y_ptr: int, m: int, n: int, k: in
 _KINDS = {"q4": 4, "q5": 5, "q8": 8}  # gemv.c's fmt / kv_weight kind
 
 
-def _min_ptr(w: QuantWeight) -> int | None:
-    return None if w.min is None else w.min.data_ptr()
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _pointers(w: QuantWeight) -> tuple:
+    """codes, hbits, scale, scale_sb, mins, mins_sb, scale kind: gemv.c's order"""
+    return (w.codes.data_ptr(), _ptr(w.high), w.scale.data_ptr(), _ptr(w.scale_sb), _ptr(w.min),
+            _ptr(w.min_sb), w.scale_kind)
 
 
 _scratch = threading.local()
@@ -270,10 +267,8 @@ def dequantize(weight: QuantWeight, reuse: bool = False) -> torch.Tensor:
         out = buf[:n * k].view(n, k)
     else:
         out = torch.empty((n, k), dtype=torch.float32)
-    lib.kv_dequantize_q(_KINDS[weight.format], weight.group, weight.codes.data_ptr(),
-                        None if weight.high is None else weight.high.data_ptr(),
-                        weight.scale.data_ptr(), _min_ptr(weight), weight.scale_f32,
-                        out.data_ptr(), n, k)
+    lib.kv_dequantize_q(_KINDS[weight.format], weight.group, *_pointers(weight), out.data_ptr(),
+                        n, k)
     return out
 
 
@@ -309,8 +304,9 @@ class WeightRef(ctypes.Structure):
     """A matrix as gemv.c's kv_weight sees it; holds the tensors it points into."""
     _fields_ = [("kind", ctypes.c_int), ("n", ctypes.c_int), ("k", ctypes.c_int),
                 ("data", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("mins", ctypes.c_void_p),
-                ("group", ctypes.c_int), ("scale_f32", ctypes.c_int),
-                ("hbits", ctypes.c_void_p)]
+                ("group", ctypes.c_int), ("scale_kind", ctypes.c_int),
+                ("hbits", ctypes.c_void_p), ("scale_sb", ctypes.c_void_p),
+                ("mins_sb", ctypes.c_void_p)]
 
 
 def weight_ref(weight: torch.Tensor | QuantWeight) -> WeightRef | None:
@@ -320,12 +316,12 @@ def weight_ref(weight: torch.Tensor | QuantWeight) -> WeightRef | None:
     n, k = weight.shape
     if isinstance(weight, QuantWeight):
         ref = WeightRef(_KINDS[weight.format], n, k, weight.codes.data_ptr(),
-                        weight.scale.data_ptr(), _min_ptr(weight), weight.group,
-                        weight.scale_f32,
-                        None if weight.high is None else weight.high.data_ptr())
+                        weight.scale.data_ptr(), _ptr(weight.min), weight.group,
+                        weight.scale_kind, _ptr(weight.high), _ptr(weight.scale_sb),
+                        _ptr(weight.min_sb))
     elif weight.is_contiguous() and weight.dtype in (torch.float32, torch.bfloat16):
         ref = WeightRef(32 if weight.dtype == torch.float32 else 16, n, k, weight.data_ptr(),
-                        None, None, 0, 0, None)
+                        None, None, 0, 0, None, None, None)
     else:
         return None
     ref.keep = weight  # the memory it points into lives as long as the description

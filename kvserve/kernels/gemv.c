@@ -1091,23 +1091,49 @@ void kv_paged_decode_attention_affine(
  * memory. The min term is sum_b min_b * (X's exact float sum over block b). Without AVX2 the
  * portable loop multiplies float32 codes by float32 X. */
 #define QB 32
-/* Scales and mins are float16, or float32 where float16 cannot hold them exactly (the k-quants'
- * d * sc products): a pointer and which. */
+/* A row's scales (or mins), of one kind: SV_F16 float16; SV_F32 float32; SV_U8 / SV_I8 the
+ * k-quants' small integer sub-block scales as stored, times a float32 per 256-value super-block
+ * (sb; 1 << shift entries each: 8 per-32 scales, or 16 per-16 ones), the product exact in float32.
+ * Offsets into a row (sv_at) are multiples of a super-block's entries. */
+enum { SV_F16 = 0, SV_F32 = 1, SV_U8 = 2, SV_I8 = 3 };
 typedef struct {
   const void *p;
-  int f32;
+  const float *sb;
+  int kind, shift;
 } sv_t;
+static inline sv_t sv_make(const void *p, const float *sb, int kind, int group) {
+  sv_t s = {p, sb, kind, group == 16 ? 4 : 3};
+  return s;
+}
 static inline sv_t sv_at(sv_t s, size_t i) {
-  s.p = s.p ? (const char *)s.p + i * (s.f32 ? 4 : 2) : NULL;
+  if (!s.p) return s;
+  s.p = (const char *)s.p + i * (s.kind == SV_F32 ? 4 : s.kind == SV_F16 ? 2 : 1);
+  if (s.kind >= SV_U8) s.sb += i >> s.shift;
   return s;
 }
 static inline float sv1(sv_t s, size_t i) {
-  return s.f32 ? ((const float *)s.p)[i] : h2f(((const uint16_t *)s.p)[i]);
+  switch (s.kind) {
+    case SV_F32: return ((const float *)s.p)[i];
+    case SV_U8: return s.sb[i >> s.shift] * (float)((const uint8_t *)s.p)[i];
+    case SV_I8: return s.sb[i >> s.shift] * (float)((const int8_t *)s.p)[i];
+    default: return h2f(((const uint16_t *)s.p)[i]);
+  }
 }
 #ifdef KV_AVX2
+/* entries i..i+7 (i a multiple of 8, so within one super-block) */
 static inline __m256 sv8(sv_t s, size_t i) {
-  return s.f32 ? _mm256_loadu_ps((const float *)s.p + i)
-               : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)s.p + i)));
+  switch (s.kind) {
+    case SV_F32: return _mm256_loadu_ps((const float *)s.p + i);
+    case SV_U8:
+      return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
+                               _mm_loadl_epi64((const __m128i *)((const uint8_t *)s.p + i)))),
+                           _mm256_set1_ps(s.sb[i >> s.shift]));
+    case SV_I8:
+      return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                               _mm_loadl_epi64((const __m128i *)((const int8_t *)s.p + i)))),
+                           _mm256_set1_ps(s.sb[i >> s.shift]));
+    default: return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)s.p + i)));
+  }
 }
 #endif
 typedef struct {
@@ -1312,14 +1338,14 @@ static void q5_row(const uint8_t *codes, const uint8_t *hb, sv_t scale, const qx
         _mm256_add_epi32(_mm256_madd_epi16(w[0], x0), _mm256_madd_epi16(w[1], x1)));              \
     ACC = _mm256_fmadd_ps(p, _mm256_broadcast_ss(&sd[R][j]), ACC);                                \
   }
-/* (the hot batch-1 kernels take the scales' type as a constant F32 at each call, so the
- * compiler specializes them and the branch in sv1/sv8 folds away) */
+/* (the hot batch-1 kernels take the scales' kind as a constant KIND at each call, so the
+ * compiler specializes them and the switch in sv1/sv8 folds away) */
 static inline __attribute__((always_inline)) void q8_rows4(const int8_t *codes, size_t code_row,
                                                            sv_t scale, const int16_t *xq,
                                                            const float *dx, int k, float *y,
-                                                           const int F32) {
+                                                           const int KIND) {
   int nb = k / QB;
-  scale.f32 = F32;
+  scale.kind = KIND;
   __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
   for (int b0 = 0; b0 < nb; b0 += 8) {
     int nbb = nb - b0 < 8 ? nb - b0 : 8;
@@ -1483,11 +1509,11 @@ static inline __m256 q4_pair_scales(sv_t scale, const float *dx, int b, int two)
   return _mm256_insertf128_ps(_mm256_castps128_ps256(s0), s1, 1);
 }
 /* (q5 too: Q5 = 1, hb its fifth bits, hb_row bytes per row) */
-static __attribute__((noinline)) void q4_rows4_pair(
+static inline __attribute__((always_inline)) void q4_rows4_pair(
     const uint8_t *codes, size_t code_row, const uint8_t *hb, size_t hb_row, sv_t scale,
     sv_t mins, const int16_t *xp, const float *dx, const float *xsum, int nb, float *y,
-    const int F32, const int Q5) {
-  scale.f32 = mins.f32 = F32;
+    const int KIND, const int Q5) {
+  scale.kind = mins.kind = KIND;
   int nfull = nb / 8 * 8;
   __m256 acc[4], mn[4];
   for (int r = 0; r < 4; r++) acc[r] = mn[r] = _mm256_setzero_ps();
@@ -1532,6 +1558,42 @@ static __attribute__((noinline)) void q4_rows4_pair(
   __m128 t = sum4_ps(_mm256_add_ps(acc[0], mn[0]), _mm256_add_ps(acc[1], mn[1]),
                      _mm256_add_ps(acc[2], mn[2]), _mm256_add_ps(acc[3], mn[3]));
   _mm_storeu_ps(y, _mm_add_ps(t, _mm_setr_ps(tail[0], tail[1], tail[2], tail[3])));
+}
+/* The batch-1 q4/q5 product over rows [0, r0), the rows split across threads: compiled once
+ * per scale kind and q4/q5, q4_rows4_pair inlined into each with its branches folded away (a
+ * call per 4 rows through a pointer, or a kind tested per row group, cost 5-10% here). */
+typedef void (*q4_rows_fn)(const uint8_t *, const uint8_t *, sv_t, sv_t, const int16_t *,
+                           const qx_t *, int, int, float *, int);
+#define Q4_ROWS_FN(NAME, KIND, Q5)                                                               \
+  static __attribute__((noinline)) void NAME##_4(                                                \
+      const uint8_t *c, const uint8_t *h, size_t cr, const void *sp, const float *ssb,           \
+      const void *mp, const float *msb, const int16_t *xp, const float *dx, const float *xs,     \
+      int nb, float *y) {                                                                        \
+    q4_rows4_pair(c, cr, h, cr / 4, sv_make(sp, ssb, KIND, QB), sv_make(mp, msb, KIND, QB), xp,  \
+                  dx, xs, nb, y, KIND, Q5);                                                      \
+  }                                                                                              \
+  static void NAME(const uint8_t *codes, const uint8_t *hb, sv_t scale, sv_t mins,             \
+                   const int16_t *xp, const qx_t *q, int k, int r0, float *Y, int accumulate) {  \
+    int nb = k / QB;                                                                             \
+    _Pragma("omp parallel for schedule(static) num_threads(kv_team())")                         \
+    for (int r = 0; r < r0; r += 4) {                                                            \
+      float out[4];                                                                              \
+      sv_t s = sv_at(scale, (size_t)r * nb), mn = sv_at(mins, (size_t)r * nb);                   \
+      NAME##_4(codes + (size_t)r * (k / 2), Q5 ? hb + (size_t)r * (k / 8) : NULL, k / 2, s.p,    \
+               s.sb, mn.p, mn.sb, xp, q->dx, q->xsum, nb, out);                                  \
+      for (int j = 0; j < 4; j++) Y[r + j] = accumulate ? Y[r + j] + out[j] : out[j];           \
+    }                                                                                            \
+  }
+Q4_ROWS_FN(q4_rows_f16, SV_F16, 0)
+Q4_ROWS_FN(q4_rows_f32, SV_F32, 0)
+Q4_ROWS_FN(q4_rows_u8, SV_U8, 0)
+Q4_ROWS_FN(q5_rows_f16, SV_F16, 1)
+Q4_ROWS_FN(q5_rows_f32, SV_F32, 1)
+Q4_ROWS_FN(q5_rows_u8, SV_U8, 1)
+static q4_rows_fn q4_rows_for(int fmt, int kind) {
+  static const q4_rows_fn fns[2][3] = {{q4_rows_f16, q4_rows_f32, q4_rows_u8},
+                                       {q5_rows_f16, q5_rows_f32, q5_rows_u8}};
+  return kind <= SV_U8 ? fns[fmt == 5][kind] : NULL;
 }
 #endif
 
@@ -1595,36 +1657,28 @@ static int q_gemv(int fmt, int group, const void *codes, const uint8_t *hb, sv_t
     }
     q4_pair_x(q.xq, nb, xp);
   }
-  if (m == 1) { /* decode at batch 1: 4 weight rows at a time */
+  q4_rows_fn rows4 = fmt == 8 ? NULL : q4_rows_for(fmt, scale.kind);
+  if (m == 1 && rows4) { /* decode at batch 1: 4 weight rows at a time */
+    r0 = n / 4 * 4;
+    rows4((const uint8_t *)codes, hb, scale, mins, xp, &q, k, r0, Y, accumulate);
+  } else if (m == 1 && fmt == 8) {
     r0 = n / 4 * 4;
     _Pragma("omp parallel for schedule(static) num_threads(kv_team())")
     for (int r = 0; r < r0; r += 4) {
       float out[4];
-      if (fmt != 8) {
-        const uint8_t *c = (const uint8_t *)codes + (size_t)r * (k / 2);
-        const uint8_t *h = fmt == 5 ? hb + (size_t)r * (k / 8) : NULL;
-        sv_t s = sv_at(scale, (size_t)r * nb), mn = sv_at(mins, (size_t)r * nb);
-        if (fmt == 5 && scale.f32)
-          q4_rows4_pair(c, k / 2, h, k / 8, s, mn, xp, q.dx, q.xsum, nb, out, 1, 1);
-        else if (fmt == 5)
-          q4_rows4_pair(c, k / 2, h, k / 8, s, mn, xp, q.dx, q.xsum, nb, out, 0, 1);
-        else if (scale.f32)
-          q4_rows4_pair(c, k / 2, NULL, 0, s, mn, xp, q.dx, q.xsum, nb, out, 1, 0);
-        else
-          q4_rows4_pair(c, k / 2, NULL, 0, s, mn, xp, q.dx, q.xsum, nb, out, 0, 0);
-      } else {
-        const int8_t *c = (const int8_t *)codes + (size_t)r * k;
-        sv_t s = sv_at(scale, (size_t)r * nb);
-        if (group == QB && scale.f32)
-          q8_rows4(c, k, s, q.xq, q.dx, k, out, 1);
-        else if (group == QB)
-          q8_rows4(c, k, s, q.xq, q.dx, k, out, 0);
-        else
-          q8g16_rows4(c, k, sv_at(scale, (size_t)r * ng), q.xq, q.dx, k, out);
-        if (mins.p)
-          for (int j = 0; j < 4; j++)
-            out[j] += q4_min_term(sv_at(mins, (size_t)(r + j) * nb), q.xsum, nb);
-      }
+      const int8_t *c = (const int8_t *)codes + (size_t)r * k;
+      sv_t s = sv_at(scale, (size_t)r * nb);
+      if (group == QB && scale.kind == SV_F16)
+        q8_rows4(c, k, s, q.xq, q.dx, k, out, SV_F16);
+      else if (group == QB && scale.kind == SV_F32)
+        q8_rows4(c, k, s, q.xq, q.dx, k, out, SV_F32);
+      else if (group == QB)
+        q8_rows4(c, k, s, q.xq, q.dx, k, out, scale.kind);
+      else
+        q8g16_rows4(c, k, sv_at(scale, (size_t)r * ng), q.xq, q.dx, k, out);
+      if (mins.p)
+        for (int j = 0; j < 4; j++)
+          out[j] += q4_min_term(sv_at(mins, (size_t)(r + j) * nb), q.xsum, nb);
       for (int j = 0; j < 4; j++) Y[r + j] = accumulate ? Y[r + j] + out[j] : out[j];
     }
   }
@@ -1661,30 +1715,22 @@ static int q_gemv(int fmt, int group, const void *codes, const uint8_t *hb, sv_t
   qx_free(&q);
   return 1;
 }
-/* scale_f32: scales and mins are float32 (else float16) */
-int kv_gemv_q4(const uint8_t *codes, const void *scale, const void *mins, int scale_f32,
-               const float *X, float *Y, int m, int n, int k, int accumulate) {
-  sv_t s = {scale, scale_f32}, mn = {mins, scale_f32};
-  return q_gemv(4, QB, codes, NULL, s, mn, X, Y, m, n, k, accumulate);
-}
-int kv_gemv_q5(const uint8_t *codes, const uint8_t *hbits, const void *scale, const void *mins,
-               int scale_f32, const float *X, float *Y, int m, int n, int k, int accumulate) {
-  sv_t s = {scale, scale_f32}, mn = {mins, scale_f32};
-  return q_gemv(5, QB, codes, hbits, s, mn, X, Y, m, n, k, accumulate);
-}
-int kv_gemv_q8(const int8_t *codes, const void *scale, const void *mins, int scale_f32,
-               int group, const float *X, float *Y, int m, int n, int k, int accumulate) {
-  sv_t s = {scale, scale_f32}, mn = {mins, scale_f32};
-  return q_gemv(8, group, codes, NULL, s, mn, X, Y, m, n, k, accumulate);
+/* fmt 4, 5 or 8 (q5: hbits, its fifth bits); scales and mins of kind `kind` (sv_t), with their
+ * super-block factors scale_sb / mins_sb for SV_U8 / SV_I8 */
+int kv_gemv_q(int fmt, int group, const void *codes, const uint8_t *hbits, const void *scale,
+              const float *scale_sb, const void *mins, const float *mins_sb, int kind,
+              const float *X, float *Y, int m, int n, int k, int accumulate) {
+  sv_t s = sv_make(scale, scale_sb, kind, group), mn = sv_make(mins, mins_sb, kind, QB);
+  return q_gemv(fmt, fmt == 8 ? group : QB, codes, hbits, s, mn, X, Y, m, n, k, accumulate);
 }
 
 /* W dequantized into out [n, k] float32 (prefill-sized batches: the product then runs in
  * torch's float32 GEMM over a weight dequantized once per call). */
 void kv_dequantize_q(int fmt, int group, const void *codes, const uint8_t *hbits,
-                     const void *scale_p, const void *mins_p, int scale_f32, float *out, int n,
-                     int k) {
+                     const void *scale_p, const float *scale_sb, const void *mins_p,
+                     const float *mins_sb, int kind, float *out, int n, int k) {
   int nb = k / QB;
-  sv_t scale = {scale_p, scale_f32}, mins = {mins_p, scale_f32};
+  sv_t scale = sv_make(scale_p, scale_sb, kind, group), mins = sv_make(mins_p, mins_sb, kind, QB);
   _Pragma("omp parallel for schedule(static) num_threads(kv_team())")
   for (int r = 0; r < n; r++)
     for (int b = 0; b < nb; b++) {
@@ -1711,18 +1757,18 @@ void kv_dequantize_q(int fmt, int group, const void *codes, const uint8_t *hbits
         for (int j = 0; j < QB; j++) o[j] = fmaf(w[j], d, mn);
       } else { /* group 32 or 16: the scale of element j is scale[(b * 32 + j) / group] */
         const int8_t *c = (const int8_t *)codes + (size_t)r * k + (size_t)b * QB;
-        sv_t sc = sv_at(scale, (size_t)r * (k / group) + (size_t)b * (QB / group));
+        size_t s0 = (size_t)r * (k / group) + (size_t)b * (QB / group);
         float mn = mins.p ? sv1(mins, (size_t)r * nb + b) : 0.f;
 #ifdef KV_AVX2
         __m256 mv = _mm256_set1_ps(mn);
         for (int j = 0; j < 4; j++)
           _mm256_storeu_ps(o + 8 * j, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
                                               _mm_loadl_epi64((const __m128i *)(c + 8 * j)))),
-                                          _mm256_set1_ps(sv1(sc, 8 * j / group)), mv));
+                                          _mm256_set1_ps(sv1(scale, s0 + 8 * j / group)), mv));
         continue;
 #endif
         q8_widen_scalar(c, w);
-        for (int j = 0; j < QB; j++) o[j] = w[j] * sv1(sc, j / group) + mn;
+        for (int j = 0; j < QB; j++) o[j] = w[j] * sv1(scale, s0 + j / group) + mn;
       }
     }
 }
@@ -1741,9 +1787,10 @@ typedef struct {
   int kind, n, k;
   const void *data;
   const void *scale, *mins;
-  int group;     /* q8: values per scale (32 or 16) */
-  int scale_f32; /* scales and mins are float32 (else float16) */
+  int group;      /* q8: values per scale (32 or 16) */
+  int scale_kind; /* sv_t's kind of scales and mins */
   const uint8_t *hbits; /* q5: the fifth bits */
+  const float *scale_sb, *mins_sb; /* SV_U8 / SV_I8: the super-block factors */
 } kv_weight;
 
 static int weight_product(const kv_weight *w, const float *X, float *Y, int m, int accumulate) {
@@ -1753,9 +1800,10 @@ static int weight_product(const kv_weight *w, const float *X, float *Y, int m, i
     case 4:
     case 5:
     case 8: {
-      sv_t s = {w->scale, w->scale_f32}, mn = {w->mins, w->scale_f32};
-      return q_gemv(w->kind, w->kind == 8 ? w->group : QB, w->data, w->hbits, s, mn, X, Y, m,
-                    w->n, w->k, accumulate);
+      int group = w->kind == 8 ? w->group : QB;
+      sv_t s = sv_make(w->scale, w->scale_sb, w->scale_kind, group);
+      sv_t mn = sv_make(w->mins, w->mins_sb, w->scale_kind, QB);
+      return q_gemv(w->kind, group, w->data, w->hbits, s, mn, X, Y, m, w->n, w->k, accumulate);
     }
   }
   return 0;

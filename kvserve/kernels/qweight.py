@@ -8,8 +8,9 @@ A QuantWeight is one [n, k] matrix (n output rows, k inputs) cut into blocks of 
       32-bit word, bit j for element j (GGUF's qh); x = (code + 16 * bit) * scale + min.
   q8: x = code * scale (+ min), code int8; codes [n, k] int8; scale [n, k / group] with group 32
       or 16 (a scale per 16 values: GGUF's Q6_K); min [n, k / 32], or None.
-Scales and mins are float16, or float32 where float16 cannot hold them exactly (a k-quant's
-float16 super-block scale times its integer sub-block scales).
+Scales and mins are float16, float32, or (the k-quants, as stored) small integers uint8/int8
+times a float32 factor per 256-value super-block (scale_sb, min_sb [n, k / 256]): the C kernels'
+scale kinds SV_F16, SV_F32, SV_U8, SV_I8.
 Which GGUF block formats map onto these, and how exactly, is model/gguf_blocks.py's; quantize()
 makes them from float weights (`--quantization int8|int4`). The codes and scales are split apart
 once at load, so each kernel reads aligned rows. dequantize() is the plain PyTorch reference every
@@ -23,16 +24,20 @@ from dataclasses import dataclass
 import torch
 
 BLOCK = 32
+SUPER_BLOCK = 256  # values per k-quant super-block (integer scales' factors)
+_KINDS = {torch.float16: 0, torch.float32: 1, torch.uint8: 2, torch.int8: 3}
 
 
 @dataclass
 class QuantWeight:
     format: str  # "q4", "q5" or "q8"
     codes: torch.Tensor
-    scale: torch.Tensor  # [n, k / group] float16 or float32
-    min: torch.Tensor | None  # [n, k / 32] as scale (always for q4), or None
+    scale: torch.Tensor  # [n, k / group] float16, float32, uint8 or int8
+    min: torch.Tensor | None  # [n, k / 32] as scale (always for q4/q5), or None
     group: int = BLOCK  # values per scale: 32, or 16 (q8 only)
     high: torch.Tensor | None = None  # q5's fifth bits [n, k / 8] uint8
+    scale_sb: torch.Tensor | None = None  # uint8/int8 scales' factors [n, k / 256] float32
+    min_sb: torch.Tensor | None = None  # the same for the mins
 
     def __post_init__(self):
         if self.format in ("q4", "q5") and (self.min is None or self.group != BLOCK):
@@ -41,14 +46,38 @@ class QuantWeight:
             raise ValueError("q5 weights, and only they, have fifth bits")
         if self.group not in (BLOCK, 16):
             raise ValueError(f"scale groups of {self.group} values are not supported (32, 16)")
-        if self.scale.dtype not in (torch.float16, torch.float32) or (
+        if self.scale.dtype not in _KINDS or (
                 self.min is not None and self.min.dtype != self.scale.dtype):
-            raise ValueError("scales and mins are both float16 or both float32")
+            raise ValueError("scales and mins are of one kind: float16, float32, uint8 or int8")
+        compact = self.scale.dtype in (torch.uint8, torch.int8)
+        if compact and (self.scale_sb is None or (self.min is not None) != (
+                self.min_sb is not None) or self.shape[1] % SUPER_BLOCK):
+            raise ValueError("integer scales need their super-block factors and rows of a "
+                             f"multiple of {SUPER_BLOCK} values")
 
     @property
-    def scale_f32(self) -> int:
-        """1 when scales and mins are float32 (the C kernels' flag), 0 for float16."""
-        return int(self.scale.dtype == torch.float32)
+    def scale_kind(self) -> int:
+        """The C kernels' kind of scales and mins (gemv.c sv_t): 0 float16, 1 float32, 2 uint8
+        and 3 int8 times a float32 per super-block."""
+        return _KINDS[self.scale.dtype]
+
+    def _expand(self, values: torch.Tensor, sb: torch.Tensor | None) -> torch.Tensor:
+        if sb is None:
+            return values.float()
+        per = values.shape[1] // sb.shape[1]
+        return values.float() * sb.repeat_interleave(per, dim=1)  # exact: small ints x float
+
+    def full_scale(self) -> torch.Tensor:
+        """The scales as float32 [n, k / group] (the integer kinds times their factors)."""
+        return self._expand(self.scale, self.scale_sb)
+
+    def full_min(self) -> torch.Tensor | None:
+        return None if self.min is None else self._expand(self.min, self.min_sb)
+
+    def widened(self) -> QuantWeight:
+        """The same weight with float32 scales and mins (exact)."""
+        return QuantWeight(self.format, self.codes, self.full_scale(), self.full_min(),
+                           self.group, self.high)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -60,13 +89,14 @@ class QuantWeight:
         return self.codes.device
 
     def nbytes(self) -> int:
-        parts = [t for t in (self.codes, self.scale, self.min, self.high) if t is not None]
+        parts = [t for t in (self.codes, self.scale, self.min, self.high, self.scale_sb,
+                             self.min_sb) if t is not None]
         return sum(p.numel() * p.element_size() for p in parts)
 
     def _map(self, fn) -> QuantWeight:
-        return QuantWeight(self.format, fn(self.codes), fn(self.scale),
-                           None if self.min is None else fn(self.min), self.group,
-                           None if self.high is None else fn(self.high))
+        opt = lambda t: None if t is None else fn(t)  # noqa: E731
+        return QuantWeight(self.format, fn(self.codes), fn(self.scale), opt(self.min),
+                           self.group, opt(self.high), opt(self.scale_sb), opt(self.min_sb))
 
     def rows(self, index: torch.Tensor) -> QuantWeight:
         """The rows `index` (a permutation or a selection), still quantized."""
@@ -90,10 +120,10 @@ class QuantWeight:
         """The reference: [n, k] in `dtype` (computed in float32)."""
         n, k = self.shape
         x = self.codes_in_order().float().reshape(n, k // self.group, self.group) \
-            * self.scale.float().unsqueeze(-1)
+            * self.full_scale().unsqueeze(-1)
         x = x.reshape(n, k // BLOCK, BLOCK)
         if self.min is not None:
-            x = x + self.min.float().unsqueeze(-1)
+            x = x + self.full_min().unsqueeze(-1)
         return x.reshape(n, k).to(dtype)
 
     def dequantize_rows(self, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -129,10 +159,10 @@ def rounded_activation_linear(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
     dots = torch.einsum("mgj,ngj->mng", codes.double().reshape(x.shape[0], -1, w.group),
                         w.codes_in_order().double().reshape(n, -1, w.group))  # exact integers
     dx = dx.double().repeat_interleave(per, dim=1)  # [m, ng]
-    y = (dots * w.scale.double().unsqueeze(0) * dx.unsqueeze(1)).sum(-1)
+    y = (dots * w.full_scale().double().unsqueeze(0) * dx.unsqueeze(1)).sum(-1)
     if w.min is not None:
         xsum = x.double().reshape(x.shape[0], k // BLOCK, BLOCK).sum(-1)  # [m, nb]
-        y = y + xsum @ w.min.double().t()
+        y = y + xsum @ w.full_min().double().t()
     return y
 
 
@@ -141,6 +171,8 @@ def as_q8(w: QuantWeight, group: int, with_min: bool, dtype: torch.dtype) -> Qua
     a min (zero if w has none) when with_min: exact, as q4 codes (0..15) are int8 codes, a scale
     per 32 is two equal ones per 16, and float16 widens to float32 exactly."""
     n, k = w.shape
+    if w.scale_kind > 1:
+        w = w.widened()
     codes = w.codes_in_order().reshape(n, k).to(torch.int8) if w.format != "q8" else w.codes
     scale = w.scale.repeat_interleave(w.group // group, dim=1) if w.group != group else w.scale
     scale = scale.to(dtype)
@@ -164,7 +196,9 @@ def cat(weights: list[QuantWeight]) -> QuantWeight:
     keeps some layers' V in Q6_K beside Q4_K Q and K) are first widened exactly to one: q4 beside
     q5 to q5, anything beside q8 to q8 (as_q8): more bytes for those rows, the same values,
     still one product."""
-    dtype = torch.float32 if any(w.scale_f32 for w in weights) else torch.float16
+    if len({w.scale.dtype for w in weights}) > 1:  # integer scales beside others: float32
+        weights = [w.widened() if w.scale_kind > 1 else w for w in weights]
+    dtype = torch.float32 if any(w.scale_kind == 1 for w in weights) else torch.float16
     if {w.format for w in weights} == {"q4", "q5"}:
         weights = [as_q5(w) for w in weights]
     first = weights[0]
@@ -173,13 +207,14 @@ def cat(weights: list[QuantWeight]) -> QuantWeight:
         group = min(w.group for w in weights)
         with_min = any(w.min is not None for w in weights)
         weights = [as_q8(w, group, with_min, dtype) for w in weights]
-    elif any(w.scale.dtype != dtype for w in weights):  # float16 scales widened, exactly
-        weights = [w._map(lambda t: t.to(dtype) if t.is_floating_point() else t) for w in weights]
+    elif weights[0].scale_kind < 2 and any(w.scale.dtype != dtype for w in weights):
+        weights = [w._map(lambda t: t.to(dtype) if t.is_floating_point() else t)
+                   for w in weights]  # float16 scales widened to float32, exactly
     first = weights[0]
-    mins = None if first.min is None else torch.cat([w.min for w in weights])
-    high = None if first.high is None else torch.cat([w.high for w in weights])
-    return QuantWeight(first.format, torch.cat([w.codes for w in weights]),
-                       torch.cat([w.scale for w in weights]), mins, first.group, high)
+    joined = lambda name: None if getattr(first, name) is None else \
+        torch.cat([getattr(w, name) for w in weights])  # noqa: E731
+    return QuantWeight(first.format, joined("codes"), joined("scale"), joined("min"),
+                       first.group, joined("high"), joined("scale_sb"), joined("min_sb"))
 
 
 def quantize(weight: torch.Tensor, bits: int) -> QuantWeight:

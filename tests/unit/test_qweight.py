@@ -19,8 +19,10 @@ from kvserve.kernels.qweight import quantize as quantize_weight
 from kvserve.model.gguf_blocks import BLOCK_SIZES, from_gguf_blocks
 
 # every layout the kernels take: q4 and q5 (min always), q8 with or without mins, scales per 32
-# or 16, float16 or (_f32) float32 scales
-LAYOUTS = ["q4", "q5", "q8", "q8_min", "q8_g16", "q4_f32", "q5_f32", "q8_min_f32", "q8_g16_f32"]
+# or 16; scales float16, (_f32) float32, or (_int) the k-quants' integers x a float32 factor per
+# 256 values (only for rows of a multiple of 256)
+LAYOUTS = ["q4", "q5", "q8", "q8_min", "q8_g16", "q4_f32", "q5_f32", "q8_min_f32", "q8_g16_f32",
+           "q4_int", "q5_int", "q8_g16_int"]
 
 
 def random_weight(fmt: str, n: int, k: int, seed: int, outliers: bool = False) -> QuantWeight:
@@ -28,6 +30,18 @@ def random_weight(fmt: str, n: int, k: int, seed: int, outliers: bool = False) -
     if fmt.endswith("_f32"):
         w = random_weight(fmt.removesuffix("_f32"), n, k, seed, outliers)
         return w._map(lambda t: t.float() if t.is_floating_point() else t)
+    if fmt.endswith("_int"):  # as Q4_K / Q5_K (uint8 sc, m) and Q6_K (int8 sc per 16) hold them
+        if k % 256:
+            pytest.skip("integer scales need rows of a multiple of 256")
+        w = random_weight(fmt.removesuffix("_int"), n, k, seed, outliers)
+        # float16 values, as a file's d and dmin are: every product then exact in float32
+        sb = (torch.rand(n, k // 256, generator=g) * 1e-3 + 1e-4).half().float()
+        if w.group == 16:
+            sc = torch.randint(-128, 128, (n, k // 16), generator=g, dtype=torch.int8)
+            return QuantWeight("q8", w.codes, sc, None, 16, scale_sb=sb)
+        sc = torch.randint(0, 64, (n, k // 32), generator=g, dtype=torch.uint8)
+        m = torch.randint(0, 64, (n, k // 32), generator=g, dtype=torch.uint8)
+        return QuantWeight(w.format, w.codes, sc, m, 32, w.high, sb, -sb * 3)
     group = 16 if fmt == "q8_g16" else 32
     scale = (torch.rand(n, k // group, generator=g) * 0.05 + 1e-3).half()
     if outliers:  # a few blocks with scales 100x the rest, as real checkpoints have
@@ -68,14 +82,15 @@ def random_blocks(name: str, n: int, k: int, seed: int, d_scale: float = 0.01) -
 
 @pytest.mark.parametrize("name", ["Q4_K", "Q5_K", "Q6_K"])
 def test_k_quant_blocks_parse_to_what_gguf_py_dequantizes(name):
-    """k-quants: d * sc and dmin * m held as float32 scales and mins, so bit for bit too (as
-    float16 they were off by up to 2^-11, enough to move a tiny model's logits by ~0.6%)."""
+    """k-quants: sc and m kept as stored with d and -dmin per super-block, multiplied in float32
+    as gguf-py does, so bit for bit too (d * sc rounded to float16 was off by up to 2^-11,
+    enough to move a tiny model's logits by ~0.6%)."""
     n, k = 5, 512
     raw = random_blocks(name, n, k, seed=1)
     want = torch.from_numpy(np.asarray(dequantize(raw, Q[name]), dtype=np.float32).reshape(n, k))
     w = from_gguf_blocks(name, raw, n, k)
     assert (w.format, w.group) == {"Q4_K": ("q4", 32), "Q5_K": ("q5", 32), "Q6_K": ("q8", 16)}[name]
-    assert w.scale.dtype == torch.float32
+    assert w.scale.dtype == (torch.int8 if name == "Q6_K" else torch.uint8)  # as stored
     assert torch.equal(w.dequantize(), want)
     if cpu.load() is not None:
         assert torch.equal(cpu.dequantize(w), want)
@@ -107,10 +122,11 @@ needs_c = pytest.mark.skipif(cpu.load() is None, reason="no C compiler: referenc
 
 
 @needs_c
-@pytest.mark.parametrize("fmt", LAYOUTS)
 @pytest.mark.parametrize("m", [1, 2, 5, 64, 65, 300])  # decode kernel up to MAX_M, then dequantize
 # k = 224: 7 blocks, an odd count (the kernel pairs blocks); 1536: 48 blocks, 8 at a time
-@pytest.mark.parametrize("n,k", [(1, 32), (7, 96), (5, 224), (130, 576), (9, 1536)])
+@pytest.mark.parametrize("fmt,n,k", [(f, n, k) for f in LAYOUTS for n, k in (
+    (1, 32), (7, 96), (5, 224), (130, 576), (9, 1536), (6, 256)) if k % 256 == 0
+    or not f.endswith("_int")])
 def test_products_over_blocks_equal_the_dequantized_reference(fmt, m, n, k):
     w = random_weight(fmt, n, k, seed=m + n + k, outliers=True)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
@@ -162,8 +178,9 @@ def assert_within_int16_rounding(got, want, x, w, decode):
 @needs_c
 @pytest.mark.parametrize("fmt", LAYOUTS)
 def test_products_accumulate_into_y_and_dequantize_in_c_equals_the_reference(fmt):
-    w = random_weight(fmt, 33, 160, seed=3)
-    x, y = torch.randn(4, 160), torch.randn(4, 33)
+    k = 512 if fmt.endswith("_int") else 160
+    w = random_weight(fmt, 33, k, seed=3)
+    x, y = torch.randn(4, k), torch.randn(4, 33)
     y0 = y.clone()
     cpu.linear_add_(y, x, w)
     assert_within_int16_rounding(y - y0, x.double() @ w.dequantize().double().t(), x, w, True)
@@ -181,17 +198,18 @@ def test_rows_and_cat_keep_blocks_whole():
 
 
 @pytest.mark.parametrize("others", [["q8"], ["q8_g16"], ["q8_min", "q8"], ["q8_g16", "q4"],
-                                    ["q8_g16_f32"], ["q4_f32"], ["q5"], ["q5_f32", "q8"]])
+                                    ["q8_g16_f32"], ["q4_f32"], ["q5"], ["q5_f32", "q8"],
+                                    ["q4_int"], ["q8_g16_int"]])
 def test_cat_of_different_layouts_widens_them_exactly(others):
     """A Q4_K_M file's Q4_K Q and K beside a Q6_K V: one fused q8 matrix, the same values;
     q4 beside q5 becomes q5; float16 scales beside float32 ones widen to float32."""
-    parts = [random_weight("q4", 5, 64, 1)] + [random_weight(f, 3, 64, i + 2)
-                                                for i, f in enumerate(others)]
+    parts = [random_weight("q4", 5, 256, 1)] + [random_weight(f, 3, 256, i + 2)
+                                                 for i, f in enumerate(others)]
     fused = cat(parts)
-    assert fused.format == ("q4" if others == ["q4_f32"] else "q5" if others == ["q5"]
-                            else "q8")
+    assert fused.format == ("q4" if others in (["q4_f32"], ["q4_int"]) else
+                            "q5" if others == ["q5"] else "q8")
     assert fused.group == (16 if any("g16" in f for f in others) else 32)
-    assert fused.scale_f32 == any(f.endswith("f32") for f in others)
+    assert fused.scale_kind == (1 if any(f.endswith(("f32", "int")) for f in others) else 0)
     assert torch.equal(fused.dequantize(), torch.cat([p.dequantize() for p in parts]))
 
 
