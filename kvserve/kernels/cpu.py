@@ -230,13 +230,13 @@ def _gemv_for(weight: torch.Tensor | QuantWeight):
 
 def _quant_product(w: QuantWeight, x_ptr: int, y_ptr: int, m: int, n: int, k: int,
                    accumulate: int) -> None:
-    done = _lib.kv_gemv_q(_KINDS[w.format], w.group, *_pointers(w), x_ptr, y_ptr, m, n, k,
+    done = _lib.kv_gemv_q(_FORMATS[w.format], w.group, *_pointers(w), x_ptr, y_ptr, m, n, k,
                           accumulate)
     if not done:
         raise MemoryError("kvserve: no memory for a quantized product's scratch")
 
 
-_KINDS = {"q4": 4, "q5": 5, "q8": 8}  # gemv.c's fmt / kv_weight kind
+_FORMATS = {"q4": 4, "q5": 5, "q8": 8}  # QuantWeight.format -> gemv.c's fmt / kv_weight kind
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -267,7 +267,7 @@ def dequantize(weight: QuantWeight, reuse: bool = False) -> torch.Tensor:
         out = buf[:n * k].view(n, k)
     else:
         out = torch.empty((n, k), dtype=torch.float32)
-    lib.kv_dequantize_q(_KINDS[weight.format], weight.group, *_pointers(weight), out.data_ptr(),
+    lib.kv_dequantize_q(_FORMATS[weight.format], weight.group, *_pointers(weight), out.data_ptr(),
                         n, k)
     return out
 
@@ -315,7 +315,7 @@ def weight_ref(weight: torch.Tensor | QuantWeight) -> WeightRef | None:
         return None
     n, k = weight.shape
     if isinstance(weight, QuantWeight):
-        ref = WeightRef(_KINDS[weight.format], n, k, weight.codes.data_ptr(),
+        ref = WeightRef(_FORMATS[weight.format], n, k, weight.codes.data_ptr(),
                         weight.scale.data_ptr(), _ptr(weight.min), weight.group,
                         weight.scale_kind, _ptr(weight.high), _ptr(weight.scale_sb),
                         _ptr(weight.min_sb))

@@ -1328,35 +1328,55 @@ static void q5_row(const uint8_t *codes, const uint8_t *hb, sv_t scale, const qx
 #define QPF 8
 /* q8 at batch 1: one row of X against 4 weight rows (codes_r = codes + r * code_row), the
  * block of X loaded once for the 4, the 4 results leaving through one horizontal-add tree. */
+/* One step of a block for weight row R: G16 (Q6_K's 16-value scale groups) scales the two
+ * 16-code halves of the block apart, else one scale per block. */
 #define Q8ROW4_STEP(R, ACC)                                                                       \
   {                                                                                               \
     __m256i w[2];                                                                                 \
     _mm_prefetch((const char *)(codes + (R + QPF) * code_row + (size_t)(b0 + j) * QB),            \
                  _MM_HINT_T0);                                                                    \
     q8_widen16(codes + R * code_row + (size_t)(b0 + j) * QB, w);                                  \
-    __m256 p = _mm256_cvtepi32_ps(                                                                \
-        _mm256_add_epi32(_mm256_madd_epi16(w[0], x0), _mm256_madd_epi16(w[1], x1)));              \
-    ACC = _mm256_fmadd_ps(p, _mm256_broadcast_ss(&sd[R][j]), ACC);                                \
+    if (G16) {                                                                                    \
+      ACC = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(w[0], x0)),                      \
+                            _mm256_broadcast_ss(&sd[R][2 * j]), ACC);                             \
+      ACC = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(w[1], x1)),                      \
+                            _mm256_broadcast_ss(&sd[R][2 * j + 1]), ACC);                         \
+    } else {                                                                                      \
+      __m256 p = _mm256_cvtepi32_ps(                                                              \
+          _mm256_add_epi32(_mm256_madd_epi16(w[0], x0), _mm256_madd_epi16(w[1], x1)));            \
+      ACC = _mm256_fmadd_ps(p, _mm256_broadcast_ss(&sd[R][j]), ACC);                              \
+    }                                                                                             \
   }
-/* (the hot batch-1 kernels take the scales' kind as a constant KIND at each call, so the
- * compiler specializes them and the switch in sv1/sv8 folds away) */
+static const int32_t g16_lo[8] = {0, 0, 1, 1, 2, 2, 3, 3}, g16_hi[8] = {4, 4, 5, 5, 6, 6, 7, 7};
+/* (the hot batch-1 kernels take the scales' kind as a constant KIND, and G16, at each call, so
+ * the compiler specializes them and the switch in sv1/sv8 folds away) */
 static inline __attribute__((always_inline)) void q8_rows4(const int8_t *codes, size_t code_row,
                                                            sv_t scale, const int16_t *xq,
                                                            const float *dx, int k, float *y,
-                                                           const int KIND) {
-  int nb = k / QB;
+                                                           const int KIND, const int G16) {
+  int nb = k / QB, per = G16 ? 2 : 1, ns = per * nb; /* scales per block, per row */
   scale.kind = KIND;
   __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
   for (int b0 = 0; b0 < nb; b0 += 8) {
     int nbb = nb - b0 < 8 ? nb - b0 : 8;
-    float sd[4][8];
-    if (nbb == 8) {
+    float sd[4][16]; /* scale * dx of the 8 blocks' (16 groups') */
+    if (nbb == 8 && G16) {
+      __m256 d8 = _mm256_loadu_ps(dx + b0);
+      __m256 dlo = _mm256_permutevar8x32_ps(d8, _mm256_loadu_si256((const __m256i *)g16_lo));
+      __m256 dhi = _mm256_permutevar8x32_ps(d8, _mm256_loadu_si256((const __m256i *)g16_hi));
+      for (int r = 0; r < 4; r++) {
+        size_t s = (size_t)r * ns + 2 * b0;
+        _mm256_storeu_ps(sd[r], _mm256_mul_ps(sv8(scale, s), dlo));
+        _mm256_storeu_ps(sd[r] + 8, _mm256_mul_ps(sv8(scale, s + 8), dhi));
+      }
+    } else if (nbb == 8) {
       __m256 d8 = _mm256_loadu_ps(dx + b0);
       for (int r = 0; r < 4; r++)
         _mm256_storeu_ps(sd[r], _mm256_mul_ps(sv8(scale, (size_t)r * nb + b0), d8));
     } else {
       for (int r = 0; r < 4; r++)
-        for (int j = 0; j < nbb; j++) sd[r][j] = sv1(scale, (size_t)r * nb + b0 + j) * dx[b0 + j];
+        for (int j = 0; j < per * nbb; j++)
+          sd[r][j] = sv1(scale, (size_t)r * ns + per * b0 + j) * dx[b0 + j / per];
     }
     for (int j = 0; j < nbb; j++) {
       const int16_t *x = xq + (size_t)(b0 + j) * QB;
@@ -1366,54 +1386,6 @@ static inline __attribute__((always_inline)) void q8_rows4(const int8_t *codes, 
       Q8ROW4_STEP(1, a1)
       Q8ROW4_STEP(2, a2)
       Q8ROW4_STEP(3, a3)
-    }
-  }
-  _mm_storeu_ps(y, sum4_ps(a0, a1, a2, a3));
-}
-
-/* q8 with 16-value scale groups (Q6_K) at batch 1: as q8_rows4, the two 16-code halves of a
- * block each scaled by their own group's scale * the block's dx. */
-static const int32_t g16_lo[8] = {0, 0, 1, 1, 2, 2, 3, 3}, g16_hi[8] = {4, 4, 5, 5, 6, 6, 7, 7};
-#define Q8G16_STEP(R, ACC)                                                                        \
-  {                                                                                               \
-    __m256i w[2];                                                                                 \
-    _mm_prefetch((const char *)(codes + (R + QPF) * code_row + (size_t)(b0 + j) * QB),            \
-                 _MM_HINT_T0);                                                                    \
-    q8_widen16(codes + R * code_row + (size_t)(b0 + j) * QB, w);                                  \
-    ACC = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(w[0], x0)),                        \
-                          _mm256_broadcast_ss(&sd[R][2 * j]), ACC);                               \
-    ACC = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(w[1], x1)),                        \
-                          _mm256_broadcast_ss(&sd[R][2 * j + 1]), ACC);                           \
-  }
-static inline void q8g16_rows4(const int8_t *codes, size_t code_row, sv_t scale,
-                               const int16_t *xq, const float *dx, int k, float *y) {
-  int nb = k / QB, ng = 2 * nb;
-  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-  for (int b0 = 0; b0 < nb; b0 += 8) {
-    int nbb = nb - b0 < 8 ? nb - b0 : 8;
-    float sd[4][16];
-    if (nbb == 8) {
-      __m256 d8 = _mm256_loadu_ps(dx + b0);
-      __m256 dlo = _mm256_permutevar8x32_ps(d8, _mm256_loadu_si256((const __m256i *)g16_lo));
-      __m256 dhi = _mm256_permutevar8x32_ps(d8, _mm256_loadu_si256((const __m256i *)g16_hi));
-      for (int r = 0; r < 4; r++) {
-        size_t s = (size_t)r * ng + 2 * b0;
-        _mm256_storeu_ps(sd[r], _mm256_mul_ps(sv8(scale, s), dlo));
-        _mm256_storeu_ps(sd[r] + 8, _mm256_mul_ps(sv8(scale, s + 8), dhi));
-      }
-    } else {
-      for (int r = 0; r < 4; r++)
-        for (int j = 0; j < 2 * nbb; j++)
-          sd[r][j] = sv1(scale, (size_t)r * ng + 2 * b0 + j) * dx[b0 + j / 2];
-    }
-    for (int j = 0; j < nbb; j++) {
-      const int16_t *x = xq + (size_t)(b0 + j) * QB;
-      __m256i x0 = _mm256_loadu_si256((const __m256i *)x);
-      __m256i x1 = _mm256_loadu_si256((const __m256i *)(x + 16));
-      Q8G16_STEP(0, a0)
-      Q8G16_STEP(1, a1)
-      Q8G16_STEP(2, a2)
-      Q8G16_STEP(3, a3)
     }
   }
   _mm_storeu_ps(y, sum4_ps(a0, a1, a2, a3));
@@ -1735,13 +1707,11 @@ static int q_gemv(int fmt, int group, const void *codes, const uint8_t *hb, sv_t
       const int8_t *c = (const int8_t *)codes + (size_t)r * k;
       sv_t s = sv_at(scale, (size_t)r * nb);
       if (group == QB && scale.kind == SV_F16)
-        q8_rows4(c, k, s, q.xq, q.dx, k, out, SV_F16);
-      else if (group == QB && scale.kind == SV_F32)
-        q8_rows4(c, k, s, q.xq, q.dx, k, out, SV_F32);
+        q8_rows4(c, k, s, q.xq, q.dx, k, out, SV_F16, 0);
       else if (group == QB)
-        q8_rows4(c, k, s, q.xq, q.dx, k, out, scale.kind);
+        q8_rows4(c, k, s, q.xq, q.dx, k, out, scale.kind, 0);
       else
-        q8g16_rows4(c, k, sv_at(scale, (size_t)r * ng), q.xq, q.dx, k, out);
+        q8_rows4(c, k, sv_at(scale, (size_t)r * ng), q.xq, q.dx, k, out, scale.kind, 1);
       if (mins.p)
         for (int j = 0; j < 4; j++)
           out[j] += q4_min_term(sv_at(mins, (size_t)(r + j) * nb), q.xsum, nb);

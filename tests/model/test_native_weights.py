@@ -57,21 +57,27 @@ def test_blocks_stay_quantized_and_agree_with_the_dequantized_model(gguf_file):
         greedy_tokens(dense, PROMPTS[:3], SHORT_GREEDY)
 
 
-def test_fused_c_layer_equals_the_reference_layer_on_stored_blocks(gguf_file):
-    path, _ = gguf_file
-    llm = LLM(model=str(path), quantization="gguf", cache_mode="contiguous")
+def fast_and_reference(llm: LLM, ids: list[int], n: int) -> tuple[list[int], torch.Tensor]:
+    """Greedy decode through the fused C layer and through the reference layer: the same tokens,
+    logits within 1e-3 of their scale. Returns the fused run's tokens and logits."""
     model = llm.engine.model
-    ids = llm.tokenizer.encode("The KV cache")
     runs = {}
     try:
         for fast in (True, False):
             model.use_fast_decode = fast
-            runs[fast] = decode_logits(llm, ids, 24)
+            runs[fast] = decode_logits(llm, ids, n)
     finally:
         model.use_fast_decode = True
     assert runs[True][0] == runs[False][0]
     scale = runs[False][1].abs().max().item()
     assert (runs[True][1] - runs[False][1]).abs().max().item() < 1e-3 * scale
+    return runs[True]
+
+
+def test_fused_c_layer_equals_the_reference_layer_on_stored_blocks(gguf_file):
+    path, _ = gguf_file
+    llm = LLM(model=str(path), quantization="gguf", cache_mode="contiguous")
+    fast_and_reference(llm, llm.tokenizer.encode("The KV cache"), 24)
 
 
 def test_a_hugging_face_folder_cannot_be_kept_as_stored(tiny_hf_dir):
@@ -114,18 +120,8 @@ def test_int8_and_int4_quantize_every_matrix_of_a_hugging_face_folder(tiny_hf_di
                                 else f"weights quantized ({len(mats)} q4, 1 q8 matrices)")
     assert model.num_weight_bytes_per_token() < dense.engine.model.num_weight_bytes_per_token() / 3
     ids = llm.tokenizer.encode("The KV cache")
-    runs = {}
-    try:
-        for fast in (True, False):
-            model.use_fast_decode = fast
-            runs[fast] = decode_logits(llm, ids, 16)
-    finally:
-        model.use_fast_decode = True
-    assert runs[True][0] == runs[False][0]
-    scale = runs[False][1].abs().max().item()
-    assert (runs[True][1] - runs[False][1]).abs().max().item() < 1e-3 * scale
+    tokens, logits = fast_and_reference(llm, ids, 16)
     # against float32, teacher-forced on the quantized model's own tokens
-    tokens, logits = runs[True]
     _, logits_dense = decode_logits(dense, ids, 16, forced=tokens)
     err = (logits - logits_dense).abs().max().item() / logits_dense.abs().max().item()
     # measured 2.7% and 31% of the largest logit on this random 2-layer model (quantization
