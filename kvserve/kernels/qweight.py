@@ -126,10 +126,6 @@ class QuantWeight:
             x = x + self.full_min().unsqueeze(-1)
         return x.reshape(n, k).to(dtype)
 
-    def dequantize_rows(self, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Rows `index` dequantized (an embedding lookup)."""
-        return self.rows(index).dequantize(dtype)
-
 
 ACTIVATION_LEVELS = 32767  # the decode kernels round activations to int16 per block
 

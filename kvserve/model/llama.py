@@ -140,8 +140,8 @@ class LlamaModel:
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         """[num_tokens] -> [num_tokens, hidden] in the activation dtype (a fresh tensor)."""
-        if isinstance(self.embed, QuantWeight):
-            return self.embed.dequantize_rows(input_ids, self.act_dtype)
+        if isinstance(self.embed, QuantWeight):  # the rows, dequantized in C where it runs
+            return cpu_kernels.dequantize(self.embed.rows(input_ids)).to(self.act_dtype)
         return self.embed[input_ids].to(self.act_dtype)
 
     @torch.inference_mode()

@@ -10,6 +10,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from kvserve.request import SamplingParams
@@ -25,6 +26,21 @@ def _token_index(rows_tokens: list[tuple[int, Sequence[int]]], device) -> TokenI
     token_ids = [t for _, tokens in rows_tokens for t in tokens]
     return (torch.tensor(rows, dtype=torch.long, device=device),
             torch.tensor(token_ids, dtype=torch.long, device=device))
+
+
+def _plain(p: SamplingParams, num_output: int) -> bool:
+    """No penalty, no min_tokens mask pending, no logprobs: only top-k/p, min-p, temperature."""
+    return (p.repetition_penalty == 1.0 and p.frequency_penalty == 0.0
+            and p.presence_penalty == 0.0 and p.logprobs is None and num_output >= p.min_tokens)
+
+
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """logits [num_seqs, vocab] -> [num_seqs] long, the first largest of each row (NaN counts as
+    largest), as torch.argmax(dim=-1). On the CPU through numpy, whose argmax is vectorized:
+    ~5 us for a 49,152-token vocabulary against torch's ~55 us, on a decode step of ~7 ms."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32:
+        return torch.from_numpy(logits.numpy().argmax(-1).astype(np.int64, copy=False))
+    return logits.argmax(dim=-1)
 
 
 def _stop_ids_for_min_tokens(params: SamplingParams, eos_token_ids: Sequence[int]) -> list[int]:
@@ -63,6 +79,9 @@ class SamplingBatch:
         if len(lengths) > 1:
             raise ValueError("params, prompt ids, output ids and generators differ in length")
         greedy = [p.greedy for p in params_list]
+        if all(greedy) and all(_plain(p, len(out)) for p, out in zip(params_list,
+                                                                      output_token_ids)):
+            return cls._plain_greedy(list(generators), device)
 
         def column(values: list, neutral, dtype: torch.dtype, random_only: bool = True):
             if random_only:  # greedy rows ignore these: keep them neutral
@@ -104,6 +123,18 @@ class SamplingBatch:
             all_greedy=not random_rows,
             any_greedy=any(greedy),
         )
+
+    @classmethod
+    def _plain_greedy(cls, generators: list, device) -> SamplingBatch:
+        """Every row greedy with nothing to change its logits and no logprobs: what build() gives
+        for such rows, without its per-row columns (a decode step's common case)."""
+        none = torch.empty(0, dtype=torch.long, device=device)
+        return cls(random_rows=none, temperature=torch.ones(len(generators), device=device),
+                   top_k=None, top_p=None, min_p=None, repetition_penalty=None,
+                   seen_tokens=None, frequency_penalty=None, presence_penalty=None,
+                   output_tokens=None, min_tokens_banned=None, max_num_logprobs=None,
+                   generators=generators, seeded=[], any_unseeded=False, all_greedy=True,
+                   any_greedy=bool(generators))
 
     @property
     def changes_logits(self) -> bool:
@@ -213,7 +244,7 @@ def _sample_random(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         _exponential(race, None)
     for row, j in batch.seeded:
         _exponential(race[j], batch.generators[row])
-    return probs.div_(race).argmax(dim=-1)
+    return argmax_rows(probs.div_(race))
 
 
 class Sampler:
@@ -223,11 +254,11 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         if batch.all_greedy and not batch.changes_logits:  # fast path: no copy
-            return self._output(logits.argmax(dim=-1), self._logprobs(logits, batch), batch)
+            return self._output(argmax_rows(logits), self._logprobs(logits, batch), batch)
         work = logits.to(torch.float32, copy=True)  # [num_seqs, vocab]
         apply_penalties(work, batch)
         logprobs = self._logprobs(work, batch)
-        token_ids = work.argmax(dim=-1) if batch.any_greedy else None  # [num_seqs]
+        token_ids = argmax_rows(work) if batch.any_greedy else None  # [num_seqs]
         if not batch.all_greedy:
             sampled = _sample_random(work, batch)  # [num_random]
             token_ids = sampled if token_ids is None else token_ids.index_copy_(

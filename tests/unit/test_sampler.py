@@ -16,6 +16,7 @@ from kvserve.runner.sampler import (
     apply_min_p,
     apply_penalties,
     apply_top_k_top_p,
+    argmax_rows,
     reference_penalize_row,
     reference_sample_row,
 )
@@ -60,10 +61,46 @@ def test_greedy_is_argmax_and_fast_path_only_calls_argmax():
     before = logits.clone()
     with CallRecorder() as rec:
         out = Sampler()(logits, batch)
-    assert rec.names == ["argmax"]  # no copy, no softmax
+    # numpy's argmax over the logits (reading .device and .dtype): no copy, no softmax
+    assert set(rec.names) <= {"argmax", "numpy", "__get__"}, rec.names
     assert out.token_ids.tolist() == logits.argmax(-1).tolist()
     assert out.token_ids.dtype == torch.long and out.logprobs is None
     assert torch.equal(logits, before)
+
+
+def test_argmax_rows_equals_torch_argmax_with_ties_nan_and_infinities():
+    """The numpy argmax of float32 CPU rows is torch's: the first largest, NaN the largest."""
+    nan, inf = math.nan, math.inf
+    logits = torch.tensor([[1.0, nan, 3.0, nan], [2.0, 5.0, 5.0, 1.0], [-inf] * 4,
+                           [inf, 1.0, inf, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    wide = random_logits(7, vocab=49152).round()  # many ties
+    for x in (logits, wide, wide.t(), wide[:, ::3], torch.zeros(0, 5)):
+        got = argmax_rows(x)
+        assert got.dtype == torch.long and got.tolist() == x.argmax(dim=-1).tolist()
+    assert argmax_rows(logits.bfloat16()).tolist() == logits.bfloat16().argmax(-1).tolist()
+
+
+def test_plain_greedy_batches_skip_the_columns_and_equal_the_full_build(monkeypatch):
+    """All rows greedy with no penalty, logprobs or pending min_tokens: build() returns the same
+    batch without building its per-row columns."""
+    import kvserve.runner.sampler as sampler_module
+
+    params = [SamplingParams(temperature=0.0, top_k=5, top_p=0.5, min_tokens=2)] * 3
+    outputs = [[1, 2], [3, 4, 5], [6, 7]]  # every row past min_tokens
+    fast = make_batch(params, outputs=outputs)
+    monkeypatch.setattr(sampler_module, "_plain", lambda *a: False)
+    full = make_batch(params, outputs=outputs)
+    for name in SamplingBatch.__dataclass_fields__:
+        a, b = getattr(fast, name), getattr(full, name)
+        assert (torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b), name
+    monkeypatch.undo()
+    short = make_batch(params, outputs=[[1], [3, 4, 5], [6, 7]])  # row 0 short of min_tokens
+    assert short.min_tokens_banned is not None
+    for changed in (SamplingParams(temperature=0.0, logprobs=2),
+                    SamplingParams(temperature=0.0, presence_penalty=0.5),
+                    SamplingParams(temperature=0.0, repetition_penalty=1.1)):
+        batch = make_batch([params[0], changed], outputs=outputs[:2])
+        assert batch.max_num_logprobs is not None or batch.changes_logits
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
