@@ -58,6 +58,13 @@ class ModelSpec:
     tie_word_embeddings: bool = False
     rope_scaling: RopeScaling | None = None
     architecture: str = "llama"
+    # Qwen2/2.5: Q, K and V projections carry a bias. Qwen3: an RMSNorm over each query and key
+    # head (weight [head_dim]) before RoPE.
+    attention_bias: bool = False
+    qk_norm: bool = False
+    # Sliding-window attention: entry i is layer i's window in tokens (a query at position p sees
+    # keys p - W + 1 .. p, as transformers' sliding_window), 0 for full attention; () = all full.
+    layer_windows: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden_size", "intermediate_size", "num_heads",
@@ -71,6 +78,19 @@ class ModelSpec:
                 f"({self.num_kv_heads})")
         if self.head_dim % 2:
             raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if self.layer_windows and (len(self.layer_windows) != self.num_layers or any(
+                not isinstance(w, int) or w < 0 for w in self.layer_windows)):
+            raise ConfigError(f"layer_windows must give each of the {self.num_layers} layers a "
+                              f"window of 0 (full attention) or more tokens, got "
+                              f"{self.layer_windows!r}")
+
+    def window(self, layer: int) -> int | None:
+        """Layer `layer`'s sliding window in tokens; None: it attends to every earlier token."""
+        return (self.layer_windows[layer] or None) if self.layer_windows else None
+
+    @property
+    def has_windows(self) -> bool:
+        return any(self.layer_windows)
 
     @property
     def num_queries_per_kv(self) -> int:

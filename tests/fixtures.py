@@ -119,6 +119,12 @@ def write_tiny_llama(dir: str | Path, *, tie: bool = True, rope_scaling: dict | 
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     save_file(tiny_weights(config, seed), str(folder / "model.safetensors"),
               metadata={"format": "pt"})
+    write_tiny_tokenizer(folder)
+    return folder
+
+
+def write_tiny_tokenizer(folder: Path) -> None:
+    """The tiny tokenizer's files and generation config, as a Hugging Face folder has them."""
     (folder / "tokenizer.json").write_text(_tiny_tokenizer_json())
     tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": SPECIAL_TOKENS[BOS_ID],
                   "eos_token": SPECIAL_TOKENS[EOS_ID], "unk_token": None,
@@ -128,7 +134,6 @@ def write_tiny_llama(dir: str | Path, *, tie: bool = True, rope_scaling: dict | 
     (folder / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
     (folder / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": BOS_ID, "eos_token_id": [EOS_ID, 0]}))
-    return folder
 
 
 def llama_cpp_permute(weight: np.ndarray, n_head: int) -> np.ndarray:

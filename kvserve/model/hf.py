@@ -1,5 +1,7 @@
-"""Loads a Hugging Face Llama-family folder (config.json + *.safetensors + tokenizer.json) into a
-Checkpoint with float32 tensors under their own Hugging Face names.
+"""Loads a Hugging Face folder of the Llama family (Llama, Mistral, Qwen2/2.5, Qwen3, Phi-3:
+config.json + *.safetensors + tokenizer.json) into a Checkpoint with float32 tensors under the
+Llama names (Phi-3's fused projections split), plus each architecture's extras (Qwen2's Q/K/V
+biases, Qwen3's Q/K norms) and the layers' sliding windows in the spec.
 
 The tokenizer is tokenizer.py's; choosing between GGUF and a Hugging Face folder is loader.py's.
 """
@@ -20,8 +22,16 @@ from kvserve.errors import ConfigError, ModelLoadError
 from kvserve.model.checkpoint import Checkpoint
 from kvserve.model.tokenizer import Tokenizer
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
-SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+# architecture name -> model_type
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
+                 "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
+                 "Phi3ForCausalLM": "phi3"}
+SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
+SUPPORTED_MODEL_TYPES = tuple(ARCHITECTURES.values())
+# Phi-3 keeps Q|K|V and gate|up fused in its checkpoint: split under the Llama names at load.
+_FUSED = {"self_attn.qkv_proj.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                                        "self_attn.v_proj.weight"),
+          "mlp.gate_up_proj.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight")}
 
 
 def _read_config(path: str) -> dict[str, Any]:
@@ -38,15 +48,45 @@ def _read_config(path: str) -> dict[str, Any]:
     return config
 
 
-def _check_architecture(config: dict[str, Any]) -> None:
+def _model_type(config: dict[str, Any]) -> str:
     archs = config.get("architectures") or []
+    for a in archs:
+        if a in ARCHITECTURES:
+            return ARCHITECTURES[a]
     model_type = config.get("model_type")
-    if any(a in SUPPORTED_ARCHITECTURES for a in archs) or (
-            not archs and model_type in SUPPORTED_MODEL_TYPES):
-        return
+    if not archs and model_type in SUPPORTED_MODEL_TYPES:
+        return model_type
     name = archs[0] if archs else model_type
-    raise ModelLoadError(f"unsupported architecture '{name}' (supported: llama family: "
+    raise ModelLoadError(f"unsupported architecture '{name}' (supported: "
                          f"{', '.join(SUPPORTED_ARCHITECTURES)})")
+
+
+def _layer_windows(config: dict[str, Any], model_type: str, num_layers: int) -> tuple[int, ...]:
+    """Each layer's sliding window (0: full attention), as transformers reads the config:
+    Mistral and Phi-3 window every layer when sliding_window is set (Mistral's default 4096);
+    Qwen2/Qwen3 only with use_sliding_window, on the layers from max_window_layers on; a
+    config's own layer_types list ("sliding_attention" / "full_attention") wins."""
+    if model_type == "mistral":
+        window = config.get("sliding_window", 4096)
+    elif model_type in ("qwen2", "qwen3"):
+        window = config.get("sliding_window", 4096) if config.get("use_sliding_window") else None
+    else:
+        window = config.get("sliding_window")
+    if not window:
+        return ()
+    if not isinstance(window, int) or window < 1:
+        raise ModelLoadError(f"config.json sliding_window must be a positive integer, got "
+                             f"{window!r}")
+    types = config.get("layer_types")
+    if types is None:
+        first = int(config.get("max_window_layers", 0)) if model_type.startswith("qwen") else 0
+        types = ["sliding_attention" if i >= first else "full_attention"
+                 for i in range(num_layers)]
+    if len(types) != num_layers or not set(types) <= {"sliding_attention", "full_attention"}:
+        raise ModelLoadError(f"config.json layer_types must name 'sliding_attention' or "
+                             f"'full_attention' for each of the {num_layers} layers")
+    windows = tuple(window if t == "sliding_attention" else 0 for t in types)
+    return windows if any(windows) else ()
 
 
 def _rope_scaling(config: dict[str, Any]) -> RopeScaling | None:
@@ -75,13 +115,21 @@ def _rope_theta(config: dict[str, Any]) -> float:
 
 
 def _spec(config: dict[str, Any], name: str) -> ModelSpec:
-    _check_architecture(config)
-    if config.get("attention_bias") or config.get("mlp_bias"):
-        raise ModelLoadError("attention/MLP biases are not supported")
+    model_type = _model_type(config)
+    # Qwen2 always has Q/K/V biases (and none on O); elsewhere attention_bias would add one to O
+    if (config.get("attention_bias") and model_type != "qwen2") or config.get("mlp_bias"):
+        raise ModelLoadError("attention/MLP biases are not supported (beyond Qwen2's Q/K/V)")
+    act = config.get("hidden_act", "silu")
+    if act != "silu":
+        raise ModelLoadError(f"unsupported hidden_act '{act}' (supported: silu)")
+    if float(config.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise ModelLoadError("partial rotary embeddings (partial_rotary_factor) are not "
+                             "supported")
     try:
         hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+        num_layers = int(config["num_hidden_layers"])
         return ModelSpec(
-            name=name, num_layers=int(config["num_hidden_layers"]), hidden_size=hidden,
+            name=name, num_layers=num_layers, hidden_size=hidden,
             intermediate_size=int(config["intermediate_size"]), num_heads=heads,
             num_kv_heads=int(config.get("num_key_value_heads") or heads),
             head_dim=int(config.get("head_dim") or hidden // heads),
@@ -90,7 +138,9 @@ def _spec(config: dict[str, Any], name: str) -> ModelSpec:
             rope_theta=_rope_theta(config),
             rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-            rope_scaling=_rope_scaling(config), architecture="llama")
+            rope_scaling=_rope_scaling(config), architecture=model_type,
+            attention_bias=model_type == "qwen2", qk_norm=model_type == "qwen3",
+            layer_windows=_layer_windows(config, model_type, num_layers))
     except KeyError as err:
         raise ModelLoadError(f"config.json is missing {err}") from None
     except (TypeError, ValueError) as err:  # ConfigError is a ValueError
@@ -127,9 +177,32 @@ def _expected(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
             p + "self_attn.o_proj.weight": (h, spec.q_size),
             p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
             p + "mlp.down_proj.weight": (h, inter)})
+        if spec.attention_bias:
+            want.update({p + "self_attn.q_proj.bias": (spec.q_size,),
+                         p + "self_attn.k_proj.bias": (spec.kv_size,),
+                         p + "self_attn.v_proj.bias": (spec.kv_size,)})
+        if spec.qk_norm:
+            want.update({p + "self_attn.q_norm.weight": (spec.head_dim,),
+                         p + "self_attn.k_norm.weight": (spec.head_dim,)})
     if not spec.tie_word_embeddings:
         want["lm_head.weight"] = (spec.vocab_size, h)
     return want
+
+
+def _split_fused(tensors: dict[str, torch.Tensor], spec: ModelSpec) -> None:
+    """Phi-3's qkv_proj / gate_up_proj rows -> q/k/v_proj and gate/up_proj, in place."""
+    sizes = {"self_attn.qkv_proj.weight": (spec.q_size, spec.kv_size, spec.kv_size),
+             "mlp.gate_up_proj.weight": (spec.intermediate_size,) * 2}
+    for name in [n for n in tensors if n.startswith("model.layers.")]:
+        prefix, _, rest = name.partition(".layers.")
+        layer, _, suffix = rest.partition(".")
+        if suffix in _FUSED:
+            fused = tensors.pop(name)
+            if fused.shape[0] != sum(sizes[suffix]):
+                raise ModelLoadError(f"tensor {name} has {fused.shape[0]} rows, expected "
+                                     f"{sum(sizes[suffix])} from config.json")
+            for part, t in zip(_FUSED[suffix], fused.split(sizes[suffix])):
+                tensors[f"{prefix}.layers.{layer}.{part}"] = t
 
 
 def _select(tensors: dict[str, torch.Tensor], spec: ModelSpec,
@@ -137,6 +210,7 @@ def _select(tensors: dict[str, torch.Tensor], spec: ModelSpec,
     """Exactly the tensors the spec needs, shapes checked; extras (rotary caches, a tied
     lm_head copy) are dropped."""
     want = _expected(spec)
+    _split_fused(tensors, spec)
     missing = [name for name in want if name not in tensors]
     if missing:
         more = f" and {len(missing) - 4} more" if len(missing) > 4 else ""

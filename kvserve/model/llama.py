@@ -1,4 +1,5 @@
-"""The Llama-family transformer (Llama 2/3, SmolLM, Mistral): flat batches, any attention backend.
+"""The Llama-family transformer (Llama 2/3, SmolLM, Mistral, Qwen2/2.5, Qwen3, Phi-3): flat batches,
+any attention backend; sliding-window layers are the attention backends' (ModelSpec.window).
 
 Weights are fused where one read serves several outputs (Q|K|V, gate|up) because decode is bound by
 reading weights. The model owns its weights only; K/V storage belongs to the backend passed in.
@@ -36,6 +37,9 @@ class LayerWeights:
     post_norm: torch.Tensor  # [hidden]
     gate_up: Weight  # [2 * intermediate, hidden]
     down: Weight  # [hidden, intermediate]
+    qkv_bias: torch.Tensor | None = None  # [q_size + 2 * kv_size] (Qwen2)
+    q_norm: torch.Tensor | None = None  # [head_dim], over each query head before RoPE (Qwen3)
+    k_norm: torch.Tensor | None = None  # [head_dim], over each key head
 
 
 def _nbytes(x: Weight) -> int:
@@ -59,8 +63,9 @@ class LlamaModel:
         # The fused C decode layer (kernels/gemv.c) serves decode-sized CPU batches when built;
         # the PyTorch layer below is the reference it is tested against, and serves the rest.
         # Each layer's matrices as the fused C calls see them (kernels/cpu.py WeightRef).
+        # (Q/K/V biases and per-head Q/K norms have no C twin: those models run PyTorch's.)
         fast = (device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
-                and cpu_kernels.available())
+                and cpu_kernels.available() and not spec.attention_bias and not spec.qk_norm)
         self._refs = [tuple(cpu_kernels.weight_ref(x) for x in (lw.qkv, lw.o, lw.gate_up, lw.down))
                       for lw in layers] if fast else []
         self.use_fast_decode = fast and all(r is not None for refs in self._refs for r in refs)
@@ -97,10 +102,20 @@ class LlamaModel:
             return torch.cat([dense(x) for x in parts]).to(dtype=dtype, device=device) \
                 .contiguous()
 
+        def optional(name: str) -> torch.Tensor | None:
+            return norm(name) if name in t else None
+
         layers = []
         for i in range(ckpt.spec.num_layers):
             p = f"model.layers.{i}."
+            a = p + "self_attn."
+            bias = None
+            if ckpt.spec.attention_bias:
+                bias = torch.cat([t[a + x + "_proj.bias"] for x in "qkv"]).to(
+                    dtype=act, device=device)
             layers.append(LayerWeights(
+                qkv_bias=bias, q_norm=optional(a + "q_norm.weight"),
+                k_norm=optional(a + "k_norm.weight"),
                 input_norm=norm(p + "input_layernorm.weight"),
                 qkv=cat(p + "self_attn.q_proj.weight", p + "self_attn.k_proj.weight",
                         p + "self_attn.v_proj.weight"),
@@ -116,7 +131,8 @@ class LlamaModel:
     def num_weight_bytes_per_token(self) -> int:
         """Bytes of weights a decode step reads: every layer, the final norm and the LM head
         (the embedding row gather is negligible and not counted)."""
-        tensors = [x for lw in self.layers for x in vars(lw).values()] + [self.norm, self.lm_head]
+        tensors = [x for lw in self.layers for x in vars(lw).values() if x is not None] + \
+            [self.norm, self.lm_head]
         return sum(_nbytes(x) for x in tensors)
 
     def weights_description(self) -> str:
@@ -189,6 +205,14 @@ class LlamaModel:
         num_tokens = h.shape[0]
         x = rms_norm(h, lw.input_norm, s.rms_norm_eps)
         qkv = linear(x, lw.qkv)  # [num_tokens, q_size + 2 * kv_size]
+        if lw.qkv_bias is not None:
+            qkv = qkv + lw.qkv_bias
+        if lw.q_norm is not None:  # per head, before RoPE
+            heads = qkv[:, :s.q_size + s.kv_size].view(num_tokens, -1, s.head_dim)
+            qkv = torch.cat((
+                rms_norm(heads[:, :s.num_heads], lw.q_norm, s.rms_norm_eps).flatten(1),
+                rms_norm(heads[:, s.num_heads:], lw.k_norm, s.rms_norm_eps).flatten(1),
+                qkv[:, s.q_size + s.kv_size:]), dim=-1)
         # Q and K heads sit side by side in qkv: rotate them in one pass, then split.
         qk = apply_rope(qkv[:, :s.q_size + s.kv_size].view(num_tokens, -1, s.head_dim),
                         cos.unsqueeze(1), sin.unsqueeze(1))  # [num_tokens, heads + kv_heads, d]

@@ -28,6 +28,48 @@ def test_sdpa_matches_reference(n, length, heads, kv_heads):
     torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_sliding_window_mask_keeps_the_last_window_keys():
+    assert causal_mask(3, 6, torch.device("cpu"), window=2).tolist() == [
+        [False, False, True, True, False, False],
+        [False, False, False, True, True, False],
+        [False, False, False, False, True, True],
+    ]
+
+
+def _dense_window_reference(q, k, v, window):
+    """Softmax over an explicit [n, L] window mask, one query at a time: the definition."""
+    n, length = q.shape[0], k.shape[0]
+    group = q.shape[1] // k.shape[1]
+    out = torch.empty(q.shape)
+    for r in range(n):
+        p = length - n + r
+        keys = [j for j in range(length) if p - window < j <= p]
+        kk = k[keys].repeat_interleave(group, dim=1)
+        vv = v[keys].repeat_interleave(group, dim=1)
+        scores = torch.einsum("hd,lhd->hl", q[r], kk) / q.shape[2] ** 0.5
+        out[r] = torch.einsum("hl,lhd->hd", scores.softmax(-1), vv)
+    return out
+
+
+@pytest.mark.parametrize("n,length,window", [(1, 9, 4), (1, 3, 4), (5, 5, 2), (3, 11, 5),
+                                             (7, 7, 7), (12, 30, 1), (300, 300, 37),
+                                             (290, 600, 100)])
+def test_sliding_window_sdpa_and_reference_equal_the_dense_definition(n, length, window):
+    """The last case crosses a query chunk after a cached prefix."""
+    g = torch.Generator().manual_seed(n * 7 + length + window)
+    q = torch.randn(n, 6, 8, generator=g)
+    k = torch.randn(length, 2, 8, generator=g)
+    v = torch.randn(length, 2, 8, generator=g)
+    want = _dense_window_reference(q, k, v, window)
+    torch.testing.assert_close(attention_reference(q, k, v, window), want, rtol=1e-5,
+                               atol=1e-5)
+    fast = attention_sdpa(q, k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous(),
+                          window)
+    torch.testing.assert_close(fast, want, rtol=1e-4, atol=1e-5)
+    if length > window:  # the window changes the answer
+        assert not torch.allclose(attention_reference(q, k, v), want, atol=1e-3)
+
+
 def _spec():
     return ModelSpec(name="t", num_layers=2, hidden_size=16, intermediate_size=32, num_heads=4,
                      num_kv_heads=2, head_dim=4, vocab_size=10, max_position_embeddings=64)

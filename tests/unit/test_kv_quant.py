@@ -337,19 +337,30 @@ def test_a_sequence_starting_after_a_prefix_hit_seeds_its_window_from_codes():
 
 @pytest.mark.parametrize("start, n, window_blocks", [(0, 37, 3), (0, 300, 2), (13, 9, 3),
                                                      (40, 1, 3), (21, 270, 1), (5, 3, 9)])
-def test_windowed_attention_equals_its_reference(start, n, window_blocks):
+@pytest.mark.parametrize("sliding", [None, 5, 19])
+def test_windowed_attention_equals_its_reference(start, n, window_blocks, sliding):
     """Each query reads the keys of its own window from the window and the older ones from
-    their codes, in query chunks (the 300-query case crosses a chunk)."""
+    their codes, in query chunks (the 300-query case crosses a chunk); a sliding-window layer
+    (sliding) sees only its last `sliding` keys of either kind."""
     g = torch.Generator().manual_seed(start + n)
     bs, length = 4, start + n
     q = torch.randn(n, 6, 16, generator=g)
     codes = [torch.randn(length, 2, 16, generator=g) for _ in range(2)]
     held = [c + 0.1 * torch.randn(length, 2, 16, generator=g) for c in codes]
     want = attention_windowed_reference(q, codes[0], codes[1], held[0], held[1], bs,
-                                        window_blocks)
+                                        window_blocks, sliding)
     w0 = int(window_starts(torch.tensor(start), bs, window_blocks))
     wn = int(window_starts(torch.tensor(length - 1), bs, window_blocks))
     got = attention_windowed(q, codes[0][:wn].transpose(0, 1), codes[1][:wn].transpose(0, 1),
                              held[0][w0:].transpose(0, 1), held[1][w0:].transpose(0, 1), w0,
-                             bs, window_blocks)
+                             bs, window_blocks, sliding)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    if sliding is not None:  # the reference itself against the definition, over held keys
+        r = n - 1
+        i = length - 1
+        w = int(window_starts(torch.tensor(i), bs, window_blocks))
+        keys = [torch.cat((c[:w], h[w:i + 1]))[max(0, i - sliding + 1):]
+                for c, h in zip(codes, held)]
+        scores = torch.einsum("hd,lhd->hl", q[r], keys[0].repeat_interleave(3, dim=1)) / 4.0
+        last = torch.einsum("hl,lhd->hd", scores.softmax(-1), keys[1].repeat_interleave(3, dim=1))
+        torch.testing.assert_close(want[r], last, rtol=1e-5, atol=1e-5)

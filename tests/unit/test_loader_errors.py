@@ -105,8 +105,25 @@ def test_hf_wrong_architecture(tmp_path, tiny_hf_dir):
     config = json.loads((folder / "config.json").read_text())
     config.update(architectures=["GPT2LMHeadModel"], model_type="gpt2")
     (folder / "config.json").write_text(json.dumps(config))
-    assert "unsupported architecture 'GPT2LMHeadModel' (supported: llama family" in _error(
-        str(folder))
+    assert "unsupported architecture 'GPT2LMHeadModel' (supported: LlamaForCausalLM, " \
+        "MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM)" in _error(
+            str(folder))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"attention_bias": True}, "attention/MLP biases are not supported (beyond Qwen2's Q/K/V)"),
+    ({"hidden_act": "gelu"}, "unsupported hidden_act 'gelu' (supported: silu)"),
+    ({"partial_rotary_factor": 0.75}, "partial rotary embeddings"),
+    ({"sliding_window": -3}, "sliding_window must be a positive integer, got -3"),
+    ({"sliding_window": 8, "layer_types": ["sliding_attention"]},
+     "layer_types must name 'sliding_attention' or 'full_attention' for each of the 2 layers"),
+])
+def test_hf_unsupported_or_bad_architecture_details(tmp_path, tiny_hf_dir, change, message):
+    folder = _copy_hf(tiny_hf_dir, tmp_path / "x")
+    config = json.loads((folder / "config.json").read_text())
+    config.update(change)
+    (folder / "config.json").write_text(json.dumps(config))
+    assert message in _error(str(folder))
 
 
 def test_hf_missing_pieces(tmp_path, tiny_hf_dir):

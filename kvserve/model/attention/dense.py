@@ -36,7 +36,8 @@ class NoCacheAttention:
         for s in meta.seqs:
             rows = slice(s.row_start, s.row_start + s.num_new_tokens)
             # [n, kv, d] -> [kv, n, d]: the head-major layout attention_sdpa takes
-            out[rows] = attention_sdpa(q[rows], k[rows].transpose(0, 1), v[rows].transpose(0, 1))
+            out[rows] = attention_sdpa(q[rows], k[rows].transpose(0, 1), v[rows].transpose(0, 1),
+                                       self.spec.window(layer_idx))
         return out
 
     def fused_decode(self, meta: AttentionMetadata) -> None:
@@ -92,11 +93,12 @@ class ContiguousAttention:
         for s in meta.seqs:
             rows = slice(s.row_start, s.row_start + s.num_new_tokens)
             kv = self.store[s.seq_id][layer_idx]  # [2, num_kv_heads, capacity, head_dim]
-            if (self.use_fast_decode and s.num_new_tokens == 1
+            window = self.spec.window(layer_idx)
+            if (self.use_fast_decode and s.num_new_tokens == 1 and window is None
                     and cpu_kernels.decode_attention_ok(q, kv)):
                 self._decode_fast(q, k, v, kv, s, out)
             else:
-                self._attend(q, k, v, kv, s, out, rows)
+                self._attend(q, k, v, kv, s, out, rows, window)
             if last_layer:
                 self.lengths[s.seq_id] = s.context_len
         return out
@@ -110,7 +112,7 @@ class ContiguousAttention:
         cpu_kernels.decode_attention_(q[r].contiguous(), k[r].contiguous(), v[r].contiguous(),
                                       kv[0], kv[1], s.start_position, out[r], self._scores)
 
-    def _attend(self, q, k, v, kv, s, out, rows) -> None:
+    def _attend(self, q, k, v, kv, s, out, rows, window=None) -> None:
         """The PyTorch path: any number of new tokens, any device (the reference of _decode_fast).
         """
         # [0, start_position) cached | [start_position, context_len) written now
@@ -120,7 +122,7 @@ class ContiguousAttention:
         # The store may hold a narrower dtype than the activations (bf16 K/V, fp32 compute).
         keys = kv[0, :, :s.context_len].to(q.dtype)
         values = kv[1, :, :s.context_len].to(q.dtype)
-        out[rows] = attention_sdpa(q[rows], keys, values)
+        out[rows] = attention_sdpa(q[rows], keys, values, window)
 
     def fused_decode(self, meta: AttentionMetadata) -> None:
         return None  # per layer: forward()

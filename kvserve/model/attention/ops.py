@@ -8,23 +8,30 @@ import torch
 import torch.nn.functional as F
 
 
-def causal_mask(num_queries: int, num_keys: int, device: torch.device) -> torch.Tensor:
-    """Bool [num_queries, num_keys]: query i sits at key position num_keys - num_queries + i."""
+def causal_mask(num_queries: int, num_keys: int, device: torch.device,
+                window: int | None = None) -> torch.Tensor:
+    """Bool [num_queries, num_keys]: query i sits at key position num_keys - num_queries + i and
+    sees the keys at or before it; with a sliding window W, only the last W of them (keys
+    p - W + 1 .. p, as transformers' sliding_window)."""
     q_pos = torch.arange(num_keys - num_queries, num_keys, device=device).unsqueeze(1)
-    return torch.arange(num_keys, device=device).unsqueeze(0) <= q_pos
+    keys = torch.arange(num_keys, device=device).unsqueeze(0)
+    visible = keys <= q_pos
+    return visible if window is None else visible & (keys > q_pos - window)
 
 
-def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        window: int | None = None) -> torch.Tensor:
     """Plain causal GQA attention for one sequence, computed in float32.
 
-    q [n, num_heads, d]; k, v [L, num_kv_heads, d] with the n queries at positions [L - n, L).
+    q [n, num_heads, d]; k, v [L, num_kv_heads, d] with the n queries at positions [L - n, L);
+    window: a sliding window in tokens (None: every earlier key).
     """
     n, num_heads, d = q.shape
     group = num_heads // k.shape[1]
     k = k.repeat_interleave(group, dim=1).float()  # [L, num_heads, d]
     v = v.repeat_interleave(group, dim=1).float()
     scores = torch.einsum("nhd,lhd->hnl", q.float(), k) / d ** 0.5  # [num_heads, n, L]
-    scores = scores.masked_fill(~causal_mask(n, k.shape[0], q.device), float("-inf"))
+    scores = scores.masked_fill(~causal_mask(n, k.shape[0], q.device, window), float("-inf"))
     out = torch.einsum("hnl,lhd->nhd", scores.softmax(-1), v)
     return out.to(q.dtype)
 
@@ -32,7 +39,8 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> to
 PREFILL_CHUNK_QUERIES = 256
 
 
-def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   window: int | None = None) -> torch.Tensor:
     """The same as attention_reference, fast: q [n, num_heads, d]; k, v [num_kv_heads, L, d]
     (head-major: the layout the caches keep). Each KV head's query group is folded into one
     batch entry so K/V heads are read as they are, never repeated.
@@ -46,7 +54,19 @@ def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
     n, num_heads, d = q.shape
     num_kv, length = k.shape[0], k.shape[1]
     group = num_heads // num_kv
+    if window is not None and n == 1 and length > window:  # decode: the last `window` keys
+        k, v, length = k[:, length - window:], v[:, length - window:], window
+    if window is not None and length <= window:  # no query's window cuts a key off
+        window = None
     qg = q.reshape(n, num_kv, group, d).permute(1, 2, 0, 3)  # [num_kv, group, n, d]
+    if window is not None:  # several queries, some of whose windows start after key 0
+        if q.device.type == "cuda":
+            mask = causal_mask(n, length, q.device, window)  # [n, L]
+            out = F.scaled_dot_product_attention(qg, k.unsqueeze(1), v.unsqueeze(1),
+                                                 attn_mask=mask)
+        else:
+            out = _chunked_windowed(qg, k.unsqueeze(1), v.unsqueeze(1), length - n, window)
+        return out.permute(2, 0, 1, 3).reshape(n, num_heads, d)
     if n == 1:
         # Decode: one query sees every key, no mask. Three plain ops beat SDPA's dispatch here.
         qg = qg.reshape(num_kv, group, d)
@@ -88,6 +108,24 @@ def _chunked_causal(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out
 
 
+def _chunked_windowed(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_cached: int,
+                      window: int) -> torch.Tensor:
+    """_chunked_causal under a sliding window: query rows [start, end) at positions
+    num_cached + start.. read only keys [first row's p - window + 1, last row's p]."""
+    n, d = qg.shape[2], qg.shape[3]
+    qg = qg * d ** -0.5
+    out = torch.empty_like(qg)
+    for start in range(0, n, PREFILL_CHUNK_QUERIES):
+        end = min(n, start + PREFILL_CHUNK_QUERIES)
+        lo, hi = max(0, num_cached + start - window + 1), num_cached + end
+        scores = torch.matmul(qg[:, :, start:end], k[:, :, lo:hi].transpose(-1, -2))
+        q_pos = torch.arange(num_cached + start, hi, device=qg.device).unsqueeze(1)
+        keys = torch.arange(lo, hi, device=qg.device).unsqueeze(0)
+        scores.masked_fill_((keys > q_pos) | (keys <= q_pos - window), float("-inf"))
+        out[:, :, start:end] = torch.matmul(scores.softmax(-1), v[:, :, lo:hi])
+    return out
+
+
 def window_starts(positions: torch.Tensor, block_size: int, window_blocks: int) -> torch.Tensor:
     """For queries at these positions: the first key each reads from its residual window (its
     own last window_blocks blocks, kvstore/paged.py), a multiple of block_size; the keys before
@@ -97,11 +135,13 @@ def window_starts(positions: torch.Tensor, block_size: int, window_blocks: int) 
 
 def attention_windowed_reference(q: torch.Tensor, k_codes: torch.Tensor, v_codes: torch.Tensor,
                                  k_window: torch.Tensor, v_window: torch.Tensor,
-                                 block_size: int, window_blocks: int) -> torch.Tensor:
+                                 block_size: int, window_blocks: int,
+                                 sliding: int | None = None) -> torch.Tensor:
     """Plain causal GQA attention where query i reads key j as the window holds it (float32)
     when j is in i's window (window_starts), else as its codes decode: q [n, num_heads, d] at
     positions [L - n, L); k/v_codes and k/v_window [L, num_kv_heads, d], every position of the
-    sequence in each representation. Computed in float32, one query at a time."""
+    sequence in each representation; sliding: the layer's sliding window in tokens (keys before
+    i - sliding + 1 unseen). Computed in float32, one query at a time."""
     n, num_heads, d = q.shape
     length = k_codes.shape[0]
     group = num_heads // k_codes.shape[1]
@@ -111,6 +151,8 @@ def attention_windowed_reference(q: torch.Tensor, k_codes: torch.Tensor, v_codes
         w = int(window_starts(torch.tensor(i), block_size, window_blocks))
         k = torch.cat((k_codes[:w], k_window[w:i + 1])).repeat_interleave(group, dim=1).float()
         v = torch.cat((v_codes[:w], v_window[w:i + 1])).repeat_interleave(group, dim=1).float()
+        first = 0 if sliding is None else max(0, i - sliding + 1)
+        k, v = k[first:], v[first:]
         scores = torch.einsum("hd,lhd->hl", q[r].float(), k) / d ** 0.5
         out[r] = torch.einsum("hl,lhd->hd", scores.softmax(-1), v)
     return out.to(q.dtype)
@@ -118,7 +160,8 @@ def attention_windowed_reference(q: torch.Tensor, k_codes: torch.Tensor, v_codes
 
 def attention_windowed(q: torch.Tensor, k_codes: torch.Tensor, v_codes: torch.Tensor,
                        k_window: torch.Tensor, v_window: torch.Tensor, window_from: int,
-                       block_size: int, window_blocks: int) -> torch.Tensor:
+                       block_size: int, window_blocks: int,
+                       sliding: int | None = None) -> torch.Tensor:
     """attention_windowed_reference, head-major and in query chunks: q [n, num_heads, d] at
     positions [start, start + n) (start = L - n); k/v_codes [num_kv, >= window_starts of the
     last query, d] from position 0; k/v_window [num_kv, L - window_from, d] from position
@@ -143,8 +186,11 @@ def attention_windowed(q: torch.Tensor, k_codes: torch.Tensor, v_codes: torch.Te
         sc = torch.matmul(qc, kc[:, :, :hc].transpose(-1, -2))
         sw = torch.matmul(qc, kw[:, :, lo - window_from:p1 - window_from].transpose(-1, -2))
         cols_w = torch.arange(lo, p1, device=q.device)
-        sc.masked_fill_(torch.arange(hc, device=q.device) >= w[:, None], float("-inf"))
-        sw.masked_fill_((cols_w < w[:, None]) | (cols_w > pos[:, None]), float("-inf"))
+        cols_c = torch.arange(hc, device=q.device)
+        first = torch.zeros_like(pos) if sliding is None else pos - sliding + 1  # [rows]
+        sc.masked_fill_((cols_c >= w[:, None]) | (cols_c < first[:, None]), float("-inf"))
+        sw.masked_fill_((cols_w < w[:, None]) | (cols_w > pos[:, None]) | (cols_w < first[:, None]),
+                        float("-inf"))
         p = torch.cat((sc, sw), dim=-1).softmax(-1)
         out[:, :, s0:s1] = torch.matmul(p[..., :hc], vc[:, :, :hc]) + torch.matmul(
             p[..., hc:], vw[:, :, lo - window_from:p1 - window_from])

@@ -83,7 +83,8 @@ class PagedAttention:
         residual windows, CUDA). Call after prepare()."""
         st, decode = self.store, meta.paged.decode
         if (not self._fast or decode is None or decode.rows is not None or st.dtype is None
-                or st.has_residual or not self.fused_decode_enabled):
+                or st.has_residual or not self.fused_decode_enabled
+                or st.layout.spec.has_windows):
             return None
         keys, values = st.float_kv()
         return cpu_kernels.PagedDecode(
@@ -96,7 +97,8 @@ class PagedAttention:
                 meta: AttentionMetadata) -> torch.Tensor:
         st = self.store
         decode = meta.paged.decode
-        gather_all = decode is None or q.dtype != torch.float32 or not self._fast
+        gather_all = (decode is None or q.dtype != torch.float32 or not self._fast
+                      or st.layout.spec.window(layer_idx) is not None)
         before = None  # the gathered sequences' window rows, as they were before this step
         if self._before_rows is not None:
             before = [None if not gather_all and s.num_new_tokens == 1 else
@@ -162,6 +164,7 @@ class PagedAttention:
             out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         paged, st = meta.paged, self.store
         k, v, before = new
+        window = st.layout.spec.window(layer_idx)
         for i, s in enumerate(meta.seqs):
             if skip_decode and s.num_new_tokens == 1:
                 continue
@@ -169,13 +172,13 @@ class PagedAttention:
             index = paged.block_tables[i, :paged.num_blocks[i]]
             if before is None:  # no windows: this sequence's blocks, [kv, context_len, d] each
                 k_seq, v_seq = st.gather(layer_idx, index, s.context_len, q.dtype)
-                out[rows] = attention_sdpa(q[rows], k_seq, v_seq)
+                out[rows] = attention_sdpa(q[rows], k_seq, v_seq, window)
                 continue
             kc, vc, kw, vw, w0 = st.gather_windowed(layer_idx, index, s.start_position,
                                                     s.context_len, q.dtype, before[i],
                                                     (k[rows], v[rows]))
             out[rows] = attention_windowed(q[rows], kc, vc, kw, vw, w0, st.layout.block_size,
-                                           st.window_blocks)
+                                           st.window_blocks, window)
         return out
 
     def release(self, seq_id: str) -> None:
