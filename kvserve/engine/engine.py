@@ -86,7 +86,8 @@ class LLMEngine:
                               config.cache.resolved_kv_cache_dtype(config.dtype))
                              + ((f"window={window}",) if window else ()))
         kv = build_kv(config.cache, self.spec, config.dtype, self.device, self.max_model_len,
-                      model_key, config.scheduler.max_num_seqs)
+                      model_key, config.scheduler.max_num_seqs,
+                      config.scheduler.max_num_batched_tokens)
         self.kv_cache_dtype = kv.kv_cache_dtype
         self.kv_bytes_per_token = kv.layout.bytes_per_token
         self.kv_quality: KVQuality | None = None  # the guardrail's measure (quantized KV)
@@ -191,7 +192,8 @@ class LLMEngine:
                 f"({self.max_model_len})")
         if self.block_manager is not None:
             total = num_prompt_tokens + (params.max_tokens or self.max_model_len)
-            need = self.block_manager.num_blocks_for(min(total, self.max_model_len))
+            need = self.block_manager.most_blocks_held(
+                min(total, self.max_model_len), self.config.scheduler.max_num_batched_tokens)
             if need > self.block_manager.pool.num_blocks:
                 raise InvalidRequestError(
                     f"request needs {need} KV blocks but the whole pool has "

@@ -17,6 +17,7 @@ from kvserve.errors import ConfigError
 from kvserve.kvcache.block_manager import BlockManager
 from kvserve.kvcache.block_pool import BlockPool
 from kvserve.kvcache.layout import KVLayout
+from kvserve.kvcache.policy import policy_for
 from kvserve.kvcache.prefix_index import PrefixIndex
 from kvserve.kvstore.paged import TORCH_KV_DTYPES, PagedKVStore
 from kvserve.model.attention import AttentionBackend
@@ -40,11 +41,13 @@ def free_memory_bytes(device: torch.device) -> int:
 
 
 def build_kv(config: CacheConfig, spec: ModelSpec, dtype: str, device: torch.device,
-             max_model_len: int, model_key: str = "", max_num_seqs: int = 1) -> KVSetup:
+             max_model_len: int, model_key: str = "", max_num_seqs: int = 1,
+             max_num_batched_tokens: int | None = None) -> KVSetup:
     """The attention backend for config.cache_mode with K/V stored in the format "auto" (or the
     setting) gives for compute dtype `dtype`; for paged, its store and block manager (with a
-    prefix index whose keys start from model_key, unless prefix caching is off). A
-    quantized format holds a residual window for each of max_num_seqs sequences."""
+    prefix index whose keys start from model_key, unless prefix caching is off, and the
+    retention policy the model's windows allow). A quantized format holds a residual window
+    for each of max_num_seqs sequences."""
     kv_dtype = config.resolved_kv_cache_dtype(dtype)
     block_size = config.block_size
     layout = KVLayout(spec, block_size, kv_dtype, residual_seqs=max_num_seqs,
@@ -57,15 +60,20 @@ def build_kv(config: CacheConfig, spec: ModelSpec, dtype: str, device: torch.dev
     budget = config.kv_cache_memory_spec
     num_bytes = int(budget * free_memory_bytes(device)) if isinstance(budget, float) else budget
     num_blocks = layout.num_blocks_for_bytes(num_bytes)
-    needed = layout.num_blocks_for_tokens(max_model_len)
+    index = PrefixIndex() if config.enable_prefix_caching else None
+    policy = policy_for(spec.layer_windows)
+    manager = BlockManager(BlockPool(num_blocks), block_size, index, model_key, policy)
+    # a sliding window: a sequence holds its window's keys and one step's tokens at most
+    needed = manager.most_blocks_held(max_model_len, max_num_batched_tokens or max_model_len)
+    what = f"one max_model_len ({max_model_len}) request"
+    if needed < manager.num_blocks_for(max_model_len):
+        what = (f"one request (its {policy.window}-token sliding window and a step of "
+                f"{max_num_batched_tokens} tokens)")
     if num_blocks < needed:
         need_bytes = format_bytes(needed * layout.bytes_per_block)
         raise ConfigError(
             f"kv_cache_memory {config.kv_cache_memory!r} ({format_bytes(num_bytes)}) holds "
-            f"{num_blocks} blocks of {block_size} tokens, but one max_model_len "
-            f"({max_model_len}) request needs {needed} ({need_bytes}): raise kv_cache_memory "
-            f"or lower max_model_len")
+            f"{num_blocks} blocks of {block_size} tokens, but {what} needs {needed} "
+            f"({need_bytes}): raise kv_cache_memory or lower max_model_len")
     store = PagedKVStore(layout, num_blocks, device, residual_slots=max_num_seqs)
-    index = PrefixIndex() if config.enable_prefix_caching else None
-    manager = BlockManager(BlockPool(num_blocks), block_size, index, model_key)
     return KVSetup(PagedAttention(store), kv_dtype, layout, store, manager)

@@ -2,7 +2,9 @@
 
 A request's token at position p lives in block table[p // block_size], slot p % block_size. Tables
 grow a block at a time as tokens arrive (all or nothing per call) and are released whole when a
-request finishes, is aborted or is preempted. With a PrefixIndex, a new request's table starts
+request finishes, is aborted or is preempted. Under a sliding-window policy (kvcache/policy.py)
+the leading blocks no layer reads any more are released mid-sequence: their table entries become
+HOLE, so positions keep their indices. With a PrefixIndex, a new request's table starts
 with the cached blocks its prompt begins with (shared by reference count), every block a request
 fills is offered to the index, and a block the pool hands out again is forgotten by the index.
 
@@ -18,11 +20,13 @@ from collections import Counter
 
 from kvserve.kvcache.block_pool import BlockPool
 from kvserve.kvcache.events import BlockEvent, BlockEventKind, EventLog
-from kvserve.kvcache.policy import FullHistory, RetentionPolicy
+from kvserve.kvcache.policy import FullHistory, RetentionPolicy, SlidingWindow
 from kvserve.kvcache.prefix_index import PrefixIndex, chain_keys, root_key
 from kvserve.kvcache.snapshot import EventCounts, PoolSnapshot, PrefixSnapshot, RequestBlocks
 from kvserve.kvcache.tiers import LowerTiers, TierBlock, TierOps
 from kvserve.request import Request
+
+HOLE = -1  # a released block's place in a table: no layer reads its tokens any more
 
 
 class BlockManager:
@@ -38,12 +42,23 @@ class BlockManager:
         self.model_key = model_key  # the model identity every block key starts from
         self.policy: RetentionPolicy = policy or FullHistory()
         self.num_indexed: dict[str, int] = {}  # request id -> leading blocks offered to the index
+        self.num_released: dict[str, int] = {}  # request id -> leading entries that are HOLE
+        self.parked_holes: dict[str, int] = {}  # the same, for requests swapped out
         # Tiers below the pool (prefix caching only): evicted cached blocks move down, hits
         # there come back up.
         self.lower = lower if prefix_index is not None else None
 
     def num_blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
+
+    def most_blocks_held(self, num_tokens: int, step_tokens: int) -> int:
+        """The most blocks a sequence of num_tokens tokens holds at once: every one of them
+        under full history; under a sliding window, at most its window's keys' and one step's
+        (of up to step_tokens) new tokens', however long it grows."""
+        n = self.num_blocks_for(num_tokens)
+        if isinstance(self.policy, SlidingWindow):
+            n = min(n, self.num_blocks_for(self.policy.window + step_tokens + self.block_size))
+        return n
 
     def num_new_blocks(self, request_id: str, num_tokens: int) -> int:
         """Blocks to add so that the request's table holds num_tokens tokens."""
@@ -199,38 +214,73 @@ class BlockManager:
         for i in range(first, num_full):
             offset = (i - first) * bs
             block_tokens = tokens[offset:offset + bs]
+            if table[i] == HOLE:
+                continue
             if self.prefix_index.insert(r.block_keys[i], table[i], block_tokens, tenant) \
                     and self.lower is not None:  # a shared tier below gets it now
                 self.lower.publish(table[i], r.block_keys[i],
                                    TierBlock(tuple(block_tokens), tenant))
         self.num_indexed[r.request_id] = num_full
 
+    def release_unread(self, r: Request) -> list[int]:
+        """Under a window policy: release the request's leading blocks that no layer reads once
+        its computed tokens are in (after cache_full_blocks offered them to the index, which
+        keeps them while the pool does). Returns the blocks that became free."""
+        table = self.tables.get(r.request_id)
+        if table is None or isinstance(self.policy, FullHistory):
+            return []
+        start = self.num_released.get(r.request_id, 0)
+        end = min(self.policy.kept_block_indices(r.num_computed_tokens, self.block_size).start,
+                  len(table))
+        if end <= start:
+            return []
+        released = table[start:end]
+        table[start:end] = [HOLE] * (end - start)
+        self.num_released[r.request_id] = end
+        return self._unref(released)
+
     def adopt(self, request_id: str, block_ids: list[int]) -> None:
-        """Give a request a table of blocks allocated elsewhere (swap-in of preempted blocks)."""
+        """Give a request a table of blocks allocated elsewhere (swap-in of preempted blocks),
+        after the holes it had when it was swapped out."""
         assert request_id not in self.tables, f"{request_id} already has blocks"
-        self.tables[request_id] = list(block_ids)
+        holes = self.parked_holes.pop(request_id, 0)
+        self.tables[request_id] = [HOLE] * holes + list(block_ids)
+        if holes:
+            self.num_released[request_id] = holes
 
     def block_ids(self, request_id: str) -> list[int]:
+        """The request's table, HOLE where a block was released."""
         return self.tables.get(request_id, [])
 
     def num_blocks_held(self, request_id: str) -> int:
-        return len(self.tables.get(request_id, ()))
+        return len(self.tables.get(request_id, ())) - self.num_released.get(request_id, 0)
 
-    def free(self, request_id: str) -> list[int]:
-        """Release the request's blocks; returns the ids it held, in table order."""
-        block_ids = self.tables.pop(request_id, [])
+    def free(self, request_id: str, swap: bool = False) -> list[int]:
+        """Release the request's blocks; returns the ids it held, in table order (its holes left
+        out; swap: remembered, so that adopt() puts them back)."""
+        if not swap:  # a swapped-out request that ends: its holes are forgotten too
+            self.parked_holes.pop(request_id, None)
+        holes = self.num_released.pop(request_id, 0)
+        if swap and holes:
+            self.parked_holes[request_id] = holes
+        block_ids = self.tables.pop(request_id, [])[holes:]
         self.num_indexed.pop(request_id, None)
         if self.lower is not None:  # fetches planned for it whose K/V will not arrive now
             for b in self.lower.cancel(request_id):
                 self.prefix_index.evict(b)
         # Tail first: a chain's last blocks reach the head of the free queue (evicted first)
         # before the prefix blocks that other prompts are likelier to share.
-        for b in self.pool.free(reversed(block_ids)):
+        self._unref(reversed(block_ids))
+        return block_ids
+
+    def _unref(self, block_ids) -> list[int]:
+        freed = self.pool.free(block_ids)
+        for b in freed:
             index = self.prefix_index
             key = index.key_of_block(b) if index is not None else None
             tenant = index.tenant_of_block(b) if key is not None else None
             self.events.emit(BlockEvent(BlockEventKind.FREED, b, key, tenant))
-        return block_ids
+        return freed
 
     def reset_prefix_index(self) -> bool:
         """Forget every cached block (their memory stays with whoever holds it); False if
@@ -264,7 +314,11 @@ class BlockManager:
 
     def check_invariants(self) -> None:
         self.pool.check_invariants()
-        held = Counter(b for table in self.tables.values() for b in table)
+        held = Counter(b for table in self.tables.values() for b in table if b != HOLE)
+        for rid, table in self.tables.items():
+            holes = self.num_released.get(rid, 0)
+            assert all(b == HOLE for b in table[:holes]) and HOLE not in table[holes:], (
+                f"{rid}: holes only lead its table")
         for b, count in held.items():
             assert self.pool.ref_counts[b] >= count, (
                 f"block {b} is in {count} tables but has {self.pool.ref_counts[b]} references")
@@ -274,6 +328,6 @@ class BlockManager:
             self.prefix_index.check_invariants()
             # A shared block was full when shared: it lies among each holder's indexed blocks.
             for rid, table in self.tables.items():
-                tail = table[self.num_indexed.get(rid, 0):]
+                tail = table[max(self.num_indexed.get(rid, 0), self.num_released.get(rid, 0)):]
                 for b in tail:
                     assert held[b] == 1, f"{rid} may write block {b}, which others read"

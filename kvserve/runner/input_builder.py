@@ -69,6 +69,9 @@ class InputBuilder:
         tables = np.zeros((len(seqs), width), dtype=np.int32)  # [num_seqs, max_blocks]
         for row, s in zip(tables, plan.seqs):
             row[:len(s.block_ids)] = s.block_ids
+        # A released block (HOLE, -1: outside every layer's window) reads as block 0, which
+        # attention masks out (and the pool's zeroed or written blocks keep finite).
+        np.maximum(tables, 0, out=tables)
         context_lens = torch.from_numpy(
             np.fromiter((sl.context_len for sl in seqs), np.int32, len(seqs)))
         # slot of each new token = its block (from its sequence's table) * block_size + offset

@@ -244,7 +244,7 @@ class Scheduler:
         r.num_preemptions += 1
         self.num_preemptions += 1
         if self.config.preemption_mode == "swap" and r.num_computed_tokens > 0:
-            block_ids = self.blocks.free(r.request_id)
+            block_ids = self.blocks.free(r.request_id, swap=True)
             keys = swap_keys(r.request_id, len(block_ids))
             transfers.append(BlockTransfer(Tier.DEVICE, Tier.HOST, tuple(block_ids), keys,
                                            r.request_id))
@@ -261,7 +261,8 @@ class Scheduler:
         waiting request never holds device blocks."""
         keys = self.swapped[r.request_id]
         num_held = len(keys)
-        num_total = self.blocks.num_blocks_for(r.num_computed_tokens + num_new)
+        num_total = self.blocks.num_blocks_for(r.num_computed_tokens + num_new) - \
+            self.blocks.parked_holes.get(r.request_id, 0)  # released blocks come back as holes
         if not self.blocks.pool.can_allocate(max(num_held, num_total)):
             return False
         block_ids = self.blocks.allocate_blocks(num_held)
@@ -281,6 +282,7 @@ class Scheduler:
             r.num_computed_tokens = (s.start_position + len(s.token_ids)) if self.retains_kv else 0
             if self.blocks is not None:
                 self.blocks.cache_full_blocks(r)
+                self.blocks.release_unread(r)  # a window policy's blocks no layer reads
         for scores in result.prompt_scores:
             r = by_id[scores.request_id]
             have = len(r.prompt_logprobs)

@@ -171,7 +171,12 @@ class PagedAttention:
             rows = slice(s.row_start, s.row_start + s.num_new_tokens)
             index = paged.block_tables[i, :paged.num_blocks[i]]
             if before is None:  # no windows: this sequence's blocks, [kv, context_len, d] each
-                k_seq, v_seq = st.gather(layer_idx, index, s.context_len, q.dtype)
+                # a sliding window: from the block of the first query's first key on (blocks
+                # before it may be released)
+                first = 0 if window is None else \
+                    max(0, s.start_position - window + 1) // st.layout.block_size
+                k_seq, v_seq = st.gather(layer_idx, index[first:],
+                                         s.context_len - first * st.layout.block_size, q.dtype)
                 out[rows] = attention_sdpa(q[rows], k_seq, v_seq, window)
                 continue
             kc, vc, kw, vw, w0 = st.gather_windowed(layer_idx, index, s.start_position,
