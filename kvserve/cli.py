@@ -214,7 +214,8 @@ def print_stats(llm, wall_s: float) -> None:
         lines.append(
             f"KV pool: {pool.num_blocks:,} blocks of {pool.block_size} tokens, peak "
             f"{pool.peak_used_blocks:,} used ({pool.peak_used_blocks / pool.num_blocks:.2%}), "
-            f"now {pool.num_used_blocks} used, preemptions: {kv.num_preemptions}")
+            f"now {pool.num_used_blocks} used, preemptions: {kv.num_preemptions}, retention: "
+            f"{kv.retention}")
     if kv.prefix is not None:
         p, e = kv.prefix, kv.events
         lines.append(

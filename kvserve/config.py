@@ -25,6 +25,8 @@ from kvserve.kv_dtypes import (
 )
 
 CACHE_MODES = ("none", "contiguous", "paged")
+CACHE_POLICIES = ("full", "sinks")
+SINKS_CONTEXT_FACTOR = 16  # --cache-policy sinks: default max_model_len, in model contexts
 KV_QUANT_CHECKS = ("refuse", "warn", "off")  # engine/kv_check.py judges
 DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZATIONS = ("auto", "none", "gguf", "int8", "int4")
@@ -199,6 +201,20 @@ class CacheConfig:
         "1GiB", "paged KV pool size, e.g. 2GiB, or a fraction of free memory (0.5)", kind="size")
     enable_prefix_caching: bool = setting(
         True, "reuse cached K/V of shared prompt prefixes (paged mode)", kind="bool")
+    cache_policy: str = setting(
+        "full", "which K/V a sequence keeps: full (all; a sequence ends at max_model_len) or "
+        "sinks (StreamingLLM: the blocks of the first --sink-tokens tokens and of the last "
+        "--window-tokens; the blocks between go back to the pool, attention places the sinks "
+        "just before the window, and a sequence may run past the model's context: "
+        f"max_model_len defaults to {SINKS_CONTEXT_FACTOR}x it); paged mode",
+        choices=CACHE_POLICIES)
+    sink_tokens: int = setting(
+        4, "--cache-policy sinks: the leading tokens kept as attention sinks (their blocks: "
+        "rounded up to whole blocks)", kind="int")
+    window_tokens: int | None = setting(
+        None, "--cache-policy sinks: the recent tokens kept (their blocks); default: the "
+        "model's context less the sinks, one step (--max-num-batched-tokens) and a block",
+        kind="int")
 
     def __post_init__(self) -> None:
         if not isinstance(self.enable_prefix_caching, bool):
@@ -233,6 +249,26 @@ class CacheConfig:
             raise ConfigError(f"block_size must be a power of two from 1 to {MAX_BLOCK_SIZE}, "
                               f"got {bs!r}")
         parse_memory(self.kv_cache_memory)
+        if self.cache_policy not in CACHE_POLICIES:
+            raise ConfigError(f"cache_policy must be one of {', '.join(CACHE_POLICIES)}, "
+                              f"got {self.cache_policy!r}")
+        for name in ("sink_tokens", "window_tokens"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                      or value < 0):
+                raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
+        if self.cache_policy == "sinks":
+            if self.cache_mode != "paged":
+                raise ConfigError(f"cache_policy 'sinks' releases blocks of the paged pool; "
+                                  f"cache_mode {self.cache_mode!r} keeps every token")
+            if self.window_tokens is not None and self.window_tokens < bs:
+                raise ConfigError(f"window_tokens must hold at least one block ({bs} tokens), "
+                                  f"got {self.window_tokens}")
+            if self.residual_window_tokens:
+                raise ConfigError("cache_policy 'sinks' reads K/V from the pool only: with a "
+                                  "quantized KV format, set kv_residual_tokens 0")
+        elif self.window_tokens is not None or self.sink_tokens != 4:
+            raise ConfigError("sink_tokens and window_tokens apply to cache_policy 'sinks'")
 
     @property
     def kv_cache_memory_spec(self) -> int | float:

@@ -29,6 +29,10 @@ LABS: dict[str, Lab] = {lab.name: lab for lab in (
         "tiers below the pool: TTFT of a 1k-8k prefix fetched from host RAM, disk or Redis vs "
         "recomputed, the cost model's break-even, and a multi-tenant trace with and without "
         "the host tier"),
+    Lab("window", "window_lab",
+        "attention sinks (--cache-policy sinks): KV memory over a 20,000-token generation, "
+        "perplexity past the model's context with sinks + window, the window alone, and the "
+        "full cache inside its context"),
 )}
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvserve.config import EngineConfig
+from kvserve.config import SINKS_CONTEXT_FACTOR, EngineConfig
 from kvserve.engine.detokenizer import Detokenizer
 from kvserve.engine.kv_check import check_kv_format
 from kvserve.engine.kv_setup import build_kv
@@ -78,7 +78,10 @@ class LLMEngine:
         log.info("model %s loaded in %.2f s; %s", self.model_name, self.load_time_s,
                  self.model.weights_description())
         context = self.spec.max_position_embeddings
-        self.max_model_len = min(config.scheduler.max_model_len or context, context)
+        if config.cache.cache_policy == "sinks":  # a sequence may outrun the context
+            self.max_model_len = config.scheduler.max_model_len or SINKS_CONTEXT_FACTOR * context
+        else:
+            self.max_model_len = min(config.scheduler.max_model_len or context, context)
         # Cached blocks are keyed by what made their K/V: the weights, the KV format and its
         # residual window (what earlier layers' attention read in float32).
         window = config.cache.residual_window_tokens
@@ -99,6 +102,9 @@ class LLMEngine:
                 self.spec.max_position_embeddings,
                 config.cache.kv_quant_check, model_fingerprint(config.model))
         self.block_manager = kv.block_manager
+        if self.block_manager is not None and self.block_manager.policy.name != "full":
+            log.info("KV retention: %s; max_model_len %d", self.block_manager.policy.description,
+                     self.max_model_len)
         self.runner = ModelRunner(self.model, kv.attention, self.tokenizer.eos_token_ids,
                                   kv.kv_store)
         if config.offload.enabled:

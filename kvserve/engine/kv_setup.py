@@ -17,7 +17,7 @@ from kvserve.errors import ConfigError
 from kvserve.kvcache.block_manager import BlockManager
 from kvserve.kvcache.block_pool import BlockPool
 from kvserve.kvcache.layout import KVLayout
-from kvserve.kvcache.policy import policy_for
+from kvserve.kvcache.policy import RetentionPolicy, Sinks, policy_for
 from kvserve.kvcache.prefix_index import PrefixIndex
 from kvserve.kvstore.paged import TORCH_KV_DTYPES, PagedKVStore
 from kvserve.model.attention import AttentionBackend
@@ -61,13 +61,13 @@ def build_kv(config: CacheConfig, spec: ModelSpec, dtype: str, device: torch.dev
     num_bytes = int(budget * free_memory_bytes(device)) if isinstance(budget, float) else budget
     num_blocks = layout.num_blocks_for_bytes(num_bytes)
     index = PrefixIndex() if config.enable_prefix_caching else None
-    policy = policy_for(spec.layer_windows)
+    policy = retention_policy(config, spec, max_num_batched_tokens or max_model_len)
     manager = BlockManager(BlockPool(num_blocks), block_size, index, model_key, policy)
     # a sliding window: a sequence holds its window's keys and one step's tokens at most
     needed = manager.most_blocks_held(max_model_len, max_num_batched_tokens or max_model_len)
     what = f"one max_model_len ({max_model_len}) request"
     if needed < manager.num_blocks_for(max_model_len):
-        what = (f"one request (its {policy.window}-token sliding window and a step of "
+        what = (f"one request (its {policy.window}-token window and a step of "
                 f"{max_num_batched_tokens} tokens)")
     if num_blocks < needed:
         need_bytes = format_bytes(needed * layout.bytes_per_block)
@@ -76,4 +76,30 @@ def build_kv(config: CacheConfig, spec: ModelSpec, dtype: str, device: torch.dev
             f"{num_blocks} blocks of {block_size} tokens, but {what} needs {needed} "
             f"({need_bytes}): raise kv_cache_memory or lower max_model_len")
     store = PagedKVStore(layout, num_blocks, device, residual_slots=max_num_seqs)
-    return KVSetup(PagedAttention(store), kv_dtype, layout, store, manager)
+    if isinstance(policy, Sinks) and store.has_residual:
+        raise ConfigError(f"cache_policy 'sinks' reads K/V from the pool only; kv_cache_dtype "
+                          f"{kv_dtype!r} keeps a residual window: use a float or fp8 format "
+                          f"with kv_residual_tokens 0")
+    return KVSetup(PagedAttention(store, policy), kv_dtype, layout, store, manager)
+
+
+def retention_policy(config: CacheConfig, spec: ModelSpec, step_tokens: int) -> RetentionPolicy:
+    """--cache-policy sinks: Sinks, its window by default as large as keeps every distance
+    attention sees (sinks + window + one step + a block) within the model's context; else the
+    model's own sliding window where every layer has one, or full history."""
+    if config.cache_policy != "sinks":
+        return policy_for(spec.layer_windows)
+    if spec.has_windows:
+        raise ConfigError("cache_policy 'sinks' is for models with full attention; this one has "
+                          "its own sliding windows (cache_policy 'full' releases what they "
+                          "drop)")
+    bs, context = config.block_size, spec.max_position_embeddings
+    sinks = -(-config.sink_tokens // bs) * bs
+    window = config.window_tokens or max(bs, context - sinks - step_tokens - bs)
+    if sinks + window + step_tokens + bs > context:
+        raise ConfigError(
+            f"cache_policy 'sinks' with {sinks} sink and {window} window tokens and steps of "
+            f"{step_tokens} tokens would place keys {sinks + window + step_tokens + bs} "
+            f"positions apart, past the model's context ({context}): lower window_tokens or "
+            f"max_num_batched_tokens")
+    return Sinks(config.sink_tokens, window, bs)

@@ -2,8 +2,8 @@
 
 A request's token at position p lives in block table[p // block_size], slot p % block_size. Tables
 grow a block at a time as tokens arrive (all or nothing per call) and are released whole when a
-request finishes, is aborted or is preempted. Under a sliding-window policy (kvcache/policy.py)
-the leading blocks no layer reads any more are released mid-sequence: their table entries become
+request finishes, is aborted or is preempted. Under a window or sinks policy (kvcache/policy.py)
+the run of blocks no layer reads any more is released mid-sequence: their table entries become
 HOLE, so positions keep their indices. With a PrefixIndex, a new request's table starts
 with the cached blocks its prompt begins with (shared by reference count), every block a request
 fills is offered to the index, and a block the pool hands out again is forgotten by the index.
@@ -20,7 +20,7 @@ from collections import Counter
 
 from kvserve.kvcache.block_pool import BlockPool
 from kvserve.kvcache.events import BlockEvent, BlockEventKind, EventLog
-from kvserve.kvcache.policy import FullHistory, RetentionPolicy, SlidingWindow
+from kvserve.kvcache.policy import FullHistory, RetentionPolicy
 from kvserve.kvcache.prefix_index import PrefixIndex, chain_keys, root_key
 from kvserve.kvcache.snapshot import EventCounts, PoolSnapshot, PrefixSnapshot, RequestBlocks
 from kvserve.kvcache.tiers import LowerTiers, TierBlock, TierOps
@@ -42,8 +42,8 @@ class BlockManager:
         self.model_key = model_key  # the model identity every block key starts from
         self.policy: RetentionPolicy = policy or FullHistory()
         self.num_indexed: dict[str, int] = {}  # request id -> leading blocks offered to the index
-        self.num_released: dict[str, int] = {}  # request id -> leading entries that are HOLE
-        self.parked_holes: dict[str, int] = {}  # the same, for requests swapped out
+        self.holes: dict[str, range] = {}  # request id -> the run of its table that is HOLE
+        self.parked_holes: dict[str, range] = {}  # the same, for requests swapped out
         # Tiers below the pool (prefix caching only): evicted cached blocks move down, hits
         # there come back up.
         self.lower = lower if prefix_index is not None else None
@@ -55,10 +55,8 @@ class BlockManager:
         """The most blocks a sequence of num_tokens tokens holds at once: every one of them
         under full history; under a sliding window, at most its window's keys' and one step's
         (of up to step_tokens) new tokens', however long it grows."""
-        n = self.num_blocks_for(num_tokens)
-        if isinstance(self.policy, SlidingWindow):
-            n = min(n, self.num_blocks_for(self.policy.window + step_tokens + self.block_size))
-        return n
+        return self.num_blocks_for(
+            self.policy.most_tokens_held(num_tokens, step_tokens, self.block_size))
 
     def num_new_blocks(self, request_id: str, num_tokens: int) -> int:
         """Blocks to add so that the request's table holds num_tokens tokens."""
@@ -205,6 +203,9 @@ class BlockManager:
             return
         bs, table = self.block_size, self.tables[r.request_id]
         num_full = min(r.num_computed_tokens // bs, len(table))
+        exact = self.policy.exact_blocks(bs)
+        if exact is not None:  # later blocks' K/V depend on what this request released
+            num_full = min(num_full, exact)
         first = self.num_indexed.get(r.request_id, 0)
         if num_full <= first:
             return
@@ -229,41 +230,43 @@ class BlockManager:
         table = self.tables.get(r.request_id)
         if table is None or isinstance(self.policy, FullHistory):
             return []
-        start = self.num_released.get(r.request_id, 0)
-        end = min(self.policy.kept_block_indices(r.num_computed_tokens, self.block_size).start,
-                  len(table))
-        if end <= start:
+        run = self.policy.released_blocks(r.num_computed_tokens, self.block_size)
+        held = self.holes.get(r.request_id, range(run.start, run.start))
+        end = min(run.stop, len(table))
+        if end <= held.stop:
             return []
-        released = table[start:end]
-        table[start:end] = [HOLE] * (end - start)
-        self.num_released[r.request_id] = end
+        released = table[held.stop:end]
+        table[held.stop:end] = [HOLE] * (end - held.stop)
+        self.holes[r.request_id] = range(run.start, end)
         return self._unref(released)
 
     def adopt(self, request_id: str, block_ids: list[int]) -> None:
         """Give a request a table of blocks allocated elsewhere (swap-in of preempted blocks),
         after the holes it had when it was swapped out."""
         assert request_id not in self.tables, f"{request_id} already has blocks"
-        holes = self.parked_holes.pop(request_id, 0)
-        self.tables[request_id] = [HOLE] * holes + list(block_ids)
+        holes = self.parked_holes.pop(request_id, range(0))
+        table = list(block_ids)
+        table[holes.start:holes.start] = [HOLE] * len(holes)
+        self.tables[request_id] = table
         if holes:
-            self.num_released[request_id] = holes
+            self.holes[request_id] = holes
 
     def block_ids(self, request_id: str) -> list[int]:
         """The request's table, HOLE where a block was released."""
         return self.tables.get(request_id, [])
 
     def num_blocks_held(self, request_id: str) -> int:
-        return len(self.tables.get(request_id, ())) - self.num_released.get(request_id, 0)
+        return len(self.tables.get(request_id, ())) - len(self.holes.get(request_id, ()))
 
     def free(self, request_id: str, swap: bool = False) -> list[int]:
         """Release the request's blocks; returns the ids it held, in table order (its holes left
         out; swap: remembered, so that adopt() puts them back)."""
         if not swap:  # a swapped-out request that ends: its holes are forgotten too
             self.parked_holes.pop(request_id, None)
-        holes = self.num_released.pop(request_id, 0)
+        holes = self.holes.pop(request_id, range(0))
         if swap and holes:
             self.parked_holes[request_id] = holes
-        block_ids = self.tables.pop(request_id, [])[holes:]
+        block_ids = [b for b in self.tables.pop(request_id, []) if b != HOLE]
         self.num_indexed.pop(request_id, None)
         if self.lower is not None:  # fetches planned for it whose K/V will not arrive now
             for b in self.lower.cancel(request_id):
@@ -316,9 +319,9 @@ class BlockManager:
         self.pool.check_invariants()
         held = Counter(b for table in self.tables.values() for b in table if b != HOLE)
         for rid, table in self.tables.items():
-            holes = self.num_released.get(rid, 0)
-            assert all(b == HOLE for b in table[:holes]) and HOLE not in table[holes:], (
-                f"{rid}: holes only lead its table")
+            holes = self.holes.get(rid, range(0))
+            assert [i for i, b in enumerate(table) if b == HOLE] == list(holes), (
+                f"{rid}: its HOLEs are not the run it released")
         for b, count in held.items():
             assert self.pool.ref_counts[b] >= count, (
                 f"block {b} is in {count} tables but has {self.pool.ref_counts[b]} references")
@@ -328,6 +331,8 @@ class BlockManager:
             self.prefix_index.check_invariants()
             # A shared block was full when shared: it lies among each holder's indexed blocks.
             for rid, table in self.tables.items():
-                tail = table[max(self.num_indexed.get(rid, 0), self.num_released.get(rid, 0)):]
+                tail = table[self.num_indexed.get(rid, 0):]
                 for b in tail:
+                    if b == HOLE:
+                        continue
                     assert held[b] == 1, f"{rid} may write block {b}, which others read"

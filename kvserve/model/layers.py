@@ -63,12 +63,29 @@ class RotaryEmbedding:
 
     def __init__(self, head_dim: int, max_positions: int, theta: float,
                  scaling: RopeScaling | None, dtype: torch.dtype, device: torch.device):
-        inv_freq = rope_inv_freq(head_dim, theta, scaling)
+        self.inv_freq = rope_inv_freq(head_dim, theta, scaling)
         positions = torch.arange(max_positions, dtype=torch.float32)
-        freqs = torch.outer(positions, inv_freq)  # [max_positions, head_dim / 2]
+        freqs = torch.outer(positions, self.inv_freq)  # [max_positions, head_dim / 2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [max_positions, head_dim]
         self.cos = emb.cos().to(dtype=dtype, device=device)
         self.sin = emb.sin().to(dtype=dtype, device=device)
+
+    @property
+    def num_positions(self) -> int:
+        return self.cos.shape[0]
+
+    def extend(self, num_positions: int) -> None:
+        """Tables for positions past the model's context (attention sinks: a sequence runs on
+        while the distances attention sees stay inside it), at least doubled each time; the
+        new rows' angles are computed in float64 (large positions lose float32 digits)."""
+        have = self.num_positions
+        if num_positions <= have:
+            return
+        new = max(num_positions, 2 * have)
+        freqs = torch.outer(torch.arange(have, new, dtype=torch.float64), self.inv_freq.double())
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.cos = torch.cat((self.cos, emb.cos().to(self.cos.dtype).to(self.cos.device)))
+        self.sin = torch.cat((self.sin, emb.sin().to(self.sin.dtype).to(self.sin.device)))
 
     def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[num_tokens] positions -> cos, sin, each [num_tokens, head_dim], contiguous."""
@@ -80,3 +97,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+def rope_shift(x: torch.Tensor, shift: int, inv_freq: torch.Tensor) -> torch.Tensor:
+    """x [..., head_dim], already rotated at some positions, rotated `shift` positions further:
+    RoPE at p then by shift is RoPE at p + shift (the angles in float64, the product in
+    float32, returned in x's dtype)."""
+    angles = shift * inv_freq.double()  # [head_dim / 2]
+    emb = torch.cat((angles, angles)).to(device=x.device)
+    return apply_rope(x.float(), emb.cos().float(), emb.sin().float()).to(x.dtype)

@@ -262,7 +262,7 @@ class Scheduler:
         keys = self.swapped[r.request_id]
         num_held = len(keys)
         num_total = self.blocks.num_blocks_for(r.num_computed_tokens + num_new) - \
-            self.blocks.parked_holes.get(r.request_id, 0)  # released blocks come back as holes
+            len(self.blocks.parked_holes.get(r.request_id, ()))  # those come back as holes
         if not self.blocks.pool.can_allocate(max(num_held, num_total)):
             return False
         block_ids = self.blocks.allocate_blocks(num_held)

@@ -54,7 +54,7 @@ def test_blocks_before_the_window_go_back_to_the_pool(mistral_dir, reference):
         table = manager.block_ids("a")
         if r is None or not table:
             break
-        first = manager.policy.kept_block_indices(r.num_computed_tokens, BS).start
+        first = manager.policy.released_blocks(r.num_computed_tokens, BS).stop
         assert table[:first] == [HOLE] * first and HOLE not in table[first:]
         for i, b in enumerate(table):
             if b == HOLE and i in seen:  # released this step: exactly the block it held
@@ -108,6 +108,6 @@ def test_preemption_keeps_the_windowed_tokens(mistral_dir, reference, mode):
 def test_a_pool_smaller_than_the_window_and_a_step_is_refused(mistral_dir):
     from kvserve.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"its 8-token sliding window and a step of 8 tokens"):
+    with pytest.raises(ConfigError, match=r"its 8-token window and a step of 8 tokens"):
         LLM(model=str(mistral_dir), block_size=BS, max_model_len=128,
             kv_cache_memory=BYTES_PER_BLOCK * 4, max_num_batched_tokens=8)

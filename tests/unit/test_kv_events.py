@@ -102,8 +102,8 @@ def test_tenant_hash_is_keyed_stable_short_and_distinct():
 
 def test_full_history_keeps_every_block():
     policy = FullHistory()
-    assert policy.kept_block_indices(0, BS) == range(0)
-    assert policy.kept_block_indices(9, BS) == range(3)
+    assert not policy.released_blocks(0, BS) and not policy.released_blocks(900, BS)
+    assert policy.exact_blocks(BS) is None and policy.most_tokens_held(900, 8, BS) == 900
     assert BlockManager(BlockPool(2), BS).policy.name == "full"
 
 

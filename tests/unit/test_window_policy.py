@@ -21,10 +21,11 @@ BS = 4
 def test_kept_blocks_start_at_the_block_of_the_next_querys_first_key():
     w = SlidingWindow(6)
     # n computed tokens: the next query (position n) reads keys n - 5 .. n
-    assert w.kept_block_indices(5, BS) == range(0, 2)
-    assert w.kept_block_indices(9, BS) == range(1, 3)  # key 4 on: block 1
-    assert w.kept_block_indices(12, BS) == range(1, 3)  # key 7: still block 1
-    assert w.kept_block_indices(13, BS) == range(2, 4)
+    assert w.released_blocks(5, BS) == range(0, 0)
+    assert w.released_blocks(9, BS) == range(0, 1)  # key 4 on: block 1
+    assert w.released_blocks(12, BS) == range(0, 1)  # key 7: still block 1
+    assert w.released_blocks(13, BS) == range(0, 2)
+    assert w.exact_blocks(BS) is None and w.most_tokens_held(100, 8, BS) == 6 + 8 + BS
     assert policy_for((6, 8)).window == 6 and isinstance(policy_for((0, 8)), FullHistory)
     assert isinstance(policy_for(()), FullHistory)
     with pytest.raises(ValueError):
@@ -70,7 +71,7 @@ def test_a_swap_keeps_the_holes_where_they_were():
     m.release_unread(r)
     assert m.block_ids("r") == [HOLE, HOLE, HOLE, 3, 4]
     assert m.free("r", swap=True) == [3, 4]  # only real blocks go to the host
-    assert m.parked_holes == {"r": 3}
+    assert m.parked_holes == {"r": range(0, 3)}
     m.adopt("r", m.allocate_blocks(2))
     assert m.block_ids("r")[:3] == [HOLE] * 3 and m.num_blocks_held("r") == 2
     m.check_invariants()
@@ -101,7 +102,7 @@ def test_the_scheduler_releases_blocks_as_decode_moves_the_window():
         if s.running:
             r = s.running[0]
             table = s.blocks.block_ids("a")
-            kept = s.blocks.policy.kept_block_indices(r.num_computed_tokens, BS)
-            assert table[:kept.start] == [HOLE] * kept.start and HOLE not in table[kept.start:]
+            first = s.blocks.policy.released_blocks(r.num_computed_tokens, BS).stop
+            assert table[:first] == [HOLE] * first and HOLE not in table[first:]
     # 49 tokens in all through a 6-block pool: a 5-token window never holds more than 3 blocks
     assert not s.running and most <= 3

@@ -16,9 +16,11 @@ from __future__ import annotations
 import torch
 
 from kvserve.kernels import cpu as cpu_kernels
+from kvserve.kvcache.policy import FullHistory, RetentionPolicy, Sinks
 from kvserve.kvstore.paged import PagedKVStore, ResidualPlan, SeqWrite, window_rows
 from kvserve.model.attention.metadata import AttentionMetadata, DecodeRows
 from kvserve.model.attention.ops import attention_sdpa, attention_windowed
+from kvserve.model.layers import rope_inv_freq, rope_shift
 
 _CODECS = "kvserve.kvstore.codecs"  # a test's own codec subclass takes the PyTorch path
 # formats the C decode kernel reads where they lie (float32 or bfloat16 K/V, or codes), when K
@@ -30,8 +32,14 @@ class PagedAttention:
     retains_kv = True
     use_fast_decode = True  # tests switch the C decode attention off to compare with PyTorch
 
-    def __init__(self, store: PagedKVStore):
+    def __init__(self, store: PagedKVStore, policy: RetentionPolicy | None = None):
         self.store = store
+        # Under attention sinks, each sequence reads its sink blocks, rotated to sit just before
+        # its window (rope_shift), and its window's blocks: the C kernels do not, PyTorch does.
+        self.policy = policy or FullHistory()
+        self._sinks = isinstance(self.policy, Sinks)
+        spec = store.layout.spec
+        self._inv_freq = rope_inv_freq(spec.head_dim, spec.rope_theta, spec.rope_scaling)
         self._scores = torch.empty(0, dtype=torch.float32)  # workspace of the C decode kernel
         self._residual: ResidualPlan | None = None  # this step's plan (block formats)
         self._decode_slots: torch.Tensor | None = None  # residual slots of the decode rows
@@ -72,7 +80,7 @@ class PagedAttention:
             and bs <= cpu_kernels.I4_MAX_BLOCK_TOKENS)
         same = k_codec.name == v_codec.name and k_codec.name in FAST_FORMATS
         both_block = not (k_codec.per_token or v_codec.per_token)  # int8, int4
-        return (self.use_fast_decode and st.device.type == "cpu"
+        return (self.use_fast_decode and st.device.type == "cpu" and not self._sinks
                 and type(k_codec).__module__ == type(v_codec).__module__ == _CODECS
                 and (same or both_block) and block_kernel_fits and cpu_kernels.available())
 
@@ -170,6 +178,10 @@ class PagedAttention:
                 continue
             rows = slice(s.row_start, s.row_start + s.num_new_tokens)
             index = paged.block_tables[i, :paged.num_blocks[i]]
+            gone = self.policy.released_blocks(s.start_position, st.layout.block_size)
+            if self._sinks and gone:  # the sink blocks, then the window's
+                out[rows] = self._attend_sinks(q[rows], layer_idx, index, s.context_len, gone)
+                continue
             if before is None:  # no windows: this sequence's blocks, [kv, context_len, d] each
                 # a sliding window: from the block of the first query's first key on (blocks
                 # before it may be released)
@@ -185,6 +197,20 @@ class PagedAttention:
             out[rows] = attention_windowed(q[rows], kc, vc, kw, vw, w0, st.layout.block_size,
                                            st.window_blocks, window)
         return out
+
+    def _attend_sinks(self, q: torch.Tensor, layer_idx: int, index: torch.Tensor,
+                      context_len: int, gone: range) -> torch.Tensor:
+        """StreamingLLM over a sequence whose blocks `gone` are released: its queries read the
+        sink blocks and the window's blocks as one cache, the sinks' keys rotated forward by
+        the released tokens so that every query-key distance is the distance within that cache
+        (RoPE scores depend on distances only): as if the window's tokens had the positions
+        right after the sinks. Every kept key is visible to every query (causally)."""
+        bs = self.store.layout.block_size
+        kept = torch.cat((index[:gone.start], index[gone.stop:]))
+        k, v = self.store.gather(layer_idx, kept, context_len - len(gone) * bs, q.dtype)
+        sink = gone.start * bs
+        k[:, :sink] = rope_shift(k[:, :sink], len(gone) * bs, self._inv_freq)
+        return attention_sdpa(q, k, v)
 
     def release(self, seq_id: str) -> None:
         """Blocks are returned by the block manager; a sequence's residual window (block
