@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, replace
 
-from kvserve.config import MAX_BLOCK_SIZE, parse_size, residual_window
+from kvserve.config import MAX_BLOCK_SIZE, SINKS_CONTEXT_FACTOR, parse_size, residual_window
 from kvserve.errors import ConfigError
 from kvserve.kv_dtypes import resolve_kv_pair, split_kv_dtype
 from kvserve.kvcache.layout import KV_FORMAT_SHORT_NAMES, KVLayout, kv_format, short_kv_dtype
@@ -82,6 +82,7 @@ class CapacityPlan:
     problems: tuple[str, ...]  # why it does not fit (empty: it fits)
     suggestions: tuple[str, ...]  # what would
     kv_residual_tokens: int = 0  # quantized formats' residual window (whole-block tokens)
+    retention: Retention | None = None  # --cache-policy sinks: what each request keeps
 
     @property
     def fits(self) -> bool:
@@ -111,6 +112,9 @@ class CapacityPlan:
             "fits": self.fits, "problems": list(self.problems),
             "suggestions": list(self.suggestions),
             "mha_formula_bytes_per_token": self.mha_formula_bytes_per_token,
+            "cache_policy": "full" if self.retention is None else "sinks",
+            "sink_tokens": None if self.retention is None else self.retention.sink_tokens,
+            "window_tokens": None if self.retention is None else self.retention.window_tokens,
             "by_kv_cache_dtype": {k: {f: v for f, v in asdict(p).items() if f != "kv_cache_dtype"}
                             for k, p in self.by_kv_cache_dtype.items()},
         }
@@ -151,9 +155,47 @@ def weights_bytes_of(model: ModelShape, weights_dtype: str) -> int:
     return int(model.num_params * WEIGHT_BYTES_PER_PARAM[weights_dtype])
 
 
-def request_bytes(layout: KVLayout, model: ModelShape, num_tokens: int) -> tuple[int, int]:
+@dataclass(frozen=True)
+class Retention:
+    """--cache-policy sinks as the engine keeps it: the sink tokens' blocks and the window's,
+    plus the block being written (the engine's steady decode; a prefill step holds its chunk
+    too)."""
+
+    sink_tokens: int  # rounded up to whole blocks
+    window_tokens: int
+
+    def tokens_held(self, num_tokens: int, block_size: int) -> int:
+        return min(num_tokens, self.sink_tokens + self.window_tokens + block_size)
+
+
+def retention(cache_policy: str, sink_tokens: int, window_tokens: int | None, block_size: int,
+              max_context: int) -> Retention | None:
+    """The engine's reading of --cache-policy/--sink-tokens/--window-tokens (its default window:
+    the context less the sinks and a block; the engine also keeps room for one step)."""
+    if cache_policy == "full":
+        if window_tokens is not None:
+            raise ConfigError("window_tokens applies to cache_policy 'sinks'")
+        return None
+    if cache_policy != "sinks":
+        raise ConfigError(f"cache_policy must be full or sinks, got {cache_policy!r}")
+    if not isinstance(sink_tokens, int) or sink_tokens < 0:
+        raise ConfigError(f"sink_tokens must be a non-negative integer, got {sink_tokens!r}")
+    sinks = -(-sink_tokens // block_size) * block_size
+    window = window_tokens if window_tokens is not None else max(
+        block_size, max_context - sinks - block_size)
+    if not isinstance(window, int) or window < block_size:
+        raise ConfigError(f"window_tokens must hold at least one block ({block_size} tokens), "
+                          f"got {window!r}")
+    return Retention(sinks, window)
+
+
+def request_bytes(layout: KVLayout, model: ModelShape, num_tokens: int,
+                  kept: Retention | None = None) -> tuple[int, int]:
     """(blocks, bytes) one request of num_tokens holds: whole blocks in every full-attention
-    layer; a sliding-window layer keeps at most the window's tokens."""
+    layer; a sliding-window layer keeps at most the window's tokens; under sinks, every layer
+    the sinks' and the window's."""
+    if kept is not None:
+        num_tokens = kept.tokens_held(num_tokens, layout.block_size)
     blocks = layout.num_blocks_for_tokens(num_tokens)
     per_layer_block = layout.bytes_per_block_per_layer
     full_layers = model.num_layers - model.num_sliding_layers
@@ -164,31 +206,35 @@ def request_bytes(layout: KVLayout, model: ModelShape, num_tokens: int) -> tuple
     return blocks, num_bytes
 
 
-def _max_context(layout: KVLayout, model: ModelShape, concurrency: int, budget: int) -> int:
+def _max_context(layout: KVLayout, model: ModelShape, concurrency: int, budget: int,
+                 kept: Retention | None = None) -> int:
     """The longest context (whole blocks) `concurrency` requests can each hold in `budget`
-    (each with its residual window, quantized formats)."""
+    (each with its residual window, quantized formats); under sinks, up to the engine's default
+    max_model_len (SINKS_CONTEXT_FACTOR x the model's context)."""
+    limit = model.max_context if kept is None else SINKS_CONTEXT_FACTOR * model.max_context
     room = budget - layout.fixed_bytes - concurrency * layout.residual_bytes_per_seq
     lo, hi = 0, 1
-    while concurrency * request_bytes(layout, model, hi * layout.block_size)[1] <= room:
+    while concurrency * request_bytes(layout, model, hi * layout.block_size, kept)[1] <= room:
         lo, hi = hi, hi * 2
-        if hi > 2**40:  # only sliding-window layers: memory never runs out
-            return model.max_context
+        if hi > 2**40:  # only windowed layers, or sinks: memory never runs out
+            return limit
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if concurrency * request_bytes(layout, model, mid * layout.block_size)[1] <= room:
+        if concurrency * request_bytes(layout, model, mid * layout.block_size, kept)[1] <= room:
             lo = mid
         else:
             hi = mid
-    return min(lo * layout.block_size, model.max_context)
+    return min(lo * layout.block_size, limit)
 
 
 def dtype_plan(model: ModelShape, kv_cache_dtype: str, block_size: int, context: int,
-               concurrency: int, budget: int, window_tokens: int = 0) -> KVDtypePlan:
+               concurrency: int, budget: int, window_tokens: int = 0,
+               kept: Retention | None = None) -> KVDtypePlan:
     """A request's bytes are its blocks plus, for a quantized K or V, its residual window (its
     window_tokens and partial block in float32 per quantized side:
     KVLayout.residual_bytes_per_seq)."""
     layout = KVLayout(model.to_spec(), block_size, kv_cache_dtype, window_tokens=window_tokens)
-    blocks, per_request = request_bytes(layout, model, context)
+    blocks, per_request = request_bytes(layout, model, context, kept)
     per_request += layout.residual_bytes_per_seq
     room = max(0, budget - layout.fixed_bytes)
     max_requests = room // per_request
@@ -198,22 +244,25 @@ def dtype_plan(model: ModelShape, kv_cache_dtype: str, block_size: int, context:
         bytes_per_token_per_layer=layout.bytes_per_token_per_layer,
         bytes_per_block=layout.bytes_per_block, blocks_per_request=blocks,
         bytes_per_request=per_request, max_concurrent_requests=max_requests,
-        max_context_at_concurrency=_max_context(layout, model, concurrency, budget),
-        fits=max_requests >= concurrency and context <= model.max_context)
+        max_context_at_concurrency=_max_context(layout, model, concurrency, budget, kept),
+        fits=max_requests >= concurrency and (context <= model.max_context or kept is not None))
 
 
 def plan(model: str | ModelShape | None = None, context: int = 4000, concurrency: int = 20,
          memory: str | int = "24GiB", weights_dtype: str = "bf16", kv_cache_dtype: str = "auto",
          block_size: int = 16, reserve: str | int = DEFAULT_RESERVE,
          weights_memory: str | int | None = None, k_cache_dtype: str | None = None,
-         v_cache_dtype: str | None = None, kv_residual_tokens: int | None = None
+         v_cache_dtype: str | None = None, kv_residual_tokens: int | None = None,
+         cache_policy: str = "full", sink_tokens: int = 4, window_tokens: int | None = None
          ) -> CapacityPlan:
     """The KV capacity of `model` in `memory` at `context` tokens x `concurrency` requests.
     kv_cache_dtype "auto" is the engine's rule (kv_dtypes.resolve_kv_cache_dtype): the weights
     dtype when that is a float format, else fp16;
     weights_memory overrides the weights' size (e.g. a measured figure); k_cache_dtype /
     v_cache_dtype one side's format; kv_residual_tokens the quantized formats' residual window
-    (default 128, whole blocks), as the engine's settings of those names."""
+    (default 128, whole blocks); cache_policy "sinks" with sink_tokens and window_tokens:
+    each request holds only those (and a context may run past the model's), as the engine's
+    settings of those names."""
     context = _positive_int(context, "context")
     concurrency = _positive_int(concurrency, "concurrency")
     bs = _positive_int(block_size, "block_size")
@@ -224,6 +273,7 @@ def plan(model: str | ModelShape | None = None, context: int = 4000, concurrency
     memory_bytes = parse_size(memory, "memory")
     reserve_bytes, reserve_text, reserve_fraction = parse_reserve(reserve, memory_bytes)
     shape = model if isinstance(model, ModelShape) else resolve_model(model)
+    kept = retention(cache_policy, sink_tokens, window_tokens, bs, shape.max_context)
     kv_cache_dtype = resolve_kv_pair(kv_cache_dtype, weights_dtype, k_cache_dtype,
                                      v_cache_dtype)
     if weights_memory is not None:  # a known size: the dtype no longer decides it
@@ -235,16 +285,16 @@ def plan(model: str | ModelShape | None = None, context: int = 4000, concurrency
     chosen = short_kv_dtype(kv_cache_dtype)
     rows = list(KV_FORMAT_SHORT_NAMES.values()) + (
         [] if chosen in KV_FORMAT_SHORT_NAMES.values() else [chosen])
-    by_dtype = {name: dtype_plan(shape, name, bs, context, concurrency, budget, window)
+    by_dtype = {name: dtype_plan(shape, name, bs, context, concurrency, budget, window, kept)
                 for name in rows}
     kv = by_dtype[chosen]
     bits = sum(kv_format(name).bits for name in split_kv_dtype(chosen))  # K's + V's
     mha = shape.hidden_size * shape.num_layers * bits // 8
     problems, suggestions = _verdict(shape, kv, by_dtype, context, concurrency, memory_bytes,
-                                     weights, reserve_bytes, reserve_fraction)
+                                     weights, reserve_bytes, reserve_fraction, kept)
     return CapacityPlan(shape, context, concurrency, memory_bytes, bs, weights_dtype, weights,
                         reserve_bytes, reserve_text, budget, kv, by_dtype, mha, problems,
-                        suggestions, window)
+                        suggestions, window, kept)
 
 
 def _check_weights_fit(shape: ModelShape, weights_dtype: str, weights: int, memory: int,
@@ -266,12 +316,15 @@ def gib(num_bytes: float) -> str:
 
 def _verdict(shape: ModelShape, kv: KVDtypePlan, by_dtype: dict[str, KVDtypePlan], context: int,
              concurrency: int, memory: int, weights: int, reserve: int,
-             reserve_fraction: float | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+             reserve_fraction: float | None, kept: Retention | None = None
+             ) -> tuple[tuple[str, ...], tuple[str, ...]]:
     problems, suggestions = [], []
-    if context > shape.max_context:
+    if context > shape.max_context and kept is None:
         problems.append(f"{context:,} tokens is past the model's context window "
                         f"({shape.max_context:,} tokens)")
         suggestions.append(f"a context of at most {shape.max_context:,} tokens")
+        suggestions.append("--cache-policy sinks (StreamingLLM: sinks and a window, past the "
+                           "context)")
     if kv.max_concurrent_requests < concurrency:
         problems.append(f"{concurrency} requests of {context:,} tokens need "
                         f"{gib(concurrency * kv.bytes_per_request)} GiB of {kv.kv_cache_dtype} KV "

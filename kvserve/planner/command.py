@@ -24,7 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights-memory", default=None,
                    help="the weights' size if known (overrides --weights-dtype), e.g. 14GB")
     add_setting_flags(p, ("kv_cache_dtype", "k_cache_dtype", "v_cache_dtype", "block_size",
-                          "kv_residual_tokens"))  # the engine's own flags
+                          "kv_residual_tokens", "cache_policy", "sink_tokens",
+                          "window_tokens"))  # the engine's own flags
     p.add_argument("--reserve", default=DEFAULT_RESERVE,
                    help="memory kept for activations and the runtime: a percentage of "
                    f"--memory or a size (default {DEFAULT_RESERVE.replace('%', '%%')})")
@@ -102,7 +103,9 @@ def main(args: argparse.Namespace) -> int:
                   kv_cache_dtype=args.kv_cache_dtype, block_size=args.block_size,
                   k_cache_dtype=args.k_cache_dtype, v_cache_dtype=args.v_cache_dtype,
                   kv_residual_tokens=args.kv_residual_tokens,
-                  reserve=args.reserve, weights_memory=args.weights_memory)
+                  reserve=args.reserve, weights_memory=args.weights_memory,
+                  cache_policy=args.cache_policy, sink_tokens=args.sink_tokens,
+                  window_tokens=args.window_tokens)
     out = result.to_dict()
     sim_text = ""
     if args.simulate:

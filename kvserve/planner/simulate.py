@@ -15,11 +15,12 @@ import random
 from collections import deque
 from dataclasses import dataclass, field
 
-from kvserve.config import SchedulerConfig
+from kvserve.config import SINKS_CONTEXT_FACTOR, SchedulerConfig
 from kvserve.errors import ConfigError
 from kvserve.kvcache.block_manager import BlockManager
 from kvserve.kvcache.block_pool import BlockPool
 from kvserve.kvcache.layout import KVLayout
+from kvserve.kvcache.policy import RetentionPolicy, Sinks
 from kvserve.kvcache.prefix_index import PrefixIndex
 from kvserve.planner.capacity import CapacityPlan
 from kvserve.request import Request, SamplingParams
@@ -192,11 +193,13 @@ class _Clocked:
 
 def simulate(workload: Workload, num_blocks: int, block_size: int, bytes_per_block: int,
              scheduler_config: SchedulerConfig, max_model_len: int,
-             enable_prefix_caching: bool = True, cost: StepCost = StepCost()) -> SimulationResult:
-    """Replay `workload` through a real Scheduler / BlockManager / PrefixIndex of num_blocks."""
+             enable_prefix_caching: bool = True, cost: StepCost = StepCost(),
+             policy: RetentionPolicy | None = None) -> SimulationResult:
+    """Replay `workload` through a real Scheduler / BlockManager / PrefixIndex of num_blocks,
+    under the engine's retention policy (sinks release blocks as the engine does)."""
     pool = BlockPool(num_blocks)
     manager = BlockManager(pool, block_size, PrefixIndex() if enable_prefix_caching else None,
-                           model_key="simulated")
+                           model_key="simulated", policy=policy)
     sched = Scheduler(scheduler_config, max_model_len, True, (), manager)
     res = SimulationResult(workload.num_requests, 0, num_blocks, block_size, bytes_per_block)
     times = _Clocked()
@@ -205,7 +208,8 @@ def simulate(workload: Workload, num_blocks: int, block_size: int, bytes_per_blo
     while pending or sched.has_unfinished():
         while pending and pending[0][1][0] <= clock:
             i, (arrival, prompt, num_out) = pending.popleft()
-            if not _fits(prompt, num_out, manager, max_model_len):
+            if not _fits(prompt, num_out, manager, max_model_len,
+                         scheduler_config.max_num_batched_tokens):
                 res.num_rejected += 1
                 continue
             params = SamplingParams(max_tokens=num_out, ignore_eos=True, temperature=0.0)
@@ -227,10 +231,12 @@ def simulate(workload: Workload, num_blocks: int, block_size: int, bytes_per_blo
     return res
 
 
-def _fits(prompt: list[int], num_out: int, manager: BlockManager, max_model_len: int) -> bool:
+def _fits(prompt: list[int], num_out: int, manager: BlockManager, max_model_len: int,
+          step_tokens: int) -> bool:
     """What the engine's check_fits refuses up front: past the context, bigger than the pool."""
     total = len(prompt) + num_out
-    return total <= max_model_len and manager.num_blocks_for(total) <= manager.pool.num_blocks
+    held = manager.most_blocks_held(total, step_tokens)
+    return total <= max_model_len and held <= manager.pool.num_blocks
 
 
 def _step(sched: Scheduler, manager: BlockManager, res: SimulationResult, times: _Clocked,
@@ -269,5 +275,9 @@ def simulate_plan(p: CapacityPlan, workload: Workload, max_num_seqs: int = 256,
                           f"{layout.bytes_per_block:,} B")
     config = SchedulerConfig(max_num_seqs=max_num_seqs,
                              max_num_batched_tokens=max_num_batched_tokens)
+    policy, max_len = None, p.model.max_context
+    if p.retention is not None:
+        policy = Sinks(p.retention.sink_tokens, p.retention.window_tokens, p.block_size)
+        max_len = SINKS_CONTEXT_FACTOR * p.model.max_context
     return simulate(workload, num_blocks, p.block_size, layout.bytes_per_block, config,
-                    p.model.max_context, enable_prefix_caching, cost)
+                    max_len, enable_prefix_caching, cost, policy)

@@ -128,3 +128,37 @@ def test_bad_simulation_input_is_one_line(capsys, argv, message):
     rc = main(["plan", "--model", "smollm2-135m", "--simulate", *argv])
     err = capsys.readouterr().err
     assert rc == 1 and err.count("\n") == 1 and message in err, err
+
+
+def test_sinks_let_long_requests_through_a_small_pool():
+    """Under sinks a 3,000-token request holds its sinks, its window and a step: a 100-block
+    pool that refuses it with the full cache runs every one, releasing blocks as it goes."""
+    from kvserve.kvcache.policy import Sinks
+
+    w = _workload(prompt_tokens=LengthDistribution.parse("2000-3000", "p"))
+    full = simulate(w, 100, 16, 1, SCHED, 8192)
+    assert full.num_rejected == 60
+    sched = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=256)
+    sinks = simulate(w, 100, 16, 1, sched, 8192, policy=Sinks(4, 512, 16))
+    assert sinks.num_rejected == 0 and len(sinks.ttft_s) == 60
+    # each sequence: a sink block + the window's 32 blocks + a 256-token step (16) + one
+    assert sinks.peak_blocks_used <= 100
+
+
+def test_the_plan_and_its_simulation_know_sinks():
+    p = plan("llama-3-8b", memory="24GiB", context=100_000, concurrency=8,
+             cache_policy="sinks", window_tokens=4096)
+    assert p.fits and p.retention.sink_tokens == 16  # 4 rounded up to a block
+    held = 16 + 4096 + 16  # sinks, window, the block being written
+    assert p.kv.bytes_per_request == held * 131_072 and p.kv.blocks_per_request == held // 16
+    d = p.to_dict()
+    assert (d["cache_policy"], d["sink_tokens"], d["window_tokens"]) == ("sinks", 16, 4096)
+    assert p.kv.max_context_at_concurrency == 16 * 8192
+    full = plan("llama-3-8b", memory="24GiB", context=100_000, concurrency=8)
+    assert not full.fits and any("--cache-policy sinks" in s for s in full.suggestions)
+    sim = simulate_plan(p, _workload(vocab_size=128256, num_requests=8,
+                                     prompt_tokens=LengthDistribution.parse("9000-9500", "p")),
+                        max_num_seqs=8, max_num_batched_tokens=512)
+    assert sim.num_rejected == 0 and sim.peak_blocks_used <= 8 * (held + 512 + 16) // 16
+    with pytest.raises(ConfigError, match="window_tokens applies to cache_policy 'sinks'"):
+        plan("llama-3-8b", window_tokens=4096)
