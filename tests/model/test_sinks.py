@@ -142,3 +142,26 @@ def test_sinks_settings_are_checked(tiny_hf_dir):
     with pytest.raises(ConfigError, match="kv_residual_tokens 0"):
         LLM(model=str(tiny_hf_dir), cache_policy="sinks", kv_cache_dtype="int8",
             window_tokens=64, max_num_batched_tokens=64)
+
+
+@pytest.mark.parametrize("mode", ["swap", "recompute"])
+def test_sinks_through_preemption(tiny_hf_dir, mode):
+    """Three sequences past the window in a pool that holds two: swapped ones come back with
+    their holes and the unconstrained run's tokens; recomputed ones are rebuilt from their
+    tokens by chunked prefill (whose queries read the window as of each chunk, not token by
+    token: close, not equal) and finish. The prompts release nothing while they are prefilled
+    (under sinks, where a prompt's chunks end changes what its later tokens saw, and batching
+    moves those ends)."""
+    params = SamplingParams(max_tokens=120, temperature=0.0, ignore_eos=True)
+    prompts = [{"prompt_token_ids": [(11 * i + 5 * j) % 200 + 10 for j in range(n)]}
+               for i, n in enumerate([9, 7, 10])]
+    kw = dict(model=str(tiny_hf_dir), block_size=BS, cache_policy="sinks", sink_tokens=SINK,
+              window_tokens=WINDOW, max_num_batched_tokens=8, enable_prefix_caching=False)
+    free = LLM(**kw).generate(prompts, params, use_tqdm=False)
+    bytes_per_block = 2 * 2 * 2 * 16 * 4 * BS  # tiny model, float32 K/V
+    tight = LLM(kv_cache_memory=bytes_per_block * 9, preemption_mode=mode, **kw)
+    outs = tight.generate(prompts, params, use_tqdm=False)
+    assert tight.engine.cache_snapshot().num_preemptions > 0
+    assert all(len(o.token_ids) == 120 for o in outs)
+    if mode == "swap":
+        assert [o.token_ids for o in outs] == [o.token_ids for o in free]
