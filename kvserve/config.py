@@ -67,6 +67,15 @@ class ModelSpec:
     # Sliding-window attention: entry i is layer i's window in tokens (a query at position p sees
     # keys p - W + 1 .. p, as transformers' sliding_window), 0 for full attention; () = all full.
     layer_windows: tuple[int, ...] = ()
+    # Gemma 2: GeGLU ("gelu_tanh"), a norm on each sublayer's output too ("sandwich"), the
+    # embedding times sqrt(hidden), attention scaled by attn_scale instead of head_dim ** -0.5,
+    # and tanh soft-capping of attention scores and of the final logits.
+    hidden_act: str = "silu"
+    sandwich_norms: bool = False
+    embed_scale: float | None = None
+    attn_scale: float | None = None
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden_size", "intermediate_size", "num_heads",
@@ -85,6 +94,11 @@ class ModelSpec:
             raise ConfigError(f"layer_windows must give each of the {self.num_layers} layers a "
                               f"window of 0 (full attention) or more tokens, got "
                               f"{self.layer_windows!r}")
+
+    @property
+    def plain_attention(self) -> bool:
+        """softmax(q k / sqrt(head_dim)): what the C attention kernels compute."""
+        return self.attn_scale is None and self.attn_softcap is None
 
     def window(self, layer: int) -> int | None:
         """Layer `layer`'s sliding window in tokens; None: it attends to every earlier token."""

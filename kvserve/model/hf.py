@@ -25,7 +25,7 @@ from kvserve.model.tokenizer import Tokenizer
 # architecture name -> model_type
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
                  "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
-                 "Phi3ForCausalLM": "phi3"}
+                 "Phi3ForCausalLM": "phi3", "Gemma2ForCausalLM": "gemma2"}
 SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
 SUPPORTED_MODEL_TYPES = tuple(ARCHITECTURES.values())
 # Phi-3 keeps Q|K|V and gate|up fused in its checkpoint: split under the Llama names at load.
@@ -66,7 +66,7 @@ def _layer_windows(config: dict[str, Any], model_type: str, num_layers: int) -> 
     Mistral and Phi-3 window every layer when sliding_window is set (Mistral's default 4096);
     Qwen2/Qwen3 only with use_sliding_window, on the layers from max_window_layers on; a
     config's own layer_types list ("sliding_attention" / "full_attention") wins."""
-    if model_type == "mistral":
+    if model_type in ("mistral", "gemma2"):
         window = config.get("sliding_window", 4096)
     elif model_type in ("qwen2", "qwen3"):
         window = config.get("sliding_window", 4096) if config.get("use_sliding_window") else None
@@ -78,7 +78,10 @@ def _layer_windows(config: dict[str, Any], model_type: str, num_layers: int) -> 
         raise ModelLoadError(f"config.json sliding_window must be a positive integer, got "
                              f"{window!r}")
     types = config.get("layer_types")
-    if types is None:
+    if types is None and model_type == "gemma2":  # local and global layers alternate
+        types = ["sliding_attention" if (i + 1) % 2 else "full_attention"
+                 for i in range(num_layers)]
+    elif types is None:
         first = int(config.get("max_window_layers", 0)) if model_type.startswith("qwen") else 0
         types = ["sliding_attention" if i >= first else "full_attention"
                  for i in range(num_layers)]
@@ -114,14 +117,32 @@ def _rope_theta(config: dict[str, Any]) -> float:
     return float(config.get("rope_theta", params.get("rope_theta", 10000.0)))
 
 
+ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
+
+
+def _gemma2(config: dict[str, Any], hidden: int) -> dict[str, Any]:
+    """Gemma 2's departures from Llama (transformers' defaults where the config is silent)."""
+    def cap(name: str, default: float) -> float | None:
+        value = config.get(name, default)
+        return None if value is None else float(value)
+
+    return dict(hidden_act="gelu_tanh", sandwich_norms=True, embed_scale=hidden ** 0.5,
+                attn_scale=float(config.get("query_pre_attn_scalar", 256)) ** -0.5,
+                attn_softcap=cap("attn_logit_softcapping", 50.0),
+                final_softcap=cap("final_logit_softcapping", 30.0))
+
+
 def _spec(config: dict[str, Any], name: str) -> ModelSpec:
     model_type = _model_type(config)
     # Qwen2 always has Q/K/V biases (and none on O); elsewhere attention_bias would add one to O
     if (config.get("attention_bias") and model_type != "qwen2") or config.get("mlp_bias"):
         raise ModelLoadError("attention/MLP biases are not supported (beyond Qwen2's Q/K/V)")
-    act = config.get("hidden_act", "silu")
-    if act != "silu":
-        raise ModelLoadError(f"unsupported hidden_act '{act}' (supported: silu)")
+    gemma = model_type == "gemma2"
+    act = config.get("hidden_activation", config.get("hidden_act", "silu")) if gemma \
+        else config.get("hidden_act", "silu")
+    if act not in ACTIVATIONS or (gemma != (ACTIVATIONS[act] == "gelu_tanh")):
+        raise ModelLoadError(f"unsupported hidden_act '{act}' for {model_type} (supported: "
+                             f"{'gelu_pytorch_tanh' if gemma else 'silu'})")
     if float(config.get("partial_rotary_factor", 1.0)) != 1.0:
         raise ModelLoadError("partial rotary embeddings (partial_rotary_factor) are not "
                              "supported")
@@ -140,7 +161,8 @@ def _spec(config: dict[str, Any], name: str) -> ModelSpec:
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
             rope_scaling=_rope_scaling(config), architecture=model_type,
             attention_bias=model_type == "qwen2", qk_norm=model_type == "qwen3",
-            layer_windows=_layer_windows(config, model_type, num_layers))
+            layer_windows=_layer_windows(config, model_type, num_layers),
+            **(_gemma2(config, hidden) if gemma else {}))
     except KeyError as err:
         raise ModelLoadError(f"config.json is missing {err}") from None
     except (TypeError, ValueError) as err:  # ConfigError is a ValueError
@@ -184,6 +206,9 @@ def _expected(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
         if spec.qk_norm:
             want.update({p + "self_attn.q_norm.weight": (spec.head_dim,),
                          p + "self_attn.k_norm.weight": (spec.head_dim,)})
+        if spec.sandwich_norms:
+            want.update({p + "pre_feedforward_layernorm.weight": (h,),
+                         p + "post_feedforward_layernorm.weight": (h,)})
     if not spec.tie_word_embeddings:
         want["lm_head.weight"] = (spec.vocab_size, h)
     return want
@@ -228,5 +253,9 @@ def load_hf_folder(path: str) -> Checkpoint:
         raise ModelLoadError(f"model folder '{path}' not found")
     spec = _spec(_read_config(path), os.path.basename(os.path.normpath(path)))
     tensors = _select(_load_tensors(path), spec, path)
+    if spec.architecture == "gemma2":  # Gemma's RMSNorm scales by (1 + weight)
+        for name, t in tensors.items():
+            if name.endswith("norm.weight"):
+                tensors[name] = t + 1.0
     return Checkpoint(spec=spec, tensors=tensors, tokenizer=Tokenizer.from_hf_folder(path),
                       source=path, source_format="hf")

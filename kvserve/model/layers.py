@@ -40,6 +40,14 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def gated(gate_up: torch.Tensor, act: str) -> torch.Tensor:
+    """SwiGLU (act "silu") or Gemma's GeGLU ("gelu_tanh": gelu with the tanh approximation)."""
+    if act == "silu":
+        return swiglu(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up
+
+
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
     """Inverse frequencies [head_dim / 2] in float32, with Llama 3 frequency scaling if given."""
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim

@@ -16,8 +16,9 @@ from kvserve.kernels import cpu as cpu_kernels
 from kvserve.kernels import qweight
 from kvserve.kernels.qweight import QuantWeight
 from kvserve.model.attention import AttentionBackend, AttentionMetadata
+from kvserve.model.attention.ops import softcap_
 from kvserve.model.checkpoint import Checkpoint
-from kvserve.model.layers import RotaryEmbedding, apply_rope, linear, rms_norm, swiglu
+from kvserve.model.layers import RotaryEmbedding, apply_rope, gated, linear, rms_norm
 
 
 def activation_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -40,6 +41,8 @@ class LayerWeights:
     qkv_bias: torch.Tensor | None = None  # [q_size + 2 * kv_size] (Qwen2)
     q_norm: torch.Tensor | None = None  # [head_dim], over each query head before RoPE (Qwen3)
     k_norm: torch.Tensor | None = None  # [head_dim], over each key head
+    attn_out_norm: torch.Tensor | None = None  # [hidden], on the attention's output (Gemma 2)
+    mlp_out_norm: torch.Tensor | None = None  # [hidden], on the MLP's output (Gemma 2)
 
 
 def _nbytes(x: Weight) -> int:
@@ -65,7 +68,9 @@ class LlamaModel:
         # Each layer's matrices as the fused C calls see them (kernels/cpu.py WeightRef).
         # (Q/K/V biases and per-head Q/K norms have no C twin: those models run PyTorch's.)
         fast = (device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
-                and cpu_kernels.available() and not spec.attention_bias and not spec.qk_norm)
+                and cpu_kernels.available() and not spec.attention_bias and not spec.qk_norm
+                and not spec.sandwich_norms and spec.hidden_act == "silu"
+                and spec.plain_attention and spec.embed_scale is None)
         self._refs = [tuple(cpu_kernels.weight_ref(x) for x in (lw.qkv, lw.o, lw.gate_up, lw.down))
                       for lw in layers] if fast else []
         self.use_fast_decode = fast and all(r is not None for refs in self._refs for r in refs)
@@ -113,14 +118,18 @@ class LlamaModel:
             if ckpt.spec.attention_bias:
                 bias = torch.cat([t[a + x + "_proj.bias"] for x in "qkv"]).to(
                     dtype=act, device=device)
+            sandwich = ckpt.spec.sandwich_norms  # Gemma 2 names its four norms so
             layers.append(LayerWeights(
                 qkv_bias=bias, q_norm=optional(a + "q_norm.weight"),
                 k_norm=optional(a + "k_norm.weight"),
+                attn_out_norm=norm(p + "post_attention_layernorm.weight") if sandwich else None,
+                mlp_out_norm=norm(p + "post_feedforward_layernorm.weight") if sandwich else None,
                 input_norm=norm(p + "input_layernorm.weight"),
                 qkv=cat(p + "self_attn.q_proj.weight", p + "self_attn.k_proj.weight",
                         p + "self_attn.v_proj.weight"),
                 o=w(p + "self_attn.o_proj.weight"),
-                post_norm=norm(p + "post_attention_layernorm.weight"),
+                post_norm=norm(p + ("pre_feedforward_layernorm.weight" if sandwich
+                                    else "post_attention_layernorm.weight")),
                 gate_up=cat(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
                 down=w(p + "mlp.down_proj.weight"),
             ))
@@ -157,8 +166,12 @@ class LlamaModel:
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         """[num_tokens] -> [num_tokens, hidden] in the activation dtype (a fresh tensor)."""
         if isinstance(self.embed, QuantWeight):  # the rows, dequantized in C where it runs
-            return cpu_kernels.dequantize(self.embed.rows(input_ids)).to(self.act_dtype)
-        return self.embed[input_ids].to(self.act_dtype)
+            h = cpu_kernels.dequantize(self.embed.rows(input_ids)).to(self.act_dtype)
+        else:
+            h = self.embed[input_ids].to(self.act_dtype)
+        if self.spec.embed_scale is not None:  # Gemma: times sqrt(hidden), in the weights' dtype
+            h = h * torch.tensor(self.spec.embed_scale, dtype=self.dtype).to(h.dtype)
+        return h
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
@@ -198,7 +211,7 @@ class LlamaModel:
     def _logits(self, h: torch.Tensor, logits_rows: torch.Tensor) -> torch.Tensor:
         # Only the rows that sample need the final norm and the (large) LM head.
         x = rms_norm(h[logits_rows], self.norm, self.spec.rms_norm_eps)
-        return linear(x, self.lm_head).float()
+        return softcap_(linear(x, self.lm_head).float(), self.spec.final_softcap)
 
     def _layer_reference(self, i: int, lw: LayerWeights, h: torch.Tensor, cos: torch.Tensor,
                          sin: torch.Tensor, attn: AttentionBackend,
@@ -221,9 +234,15 @@ class LlamaModel:
         q, k = qk[:, :s.num_heads], qk[:, s.num_heads:]
         v = qkv[:, s.q_size + s.kv_size:].view(num_tokens, s.num_kv_heads, s.head_dim)
         o = attn.forward(i, q, k, v, meta)  # [num_tokens, num_heads, head_dim]
-        h = h + linear(o.reshape(num_tokens, s.q_size), lw.o)
+        a = linear(o.reshape(num_tokens, s.q_size), lw.o)
+        if lw.attn_out_norm is not None:
+            a = rms_norm(a, lw.attn_out_norm, s.rms_norm_eps)
+        h = h + a
         x = rms_norm(h, lw.post_norm, s.rms_norm_eps)
-        return h + linear(swiglu(linear(x, lw.gate_up)), lw.down)
+        m = linear(gated(linear(x, lw.gate_up), s.hidden_act), lw.down)
+        if lw.mlp_out_norm is not None:
+            m = rms_norm(m, lw.mlp_out_norm, s.rms_norm_eps)
+        return h + m
 
     def _layer_fast(self, i: int, lw: LayerWeights, h: torch.Tensor, cos: torch.Tensor,
                     sin: torch.Tensor, attn: AttentionBackend,

@@ -1,4 +1,4 @@
-"""Mistral, Qwen2, Qwen3 and Phi-3 against transformers, token for token: tiny models that
+"""Mistral, Qwen2, Qwen3, Phi-3 and Gemma 2 against transformers, token for token: tiny models that
 transformers itself builds from a config and writes (save_pretrained), read by kvserve's loader,
 and run in every cache mode. Prompts are longer than the sliding windows, so the windowed layers
 really drop keys (checked: the same weights with full attention answer differently)."""
@@ -31,6 +31,12 @@ ARCHS = {
     "qwen3": ("Qwen3Config", dict(head_dim=24), ()),
     # Q|K|V and gate|up fused in the checkpoint, every layer windowed
     "phi3": ("Phi3Config", dict(sliding_window=7, pad_token_id=0), (7, 7)),
+    # local (windowed) and global layers alternating, GeGLU, four norms of (1 + w), the
+    # embedding times sqrt(hidden), scores scaled by query_pre_attn_scalar ** -0.5 and
+    # soft-capped, final logits soft-capped (caps small enough here to bite)
+    "gemma2": ("Gemma2Config", dict(head_dim=16, sliding_window=6, query_pre_attn_scalar=24,
+                                    attn_logit_softcapping=3.0, final_logit_softcapping=5.0,
+                                    pad_token_id=0), (6, 0)),
 }
 PROMPTS = [[(11 * i + 5 * j) % 200 + 10 for j in range(n)] for i, n in enumerate([23, 9, 31])]
 NEW_TOKENS = 20

@@ -238,3 +238,19 @@ def test_mixed_step_decodes_through_c_and_prefills_through_pytorch_match_pytorch
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     for name, part in stores[0].parts.items():
         assert torch.equal(part.view(torch.uint8), stores[1].parts[name].view(torch.uint8))
+
+
+@pytest.mark.parametrize("n,length,window", [(1, 9, None), (1, 30, 4), (7, 7, None),
+                                             (12, 30, 5), (290, 600, 100)])
+def test_scaled_soft_capped_attention_equals_its_reference(n, length, window):
+    """Gemma 2's attention: scores times query_pre_attn_scalar ** -0.5, then cap * tanh(s / cap)
+    (a cap of 1.5 on scores of std ~3 bites); the reference applies both by definition."""
+    g = torch.Generator().manual_seed(n + length)
+    q = torch.randn(n, 6, 8, generator=g) * 3
+    k = torch.randn(length, 2, 8, generator=g)
+    v = torch.randn(length, 2, 8, generator=g)
+    want = attention_reference(q, k, v, window, scale=0.3, softcap=1.5)
+    got = attention_sdpa(q, k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous(),
+                         window, scale=0.3, softcap=1.5)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(want, attention_reference(q, k, v, window, scale=0.3), atol=1e-3)

@@ -338,7 +338,9 @@ def test_a_sequence_starting_after_a_prefix_hit_seeds_its_window_from_codes():
 @pytest.mark.parametrize("start, n, window_blocks", [(0, 37, 3), (0, 300, 2), (13, 9, 3),
                                                      (40, 1, 3), (21, 270, 1), (5, 3, 9)])
 @pytest.mark.parametrize("sliding", [None, 5, 19])
-def test_windowed_attention_equals_its_reference(start, n, window_blocks, sliding):
+@pytest.mark.parametrize("scale, softcap", [(None, None), (0.2, 1.0)])
+def test_windowed_attention_equals_its_reference(start, n, window_blocks, sliding, scale,
+                                                 softcap):
     """Each query reads the keys of its own window from the window and the older ones from
     their codes, in query chunks (the 300-query case crosses a chunk); a sliding-window layer
     (sliding) sees only its last `sliding` keys of either kind."""
@@ -348,14 +350,14 @@ def test_windowed_attention_equals_its_reference(start, n, window_blocks, slidin
     codes = [torch.randn(length, 2, 16, generator=g) for _ in range(2)]
     held = [c + 0.1 * torch.randn(length, 2, 16, generator=g) for c in codes]
     want = attention_windowed_reference(q, codes[0], codes[1], held[0], held[1], bs,
-                                        window_blocks, sliding)
+                                        window_blocks, sliding, scale, softcap)
     w0 = int(window_starts(torch.tensor(start), bs, window_blocks))
     wn = int(window_starts(torch.tensor(length - 1), bs, window_blocks))
     got = attention_windowed(q, codes[0][:wn].transpose(0, 1), codes[1][:wn].transpose(0, 1),
                              held[0][w0:].transpose(0, 1), held[1][w0:].transpose(0, 1), w0,
-                             bs, window_blocks, sliding)
+                             bs, window_blocks, sliding, scale, softcap)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    if sliding is not None:  # the reference itself against the definition, over held keys
+    if sliding is not None and scale is None:  # the reference against the definition
         r = n - 1
         i = length - 1
         w = int(window_starts(torch.tensor(i), bs, window_blocks))

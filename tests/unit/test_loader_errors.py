@@ -106,13 +106,14 @@ def test_hf_wrong_architecture(tmp_path, tiny_hf_dir):
     config.update(architectures=["GPT2LMHeadModel"], model_type="gpt2")
     (folder / "config.json").write_text(json.dumps(config))
     assert "unsupported architecture 'GPT2LMHeadModel' (supported: LlamaForCausalLM, " \
-        "MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM)" in _error(
+        "MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM, " \
+        "Gemma2ForCausalLM)" in _error(
             str(folder))
 
 
 @pytest.mark.parametrize("change, message", [
     ({"attention_bias": True}, "attention/MLP biases are not supported (beyond Qwen2's Q/K/V)"),
-    ({"hidden_act": "gelu"}, "unsupported hidden_act 'gelu' (supported: silu)"),
+    ({"hidden_act": "gelu"}, "unsupported hidden_act 'gelu' for llama (supported: silu)"),
     ({"partial_rotary_factor": 0.75}, "partial rotary embeddings"),
     ({"sliding_window": -3}, "sliding_window must be a positive integer, got -3"),
     ({"sliding_window": 8, "layer_types": ["sliding_attention"]},

@@ -37,7 +37,8 @@ class NoCacheAttention:
             rows = slice(s.row_start, s.row_start + s.num_new_tokens)
             # [n, kv, d] -> [kv, n, d]: the head-major layout attention_sdpa takes
             out[rows] = attention_sdpa(q[rows], k[rows].transpose(0, 1), v[rows].transpose(0, 1),
-                                       self.spec.window(layer_idx))
+                                       self.spec.window(layer_idx), self.spec.attn_scale,
+                                       self.spec.attn_softcap)
         return out
 
     def fused_decode(self, meta: AttentionMetadata) -> None:
@@ -95,7 +96,7 @@ class ContiguousAttention:
             kv = self.store[s.seq_id][layer_idx]  # [2, num_kv_heads, capacity, head_dim]
             window = self.spec.window(layer_idx)
             if (self.use_fast_decode and s.num_new_tokens == 1 and window is None
-                    and cpu_kernels.decode_attention_ok(q, kv)):
+                    and self.spec.plain_attention and cpu_kernels.decode_attention_ok(q, kv)):
                 self._decode_fast(q, k, v, kv, s, out)
             else:
                 self._attend(q, k, v, kv, s, out, rows, window)
@@ -122,7 +123,8 @@ class ContiguousAttention:
         # The store may hold a narrower dtype than the activations (bf16 K/V, fp32 compute).
         keys = kv[0, :, :s.context_len].to(q.dtype)
         values = kv[1, :, :s.context_len].to(q.dtype)
-        out[rows] = attention_sdpa(q[rows], keys, values, window)
+        out[rows] = attention_sdpa(q[rows], keys, values, window, self.spec.attn_scale,
+                                   self.spec.attn_softcap)
 
     def fused_decode(self, meta: AttentionMetadata) -> None:
         return None  # per layer: forward()

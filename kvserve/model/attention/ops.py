@@ -19,18 +19,28 @@ def causal_mask(num_queries: int, num_keys: int, device: torch.device,
     return visible if window is None else visible & (keys > q_pos - window)
 
 
+def softcap_(scores: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """Gemma 2's tanh soft-capping, in place: cap * tanh(scores / cap)."""
+    if cap is not None:
+        scores.div_(cap).tanh_().mul_(cap)
+    return scores
+
+
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        window: int | None = None) -> torch.Tensor:
+                        window: int | None = None, scale: float | None = None,
+                        softcap: float | None = None) -> torch.Tensor:
     """Plain causal GQA attention for one sequence, computed in float32.
 
     q [n, num_heads, d]; k, v [L, num_kv_heads, d] with the n queries at positions [L - n, L);
-    window: a sliding window in tokens (None: every earlier key).
+    window: a sliding window in tokens (None: every earlier key); scale: the scores' factor
+    (None: d ** -0.5); softcap: Gemma 2's cap on the scores (before the mask).
     """
     n, num_heads, d = q.shape
     group = num_heads // k.shape[1]
     k = k.repeat_interleave(group, dim=1).float()  # [L, num_heads, d]
     v = v.repeat_interleave(group, dim=1).float()
-    scores = torch.einsum("nhd,lhd->hnl", q.float(), k) / d ** 0.5  # [num_heads, n, L]
+    scores = torch.einsum("nhd,lhd->hnl", q.float(), k) * (scale or d ** -0.5)  # [heads, n, L]
+    scores = softcap_(scores, softcap)
     scores = scores.masked_fill(~causal_mask(n, k.shape[0], q.device, window), float("-inf"))
     out = torch.einsum("hnl,lhd->nhd", scores.softmax(-1), v)
     return out.to(q.dtype)
@@ -40,7 +50,8 @@ PREFILL_CHUNK_QUERIES = 256
 
 
 def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   window: int | None = None) -> torch.Tensor:
+                   window: int | None = None, scale: float | None = None,
+                   softcap: float | None = None) -> torch.Tensor:
     """The same as attention_reference, fast: q [n, num_heads, d]; k, v [num_kv_heads, L, d]
     (head-major: the layout the caches keep). Each KV head's query group is folded into one
     batch entry so K/V heads are read as they are, never repeated.
@@ -59,6 +70,10 @@ def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if window is not None and length <= window:  # no query's window cuts a key off
         window = None
     qg = q.reshape(n, num_kv, group, d).permute(1, 2, 0, 3)  # [num_kv, group, n, d]
+    if scale is not None or softcap is not None:  # Gemma 2: scores by hand, in query chunks
+        out = _chunked_windowed(qg, k.unsqueeze(1), v.unsqueeze(1), length - n,
+                                window or length + 1, scale, softcap)
+        return out.permute(2, 0, 1, 3).reshape(n, num_heads, d)
     if window is not None:  # several queries, some of whose windows start after key 0
         if q.device.type == "cuda":
             mask = causal_mask(n, length, q.device, window)  # [n, L]
@@ -109,16 +124,19 @@ def _chunked_causal(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def _chunked_windowed(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_cached: int,
-                      window: int) -> torch.Tensor:
+                      window: int, scale: float | None = None,
+                      softcap: float | None = None) -> torch.Tensor:
     """_chunked_causal under a sliding window: query rows [start, end) at positions
-    num_cached + start.. read only keys [first row's p - window + 1, last row's p]."""
+    num_cached + start.. read only keys [first row's p - window + 1, last row's p]; scores
+    times `scale` (default d ** -0.5), soft-capped by `softcap` if given."""
     n, d = qg.shape[2], qg.shape[3]
-    qg = qg * d ** -0.5
+    qg = qg * (scale or d ** -0.5)
     out = torch.empty_like(qg)
     for start in range(0, n, PREFILL_CHUNK_QUERIES):
         end = min(n, start + PREFILL_CHUNK_QUERIES)
         lo, hi = max(0, num_cached + start - window + 1), num_cached + end
-        scores = torch.matmul(qg[:, :, start:end], k[:, :, lo:hi].transpose(-1, -2))
+        scores = softcap_(torch.matmul(qg[:, :, start:end], k[:, :, lo:hi].transpose(-1, -2)),
+                          softcap)
         q_pos = torch.arange(num_cached + start, hi, device=qg.device).unsqueeze(1)
         keys = torch.arange(lo, hi, device=qg.device).unsqueeze(0)
         scores.masked_fill_((keys > q_pos) | (keys <= q_pos - window), float("-inf"))
@@ -136,7 +154,8 @@ def window_starts(positions: torch.Tensor, block_size: int, window_blocks: int) 
 def attention_windowed_reference(q: torch.Tensor, k_codes: torch.Tensor, v_codes: torch.Tensor,
                                  k_window: torch.Tensor, v_window: torch.Tensor,
                                  block_size: int, window_blocks: int,
-                                 sliding: int | None = None) -> torch.Tensor:
+                                 sliding: int | None = None, scale: float | None = None,
+                                 softcap: float | None = None) -> torch.Tensor:
     """Plain causal GQA attention where query i reads key j as the window holds it (float32)
     when j is in i's window (window_starts), else as its codes decode: q [n, num_heads, d] at
     positions [L - n, L); k/v_codes and k/v_window [L, num_kv_heads, d], every position of the
@@ -153,7 +172,8 @@ def attention_windowed_reference(q: torch.Tensor, k_codes: torch.Tensor, v_codes
         v = torch.cat((v_codes[:w], v_window[w:i + 1])).repeat_interleave(group, dim=1).float()
         first = 0 if sliding is None else max(0, i - sliding + 1)
         k, v = k[first:], v[first:]
-        scores = torch.einsum("hd,lhd->hl", q[r].float(), k) / d ** 0.5
+        scores = softcap_(torch.einsum("hd,lhd->hl", q[r].float(), k) * (scale or d ** -0.5),
+                          softcap)
         out[r] = torch.einsum("hl,lhd->hd", scores.softmax(-1), v)
     return out.to(q.dtype)
 
@@ -161,7 +181,8 @@ def attention_windowed_reference(q: torch.Tensor, k_codes: torch.Tensor, v_codes
 def attention_windowed(q: torch.Tensor, k_codes: torch.Tensor, v_codes: torch.Tensor,
                        k_window: torch.Tensor, v_window: torch.Tensor, window_from: int,
                        block_size: int, window_blocks: int,
-                       sliding: int | None = None) -> torch.Tensor:
+                       sliding: int | None = None, scale: float | None = None,
+                       softcap: float | None = None) -> torch.Tensor:
     """attention_windowed_reference, head-major and in query chunks: q [n, num_heads, d] at
     positions [start, start + n) (start = L - n); k/v_codes [num_kv, >= window_starts of the
     last query, d] from position 0; k/v_window [num_kv, L - window_from, d] from position
@@ -173,7 +194,7 @@ def attention_windowed(q: torch.Tensor, k_codes: torch.Tensor, v_codes: torch.Te
     length = window_from + k_window.shape[1]
     start = length - n
     group = num_heads // num_kv
-    qg = q.reshape(n, num_kv, group, d).permute(1, 2, 0, 3) * d ** -0.5  # [kv, group, n, d]
+    qg = q.reshape(n, num_kv, group, d).permute(1, 2, 0, 3) * (scale or d ** -0.5)
     kc, vc = k_codes.unsqueeze(1), v_codes.unsqueeze(1)  # [kv, 1, L', d]
     kw, vw = k_window.unsqueeze(1), v_window.unsqueeze(1)
     out = torch.empty(qg.shape, dtype=qg.dtype, device=q.device)
@@ -183,8 +204,9 @@ def attention_windowed(q: torch.Tensor, k_codes: torch.Tensor, v_codes: torch.Te
         w = window_starts(pos, block_size, window_blocks)
         lo, hc, p1 = int(w[0]), int(w[-1]), start + s1  # window columns [lo, p1), codes [0, hc)
         qc = qg[:, :, s0:s1]
-        sc = torch.matmul(qc, kc[:, :, :hc].transpose(-1, -2))
-        sw = torch.matmul(qc, kw[:, :, lo - window_from:p1 - window_from].transpose(-1, -2))
+        sc = softcap_(torch.matmul(qc, kc[:, :, :hc].transpose(-1, -2)), softcap)
+        sw = softcap_(torch.matmul(qc, kw[:, :, lo - window_from:p1 - window_from]
+                                   .transpose(-1, -2)), softcap)
         cols_w = torch.arange(lo, p1, device=q.device)
         cols_c = torch.arange(hc, device=q.device)
         first = torch.zeros_like(pos) if sliding is None else pos - sliding + 1  # [rows]

@@ -81,6 +81,7 @@ class PagedAttention:
         same = k_codec.name == v_codec.name and k_codec.name in FAST_FORMATS
         both_block = not (k_codec.per_token or v_codec.per_token)  # int8, int4
         return (self.use_fast_decode and st.device.type == "cpu" and not self._sinks
+                and spec.plain_attention
                 and type(k_codec).__module__ == type(v_codec).__module__ == _CODECS
                 and (same or both_block) and block_kernel_fits and cpu_kernels.available())
 
@@ -172,7 +173,8 @@ class PagedAttention:
             out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         paged, st = meta.paged, self.store
         k, v, before = new
-        window = st.layout.spec.window(layer_idx)
+        spec = st.layout.spec
+        window = spec.window(layer_idx)
         for i, s in enumerate(meta.seqs):
             if skip_decode and s.num_new_tokens == 1:
                 continue
@@ -189,13 +191,15 @@ class PagedAttention:
                     max(0, s.start_position - window + 1) // st.layout.block_size
                 k_seq, v_seq = st.gather(layer_idx, index[first:],
                                          s.context_len - first * st.layout.block_size, q.dtype)
-                out[rows] = attention_sdpa(q[rows], k_seq, v_seq, window)
+                out[rows] = attention_sdpa(q[rows], k_seq, v_seq, window, spec.attn_scale,
+                                           spec.attn_softcap)
                 continue
             kc, vc, kw, vw, w0 = st.gather_windowed(layer_idx, index, s.start_position,
                                                     s.context_len, q.dtype, before[i],
                                                     (k[rows], v[rows]))
             out[rows] = attention_windowed(q[rows], kc, vc, kw, vw, w0, st.layout.block_size,
-                                           st.window_blocks, window)
+                                           st.window_blocks, window, spec.attn_scale,
+                                           spec.attn_softcap)
         return out
 
     def _attend_sinks(self, q: torch.Tensor, layer_idx: int, index: torch.Tensor,
@@ -210,7 +214,8 @@ class PagedAttention:
         k, v = self.store.gather(layer_idx, kept, context_len - len(gone) * bs, q.dtype)
         sink = gone.start * bs
         k[:, :sink] = rope_shift(k[:, :sink], len(gone) * bs, self._inv_freq)
-        return attention_sdpa(q, k, v)
+        spec = self.store.layout.spec
+        return attention_sdpa(q, k, v, None, spec.attn_scale, spec.attn_softcap)
 
     def release(self, seq_id: str) -> None:
         """Blocks are returned by the block manager; a sequence's residual window (block
