@@ -397,9 +397,10 @@ class LLMEngine:
         """The KV cache now, as an immutable value: bytes, pool, prefix index, block events
         (and each live request's blocks when with_requests)."""
         live = [r for r in self.requests.values() if not r.status.finished]
-        stored = 0 if not self.runner.attention.retains_kv else sum(
-            r.num_computed_tokens for r in live)
         m = self.block_manager
+        stored = 0 if not self.runner.attention.retains_kv else sum(  # released ones aside
+            r.num_computed_tokens - (m.num_tokens_released(r.request_id) if m else 0)
+            for r in live)
         return CacheSnapshot(
             cache_mode=self.config.cache.cache_mode, kv_cache_dtype=self.kv_cache_dtype,
             retention=m.policy.name if m is not None else "full",

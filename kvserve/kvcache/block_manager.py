@@ -117,6 +117,9 @@ class BlockManager:
                 hits = hits + self._fetch_from_lower(r, len(hits), max_blocks)
             self.lower.unpin(r.request_id)  # what it waited for is on the device now
         self.num_indexed[r.request_id] = len(hits)
+        # Under a window, hits before it are read by no layer: back to the pool (still cached)
+        # now, before this step's blocks are counted against it.
+        self._release(r.request_id, len(hits) * bs)
         return len(hits) * bs
 
     def _fetch_from_lower(self, r: Request, first: int, max_blocks: int) -> list[int]:
@@ -227,18 +230,24 @@ class BlockManager:
         """Under a window policy: release the request's leading blocks that no layer reads once
         its computed tokens are in (after cache_full_blocks offered them to the index, which
         keeps them while the pool does). Returns the blocks that became free."""
-        table = self.tables.get(r.request_id)
+        return self._release(r.request_id, r.num_computed_tokens)
+
+    def _release(self, request_id: str, num_computed: int) -> list[int]:
+        table = self.tables.get(request_id)
         if table is None or isinstance(self.policy, FullHistory):
             return []
-        run = self.policy.released_blocks(r.num_computed_tokens, self.block_size)
-        held = self.holes.get(r.request_id, range(run.start, run.start))
+        run = self.policy.released_blocks(num_computed, self.block_size)
+        held = self.holes.get(request_id, range(run.start, run.start))
         end = min(run.stop, len(table))
         if end <= held.stop:
             return []
         released = table[held.stop:end]
         table[held.stop:end] = [HOLE] * (end - held.stop)
-        self.holes[r.request_id] = range(run.start, end)
+        self.holes[request_id] = range(run.start, end)
         return self._unref(released)
+
+    def num_tokens_released(self, request_id: str) -> int:
+        return len(self.holes.get(request_id, ())) * self.block_size
 
     def adopt(self, request_id: str, block_ids: list[int]) -> None:
         """Give a request a table of blocks allocated elsewhere (swap-in of preempted blocks),

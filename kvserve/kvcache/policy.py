@@ -56,7 +56,7 @@ class FullHistory:
 
 
 class SlidingWindow:
-    """Every layer attends to the last `window` tokens at most (the smallest of the layers'
+    """Every layer attends to the last `window` tokens at most (the largest of the layers'
     windows): once a sequence holds n computed tokens, its next query (at position n) reads keys
     n - window + 1 .. n, so the blocks wholly before key n - window + 1 are released. The model
     itself is windowed, so every block's K/V are exact."""
@@ -112,7 +112,8 @@ class Sinks:
 
 
 def policy_for(layer_windows: tuple[int, ...]) -> RetentionPolicy:
-    """Sliding window when every layer has one (a layer with full attention reads every block)."""
+    """Sliding window when every layer has one (a layer with full attention reads every block):
+    the largest, since a block is released only when no layer reads it."""
     if layer_windows and all(layer_windows):
-        return SlidingWindow(min(layer_windows))
+        return SlidingWindow(max(layer_windows))
     return FullHistory()

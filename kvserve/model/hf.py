@@ -82,7 +82,8 @@ def _layer_windows(config: dict[str, Any], model_type: str, num_layers: int) -> 
         types = ["sliding_attention" if (i + 1) % 2 else "full_attention"
                  for i in range(num_layers)]
     elif types is None:
-        first = int(config.get("max_window_layers", 0)) if model_type.startswith("qwen") else 0
+        # transformers' Qwen2/Qwen3 default: windows from layer 28 on
+        first = int(config.get("max_window_layers", 28)) if model_type.startswith("qwen") else 0
         types = ["sliding_attention" if i >= first else "full_attention"
                  for i in range(num_layers)]
     if len(types) != num_layers or not set(types) <= {"sliding_attention", "full_attention"}:

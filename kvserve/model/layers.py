@@ -82,22 +82,17 @@ class RotaryEmbedding:
     def num_positions(self) -> int:
         return self.cos.shape[0]
 
-    def extend(self, num_positions: int) -> None:
-        """Tables for positions past the model's context (attention sinks: a sequence runs on
-        while the distances attention sees stay inside it), at least doubled each time; the
-        new rows' angles are computed in float64 (large positions lose float32 digits)."""
-        have = self.num_positions
-        if num_positions <= have:
-            return
-        new = max(num_positions, 2 * have)
-        freqs = torch.outer(torch.arange(have, new, dtype=torch.float64), self.inv_freq.double())
+    def tables(self, positions: torch.Tensor, beyond: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """[num_tokens] positions -> cos, sin, each [num_tokens, head_dim], contiguous. beyond:
+        some position is past the table (attention sinks run past the model's context): the
+        step's rows are computed, angles in float64 (large positions lose float32 digits),
+        and nothing is kept, so memory does not grow with a sequence's length."""
+        if not beyond:
+            return self.cos[positions], self.sin[positions]
+        freqs = positions.double().unsqueeze(1) * self.inv_freq.double().to(positions.device)
         emb = torch.cat((freqs, freqs), dim=-1)
-        self.cos = torch.cat((self.cos, emb.cos().to(self.cos.dtype).to(self.cos.device)))
-        self.sin = torch.cat((self.sin, emb.sin().to(self.sin.dtype).to(self.sin.device)))
-
-    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[num_tokens] positions -> cos, sin, each [num_tokens, head_dim], contiguous."""
-        return self.cos[positions], self.sin[positions]
+        return emb.cos().to(self.cos.dtype), emb.sin().to(self.sin.dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

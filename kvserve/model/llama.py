@@ -182,9 +182,8 @@ class LlamaModel:
         [num_seqs, vocab]."""
         s = self.spec
         h = self.embed_tokens(input_ids)  # [num_tokens, hidden]
-        if meta.max_context_len > self.rope.num_positions:  # attention sinks: past the context
-            self.rope.extend(meta.max_context_len)
-        cos, sin = self.rope.tables(positions)  # [num_tokens, head_dim] each
+        # [num_tokens, head_dim] each; computed when past the tables (attention sinks)
+        cos, sin = self.rope.tables(positions, meta.max_context_len > self.rope.num_positions)
         if self.use_fast_decode and cpu_kernels.fast_path_ok(h):
             with cpu_kernels.decode_threads():
                 step, logits = attn.fused_decode(meta), None

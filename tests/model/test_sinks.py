@@ -111,6 +111,8 @@ def test_the_middle_of_the_table_goes_back_to_the_pool(tiny_hf_dir):
             break
         gone = manager.policy.released_blocks(r.num_computed_tokens, BS)
         assert [i for i, b in enumerate(table) if b == HOLE] == list(gone)
+        # the snapshot counts the tokens whose K/V are held, not the released ones
+        assert engine.cache_snapshot().num_tokens_stored == r.num_computed_tokens - len(gone) * BS
         assert table[0] != HOLE  # the sink block stays
         for i, b in enumerate(table):
             if b == HOLE and i in seen:

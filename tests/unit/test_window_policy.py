@@ -26,7 +26,7 @@ def test_kept_blocks_start_at_the_block_of_the_next_querys_first_key():
     assert w.released_blocks(12, BS) == range(0, 1)  # key 7: still block 1
     assert w.released_blocks(13, BS) == range(0, 2)
     assert w.exact_blocks(BS) is None and w.most_tokens_held(100, 8, BS) == 6 + 8 + BS
-    assert policy_for((6, 8)).window == 6 and isinstance(policy_for((0, 8)), FullHistory)
+    assert policy_for((6, 8)).window == 8 and isinstance(policy_for((0, 8)), FullHistory)
     assert isinstance(policy_for(()), FullHistory)
     with pytest.raises(ValueError):
         SlidingWindow(0)
@@ -106,3 +106,31 @@ def test_the_scheduler_releases_blocks_as_decode_moves_the_window():
             assert table[:first] == [HOLE] * first and HOLE not in table[first:]
     # 49 tokens in all through a 6-block pool: a 5-token window never holds more than 3 blocks
     assert not s.running and most <= 3
+
+
+def test_a_cached_prompt_longer_than_the_pool_is_admitted_under_a_window():
+    """A prompt whose cached prefix fills the whole pool (a second chat turn): its hits before
+    the window go straight back, so its step fits, it runs, and the request behind it too
+    (before, admission retried the same hits forever)."""
+    pool = BlockPool(6)
+    m = BlockManager(pool, BS, PrefixIndex(), policy=SlidingWindow(5))
+    s = Scheduler(SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=8), 64, True, (2,), m)
+    prompt = list(range(10, 10 + 6 * BS))
+    s.add(Request("a", prompt, SamplingParams(max_tokens=1, ignore_eos=True)))
+    s.add(Request("b", prompt + [99], SamplingParams(max_tokens=1, ignore_eos=True)))
+    s.add(Request("c", [1, 2, 3], SamplingParams(max_tokens=1, ignore_eos=True)))
+    done = set()
+    for _ in range(40):
+        plan = s.schedule()
+        finished = s.update(plan, StepResult(tuple(SampledToken(q.request_id, 7)
+                                                   for q in plan.seqs if q.sample)))
+        done |= {r.request_id for r in finished}
+        for r in finished:
+            m.free(r.request_id)
+        m.check_invariants()
+    assert done == {"a", "b", "c"}
+    assert m.prefix_index.num_hit_tokens > 0  # b reused a's blocks
+
+
+def test_the_largest_window_decides_what_no_layer_reads():
+    assert policy_for((4, 8)).window == 8
