@@ -1,7 +1,7 @@
 """Sliding windows and attention sinks on CUDA, unchanged: a tiny Mistral (every layer windowed,
 blocks released) and the tiny Llama under --cache-policy sinks past its 256-position context
-give the CPU's tokens; the architectures with biases and Q/K norms run there too. Marked gpu:
-skipped where torch sees no CUDA device."""
+give the CPU's tokens; the architectures with biases, Q/K norms and soft-caps run there too.
+Marked gpu: skipped where torch sees no CUDA device."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def test_sinks_on_cuda_past_the_context_give_the_cpu_tokens(tiny_hf_dir):
     assert gpu.engine.peak_blocks_used <= 3 * 10
 
 
-@pytest.mark.parametrize("name", ["qwen2", "qwen3", "phi3"])
+@pytest.mark.parametrize("name", ["qwen2", "qwen3", "phi3", "gemma2"])
 def test_architectures_on_cuda_give_the_cpu_tokens(name, tmp_path):
     import importlib.util
     from pathlib import Path
