@@ -75,6 +75,9 @@ def test_blocks_before_the_window_go_back_to_the_pool(mistral_dir, reference):
     dict(block_size=BS, max_num_batched_tokens=5),  # chunked prompts across the window
     dict(block_size=BS, enable_prefix_caching=True),
     dict(block_size=BS, kv_cache_dtype="int8", kv_residual_tokens=4),
+    # a 6-block pool: cached blocks are evicted to the host tier and come back from it
+    dict(block_size=BS, enable_prefix_caching=True, cpu_offload_memory=BYTES_PER_BLOCK * 64,
+         kv_cache_memory=BYTES_PER_BLOCK * 12, max_num_batched_tokens=8),
 ])
 def test_windowed_tokens_equal_the_dense_masked_reference(mistral_dir, reference, settings):
     llm = LLM(model=str(mistral_dir), max_model_len=128, **settings)
