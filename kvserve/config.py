@@ -76,6 +76,10 @@ class ModelSpec:
     attn_scale: float | None = None
     attn_softcap: float | None = None
     final_softcap: float | None = None
+    # Gemma 3: sliding layers rotate with their own RoPE base; the global layers' frequencies
+    # may be divided by a linear factor (rope_type "linear")
+    local_rope_theta: float | None = None
+    rope_linear_factor: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden_size", "intermediate_size", "num_heads",

@@ -25,7 +25,8 @@ from kvserve.model.tokenizer import Tokenizer
 # architecture name -> model_type
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
                  "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
-                 "Phi3ForCausalLM": "phi3", "Gemma2ForCausalLM": "gemma2"}
+                 "Phi3ForCausalLM": "phi3", "Gemma2ForCausalLM": "gemma2",
+                 "Gemma3ForCausalLM": "gemma3_text"}
 SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
 SUPPORTED_MODEL_TYPES = tuple(ARCHITECTURES.values())
 # Phi-3 keeps Q|K|V and gate|up fused in its checkpoint: split under the Llama names at load.
@@ -66,7 +67,7 @@ def _layer_windows(config: dict[str, Any], model_type: str, num_layers: int) -> 
     Mistral and Phi-3 window every layer when sliding_window is set (Mistral's default 4096);
     Qwen2/Qwen3 only with use_sliding_window, on the layers from max_window_layers on; a
     config's own layer_types list ("sliding_attention" / "full_attention") wins."""
-    if model_type in ("mistral", "gemma2"):
+    if model_type in ("mistral", "gemma2", "gemma3_text"):
         window = config.get("sliding_window", 4096)
     elif model_type in ("qwen2", "qwen3"):
         window = config.get("sliding_window", 4096) if config.get("use_sliding_window") else None
@@ -78,8 +79,9 @@ def _layer_windows(config: dict[str, Any], model_type: str, num_layers: int) -> 
         raise ModelLoadError(f"config.json sliding_window must be a positive integer, got "
                              f"{window!r}")
     types = config.get("layer_types")
-    if types is None and model_type == "gemma2":  # local and global layers alternate
-        types = ["sliding_attention" if (i + 1) % 2 else "full_attention"
+    if types is None and model_type.startswith("gemma"):  # Gemma 2: 1 local : 1 global
+        every = 2 if model_type == "gemma2" else int(config.get("sliding_window_pattern", 6))
+        types = ["sliding_attention" if (i + 1) % every else "full_attention"
                  for i in range(num_layers)]
     elif types is None:
         # transformers' Qwen2/Qwen3 default: windows from layer 28 on
@@ -121,16 +123,40 @@ def _rope_theta(config: dict[str, Any]) -> float:
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
-def _gemma2(config: dict[str, Any], hidden: int) -> dict[str, Any]:
-    """Gemma 2's departures from Llama (transformers' defaults where the config is silent)."""
+def _gemma(config: dict[str, Any], hidden: int, model_type: str) -> dict[str, Any]:
+    """Gemma 2's and 3's departures from Llama (transformers' defaults where the config is
+    silent)."""
     def cap(name: str, default: float) -> float | None:
         value = config.get(name, default)
         return None if value is None else float(value)
 
+    if model_type == "gemma2":
+        return dict(hidden_act="gelu_tanh", sandwich_norms=True, embed_scale=hidden ** 0.5,
+                    attn_scale=float(config.get("query_pre_attn_scalar", 256)) ** -0.5,
+                    attn_softcap=cap("attn_logit_softcapping", 50.0),
+                    final_softcap=cap("final_logit_softcapping", 30.0))
+    # Gemma 3: per-head Q/K norms, no soft-caps by default, a RoPE per layer type (the local
+    # one on the windowed layers: a config without a window would lose which layers are local)
+    if config.get("sliding_window", 4096) is None:
+        raise ModelLoadError("a Gemma 3 config without sliding_window is not supported")
+    params = config.get("rope_parameters") or {}
+    if "full_attention" in params:  # transformers 5: one set per layer type
+        full, local = params["full_attention"] or {}, params.get("sliding_attention") or {}
+    else:  # older configs: rope_theta, rope_local_base_freq, rope_scaling
+        full, local = dict(config.get("rope_scaling") or {}), {}
+    kind, factor = full.get("rope_type", full.get("type", "default")), None
+    if kind == "linear":
+        factor = float(full["factor"])
+    elif kind != "default" or local.get("rope_type", "default") != "default":
+        raise ModelLoadError(f"unsupported Gemma 3 rope scaling '{kind}' (supported: linear)")
     return dict(hidden_act="gelu_tanh", sandwich_norms=True, embed_scale=hidden ** 0.5,
                 attn_scale=float(config.get("query_pre_attn_scalar", 256)) ** -0.5,
-                attn_softcap=cap("attn_logit_softcapping", 50.0),
-                final_softcap=cap("final_logit_softcapping", 30.0))
+                attn_softcap=cap("attn_logit_softcapping", None),
+                final_softcap=cap("final_logit_softcapping", None), qk_norm=True,
+                rope_theta=float(full.get("rope_theta", config.get("rope_theta", 1e6))),
+                local_rope_theta=float(local.get("rope_theta",
+                                                 config.get("rope_local_base_freq", 1e4))),
+                rope_linear_factor=factor, rope_scaling=None)
 
 
 def _spec(config: dict[str, Any], name: str) -> ModelSpec:
@@ -138,7 +164,7 @@ def _spec(config: dict[str, Any], name: str) -> ModelSpec:
     # Qwen2 always has Q/K/V biases (and none on O); elsewhere attention_bias would add one to O
     if (config.get("attention_bias") and model_type != "qwen2") or config.get("mlp_bias"):
         raise ModelLoadError("attention/MLP biases are not supported (beyond Qwen2's Q/K/V)")
-    gemma = model_type == "gemma2"
+    gemma = model_type.startswith("gemma")
     act = config.get("hidden_activation", config.get("hidden_act", "silu")) if gemma \
         else config.get("hidden_act", "silu")
     if act not in ACTIVATIONS or (gemma != (ACTIVATIONS[act] == "gelu_tanh")):
@@ -150,20 +176,22 @@ def _spec(config: dict[str, Any], name: str) -> ModelSpec:
     try:
         hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
         num_layers = int(config["num_hidden_layers"])
-        return ModelSpec(
+        extra = _gemma(config, hidden, model_type) if gemma else {}
+        kw = dict(
             name=name, num_layers=num_layers, hidden_size=hidden,
             intermediate_size=int(config["intermediate_size"]), num_heads=heads,
             num_kv_heads=int(config.get("num_key_value_heads") or heads),
             head_dim=int(config.get("head_dim") or hidden // heads),
             vocab_size=int(config["vocab_size"]),
             max_position_embeddings=int(config["max_position_embeddings"]),
-            rope_theta=_rope_theta(config),
             rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-            rope_scaling=_rope_scaling(config), architecture=model_type,
-            attention_bias=model_type == "qwen2", qk_norm=model_type == "qwen3",
-            layer_windows=_layer_windows(config, model_type, num_layers),
-            **(_gemma2(config, hidden) if gemma else {}))
+            architecture=model_type, attention_bias=model_type == "qwen2",
+            qk_norm=model_type == "qwen3",
+            layer_windows=_layer_windows(config, model_type, num_layers))
+        if "rope_theta" not in extra:
+            extra.update(rope_theta=_rope_theta(config), rope_scaling=_rope_scaling(config))
+        return ModelSpec(**{**kw, **extra})
     except KeyError as err:
         raise ModelLoadError(f"config.json is missing {err}") from None
     except (TypeError, ValueError) as err:  # ConfigError is a ValueError
@@ -254,7 +282,7 @@ def load_hf_folder(path: str) -> Checkpoint:
         raise ModelLoadError(f"model folder '{path}' not found")
     spec = _spec(_read_config(path), os.path.basename(os.path.normpath(path)))
     tensors = _select(_load_tensors(path), spec, path)
-    if spec.architecture == "gemma2":  # Gemma's RMSNorm scales by (1 + weight)
+    if spec.architecture.startswith("gemma"):  # Gemma's RMSNorm scales by (1 + weight)
         for name, t in tensors.items():
             if name.endswith("norm.weight"):
                 tensors[name] = t + 1.0

@@ -70,8 +70,11 @@ class RotaryEmbedding:
     """cos/sin tables for every position up to max_positions, built once, gathered per step."""
 
     def __init__(self, head_dim: int, max_positions: int, theta: float,
-                 scaling: RopeScaling | None, dtype: torch.dtype, device: torch.device):
+                 scaling: RopeScaling | None, dtype: torch.dtype, device: torch.device,
+                 linear_factor: float | None = None):
         self.inv_freq = rope_inv_freq(head_dim, theta, scaling)
+        if linear_factor is not None:  # rope_type "linear": positions divided by the factor
+            self.inv_freq = self.inv_freq / linear_factor
         positions = torch.arange(max_positions, dtype=torch.float32)
         freqs = torch.outer(positions, self.inv_freq)  # [max_positions, head_dim / 2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [max_positions, head_dim]

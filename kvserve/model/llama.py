@@ -62,13 +62,19 @@ class LlamaModel:
         self.act_dtype = activation_dtype(dtype, device)
         self.device = device
         self.rope = RotaryEmbedding(spec.head_dim, spec.max_position_embeddings, spec.rope_theta,
-                                    spec.rope_scaling, self.act_dtype, device)
+                                    spec.rope_scaling, self.act_dtype, device,
+                                    spec.rope_linear_factor)
+        # Gemma 3: the sliding layers' own RoPE base
+        self.rope_local = None if spec.local_rope_theta is None else RotaryEmbedding(
+            spec.head_dim, spec.max_position_embeddings, spec.local_rope_theta, None,
+            self.act_dtype, device)
         # The fused C decode layer (kernels/gemv.c) serves decode-sized CPU batches when built;
         # the PyTorch layer below is the reference it is tested against, and serves the rest.
         # Each layer's matrices as the fused C calls see them (kernels/cpu.py WeightRef).
         # (Q/K/V biases and per-head Q/K norms have no C twin: those models run PyTorch's.)
         fast = (device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
                 and cpu_kernels.available() and not spec.attention_bias and not spec.qk_norm
+                and spec.local_rope_theta is None
                 and not spec.sandwich_norms and spec.hidden_act == "silu"
                 and spec.plain_attention and spec.embed_scale is None)
         self._refs = [tuple(cpu_kernels.weight_ref(x) for x in (lw.qkv, lw.o, lw.gate_up, lw.down))
@@ -201,8 +207,11 @@ class LlamaModel:
                 if logits is None:
                     logits = self._logits(h, logits_rows)
         else:
+            local = None if self.rope_local is None else self.rope_local.tables(
+                positions, meta.max_context_len > self.rope_local.num_positions)
             for i, lw in enumerate(self.layers):
-                h = self._layer_reference(i, lw, h, cos, sin, attn, meta)
+                c, si = (cos, sin) if local is None or s.window(i) is None else local
+                h = self._layer_reference(i, lw, h, c, si, attn, meta)
             logits = self._logits(h, logits_rows)
         self.num_kv_projections += input_ids.shape[0] * s.num_layers
         return logits

@@ -57,7 +57,7 @@ def test_sinks_on_cuda_past_the_context_give_the_cpu_tokens(tiny_hf_dir):
     assert gpu.engine.peak_blocks_used <= 3 * 10
 
 
-@pytest.mark.parametrize("name", ["qwen2", "qwen3", "phi3", "gemma2"])
+@pytest.mark.parametrize("name", ["qwen2", "qwen3", "phi3", "gemma2", "gemma3_text"])
 def test_architectures_on_cuda_give_the_cpu_tokens(name, tmp_path):
     import importlib.util
     from pathlib import Path

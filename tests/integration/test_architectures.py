@@ -1,7 +1,8 @@
-"""Mistral, Qwen2, Qwen3, Phi-3 and Gemma 2 against transformers, token for token: tiny models that
-transformers itself builds from a config and writes (save_pretrained), read by kvserve's loader,
-and run in every cache mode. Prompts are longer than the sliding windows, so the windowed layers
-really drop keys (checked: the same weights with full attention answer differently)."""
+"""Mistral, Qwen2, Qwen3, Phi-3, Gemma 2 and 3 against transformers, token for token: tiny
+models that transformers itself builds from a config and writes (save_pretrained), read by
+kvserve's loader, and run in every cache mode. Prompts are longer than the sliding windows, so
+the windowed layers really drop keys (checked: a window longer than the prompt answers
+differently)."""
 
 from __future__ import annotations
 
@@ -37,6 +38,15 @@ ARCHS = {
     "gemma2": ("Gemma2Config", dict(head_dim=16, sliding_window=6, query_pre_attn_scalar=24,
                                     attn_logit_softcapping=3.0, final_logit_softcapping=5.0,
                                     pad_token_id=0), (6, 0)),
+    # Gemma 2's layer plus per-head Q/K norms, and a RoPE per layer type: the local layer's own
+    # base, the global layer's with linear scaling (as Gemma 3 4B+)
+    "gemma3_text": ("Gemma3TextConfig", dict(
+        head_dim=16, sliding_window=6, query_pre_attn_scalar=24, pad_token_id=0,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0,
+                                            "rope_theta": 100000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 500.0}}),
+        (6, 0)),
 }
 PROMPTS = [[(11 * i + 5 * j) % 200 + 10 for j in range(n)] for i, n in enumerate([23, 9, 31])]
 NEW_TOKENS = 20
@@ -90,7 +100,11 @@ def test_architecture_equals_transformers_token_for_token(arch_model, mode):
               **MODES[mode])
     spec = llm.engine.spec
     assert spec.architecture == name and spec.layer_windows == windows
-    assert (spec.attention_bias, spec.qk_norm) == (name == "qwen2", name == "qwen3")
+    assert (spec.attention_bias, spec.qk_norm) == (name == "qwen2",
+                                                   name in ("qwen3", "gemma3_text"))
+    if name == "gemma3_text":
+        assert (spec.rope_theta, spec.local_rope_theta, spec.rope_linear_factor) == \
+            (100000.0, 500.0, 4.0)
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True,
                             prompt_logprobs=0)
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
@@ -103,7 +117,9 @@ def test_architecture_equals_transformers_token_for_token(arch_model, mode):
 
 
 def test_the_windows_matter(arch_model, tmp_path):
-    """The same weights read with full attention give other log-probs past the window."""
+    """The same weights read with a window longer than the prompt (full attention for it; the
+    layer types, which also pick Gemma 3's RoPE, unchanged) give other log-probs past the
+    window."""
     name, folder, _, windows = arch_model
     if not windows:
         pytest.skip(f"{name}: no sliding window here")
@@ -112,13 +128,14 @@ def test_the_windows_matter(arch_model, tmp_path):
     for f in folder.iterdir():
         (full / f.name).write_bytes(f.read_bytes())
     config = json.loads((folder / "config.json").read_text())
-    config.update(sliding_window=None, use_sliding_window=False, layer_types=None)
+    config.update(sliding_window=1000)
     (full / "config.json").write_text(json.dumps(config))
     params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
     prompt = {"prompt_token_ids": PROMPTS[2]}
     runs = [LLM(model=str(f), cache_mode="paged", block_size=4).generate(
         prompt, params, use_tqdm=False)[0] for f in (folder, full)]
-    assert runs[1].prompt_logprobs and not LLM(model=str(full)).engine.spec.has_windows
+    assert runs[1].prompt_logprobs
+    assert set(LLM(model=str(full)).engine.spec.layer_windows) <= {0, 1000}
     window = max(windows)
     before = [lp for lp, _ in runs[0].prompt_logprobs[1:window]]
     assert before == pytest.approx([lp for lp, _ in runs[1].prompt_logprobs[1:window]], abs=1e-5)

@@ -107,7 +107,7 @@ def test_hf_wrong_architecture(tmp_path, tiny_hf_dir):
     (folder / "config.json").write_text(json.dumps(config))
     assert "unsupported architecture 'GPT2LMHeadModel' (supported: LlamaForCausalLM, " \
         "MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM, " \
-        "Gemma2ForCausalLM)" in _error(
+        "Gemma2ForCausalLM, Gemma3ForCausalLM)" in _error(
             str(folder))
 
 
