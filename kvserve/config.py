@@ -27,6 +27,7 @@ from kvserve.kv_dtypes import (
 CACHE_MODES = ("none", "contiguous", "paged")
 CACHE_POLICIES = ("full", "sinks")
 SINKS_CONTEXT_FACTOR = 16  # --cache-policy sinks: default max_model_len, in model contexts
+DEFAULT_SINK_TOKENS = 4  # StreamingLLM's
 KV_QUANT_CHECKS = ("refuse", "warn", "off")  # engine/kv_check.py judges
 DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZATIONS = ("auto", "none", "gguf", "int8", "int4")
@@ -227,8 +228,8 @@ class CacheConfig:
         f"max_model_len defaults to {SINKS_CONTEXT_FACTOR}x it); paged mode",
         choices=CACHE_POLICIES)
     sink_tokens: int = setting(
-        4, "--cache-policy sinks: the leading tokens kept as attention sinks (their blocks: "
-        "rounded up to whole blocks)", kind="int")
+        DEFAULT_SINK_TOKENS, "--cache-policy sinks: the leading tokens kept as attention "
+        "sinks (their blocks: rounded up to whole blocks)", kind="int")
     window_tokens: int | None = setting(
         None, "--cache-policy sinks: the recent tokens kept (their blocks); default: the "
         "model's context less the sinks, one step (--max-num-batched-tokens) and a block",
@@ -285,7 +286,7 @@ class CacheConfig:
             if self.residual_window_tokens:
                 raise ConfigError("cache_policy 'sinks' reads K/V from the pool only: with a "
                                   "quantized KV format, set kv_residual_tokens 0")
-        elif self.window_tokens is not None or self.sink_tokens != 4:
+        elif self.window_tokens is not None or self.sink_tokens != DEFAULT_SINK_TOKENS:
             raise ConfigError("sink_tokens and window_tokens apply to cache_policy 'sinks'")
 
     @property

@@ -368,3 +368,20 @@ def write_wrong_arch_gguf(path: str | Path, arch: str = "gpt2") -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return Path(path)
+
+
+def released_per_step(engine, request_id: str):
+    """Step `engine` until `request_id` ends; after each step yield (request, its table, the
+    block ids released this step: each the id a table index held before it became HOLE)."""
+    from kvserve.kvcache.block_manager import HOLE
+
+    manager, seen = engine.block_manager, {}
+    while engine.has_unfinished_requests():
+        engine.step()
+        r = engine.requests.get(request_id)
+        table = manager.block_ids(request_id)
+        if r is None or not table:
+            return
+        released = [seen.pop(i) for i, b in enumerate(table) if b == HOLE and i in seen]
+        seen.update((i, b) for i, b in enumerate(table) if b != HOLE)
+        yield r, table, released

@@ -94,12 +94,13 @@ def retention_policy(config: CacheConfig, spec: ModelSpec, step_tokens: int) -> 
                           "its own sliding windows (cache_policy 'full' releases what they "
                           "drop)")
     bs, context = config.block_size, spec.max_position_embeddings
-    sinks = -(-config.sink_tokens // bs) * bs
-    window = config.window_tokens or max(bs, context - sinks - step_tokens - bs)
-    if sinks + window + step_tokens + bs > context:
+    policy = Sinks(config.sink_tokens, config.window_tokens or Sinks.default_window(
+        context, config.sink_tokens, bs, step_tokens), bs)
+    apart = policy.sink_tokens + policy.window + step_tokens + bs
+    if apart > context:
         raise ConfigError(
-            f"cache_policy 'sinks' with {sinks} sink and {window} window tokens and steps of "
-            f"{step_tokens} tokens would place keys {sinks + window + step_tokens + bs} "
-            f"positions apart, past the model's context ({context}): lower window_tokens or "
+            f"cache_policy 'sinks' with {policy.sink_tokens} sink and {policy.window} window "
+            f"tokens and steps of {step_tokens} tokens would place keys {apart} positions "
+            f"apart, past the model's context ({context}): lower window_tokens or "
             f"max_num_batched_tokens")
-    return Sinks(config.sink_tokens, window, bs)
+    return policy

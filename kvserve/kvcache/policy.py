@@ -94,9 +94,9 @@ class Sinks:
             raise ValueError(f"sinks need sink_tokens >= 0 and a window of at least a block "
                              f"({block_size}), got {sink_tokens} and {window}")
         self.sink_blocks = -(-sink_tokens // block_size)
+        self.sink_tokens = self.sink_blocks * block_size  # what is kept: whole blocks
         self.window = window
-        self.description = (f"sinks ({self.sink_blocks * block_size} sink tokens, a "
-                            f"{window}-token window)")
+        self.description = f"sinks ({self.sink_tokens} sink tokens, a {window}-token window)"
 
     def released_blocks(self, num_tokens: int, block_size: int) -> range:
         first = _first_window_block(num_tokens, self.window, block_size)
@@ -107,8 +107,14 @@ class Sinks:
         return ((self.sink_blocks + 1) * block_size + self.window - 1) // block_size
 
     def most_tokens_held(self, num_tokens: int, step_tokens: int, block_size: int) -> int:
-        return min(num_tokens,
-                   self.sink_blocks * block_size + self.window + step_tokens + block_size)
+        return min(num_tokens, self.sink_tokens + self.window + step_tokens + block_size)
+
+    @staticmethod
+    def default_window(context: int, sink_tokens: int, block_size: int, step_tokens: int) -> int:
+        """The largest window that keeps every distance attention sees (the sinks, the window,
+        one step and a block) inside the model's context."""
+        sinks = -(-sink_tokens // block_size) * block_size
+        return max(block_size, context - sinks - step_tokens - block_size)
 
 
 def policy_for(layer_windows: tuple[int, ...]) -> RetentionPolicy:

@@ -10,10 +10,17 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, replace
 
-from kvserve.config import MAX_BLOCK_SIZE, SINKS_CONTEXT_FACTOR, parse_size, residual_window
+from kvserve.config import (
+    DEFAULT_SINK_TOKENS,
+    MAX_BLOCK_SIZE,
+    SINKS_CONTEXT_FACTOR,
+    parse_size,
+    residual_window,
+)
 from kvserve.errors import ConfigError
 from kvserve.kv_dtypes import resolve_kv_pair, split_kv_dtype
 from kvserve.kvcache.layout import KV_FORMAT_SHORT_NAMES, KVLayout, kv_format, short_kv_dtype
+from kvserve.kvcache.policy import Sinks
 from kvserve.planner.presets import find_preset, unknown_preset_error
 from kvserve.planner.shapes import ModelShape, read_gguf, read_hf_config
 
@@ -82,7 +89,7 @@ class CapacityPlan:
     problems: tuple[str, ...]  # why it does not fit (empty: it fits)
     suggestions: tuple[str, ...]  # what would
     kv_residual_tokens: int = 0  # quantized formats' residual window (whole-block tokens)
-    retention: Retention | None = None  # --cache-policy sinks: what each request keeps
+    retention: Sinks | None = None  # --cache-policy sinks: what each request keeps
 
     @property
     def fits(self) -> bool:
@@ -114,7 +121,7 @@ class CapacityPlan:
             "mha_formula_bytes_per_token": self.mha_formula_bytes_per_token,
             "cache_policy": "full" if self.retention is None else "sinks",
             "sink_tokens": None if self.retention is None else self.retention.sink_tokens,
-            "window_tokens": None if self.retention is None else self.retention.window_tokens,
+            "window_tokens": None if self.retention is None else self.retention.window,
             "by_kv_cache_dtype": {k: {f: v for f, v in asdict(p).items() if f != "kv_cache_dtype"}
                             for k, p in self.by_kv_cache_dtype.items()},
         }
@@ -155,23 +162,11 @@ def weights_bytes_of(model: ModelShape, weights_dtype: str) -> int:
     return int(model.num_params * WEIGHT_BYTES_PER_PARAM[weights_dtype])
 
 
-@dataclass(frozen=True)
-class Retention:
-    """--cache-policy sinks as the engine keeps it: the sink tokens' blocks and the window's,
-    plus the block being written (the engine's steady decode; a prefill step holds its chunk
-    too)."""
-
-    sink_tokens: int  # rounded up to whole blocks
-    window_tokens: int
-
-    def tokens_held(self, num_tokens: int, block_size: int) -> int:
-        return min(num_tokens, self.sink_tokens + self.window_tokens + block_size)
-
-
 def retention(cache_policy: str, sink_tokens: int, window_tokens: int | None, block_size: int,
-              max_context: int) -> Retention | None:
-    """The engine's reading of --cache-policy/--sink-tokens/--window-tokens (its default window:
-    the context less the sinks and a block; the engine also keeps room for one step)."""
+              max_context: int) -> Sinks | None:
+    """The engine's reading of --cache-policy/--sink-tokens/--window-tokens, as its own Sinks
+    policy (each request holds the sinks' blocks, the window's and the block being written; the
+    default window leaves no room for a prefill step, which the engine also keeps)."""
     if cache_policy == "full":
         if window_tokens is not None:
             raise ConfigError("window_tokens applies to cache_policy 'sinks'")
@@ -180,22 +175,21 @@ def retention(cache_policy: str, sink_tokens: int, window_tokens: int | None, bl
         raise ConfigError(f"cache_policy must be full or sinks, got {cache_policy!r}")
     if not isinstance(sink_tokens, int) or sink_tokens < 0:
         raise ConfigError(f"sink_tokens must be a non-negative integer, got {sink_tokens!r}")
-    sinks = -(-sink_tokens // block_size) * block_size
-    window = window_tokens if window_tokens is not None else max(
-        block_size, max_context - sinks - block_size)
+    window = window_tokens if window_tokens is not None else Sinks.default_window(
+        max_context, sink_tokens, block_size, 0)
     if not isinstance(window, int) or window < block_size:
         raise ConfigError(f"window_tokens must hold at least one block ({block_size} tokens), "
                           f"got {window!r}")
-    return Retention(sinks, window)
+    return Sinks(sink_tokens, window, block_size)
 
 
 def request_bytes(layout: KVLayout, model: ModelShape, num_tokens: int,
-                  kept: Retention | None = None) -> tuple[int, int]:
+                  kept: Sinks | None = None) -> tuple[int, int]:
     """(blocks, bytes) one request of num_tokens holds: whole blocks in every full-attention
     layer; a sliding-window layer keeps at most the window's tokens; under sinks, every layer
     the sinks' and the window's."""
-    if kept is not None:
-        num_tokens = kept.tokens_held(num_tokens, layout.block_size)
+    if kept is not None:  # steady decode: no prefill step in flight
+        num_tokens = kept.most_tokens_held(num_tokens, 0, layout.block_size)
     blocks = layout.num_blocks_for_tokens(num_tokens)
     per_layer_block = layout.bytes_per_block_per_layer
     full_layers = model.num_layers - model.num_sliding_layers
@@ -207,7 +201,7 @@ def request_bytes(layout: KVLayout, model: ModelShape, num_tokens: int,
 
 
 def _max_context(layout: KVLayout, model: ModelShape, concurrency: int, budget: int,
-                 kept: Retention | None = None) -> int:
+                 kept: Sinks | None = None) -> int:
     """The longest context (whole blocks) `concurrency` requests can each hold in `budget`
     (each with its residual window, quantized formats); under sinks, up to the engine's default
     max_model_len (SINKS_CONTEXT_FACTOR x the model's context)."""
@@ -229,7 +223,7 @@ def _max_context(layout: KVLayout, model: ModelShape, concurrency: int, budget: 
 
 def dtype_plan(model: ModelShape, kv_cache_dtype: str, block_size: int, context: int,
                concurrency: int, budget: int, window_tokens: int = 0,
-               kept: Retention | None = None) -> KVDtypePlan:
+               kept: Sinks | None = None) -> KVDtypePlan:
     """A request's bytes are its blocks plus, for a quantized K or V, its residual window (its
     window_tokens and partial block in float32 per quantized side:
     KVLayout.residual_bytes_per_seq)."""
@@ -253,7 +247,8 @@ def plan(model: str | ModelShape | None = None, context: int = 4000, concurrency
          block_size: int = 16, reserve: str | int = DEFAULT_RESERVE,
          weights_memory: str | int | None = None, k_cache_dtype: str | None = None,
          v_cache_dtype: str | None = None, kv_residual_tokens: int | None = None,
-         cache_policy: str = "full", sink_tokens: int = 4, window_tokens: int | None = None
+         cache_policy: str = "full", sink_tokens: int = DEFAULT_SINK_TOKENS,
+         window_tokens: int | None = None
          ) -> CapacityPlan:
     """The KV capacity of `model` in `memory` at `context` tokens x `concurrency` requests.
     kv_cache_dtype "auto" is the engine's rule (kv_dtypes.resolve_kv_cache_dtype): the weights
@@ -316,7 +311,7 @@ def gib(num_bytes: float) -> str:
 
 def _verdict(shape: ModelShape, kv: KVDtypePlan, by_dtype: dict[str, KVDtypePlan], context: int,
              concurrency: int, memory: int, weights: int, reserve: int,
-             reserve_fraction: float | None, kept: Retention | None = None
+             reserve_fraction: float | None, kept: Sinks | None = None
              ) -> tuple[tuple[str, ...], tuple[str, ...]]:
     problems, suggestions = [], []
     if context > shape.max_context and kept is None:

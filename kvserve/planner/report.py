@@ -95,7 +95,7 @@ def render(p: CapacityPlan) -> str:
                           if p.kv.max_context_at_concurrency == m.max_context else ""), ""]
     if p.retention is not None:
         lines += [f"  --cache-policy sinks: each request holds its {p.retention.sink_tokens} sink "
-                  f"tokens and a {p.retention.window_tokens:,}-token window (and the block being "
+                  f"tokens and a {p.retention.window:,}-token window (and the block being "
                   f"written), however long it runs.", ""]
     if m.num_sliding_layers:
         lines += [f"  {m.num_sliding_layers} of {m.num_layers} layers attend to a "

@@ -20,7 +20,7 @@ from kvserve.errors import ConfigError
 from kvserve.kvcache.block_manager import BlockManager
 from kvserve.kvcache.block_pool import BlockPool
 from kvserve.kvcache.layout import KVLayout
-from kvserve.kvcache.policy import RetentionPolicy, Sinks
+from kvserve.kvcache.policy import RetentionPolicy
 from kvserve.kvcache.prefix_index import PrefixIndex
 from kvserve.planner.capacity import CapacityPlan
 from kvserve.request import Request, SamplingParams
@@ -275,9 +275,6 @@ def simulate_plan(p: CapacityPlan, workload: Workload, max_num_seqs: int = 256,
                           f"{layout.bytes_per_block:,} B")
     config = SchedulerConfig(max_num_seqs=max_num_seqs,
                              max_num_batched_tokens=max_num_batched_tokens)
-    policy, max_len = None, p.model.max_context
-    if p.retention is not None:
-        policy = Sinks(p.retention.sink_tokens, p.retention.window_tokens, p.block_size)
-        max_len = SINKS_CONTEXT_FACTOR * p.model.max_context
+    max_len = p.model.max_context * (1 if p.retention is None else SINKS_CONTEXT_FACTOR)
     return simulate(workload, num_blocks, p.block_size, layout.bytes_per_block, config,
-                    max_len, enable_prefix_caching, cost, policy)
+                    max_len, enable_prefix_caching, cost, p.retention)

@@ -6,6 +6,7 @@ nothing released = the full cache's tokens."""
 
 from __future__ import annotations
 
+import fixtures
 import pytest
 import torch
 
@@ -101,26 +102,17 @@ def test_the_middle_of_the_table_goes_back_to_the_pool(tiny_hf_dir):
     engine = llm.engine
     manager, pool = engine.block_manager, engine.block_manager.pool
     engine.add_request("a", PROMPT, SamplingParams(max_tokens=40, ignore_eos=True))
-    seen: dict[int, int] = {}
-    released = []
-    while engine.has_unfinished_requests():
-        engine.step()
-        r = engine.requests.get("a")
-        table = manager.block_ids("a")
-        if r is None or not table:
-            break
+    released, last = [], None
+    for r, table, now in fixtures.released_per_step(engine, "a"):
+        released += now
+        assert all(pool.ref_counts[b] == 0 for b in now)
+        last = table
         gone = manager.policy.released_blocks(r.num_computed_tokens, BS)
         assert [i for i, b in enumerate(table) if b == HOLE] == list(gone)
         # the snapshot counts the tokens whose K/V are held, not the released ones
         assert engine.cache_snapshot().num_tokens_stored == r.num_computed_tokens - len(gone) * BS
         assert table[0] != HOLE  # the sink block stays
-        for i, b in enumerate(table):
-            if b == HOLE and i in seen:
-                released.append(seen.pop(i))
-                assert pool.ref_counts[released[-1]] == 0
-            elif b != HOLE:
-                seen[i] = b
-    assert len(released) >= 8 and seen.get(0) is not None
+    assert len(released) >= 8 and last[0] != HOLE
 
 
 def test_without_a_release_the_tokens_are_the_full_caches(tiny_hf_dir):

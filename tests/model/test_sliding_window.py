@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import fixtures
 import pytest
 
 from kvserve import LLM, SamplingParams
@@ -46,22 +47,12 @@ def test_blocks_before_the_window_go_back_to_the_pool(mistral_dir, reference):
     manager, pool = engine.block_manager, engine.block_manager.pool
     assert manager.policy.name == "sliding-window" and manager.policy.window == WINDOW
     engine.add_request("a", PROMPTS[0]["prompt_token_ids"], GREEDY)
-    seen: dict[int, int] = {}  # table index -> the block id it had
     released = []
-    while engine.has_unfinished_requests():
-        engine.step()
-        r = engine.requests.get("a")
-        table = manager.block_ids("a")
-        if r is None or not table:
-            break
+    for r, table, now in fixtures.released_per_step(engine, "a"):
+        released += now  # released this step: exactly the blocks those indices held
+        assert all(pool.ref_counts[b] == 0 for b in now)
         first = manager.policy.released_blocks(r.num_computed_tokens, BS).stop
         assert table[:first] == [HOLE] * first and HOLE not in table[first:]
-        for i, b in enumerate(table):
-            if b == HOLE and i in seen:  # released this step: exactly the block it held
-                released.append(seen.pop(i))
-                assert pool.ref_counts[released[-1]] == 0
-            elif b != HOLE:
-                seen[i] = b
         # the window's keys (and the next query's) span at most 4 blocks of 4 here
         assert pool.num_used_blocks == len(table) - first <= 4
     assert len(released) >= 20  # 21 + 90 tokens = 28 blocks, all but the last few released
