@@ -123,6 +123,24 @@ def write_tiny_llama(dir: str | Path, *, tie: bool = True, rope_scaling: dict | 
     return folder
 
 
+def write_tiny_hybrid(folder: str | Path, layer_types: tuple[int, ...] = (1, 1, 1, 0, 0),
+                      window: int = 8) -> Path:
+    """A tiny Mistral whose layers are windowed (1) or full (0) as layer_types says: a hybrid
+    model, one KV group per layer type and size (kvcache/groups.py)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = tiny_config()
+    config.update(architectures=["MistralForCausalLM"], model_type="mistral",
+                  num_hidden_layers=len(layer_types), sliding_window=window,
+                  layer_types=["sliding_attention" if t else "full_attention"
+                               for t in layer_types])
+    (folder / "config.json").write_text(json.dumps(config))
+    save_file(tiny_weights(config, seed=3), str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    write_tiny_tokenizer(folder)
+    return folder
+
+
 def write_tiny_tokenizer(folder: Path) -> None:
     """The tiny tokenizer's files and generation config, as a Hugging Face folder has them."""
     (folder / "tokenizer.json").write_text(_tiny_tokenizer_json())

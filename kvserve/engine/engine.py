@@ -90,7 +90,7 @@ class LLMEngine:
                              + ((f"window={window}",) if window else ()))
         kv = build_kv(config.cache, self.spec, config.dtype, self.device, self.max_model_len,
                       model_key, config.scheduler.max_num_seqs,
-                      config.scheduler.max_num_batched_tokens)
+                      config.scheduler.max_num_batched_tokens, tiers=config.offload.enabled)
         self.kv_cache_dtype = kv.kv_cache_dtype
         self.kv_bytes_per_token = kv.layout.bytes_per_token
         self.kv_quality: KVQuality | None = None  # the guardrail's measure (quantized KV)
@@ -105,6 +105,8 @@ class LLMEngine:
         if self.block_manager is not None and self.block_manager.policy.name != "full":
             log.info("KV retention: %s; max_model_len %d", self.block_manager.policy.description,
                      self.max_model_len)
+        if kv.layout.groups is not None:
+            log.info("KV groups: %s", kv.layout.groups.describe())
         self.runner = ModelRunner(self.model, kv.attention, self.tokenizer.eos_token_ids,
                                   kv.kv_store)
         if config.offload.enabled:

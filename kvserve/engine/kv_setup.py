@@ -8,7 +8,7 @@ of blocks with KVLayout, and refuses at start-up a budget that cannot hold one m
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -16,8 +16,16 @@ from kvserve.config import CacheConfig, ModelSpec, format_bytes
 from kvserve.errors import ConfigError
 from kvserve.kvcache.block_manager import BlockManager
 from kvserve.kvcache.block_pool import BlockPool
+from kvserve.kvcache.groups import kv_groups
 from kvserve.kvcache.layout import KVLayout
-from kvserve.kvcache.policy import RetentionPolicy, Sinks, policy_for
+from kvserve.kvcache.policy import (
+    FullHistory,
+    RetentionPolicy,
+    Sinks,
+    SlidingWindow,
+    group_policy,
+    policy_for,
+)
 from kvserve.kvcache.prefix_index import PrefixIndex
 from kvserve.kvstore.paged import TORCH_KV_DTYPES, PagedKVStore
 from kvserve.model.attention import AttentionBackend
@@ -42,16 +50,20 @@ def free_memory_bytes(device: torch.device) -> int:
 
 def build_kv(config: CacheConfig, spec: ModelSpec, dtype: str, device: torch.device,
              max_model_len: int, model_key: str = "", max_num_seqs: int = 1,
-             max_num_batched_tokens: int | None = None) -> KVSetup:
+             max_num_batched_tokens: int | None = None, tiers: bool = False) -> KVSetup:
     """The attention backend for config.cache_mode with K/V stored in the format "auto" (or the
     setting) gives for compute dtype `dtype`; for paged, its store and block manager (with a
     prefix index whose keys start from model_key, unless prefix caching is off, and the
-    retention policy the model's windows allow). A quantized format holds a residual window
-    for each of max_num_seqs sequences."""
+    retention policy the model's windows allow: a table per KV group where layers differ,
+    unless residual windows or offload tiers (tiers) need one table). A quantized format holds
+    a residual window for each of max_num_seqs sequences."""
     kv_dtype = config.resolved_kv_cache_dtype(dtype)
     block_size = config.block_size
     layout = KVLayout(spec, block_size, kv_dtype, residual_seqs=max_num_seqs,
                       window_tokens=config.residual_window_tokens)
+    groups = kv_groups(spec.layer_windows, spec.num_layers)
+    if groups.num_groups > 1 and not tiers and not any(layout.window_blocks):
+        layout = replace(layout, groups=groups)
     if config.cache_mode == "none":
         return KVSetup(NoCacheAttention(spec), kv_dtype, layout)
     if config.cache_mode == "contiguous":
@@ -62,15 +74,21 @@ def build_kv(config: CacheConfig, spec: ModelSpec, dtype: str, device: torch.dev
     num_blocks = layout.num_blocks_for_bytes(num_bytes)
     index = PrefixIndex() if config.enable_prefix_caching else None
     policy = retention_policy(config, spec, max_num_batched_tokens or max_model_len)
-    manager = BlockManager(BlockPool(num_blocks), block_size, index, model_key, policy)
+    group_policies = None
+    if layout.groups is not None:  # each group's own window
+        group_policies = [(group_policy(w), len(layers))
+                          for w, layers in zip(layout.groups.windows, layout.groups.layers)]
+        policy = FullHistory()  # what attention releases is each group's table's business
+    manager = BlockManager(BlockPool(num_blocks), block_size, index, model_key, policy,
+                           groups=group_policies)
     # a sliding window: a sequence holds its window's keys and one step's tokens at most
     needed = manager.most_blocks_held(max_model_len, max_num_batched_tokens or max_model_len)
     what = f"one max_model_len ({max_model_len}) request"
-    if needed < manager.num_blocks_for(max_model_len):
+    if isinstance(policy, SlidingWindow) and needed < manager.num_blocks_for(max_model_len):
         what = (f"one request (its {policy.window}-token window and a step of "
                 f"{max_num_batched_tokens} tokens)")
     if num_blocks < needed:
-        need_bytes = format_bytes(needed * layout.bytes_per_block)
+        need_bytes = format_bytes(needed * layout.bytes_per_page)
         raise ConfigError(
             f"kv_cache_memory {config.kv_cache_memory!r} ({format_bytes(num_bytes)}) holds "
             f"{num_blocks} blocks of {block_size} tokens, but {what} needs {needed} "

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from kvserve.config import ModelSpec
 from kvserve.errors import ConfigError
 from kvserve.kv_dtypes import KV_CACHE_DTYPES, canonical_kv_dtype, kv_dtype_pair, split_kv_dtype
+from kvserve.kvcache.groups import KVGroups, single_group
 
 RESIDUAL_BYTES = 4  # the residual window's tokens are float32
 INT4_V_GROUP = 32  # channels per scale of int8/int4 V (a whole head of another head_dim)
@@ -108,6 +109,7 @@ class KVLayout:
     # and V's as kv_dtypes.kv_dtype_pair names them ("int8/int4")
     residual_seqs: int = 0  # sequences holding a residual window at once (quantized K or V)
     window_tokens: int = 0  # the residual window's whole-block tokens (a multiple of block_size)
+    groups: KVGroups | None = None  # a block table per group of layers (None: one, of all)
 
     def __post_init__(self) -> None:
         for name in split_kv_dtype(self.kv_cache_dtype):
@@ -115,6 +117,9 @@ class KVLayout:
         if self.window_tokens < 0 or self.window_tokens % self.block_size:
             raise ConfigError(f"the residual window ({self.window_tokens} tokens) must be a "
                               f"multiple of the block size ({self.block_size})")
+        if self.groups is not None and self.groups.num_layers != self.spec.num_layers:
+            raise ConfigError(f"KV groups cover {self.groups.num_layers} layers; the model has "
+                              f"{self.spec.num_layers}")
 
     @property
     def k_format(self) -> KVFormat:
@@ -181,8 +186,24 @@ class KVLayout:
 
     @property
     def bytes_per_block(self) -> int:
-        """K and V of one block across every layer (a block id names the same slots in each)."""
+        """K and V of one block of tokens across every layer."""
         return self.bytes_per_block_per_layer * self.spec.num_layers
+
+    @property
+    def kv_groups(self) -> KVGroups:
+        return self.groups or single_group(self.spec.num_layers)
+
+    @property
+    def page_layers(self) -> int:
+        """Layers one pool block holds: every layer with one table; a group's with several
+        (kvcache/groups.py)."""
+        return self.kv_groups.page_layers
+
+    @property
+    def bytes_per_page(self) -> int:
+        """One pool block: a block of tokens' K and V in page_layers layers (bytes_per_block
+        when there is one table)."""
+        return self.bytes_per_block_per_layer * self.page_layers
 
     @property
     def block_shape(self) -> tuple[int, int, int]:
@@ -190,7 +211,7 @@ class KVLayout:
         return (self.block_size, self.spec.num_kv_heads, self.spec.head_dim)
 
     def num_blocks_for_bytes(self, num_bytes: int) -> int:
-        return max(0, num_bytes - self.fixed_bytes) // self.bytes_per_block
+        return max(0, num_bytes - self.fixed_bytes) // self.bytes_per_page
 
     def num_blocks_for_tokens(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)

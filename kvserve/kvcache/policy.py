@@ -117,6 +117,22 @@ class Sinks:
         return max(block_size, context - sinks - step_tokens - block_size)
 
 
+class PerGroup:
+    """A model with several KV groups (kvcache/groups.py): each group's table follows its own
+    policy; this names them together for logs and snapshots."""
+
+    name = "per-group"
+
+    def __init__(self, policies: list[RetentionPolicy]):
+        self.policies = policies
+        kinds = ", ".join(dict.fromkeys(p.description for p in policies))
+        self.description = f"a block table per layer group ({kinds})"
+
+
+def group_policy(window: int | None) -> RetentionPolicy:
+    return FullHistory() if window is None else SlidingWindow(window)
+
+
 def policy_for(layer_windows: tuple[int, ...]) -> RetentionPolicy:
     """Sliding window when every layer has one (a layer with full attention reads every block):
     the largest, since a block is released only when no layer reads it."""

@@ -18,6 +18,9 @@ class PoolSnapshot:
     num_blocks: int
     num_used_blocks: int
     peak_used_blocks: int
+    # the share of the model's layers one block holds: 1, or with a table per KV group its
+    # group's layers over all layers (kvcache/groups.py)
+    layer_share: float = 1.0
 
     @property
     def num_free_blocks(self) -> int:
@@ -107,7 +110,8 @@ class CacheSnapshot:
         """Bytes of K/V slots in use: whole blocks when paged, stored tokens otherwise."""
         if self.pool is None:
             return self.num_tokens_stored * self.bytes_per_token
-        return self.pool.num_used_blocks * self.pool.block_size * self.bytes_per_token
+        return round(self.pool.num_used_blocks * self.pool.block_size * self.bytes_per_token
+                     * self.pool.layer_share)
 
     @property
     def num_waste_bytes(self) -> int:

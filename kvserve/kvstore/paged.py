@@ -78,9 +78,12 @@ class PagedKVStore:
     def _allocate(self, residual_slots: int) -> None:
         s, layout, device = self.layout.spec, self.layout, self.device
         bs = layout.block_size
-        # Zeroed so an unwritten slot can never feed NaN into a masked computation.
+        # A block holds page_layers layers (every layer, or one group's: kvcache/groups.py);
+        # layer l's K/V are in row _row[l]. Zeroed so an unwritten slot can never feed NaN into
+        # a masked computation.
+        self._row = layout.kv_groups.row_of_layer
         self._parts: list[dict[str, torch.Tensor]] = [
-            {name: torch.zeros((s.num_layers, self.num_blocks, *shape), dtype=dtype,
+            {name: torch.zeros((layout.page_layers, self.num_blocks, *shape), dtype=dtype,
                                device=device)
              for name, (shape, dtype) in c.block_parts(bs, s.num_kv_heads, s.head_dim).items()}
             for c in self.codecs]
@@ -132,7 +135,7 @@ class PagedKVStore:
 
     def part(self, name: str, layer_idx: int, which: int) -> torch.Tensor:
         """One part of one layer's K (which=0) or V (1): [num_blocks, ...]."""
-        return self._parts[which][name][layer_idx]
+        return self._parts[which][name][self._row[layer_idx]]
 
     def float_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of every layer, [num_layers, num_blocks, block_size, num_kv, d] each (a
@@ -264,7 +267,7 @@ class PagedKVStore:
             if codec.per_token and self.residual[which] is None:
                 encoded = codec.encode(x, self.tensor_scale(layer_idx, which))
                 for name, values in encoded.items():
-                    t = self._parts[which][name][layer_idx]
+                    t = self._parts[which][name][self._row[layer_idx]]
                     t.view(-1, *t.shape[2:]).index_copy_(0, slot_mapping, values)
             if self.residual[which] is None:
                 continue
@@ -286,7 +289,8 @@ class PagedKVStore:
             encoded = (codec.encode(blocks, self.tensor_scale(layer_idx, which))
                        if codec.per_token else codec.encode_blocks(blocks))
             for name, values in encoded.items():
-                self._parts[which][name][layer_idx].index_copy_(0, plan.fill_blocks, values)
+                self._parts[which][name][self._row[layer_idx]].index_copy_(0, plan.fill_blocks,
+                                                                           values)
         if plan.stage_rows is None:
             flat.index_copy_(0, plan.stage_dst, x.float())
         elif plan.stage_rows.numel():
@@ -298,10 +302,11 @@ class PagedKVStore:
         (a block codec: whole blocks only)."""
         codec, parts = self._codec(which), self._parts[which]
         if codec.per_token:
-            got = {name: t[layer_idx].index_select(0, block_ids).flatten(0, 1)[:length]
+            got = {name: t[self._row[layer_idx]].index_select(0, block_ids).flatten(0, 1)[:length]
                    for name, t in parts.items()}
             return codec.decode(got, dtype, self.tensor_scale(layer_idx, which))
-        got = {name: t[layer_idx].index_select(0, block_ids[:length // self.layout.block_size])
+        got = {name: t[self._row[layer_idx]].index_select(
+            0, block_ids[:length // self.layout.block_size])
                for name, t in parts.items()}
         return codec.decode_blocks(got, dtype).flatten(0, 1)
 

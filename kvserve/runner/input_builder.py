@@ -44,10 +44,13 @@ class InputBuilder:
         # Each row's position: its sequence's start_position + its offset within the sequence.
         shift = np.fromiter((s.start_position - s.row_start for s in seqs), np.int64, len(seqs))
         positions = np.arange(num_tokens, dtype=np.int64) + np.repeat(shift, num_new)
-        paged = None
+        paged, groups = None, ()
         if self.block_size is not None:
-            paged = self._paged(plan, seqs, positions, num_new)
-        meta = AttentionMetadata(tuple(seqs), num_tokens, paged)
+            paged = self._paged([s.block_ids for s in plan.seqs], plan, seqs, positions, num_new)
+            num_groups = len(plan.seqs[0].group_block_ids) if plan.seqs else 0
+            groups = tuple(self._paged([s.group_block_ids[g] for s in plan.seqs], plan, seqs,
+                                       positions, num_new) for g in range(num_groups))
+        meta = AttentionMetadata(tuple(seqs), num_tokens, paged, groups)
         return StepInputs(self._tensor(np.array(token_ids, dtype=np.int64)),
                           self._tensor(positions), meta)
 
@@ -55,20 +58,21 @@ class InputBuilder:
         t = torch.from_numpy(array)
         return t if self.device.type == "cpu" else t.to(self.device)
 
-    def _paged(self, plan: StepPlan, seqs: list[SeqSlice], positions: np.ndarray,
-               num_new: np.ndarray) -> PagedMetadata:
+    def _paged(self, block_ids: list[tuple[int, ...]], plan: StepPlan, seqs: list[SeqSlice],
+               positions: np.ndarray, num_new: np.ndarray) -> PagedMetadata:
+        """One table per sequence (block_ids: the plan's, or one KV group's) into tensors."""
         bs = self.block_size
         num_blocks = []
-        for s, sl in zip(plan.seqs, seqs):
+        for s, ids, sl in zip(plan.seqs, block_ids, seqs):
             need = -(-sl.context_len // bs)
-            if len(s.block_ids) < need:
-                raise RuntimeError(f"sequence {s.request_id} has {len(s.block_ids)} blocks for "
+            if len(ids) < need:
+                raise RuntimeError(f"sequence {s.request_id} has {len(ids)} blocks for "
                                    f"{sl.context_len} tokens")
             num_blocks.append(need)
-        width = max(len(s.block_ids) for s in plan.seqs)
+        width = max(len(ids) for ids in block_ids)
         tables = np.zeros((len(seqs), width), dtype=np.int32)  # [num_seqs, max_blocks]
-        for row, s in zip(tables, plan.seqs):
-            row[:len(s.block_ids)] = s.block_ids
+        for row, ids in zip(tables, block_ids):
+            row[:len(ids)] = ids
         # A released block (HOLE, -1: outside every layer's window) reads as block 0, which
         # attention masks out (and the pool's zeroed or written blocks keep finite).
         np.maximum(tables, 0, out=tables)

@@ -18,6 +18,9 @@ class ScheduledSeq:
     # The request's whole block table after this step's allocation (paged cache only):
     # position p lives in block_ids[p // block_size], slot p % block_size.
     block_ids: tuple[int, ...] = ()
+    # With several KV groups (kvcache/groups.py), the tables of the groups after the first
+    # (block_ids is the first's); each is indexed as block_ids is.
+    group_block_ids: tuple[tuple[int, ...], ...] = ()
 
 
 class Tier(str, enum.Enum):

@@ -233,10 +233,11 @@ class Scheduler:
         start = r.num_computed_tokens
         token_ids = tuple(r.token_ids_between(start, start + num_new))
         block_ids = tuple(self.blocks.block_ids(r.request_id)) if self.blocks else ()
+        groups = self.blocks.group_block_ids(r.request_id) if self.blocks else ()
         r.max_num_blocks = max(r.max_num_blocks, len(block_ids))
         # Only a chunk that reaches the last known token produces the next one.
         return ScheduledSeq(r.request_id, token_ids, start, start + num_new == r.num_tokens,
-                            block_ids)
+                            block_ids, groups)
 
     def _preempt(self, r: Request, transfers: list[BlockTransfer]) -> None:
         self.running.remove(r)
@@ -261,9 +262,8 @@ class Scheduler:
         waiting request never holds device blocks."""
         keys = self.swapped[r.request_id]
         num_held = len(keys)
-        num_total = self.blocks.num_blocks_for(r.num_computed_tokens + num_new) - \
-            len(self.blocks.parked_holes.get(r.request_id, ()))  # those come back as holes
-        if not self.blocks.pool.can_allocate(max(num_held, num_total)):
+        need = self.blocks.blocks_to_resume(r.request_id, r.num_computed_tokens + num_new)
+        if not self.blocks.pool.can_allocate(need):
             return False
         block_ids = self.blocks.allocate_blocks(num_held)
         self.blocks.adopt(r.request_id, block_ids)

@@ -47,6 +47,24 @@ def test_sliding_window_on_cuda_gives_the_cpu_tokens(tiny_hf_dir, tmp_path, mode
         assert gpu.engine.peak_blocks_used <= 3 * 6
 
 
+@pytest.mark.parametrize("prefix", [False, True])
+def test_hybrid_groups_on_cuda_give_the_cpu_tokens(tmp_path, prefix):
+    """Three windowed and two full layers: a block table per KV group, windowed blocks
+    released, prefix hits that need only the window's blocks."""
+    import fixtures
+
+    folder = fixtures.write_tiny_hybrid(tmp_path / "hybrid")
+    params = SamplingParams(max_tokens=80, temperature=0.0, ignore_eos=True)
+    kw = dict(model=str(folder), block_size=4, max_model_len=128, max_num_batched_tokens=8,
+              enable_prefix_caching=prefix)
+    cpu = _tokens(LLM(**kw), params)
+    gpu = LLM(device="cuda", **kw)
+    assert len(gpu.engine.block_manager.groups) == 3
+    assert _tokens(gpu, params) == cpu
+    if prefix:
+        assert _tokens(gpu, params) == cpu
+
+
 def test_sinks_on_cuda_past_the_context_give_the_cpu_tokens(tiny_hf_dir):
     params = SamplingParams(max_tokens=300, temperature=0.0, ignore_eos=True)
     kw = dict(model=str(tiny_hf_dir), block_size=4, cache_policy="sinks", window_tokens=8,

@@ -100,6 +100,9 @@ def test_architecture_equals_transformers_token_for_token(arch_model, mode):
               **MODES[mode])
     spec = llm.engine.spec
     assert spec.architecture == name and spec.layer_windows == windows
+    if mode == "paged":  # windowed and full layers: a block table for each (kvcache/groups.py)
+        hybrid = 0 in windows and any(windows)
+        assert len(llm.engine.block_manager.groups) == (2 if hybrid else 1)
     assert (spec.attention_bias, spec.qk_norm) == (name == "qwen2",
                                                    name in ("qwen3", "gemma3_text"))
     if name == "gemma3_text":

@@ -58,6 +58,9 @@ class AttentionMetadata:
     seqs: tuple[SeqSlice, ...]
     num_tokens: int
     paged: PagedMetadata | None = None
+    # With several KV groups (kvcache/groups.py): the paged metadata of the groups after the
+    # first (`paged` is the first's), from their own block tables
+    paged_groups: tuple[PagedMetadata, ...] = ()
     # Derived once here, read by every layer: every sequence feeds one token; the longest context
     is_decode: bool = field(init=False)
     max_context_len: int = field(init=False)
@@ -65,6 +68,10 @@ class AttentionMetadata:
     def __post_init__(self) -> None:
         object.__setattr__(self, "is_decode", all(s.num_new_tokens == 1 for s in self.seqs))
         object.__setattr__(self, "max_context_len", max(s.context_len for s in self.seqs))
+
+    def paged_of(self, group: int) -> PagedMetadata | None:
+        """The paged metadata of KV group `group` (0: `paged`)."""
+        return self.paged if group == 0 else self.paged_groups[group - 1]
 
     @classmethod
     def single(cls, seq_id: str, num_new_tokens: int, start_position: int = 0

@@ -39,6 +39,8 @@ class PagedAttention:
         self.policy = policy or FullHistory()
         self._sinks = isinstance(self.policy, Sinks)
         spec = store.layout.spec
+        # each layer's KV group: the step's tables for it are meta.paged_of(group)
+        self._group = store.layout.kv_groups.group_of_layer
         self._inv_freq = rope_inv_freq(spec.head_dim, spec.rope_theta, spec.rope_scaling)
         self._scores = torch.empty(0, dtype=torch.float32)  # workspace of the C decode kernel
         self._residual: ResidualPlan | None = None  # this step's plan (block formats)
@@ -92,7 +94,7 @@ class PagedAttention:
         residual windows, CUDA). Call after prepare()."""
         st, decode = self.store, meta.paged.decode
         if (not self._fast or decode is None or decode.rows is not None or st.dtype is None
-                or st.has_residual or not self.fused_decode_enabled
+                or st.has_residual or not self.fused_decode_enabled or meta.paged_groups
                 or st.layout.spec.has_windows):
             return None
         keys, values = st.float_kv()
@@ -105,7 +107,8 @@ class PagedAttention:
     def forward(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         st = self.store
-        decode = meta.paged.decode
+        paged = meta.paged_of(self._group[layer_idx])
+        decode = paged.decode
         gather_all = (decode is None or q.dtype != torch.float32 or not self._fast
                       or st.layout.spec.window(layer_idx) is not None)
         before = None  # the gathered sequences' window rows, as they were before this step
@@ -116,7 +119,7 @@ class PagedAttention:
                        for which, w in enumerate(st.residual)]
                       for i, s in enumerate(meta.seqs)]
         # Write this step's K/V into their slots, in the store's format (quantized on write).
-        st.write(layer_idx, meta.paged.slot_mapping, k, v, self._residual)
+        st.write(layer_idx, paged.slot_mapping, k, v, self._residual)
         new = (k, v, before)
         if gather_all:
             return self._attend_gathered(q, layer_idx, meta, None, False, new)
@@ -171,7 +174,7 @@ class PagedAttention:
         the windows' rows before it (forward)."""
         if out is None:
             out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        paged, st = meta.paged, self.store
+        paged, st = meta.paged_of(self._group[layer_idx]), self.store
         k, v, before = new
         spec = st.layout.spec
         window = spec.window(layer_idx)
