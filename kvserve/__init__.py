@@ -5,9 +5,9 @@ planner) can be imported without loading torch.
 """
 
 from kvserve.config import EngineConfig
-from kvserve.request import RequestOutput, SamplingParams
+from kvserve.request import RequestOutput, SamplingParams, StructuredOutputs
 
-__all__ = ["LLM", "SamplingParams", "EngineConfig", "RequestOutput"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputs", "EngineConfig", "RequestOutput"]
 __version__ = "0.1.0"
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -41,6 +42,62 @@ def _is_num(value: object) -> bool:
             and math.isfinite(value))
 
 
+# A grammar is compiled for each request that asks for one: bound what a client can make the
+# compiler chew on (vLLM and llguidance leave it unbounded).
+MAX_GRAMMAR_BYTES = 64 * 1024
+MAX_CHOICES = 256
+
+
+@dataclass(frozen=True)
+class StructuredOutputs:
+    """Constrain the generated text, as vLLM's StructuredOutputsParams: exactly one of a JSON
+    schema (a dict or its JSON text), any JSON object (json_object), a regular expression, a list
+    of strings to choose from, or a Lark grammar. kvserve/structured.py compiles it."""
+
+    json: dict | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+    # where it came from, named first in a compile error ("response_format", "tool_choice")
+    source: str = field(default="structured outputs", compare=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.json, dict):
+            try:
+                object.__setattr__(self, "json", _json_text(self.json))
+            except (TypeError, ValueError) as err:
+                raise InvalidRequestError(f"the JSON schema is not JSON: {err}") from None
+        if self.choice is not None:
+            _check(isinstance(self.choice, (list, tuple)) and len(self.choice) > 0
+                   and all(isinstance(c, str) and c for c in self.choice),
+                   "choice must be a list of non-empty strings")
+            object.__setattr__(self, "choice", tuple(self.choice))
+            _check(len(self.choice) <= MAX_CHOICES,
+                   f"choice has {len(self.choice)} strings; at most {MAX_CHOICES} are allowed")
+        kinds = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        kinds += ["json_object"] if self.json_object else []
+        _check(len(kinds) == 1, "structured outputs take exactly one of json, json_object, "
+               f"regex, choice and grammar, got {len(kinds)}" + (f" ({', '.join(kinds)})"
+                                                                    if kinds else ""))
+        for name in ("json", "regex", "grammar"):
+            value = getattr(self, name)
+            _check(value is None or isinstance(value, str), f"{name} must be a string")
+        size = sum(len(str(getattr(self, k) or "")) for k in ("json", "regex", "grammar")) + \
+            sum(map(len, self.choice or ()))
+        _check(size <= MAX_GRAMMAR_BYTES, f"the structured-output spec has {size:,} characters; "
+               f"at most {MAX_GRAMMAR_BYTES:,} are allowed")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("json", "json_object", "regex", "choice", "grammar")
+                    if getattr(self, k) not in (None, False))
+
+
+def _json_text(value: dict) -> str:
+    return json.dumps(value, allow_nan=False)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens and when to stop; names and defaults follow vLLM's SamplingParams."""
@@ -66,6 +123,8 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Constrain the text to a JSON schema, a regex, a choice or a grammar (kvserve/structured.py)
+    structured_outputs: StructuredOutputs | None = None
 
     def __post_init__(self) -> None:
         # Accept a single string / list for stop and a list for stop_token_ids, like vLLM.
@@ -119,6 +178,12 @@ class SamplingParams:
         _check(self.logprobs is None or (_is_int(self.logprobs)
                                          and 0 <= self.logprobs <= MAX_LOGPROBS),
                f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        _check(self.structured_outputs is None
+               or isinstance(self.structured_outputs, StructuredOutputs),
+               "structured_outputs must be a StructuredOutputs")
+        _check(self.structured_outputs is None or self.min_tokens == 0,
+               "min_tokens cannot be combined with structured outputs (the grammar decides "
+               "where the text may end)")
         _check(self.prompt_logprobs is None or (_is_int(self.prompt_logprobs)
                                                 and 0 <= self.prompt_logprobs <= MAX_LOGPROBS),
                f"prompt_logprobs must be an integer in [0, {MAX_LOGPROBS}], "
@@ -199,6 +264,9 @@ class Request:
     tenant: str | None = None
     block_keys: list[bytes] = field(default_factory=list)
     num_cached_tokens: int | None = None
+    # Structured outputs: the request's grammar matcher (kvserve/structured.py Grammar), which
+    # masks its logits each step and consumes each sampled token
+    grammar: object | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

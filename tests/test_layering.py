@@ -22,6 +22,7 @@ ALLOWED: dict[str, set[str]] = {
     "kv_dtypes": {"errors"},
     "config": {"errors", "kv_dtypes"},
     "request": {"errors"},
+    "structured": {"errors", "request"},
     "gguf_file": set(),
     "model_files": {"errors", "gguf_file"},
     "cli_flags": {"config", "errors"},
@@ -32,7 +33,7 @@ ALLOWED: dict[str, set[str]] = {
     "model": {"config", "errors", "kernels", "kvcache", "kvstore", "model_files"},
     "runner": {"config", "errors", "kernels", "kvstore", "model", "request", "scheduler"},
     "engine": {"config", "errors", "kvcache", "kvstore", "model", "request", "runner",
-               "scheduler"},
+               "scheduler", "structured"},
     "server": {"config", "engine", "errors", "request"},
     "planner": {"cli_flags", "config", "errors", "kv_dtypes", "kvcache", "model_files",
                 "request", "scheduler"},
@@ -42,7 +43,7 @@ ALLOWED: dict[str, set[str]] = {
 }
 # gguf_file reads with numpy, as gguf-py does (model_files imports it only when opening a file)
 NO_TORCH = {"errors", "kv_dtypes", "config", "request", "model_files", "cli_flags", "kvcache",
-            "scheduler", "planner"}
+            "scheduler", "planner", "structured"}
 # A server module may import these engine modules only: the async front end is its public API.
 SERVER_MAY_IMPORT_FROM_ENGINE = {"kvserve.engine.async_engine", "kvserve.engine.stream"}
 TEST_ONLY = {"transformers", "accelerate", "pytest", "hypothesis", "openai", "schemathesis"}

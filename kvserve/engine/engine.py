@@ -37,6 +37,7 @@ from kvserve.request import (
 from kvserve.runner.model_runner import ModelRunner
 from kvserve.scheduler.plan import StepPlan, StepResult, Tier
 from kvserve.scheduler.scheduler import Scheduler
+from kvserve.structured import GrammarCompiler
 
 DEBUG = os.environ.get("KVSERVE_DEBUG") == "1"  # check block invariants after every step
 log = logging.getLogger("kvserve.engine")
@@ -121,6 +122,7 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.max_model_len, kv.attention.retains_kv,
                                    self.tokenizer.eos_token_ids, self.block_manager)
         self.detokenizer = Detokenizer(self.tokenizer)
+        self._grammars: GrammarCompiler | None = None  # built on the first structured request
         self.requests: dict[str, Request] = {}
         self.peak_kv_bytes = 0
         self.peak_blocks_used = 0  # after a step's allocations, before its finished requests free
@@ -173,6 +175,8 @@ class LLMEngine:
         text = prompt if isinstance(prompt, str) else prompt_text
         r = Request(request_id, token_ids, params, prompt=text, arrival_time=time.monotonic(),
                     cache_salt=cache_salt, tenant=tenant)
+        if params.structured_outputs is not None:
+            r.grammar = self.grammars.matcher(params.structured_outputs)
         if params.prompt_logprobs is not None:
             r.prompt_logprobs.append(None)  # the first token has nothing before it to score it
         self.requests[request_id] = r
@@ -206,6 +210,16 @@ class LLMEngine:
                 raise InvalidRequestError(
                     f"request needs {need} KV blocks but the whole pool has "
                     f"{self.block_manager.pool.num_blocks} (kv_cache_memory)")
+        if params.structured_outputs is not None:  # a spec that does not compile: 400 now
+            self.grammars.matcher(params.structured_outputs)
+
+    @property
+    def grammars(self) -> GrammarCompiler:
+        """Structured outputs' compiler over this model's tokenizer (built on first use)."""
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.tokenizer.backend.to_str(),
+                                             self.spec.vocab_size, self.tokenizer.eos_token_ids)
+        return self._grammars
 
     def abort_request(self, request_id: str) -> None:
         r = self.requests.pop(request_id, None)

@@ -23,7 +23,7 @@ from kvserve.model.attention import AttentionBackend, AttentionMetadata
 from kvserve.model.llama import LlamaModel
 from kvserve.request import Request
 from kvserve.runner.input_builder import InputBuilder
-from kvserve.runner.sampler import Sampler, SamplingBatch
+from kvserve.runner.sampler import Sampler, SamplingBatch, apply_token_masks
 from kvserve.scheduler.plan import PromptScores, SampledToken, StepPlan, StepResult, Tier
 
 if TYPE_CHECKING:  # redis is an optional dependency
@@ -166,6 +166,10 @@ class ModelRunner:
         if not sampling:
             return StepResult((), prompt_scores)
         reqs = [requests[s.request_id] for s, _ in sampling]
+        masks = [(i, r.grammar.allowed_bits()) for i, r in enumerate(reqs)
+                 if r.grammar is not None]
+        if masks:  # structured outputs: only what keeps each text in its grammar
+            logits = apply_token_masks(logits, masks)
         sbatch = SamplingBatch.build(
             [r.params for r in reqs], [r.prompt_token_ids for r in reqs],
             [r.output_token_ids for r in reqs],
@@ -173,6 +177,8 @@ class ModelRunner:
             eos_token_ids=self.eos_token_ids)
         out = self.sampler(logits, sbatch)
         token_ids = out.token_ids.tolist()
+        for i, _ in masks:
+            reqs[i].grammar.consume(token_ids[i])
         logprobs = out.logprob_lists([r.params.logprobs for r in reqs])
         return StepResult(tuple(SampledToken(r.request_id, tok, lp)
                                 for r, tok, lp in zip(reqs, token_ids, logprobs)), prompt_scores)

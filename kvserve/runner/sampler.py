@@ -28,6 +28,31 @@ def _token_index(rows_tokens: list[tuple[int, Sequence[int]]], device) -> TokenI
             torch.tensor(token_ids, dtype=torch.long, device=device))
 
 
+def token_mask_rows(masks: Sequence[tuple[int, bytes]], vocab: int) -> np.ndarray:
+    """[len(masks), vocab] bool from bit masks (bit t of byte t // 8, little-endian, set when
+    token t is allowed; tokens past the mask's bits are not allowed)."""
+    bits = np.frombuffer(b"".join(m for _, m in masks), np.uint8).reshape(len(masks), -1)
+    allowed = np.unpackbits(bits, axis=1, bitorder="little").view(bool)
+    if allowed.shape[1] < vocab:
+        allowed = np.pad(allowed, ((0, 0), (0, vocab - allowed.shape[1])))
+    return allowed[:, :vocab]
+
+
+def reference_token_mask(mask: bytes, vocab: int) -> list[bool]:
+    """token_mask_rows' definition, one token at a time."""
+    return [t // 8 < len(mask) and bool(mask[t // 8] >> (t % 8) & 1) for t in range(vocab)]
+
+
+def apply_token_masks(logits: torch.Tensor, masks: Sequence[tuple[int, bytes]]
+                      ) -> torch.Tensor:
+    """Structured outputs: the logits with -inf for every token row i's grammar does not allow
+    (masks: (row, bit mask) pairs, kvserve/structured.py Grammar.allowed_bits)."""
+    allowed = torch.from_numpy(token_mask_rows(masks, logits.shape[1])).to(logits.device)
+    rows = torch.tensor([i for i, _ in masks], dtype=torch.long, device=logits.device)
+    return logits.index_put((rows,), logits.index_select(0, rows).masked_fill(~allowed,
+                                                                              float("-inf")))
+
+
 def _plain(p: SamplingParams, num_output: int) -> bool:
     """No penalty, no min_tokens mask pending, no logprobs: only top-k/p, min-p, temperature."""
     return (p.repetition_penalty == 1.0 and p.frequency_penalty == 0.0

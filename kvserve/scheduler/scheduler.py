@@ -311,6 +311,8 @@ class Scheduler:
                 return FinishReason.STOP, token_id
             if not p.ignore_eos and token_id in self.eos_token_ids:
                 return FinishReason.STOP, None
+        if r.grammar is not None and r.grammar.finished:  # nothing more the grammar allows
+            return FinishReason.STOP, None
         if p.max_tokens is not None and num_out >= p.max_tokens:
             return FinishReason.LENGTH, None
         if r.num_tokens >= self.max_model_len:

@@ -3,14 +3,16 @@
 Field names, defaults and shapes follow the OpenAI API (and vLLM's extensions: top_k, min_p,
 repetition_penalty, ignore_eos, min_tokens, stop_token_ids, cache_salt, ...). Ranges live here as
 constraints so the OpenAPI schema at /openapi.json states them and a request outside them is
-answered 400 naming the field. Unknown fields are ignored, as the OpenAI API does.
+answered 400 naming the field. Unknown top-level fields are ignored with a warning in the log, as
+vLLM does; OpenAI fields kvserve cannot honour (functions, audio, ...) are a 400 naming them
+(server/submission.py).
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -46,8 +48,37 @@ class StreamOptions(_Request):
     continuous_usage_stats: bool = False  # vLLM: every chunk carries the usage so far
 
 
+class JsonSchemaFormat(_Request):
+    name: str = Field("response", min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    """text (no constraint), json_object (any JSON object) or json_schema (that schema; always
+    enforced, strict or not)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsSpec(_Request):
+    """vLLM's structured_outputs: exactly one of these."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
 class _Sampling(_Request):
-    """Fields both endpoints share."""
+    """Fields both endpoints share. A field this server does not know is kept aside (extra
+    "allow") so the endpoint can name it: ignored with a warning, as vLLM does, or refused
+    when it is an OpenAI field whose effect kvserve does not have (submission.py)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
 
     model: str | None = Field(None, description="the served model's name; omit for the default")
     n: int = Field(1, ge=1, le=MAX_N)
@@ -72,6 +103,15 @@ class _Sampling(_Request):
     cache_salt: str | None = Field(
         None, min_length=1,
         description="prefix-cache tenant: only requests with the same salt share cached blocks")
+    response_format: ResponseFormat | None = Field(
+        None, description="json_object or json_schema: the text is constrained to it")
+    structured_outputs: StructuredOutputsSpec | None = Field(
+        None, description="vLLM's: a JSON schema, regex, choice or Lark grammar")
+    # vLLM's older names of the same (one of all these at most)
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
 
 class CompletionRequest(_Sampling):
@@ -92,10 +132,44 @@ class TextPart(_Request):
     text: str
 
 
+class FunctionCall(_Request):
+    name: str
+    arguments: str = Field(..., description="the arguments as a JSON text")
+
+
+class ToolCallIn(_Request):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = Field(None, max_length=64)  # assistant
+    tool_call_id: str | None = None  # tool
+
+
+class FunctionDef(_Request):
+    name: str = Field(..., min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Request):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Request):
+    name: str
+
+
+class NamedTool(_Request):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(_Sampling):
@@ -107,6 +181,10 @@ class ChatCompletionRequest(_Sampling):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     logit_bias: dict[str, float] | None = Field(None, description="not supported: must be empty")
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedTool | None = Field(
+        None, description="none, auto (the default with tools), required, or a named function")
+    parallel_tool_calls: bool = True
 
 
 # -- responses ------------------------------------------------------------------------------
@@ -159,16 +237,31 @@ class ChatLogprobs(BaseModel):
     content: list[TokenLogprob] | None = None
 
 
+class ToolCallFunction(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
+
+
+FinishReason = Literal["stop", "length", "abort", "tool_calls"]
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length", "abort"] | None = None
+    finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
 
 
@@ -184,13 +277,14 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatChunkChoice(BaseModel):
     index: int
     delta: DeltaMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length", "abort"] | None = None
+    finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
 
 

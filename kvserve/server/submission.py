@@ -4,6 +4,7 @@ tokenizing and the all-or-nothing submit (and abort). Reading the outputs is str
 
 import asyncio
 import dataclasses
+import logging
 from typing import Any
 
 from kvserve.engine.stream import SequenceInput, Submission
@@ -11,8 +12,19 @@ from kvserve.request import SamplingParams, derive_seed
 from kvserve.server import protocol as P
 from kvserve.server.errors import APIError
 from kvserve.server.state import ServerState
+from kvserve.server.tools import structured_of
 
 MAX_STOP_STRINGS = 16
+# OpenAI request fields that change the answer and that kvserve does not implement: a 400
+# naming the field (ignoring them would answer something else than was asked).
+REFUSED_FIELDS = {
+    "functions": "use tools", "function_call": "use tool_choice",
+    "audio": "audio output is not supported", "modalities": "only text output is supported",
+    "prediction": "predicted outputs are not supported",
+    "web_search_options": "web search is not supported",
+    "reasoning_effort": "this model has no reasoning modes",
+}
+log = logging.getLogger("kvserve.server")
 
 
 def check_model(state: ServerState, model: str | None) -> None:
@@ -27,6 +39,13 @@ def check_unsupported(body: P._Sampling, **fields: Any) -> None:
                        param="stream_options")
     if body.logit_bias:  # type: ignore[attr-defined]
         raise APIError(400, "logit_bias is not supported", param="logit_bias")
+    extra = body.model_extra or {}
+    for name in extra:
+        if name in REFUSED_FIELDS:
+            raise APIError(400, f"{name} is not supported: {REFUSED_FIELDS[name]}", param=name)
+    if extra:  # vLLM's behaviour: ignored, and said so
+        log.warning("request fields ignored (not known to kvserve): %s",
+                    ", ".join(name[:64] for name in sorted(extra)[:16]))
     for name, ok in fields.items():
         if not ok:
             raise APIError(400, f"{name} is not supported", param=name)
@@ -41,6 +60,10 @@ def cache_salt(tenant: str | None, salt: str | None) -> str | None:
 
 def sampling(body: P._Sampling, max_tokens: int | None, state: ServerState,
              **extra: Any) -> SamplingParams:
+    """The request's SamplingParams; its structured outputs from its own fields unless extra
+    names them (a tool choice's grammar)."""
+    if extra.get("structured_outputs") is None:
+        extra["structured_outputs"] = structured_of(body)
     limit = state.engine.max_output_tokens
     if max_tokens is None and limit is not None:
         max_tokens = limit  # "as many as allowed" under a max_output_tokens limit
