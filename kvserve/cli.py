@@ -209,7 +209,7 @@ def print_stats(llm, wall_s: float) -> None:
     if kv.pool is not None:
         pool, blocks = kv.pool, int(m.get("num_blocks", 0))
         lines.append(
-            f"this request: {blocks} blocks ({blocks * pool.block_size * per_token:,} bytes of "
+            f"this request: {blocks} blocks ({blocks * kv.bytes_per_block:,} bytes of "
             f"KV), preempted {int(m.get('num_preemptions', 0))} times")
         lines.append(
             f"KV pool: {pool.num_blocks:,} blocks of {pool.block_size} tokens, peak "

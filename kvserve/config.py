@@ -127,6 +127,7 @@ class ModelSpec:
 
 
 MAX_BLOCK_SIZE = 256
+MAX_THREADS = 1024
 DEFAULT_KV_RESIDUAL_TOKENS = 128  # KIVI's residual length
 MAX_KV_RESIDUAL_TOKENS = 4096
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6,
@@ -432,6 +433,9 @@ class EngineConfig:
         "on cpu with dtype float32, else none. gguf, int8 and int4 run on cpu with dtype "
         "float32", choices=QUANTIZATIONS)
     seed: int = setting(0, "seed of unseeded sampling", kind="int", flag=False)
+    threads: int | None = setting(
+        None, "CPU threads for the model's matrix products and kvserve's C kernels (llama.cpp's "
+        "-t); default: torch's (OMP_NUM_THREADS, else one per core). Process-wide", kind="int")
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     offload: OffloadConfig = field(default_factory=OffloadConfig)
@@ -454,6 +458,11 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.threads is not None and not (
+                isinstance(self.threads, int) and not isinstance(self.threads, bool)
+                and 1 <= self.threads <= MAX_THREADS):
+            raise ConfigError(f"threads must be an integer in [1, {MAX_THREADS}], got "
+                              f"{self.threads!r}")
         if self.quantization not in QUANTIZATIONS:
             raise ConfigError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got "
                               f"{self.quantization!r}")

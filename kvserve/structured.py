@@ -4,10 +4,13 @@ grammar). llguidance (Microsoft's Rust grammar engine, no dependencies, CPU) com
 and computes the mask of allowed tokens; the runner applies it to the logits before sampling
 (runner/sampler.py apply_token_masks) and the sampled token advances the matcher.
 
-Why llguidance and not xgrammar: both compute a 49,152-token mask in tens of microseconds on this
-CPU, but xgrammar's package requires torch, transformers and triton at run time (triton alone
-is hundreds of MB of GPU compiler), where llguidance requires nothing. The per-token cost is
-measured by benchmarks/bench_structured.py. No torch here.
+Why llguidance and not xgrammar: measured on this CPU for one small JSON schema over the default
+model's 49,152-token vocabulary, a mask takes llguidance 44 us and xgrammar 1.8 us (both after a
+0.4 s tokenizer set-up), against 7-9 ms for a decode step: either is under 1% of it.
+xgrammar's package requires torch, transformers and triton at run time (triton alone is hundreds
+of MB of GPU compiler) where llguidance requires nothing, so the server's core depends on
+llguidance. benchmarks/bench_structured.py measures the cost per token in the engine.
+No torch here.
 """
 
 from __future__ import annotations

@@ -74,7 +74,7 @@ def measure(llm, prompt_ids: list[int], new_tokens: int, progress: tqdm | None =
     kv = engine.cache_snapshot()
     run = ModeRun(kv.cache_mode, engine.spec.num_layers, kv.bytes_per_token,
                   kv.pool.block_size if kv.pool is not None else None)
-    block_bytes = (run.block_size or 0) * run.kv_bytes_per_token
+    block_bytes = kv.bytes_per_block  # a pool block (0 unless paged)
     request = engine.add_request("cache-lab", prompt_ids, greedy)
     while engine.has_unfinished_requests():
         t0 = time.perf_counter()

@@ -198,7 +198,7 @@ def main(args: argparse.Namespace) -> int:
         row = rows[name]
         snap = llm.engine.cache_snapshot()
         row.bytes_per_token = snap.bytes_per_token
-        per_block = snap.bytes_per_token * args.block_size
+        per_block = snap.bytes_per_block
         spec = llm.engine.spec
         # residual windows (quantized sides): one per sequence (max_num_seqs), float32
         store = llm.engine.runner.kv_store

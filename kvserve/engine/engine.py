@@ -67,6 +67,8 @@ class LLMEngine:
         self.config = config
         self.device = resolve_device(config.device)
         self.dtype = TORCH_DTYPES[config.dtype]
+        if config.threads is not None:  # torch's pool; the C kernels take torch's count
+            torch.set_num_threads(config.threads)
         torch.manual_seed(config.seed)  # the stream unseeded requests sample from
         t0 = time.perf_counter()
         ckpt = load_checkpoint(config.model, config.resolved_quantization)
@@ -76,8 +78,8 @@ class LLMEngine:
         self.model = LlamaModel.from_checkpoint(ckpt, self.dtype, self.device)
         del ckpt
         self.load_time_s = time.perf_counter() - t0
-        log.info("model %s loaded in %.2f s; %s", self.model_name, self.load_time_s,
-                 self.model.weights_description())
+        log.info("model %s loaded in %.2f s; %s; %d CPU threads", self.model_name,
+                 self.load_time_s, self.model.weights_description(), torch.get_num_threads())
         context = self.spec.max_position_embeddings
         if config.cache.cache_policy == "sinks":  # a sequence may outrun the context
             self.max_model_len = config.scheduler.max_model_len or SINKS_CONTEXT_FACTOR * context

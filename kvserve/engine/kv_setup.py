@@ -16,7 +16,7 @@ from kvserve.config import CacheConfig, ModelSpec, format_bytes
 from kvserve.errors import ConfigError
 from kvserve.kvcache.block_manager import BlockManager
 from kvserve.kvcache.block_pool import BlockPool
-from kvserve.kvcache.groups import kv_groups
+from kvserve.kvcache.groups import KVGroups, kv_groups
 from kvserve.kvcache.layout import KVLayout
 from kvserve.kvcache.policy import (
     FullHistory,
@@ -62,7 +62,9 @@ def build_kv(config: CacheConfig, spec: ModelSpec, dtype: str, device: torch.dev
     layout = KVLayout(spec, block_size, kv_dtype, residual_seqs=max_num_seqs,
                       window_tokens=config.residual_window_tokens)
     groups = kv_groups(spec.layer_windows, spec.num_layers)
-    if groups.num_groups > 1 and not tiers and not any(layout.window_blocks):
+    step = max_num_batched_tokens or max_model_len
+    if (groups.num_groups > 1 and not tiers and not any(layout.window_blocks)
+            and _groups_hold_less(layout, groups, max_model_len, step)):
         layout = replace(layout, groups=groups)
     if config.cache_mode == "none":
         return KVSetup(NoCacheAttention(spec), kv_dtype, layout)
@@ -99,6 +101,18 @@ def build_kv(config: CacheConfig, spec: ModelSpec, dtype: str, device: torch.dev
                           f"{kv_dtype!r} keeps a residual window: use a float or fp8 format "
                           f"with kv_residual_tokens 0")
     return KVSetup(PagedAttention(store, policy), kv_dtype, layout, store, manager)
+
+
+def _groups_hold_less(layout: KVLayout, groups: KVGroups, max_model_len: int,
+                      step_tokens: int) -> bool:
+    """Whether a max_model_len request holds fewer bytes with a table per group than with one
+    table: the groups' padding rows cost on every block, and a window longer than the
+    sequences releases nothing."""
+    bs = layout.block_size
+    pages = sum(-(-group_policy(w).most_tokens_held(max_model_len, step_tokens, bs) // bs)
+                for w in groups.windows)
+    return pages * layout.bytes_per_block_per_layer * groups.page_layers \
+        < -(-max_model_len // bs) * layout.bytes_per_block
 
 
 def retention_policy(config: CacheConfig, spec: ModelSpec, step_tokens: int) -> RetentionPolicy:

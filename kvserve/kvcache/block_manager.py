@@ -185,20 +185,26 @@ class BlockManager:
     def _needed_hits(self, keys: list[bytes], tokens: list[int]) -> tuple[int, list[list]]:
         """The most leading blocks n such that every group has, cached with these tokens, each
         block of [0, n) its policy reads once n blocks are computed; with each group's cached
-        block ids by position (None where it has none)."""
+        block ids by position (None where it has none, up to the most n can be)."""
         bs, index = self.block_size, self.prefix_index.index
+        most = len(keys)  # no hit goes past a full group's first miss or a group's last hit
         found = []
         for g in self.groups:
             row: list[int | None] = []
-            for i, key in enumerate(keys):
-                cached = index.get(key + g.suffix)
+            full = isinstance(g.policy, FullHistory)
+            for i in range(most):
+                cached = index.get(keys[i] + g.suffix)
                 ok = cached is not None and cached.token_ids == tuple(tokens[i * bs:(i + 1) * bs])
-                if not ok and isinstance(g.policy, FullHistory):
-                    break  # full history reads every block: no hit goes past a miss
+                if not ok and full:
+                    break  # full history reads every block
                 row.append(cached.block_id if ok else None)
-            found.append(row + [None] * (len(keys) - len(row)))
+            while row and row[-1] is None:
+                row.pop()
+            most = min(most, len(row))
+            found.append(row)
+        found = [row[:most] + [None] * (most - len(row[:most])) for row in found]
         misses = [[0, *accumulate(b is None for b in row)] for row in found]
-        for n in range(len(keys), 0, -1):
+        for n in range(most, 0, -1):
             if all(self._reads_only_cached(g.policy.released_blocks(n * bs, bs), n, m)
                    for g, m in zip(self.groups, misses)):
                 return n, found

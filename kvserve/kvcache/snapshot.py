@@ -106,12 +106,19 @@ class CacheSnapshot:
     tiers: tuple[TierSnapshot, ...] = ()  # the prefix cache's tiers below the pool (offload)
 
     @property
+    def bytes_per_block(self) -> int:
+        """One pool block: block_size tokens' K/V in the layers a block holds (every layer, or
+        with a table per KV group one group's); 0 unless paged."""
+        if self.pool is None:
+            return 0
+        return round(self.pool.block_size * self.bytes_per_token * self.pool.layer_share)
+
+    @property
     def num_bytes_used(self) -> int:
         """Bytes of K/V slots in use: whole blocks when paged, stored tokens otherwise."""
         if self.pool is None:
             return self.num_tokens_stored * self.bytes_per_token
-        return round(self.pool.num_used_blocks * self.pool.block_size * self.bytes_per_token
-                     * self.pool.layer_share)
+        return self.pool.num_used_blocks * self.bytes_per_block
 
     @property
     def num_waste_bytes(self) -> int:

@@ -234,7 +234,8 @@ class Scheduler:
         token_ids = tuple(r.token_ids_between(start, start + num_new))
         block_ids = tuple(self.blocks.block_ids(r.request_id)) if self.blocks else ()
         groups = self.blocks.group_block_ids(r.request_id) if self.blocks else ()
-        r.max_num_blocks = max(r.max_num_blocks, len(block_ids))
+        if self.blocks is not None:  # pool blocks it holds now, every table's
+            r.max_num_blocks = max(r.max_num_blocks, self.blocks.num_blocks_held(r.request_id))
         # Only a chunk that reaches the last known token produces the next one.
         return ScheduledSeq(r.request_id, token_ids, start, start + num_new == r.num_tokens,
                             block_ids, groups)

@@ -22,6 +22,7 @@ from kvserve.server.errors import ERROR_RESPONSES, install_error_handlers
 from kvserve.server.metrics import CONTENT_TYPE
 from kvserve.server.middleware import TENANT, UNAUTHORIZED, BodyLimitAndCount
 from kvserve.server.state import ServerState
+from kvserve.server.tokenize import detokenize, tokenize
 
 Tenant = Callable[..., Any]  # a FastAPI dependency: the caller's cache salt, or None
 
@@ -88,11 +89,27 @@ def _add_info_routes(app: FastAPI, state: ServerState, tenant: Tenant) -> None:
         # with API keys, one is needed: the totals describe every tenant's traffic
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
+    @app.post("/tokenize", response_model=P.TokenizeResponse, responses=_errors(400, 401, 404))
+    async def tokenize_route(body: P.TokenizeCompletionRequest | P.TokenizeChatRequest,
+                             _: Annotated[str | None, Depends(tenant)]) -> P.TokenizeResponse:
+        return await tokenize(state, body)
+
+    @app.post("/detokenize", response_model=P.DetokenizeResponse,
+              responses=_errors(400, 401, 404))
+    async def detokenize_route(body: P.DetokenizeRequest,
+                               _: Annotated[str | None, Depends(tenant)]
+                               ) -> P.DetokenizeResponse:
+        return await detokenize(state, body)
+
     @app.get("/v1/models", response_model=P.ModelList,
              responses={401: ERROR_RESPONSES[401]})
     async def models(_: Annotated[str | None, Depends(tenant)]) -> P.ModelList:
         return P.ModelList(data=[P.ModelCard(id=state.model_name, created=P.now_s(),
                                              max_model_len=state.max_model_len)])
+
+
+def _errors(*statuses: int) -> dict:
+    return {s: ERROR_RESPONSES[s] for s in statuses}
 
 
 def _add_generation_routes(app: FastAPI, state: ServerState, tenant: Tenant) -> None:

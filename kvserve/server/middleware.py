@@ -18,7 +18,7 @@ TENANT = "kvserve_tenant"  # request.state key: the authenticated caller's tenan
 
 
 def needs_key(path: str) -> bool:
-    return path.startswith("/v1/") or path == "/metrics"
+    return path.startswith("/v1/") or path in ("/metrics", "/tokenize", "/detokenize")
 
 
 class BodyTooLarge(StarletteHTTPException):

@@ -96,8 +96,10 @@ MODES = {"none": {}, "contiguous": {}, "paged": {},
 @pytest.mark.parametrize("mode", list(MODES))
 def test_architecture_equals_transformers_token_for_token(arch_model, mode):
     name, folder, model, windows = arch_model
+    # paged: steps of 16 tokens (chunked prompts), so a windowed group releases blocks
+    steps = dict(max_num_batched_tokens=16) if mode.startswith("paged") else {}
     llm = LLM(model=str(folder), cache_mode=mode.split("-")[0], block_size=4, max_model_len=128,
-              **MODES[mode])
+              **MODES[mode], **steps)
     spec = llm.engine.spec
     assert spec.architecture == name and spec.layer_windows == windows
     if mode == "paged":  # windowed and full layers: a block table for each (kvcache/groups.py)

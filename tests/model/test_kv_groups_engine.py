@@ -51,7 +51,7 @@ def test_the_groups_and_their_pages(hybrid_dir):
 
 def test_windowed_groups_release_blocks_the_full_group_keeps(hybrid_dir, reference):
     llm = LLM(model=str(hybrid_dir), block_size=BS, max_model_len=128,
-              enable_prefix_caching=False)
+              max_num_batched_tokens=8, enable_prefix_caching=False)
     engine = llm.engine
     manager, pool = engine.block_manager, engine.block_manager.pool
     engine.add_request("a", PROMPTS[0]["prompt_token_ids"], GREEDY)
@@ -96,9 +96,9 @@ def test_a_budget_one_table_cannot_fit_runs_the_whole_length(hybrid_dir, referen
 
 
 @pytest.mark.parametrize("settings", [
-    dict(block_size=BS),
+    dict(block_size=BS, max_num_batched_tokens=8),
     dict(block_size=BS, max_num_batched_tokens=5),  # chunked prompts across the window
-    dict(block_size=BS, enable_prefix_caching=True),
+    dict(block_size=BS, max_num_batched_tokens=8, enable_prefix_caching=True),
     dict(block_size=BS, enable_prefix_caching=True, max_num_batched_tokens=8,
          kv_cache_memory=LAYER_BLOCK * 2 * 60),  # cached blocks evicted while others run
 ])
@@ -128,6 +128,23 @@ def test_preemption_keeps_every_groups_tokens(hybrid_dir, reference, mode):
     assert [list(o.token_ids) for o in outs] == reference
 
 
+def test_groups_only_where_they_hold_less(tmp_path):
+    """A window longer than any sequence releases nothing, and the groups' padding row (3
+    windowed layers in groups of 2) would cost a sixth more per token: one table, and a pool of
+    33 one-table blocks still runs a 121-token sequence, as it did before groups."""
+    folder = fixtures.write_tiny_hybrid(tmp_path / "h", TYPES, window=200)
+    llm = LLM(model=str(folder), block_size=BS, max_model_len=128, max_num_batched_tokens=8,
+              kv_cache_memory=LAYER_BLOCK * 5 * 33, enable_prefix_caching=False)
+    assert len(llm.engine.block_manager.groups) == 1
+    out = llm.generate(PROMPTS[:1], SamplingParams(max_tokens=100, temperature=0.0,
+                                                   ignore_eos=True), use_tqdm=False)[0]
+    assert len(out.token_ids) == 100
+    # steps as long as the context: a windowed group could hold every block at once
+    steps = LLM(model=str(fixtures.write_tiny_hybrid(tmp_path / "s", TYPES)), block_size=BS,
+                max_model_len=128, max_num_batched_tokens=128)
+    assert len(steps.engine.block_manager.groups) == 1
+
+
 def test_residual_windows_and_offload_keep_one_table(hybrid_dir):
     """int8 K/V's residual windows and the offload tiers are planned per table: they run the
     hybrid model with one table of every layer (what stays in the pool: every block)."""
@@ -154,3 +171,20 @@ def test_five_local_to_one_global_holds_a_fraction_of_one_table(tmp_path):
     dense = LLM(model=str(folder), cache_mode="none").generate(PROMPTS[:1], params,
                                                                use_tqdm=False)[0]
     assert list(out.token_ids) == list(dense.token_ids)
+
+
+def test_a_requests_blocks_and_bytes_count_every_table(hybrid_dir):
+    """The per-request block count (metrics, --stats) is the pool blocks it held across its
+    tables, and a pool block's bytes are the group's layers', not every layer's."""
+    from kvserve.bench.cache_lab import kv_held
+
+    llm = LLM(model=str(hybrid_dir), block_size=BS, max_model_len=128, max_num_batched_tokens=8,
+              enable_prefix_caching=False)
+    engine = llm.engine
+    out = llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False)[0]
+    kv = engine.cache_snapshot()
+    assert kv.bytes_per_block == 2 * LAYER_BLOCK  # two layers a block
+    assert out.metrics["num_blocks"] == engine.peak_blocks_used  # alone: its own peak
+    assert kv_held(engine, kv.bytes_per_block) == (engine.peak_blocks_used * 2 * LAYER_BLOCK,
+                                                   engine.peak_blocks_used)
+    assert kv.num_bytes_allocated == kv.pool.num_blocks * kv.bytes_per_block

@@ -155,3 +155,20 @@ def test_a_full_groups_miss_ends_the_hit_where_it_is():
     # at 20 tokens the window reads keys 15..: blocks 3 and 4, both still cached
     assert m.group_block_ids("b")[0][:3] == (HOLE,) * 3
     m.check_invariants()
+
+
+def test_a_miss_costs_what_the_hits_are_not_the_prompt_length():
+    """A 131,072-token prompt with nothing cached: the full group stops at its first miss and
+    the policy is asked once, for the tables of the 0-token hit (it was once asked for every
+    block of the prompt)."""
+    calls = []
+
+    class Counting(FullHistory):
+        def released_blocks(self, num_tokens, block_size):
+            calls.append(num_tokens)
+            return super().released_blocks(num_tokens, block_size)
+
+    for groups in ([(Counting(), 1)], [(Counting(), 1), (SlidingWindow(64), 2)]):
+        m = BlockManager(BlockPool(100), 16, PrefixIndex(), "m", groups=groups)
+        calls.clear()
+        assert m.match_prefix(_request(131072)) == 0 and calls == [0]
