@@ -17,6 +17,20 @@ SEED_NO_CACHE_S, SEED_CACHE_S, SEED_SPEEDUP, SEED_TOKENS = 40.0, 9.0, 4.5, 500
 MIB = 1 << 20
 
 
+def _plotting(lab: str, files: dict[str, str]) -> bool:
+    """Whether matplotlib can draw the lab's plots; if not, say so on stderr (one line) and in
+    the files' note."""
+    try:
+        import matplotlib
+    except ImportError:
+        files["plots_skipped"] = "matplotlib is not installed: pip install 'kvserve[lab]'"
+        print(f"{lab} lab: plots skipped (matplotlib is not installed: pip install "
+              "'kvserve[lab]'); the CSV and JSON are written", file=sys.stderr)
+        return False
+    matplotlib.use("Agg")
+    return True
+
+
 def write_json_and_plots(result: dict, out: Path, lab: str,
                          plots: dict[str, tuple[str, Callable[[dict, str], None]]]
                          ) -> dict[str, str]:
@@ -25,14 +39,7 @@ def write_json_and_plots(result: dict, out: Path, lab: str,
     files. Returns {kind: path} of what was written."""
     out.mkdir(parents=True, exist_ok=True)
     files = {"json": str(out / f"{lab}_lab.json")}
-    try:
-        import matplotlib
-    except ImportError:
-        files["plots_skipped"] = "matplotlib is not installed: pip install 'kvserve[lab]'"
-        print(f"{lab} lab: plot skipped (matplotlib is not installed: pip install "
-              "'kvserve[lab]')", file=sys.stderr)
-    else:
-        matplotlib.use("Agg")
+    if _plotting(lab, files):
         for kind, (name, plot) in plots.items():
             files[kind] = str(out / name)
             plot(result, files[kind])
@@ -53,12 +60,7 @@ def write_cache_lab(result: CacheLabResult, out: Path) -> dict[str, str]:
                 writer.writerow([run.mode, s.token_index, s.context_len,
                                  f"{s.step_s * 1e3:.3f}", s.kv_projections, s.kv_bytes,
                                  "" if s.kv_blocks is None else s.kv_blocks])
-    try:
-        import matplotlib
-    except ImportError:
-        files["plots_skipped"] = "matplotlib is not installed: pip install 'kvserve[lab]'"
-    else:
-        matplotlib.use("Agg")
+    if _plotting("cache", files):
         files["time_png"] = str(out / "cache_lab_time_per_token.png")
         files["memory_png"] = str(out / "cache_lab_kv_memory.png")
         plot_time_per_token(result, files["time_png"])

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from kvserve.config import SINKS_CONTEXT_FACTOR, EngineConfig
+from kvserve.engine.capacity_report import capacity_report
 from kvserve.engine.detokenizer import Detokenizer
 from kvserve.engine.kv_check import check_kv_format
 from kvserve.engine.kv_setup import build_kv
@@ -110,6 +111,10 @@ class LLMEngine:
                      self.max_model_len)
         if kv.layout.groups is not None:
             log.info("KV groups: %s", kv.layout.groups.describe())
+        if self.block_manager is not None:
+            log.info("%s", capacity_report(
+                config, self.max_model_len, self.kv_cache_dtype, kv.budget_bytes,
+                self.block_manager.pool.num_blocks, kv.layout.page_layers, self.spec.num_layers))
         self.runner = ModelRunner(self.model, kv.attention, self.tokenizer.eos_token_ids,
                                   kv.kv_store)
         if config.offload.enabled:

@@ -40,6 +40,7 @@ class KVSetup:
     layout: KVLayout  # bytes per token and block of that format (the planner's formula)
     kv_store: PagedKVStore | None = None  # paged only
     block_manager: BlockManager | None = None  # paged only
+    budget_bytes: int = 0  # paged: the pool's budget (kv_cache_memory resolved to bytes)
 
 
 def free_memory_bytes(device: torch.device) -> int:
@@ -100,7 +101,7 @@ def build_kv(config: CacheConfig, spec: ModelSpec, dtype: str, device: torch.dev
         raise ConfigError(f"cache_policy 'sinks' reads K/V from the pool only; kv_cache_dtype "
                           f"{kv_dtype!r} keeps a residual window: use a float or fp8 format "
                           f"with kv_residual_tokens 0")
-    return KVSetup(PagedAttention(store, policy), kv_dtype, layout, store, manager)
+    return KVSetup(PagedAttention(store, policy), kv_dtype, layout, store, manager, num_bytes)
 
 
 def _groups_hold_less(layout: KVLayout, groups: KVGroups, max_model_len: int,

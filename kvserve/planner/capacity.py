@@ -69,6 +69,7 @@ class KVDtypePlan:
     max_concurrent_requests: int
     max_context_at_concurrency: int
     fits: bool
+    pool_blocks: int = 0  # blocks of the KV budget (the engine's pool of this size)
 
 
 @dataclass(frozen=True)
@@ -232,6 +233,8 @@ def dtype_plan(model: ModelShape, kv_cache_dtype: str, block_size: int, context:
     per_request += layout.residual_bytes_per_seq
     room = max(0, budget - layout.fixed_bytes)
     max_requests = room // per_request
+    pool_blocks = max(0, budget - layout.fixed_bytes - concurrency * layout.residual_bytes_per_seq
+                      ) // layout.bytes_per_block
     return KVDtypePlan(
         kv_cache_dtype=short_kv_dtype(layout.name),
         bytes_per_token=layout.bytes_per_token,
@@ -239,7 +242,8 @@ def dtype_plan(model: ModelShape, kv_cache_dtype: str, block_size: int, context:
         bytes_per_block=layout.bytes_per_block, blocks_per_request=blocks,
         bytes_per_request=per_request, max_concurrent_requests=max_requests,
         max_context_at_concurrency=_max_context(layout, model, concurrency, budget, kept),
-        fits=max_requests >= concurrency and (context <= model.max_context or kept is not None))
+        fits=max_requests >= concurrency and (context <= model.max_context or kept is not None),
+        pool_blocks=pool_blocks)
 
 
 def plan(model: str | ModelShape | None = None, context: int = 4000, concurrency: int = 20,
@@ -248,7 +252,7 @@ def plan(model: str | ModelShape | None = None, context: int = 4000, concurrency
          weights_memory: str | int | None = None, k_cache_dtype: str | None = None,
          v_cache_dtype: str | None = None, kv_residual_tokens: int | None = None,
          cache_policy: str = "full", sink_tokens: int = DEFAULT_SINK_TOKENS,
-         window_tokens: int | None = None
+         window_tokens: int | None = None, kv_cache_memory: str | int | None = None
          ) -> CapacityPlan:
     """The KV capacity of `model` in `memory` at `context` tokens x `concurrency` requests.
     kv_cache_dtype "auto" is the engine's rule (kv_dtypes.resolve_kv_cache_dtype): the weights
@@ -257,7 +261,10 @@ def plan(model: str | ModelShape | None = None, context: int = 4000, concurrency
     v_cache_dtype one side's format; kv_residual_tokens the quantized formats' residual window
     (default 128, whole blocks); cache_policy "sinks" with sink_tokens and window_tokens:
     each request holds only those (and a context may run past the model's), as the engine's
-    settings of those names."""
+    settings of those names. kv_cache_memory: the KV budget itself (the engine's setting of that
+    name), instead of memory less weights and reserve. Inputs that are valid always give a
+    plan: weights that leave nothing for the KV cache make one that does not fit (fits false,
+    the problem named, the KV figures still given)."""
     context = _positive_int(context, "context")
     concurrency = _positive_int(concurrency, "concurrency")
     bs = _positive_int(block_size, "block_size")
@@ -275,8 +282,13 @@ def plan(model: str | ModelShape | None = None, context: int = 4000, concurrency
         weights, weights_dtype = parse_size(weights_memory, "weights memory"), "stated"
     else:
         weights = weights_bytes_of(shape, weights_dtype)
-    _check_weights_fit(shape, weights_dtype, weights, memory_bytes, reserve_bytes)
-    budget = memory_bytes - weights - reserve_bytes
+    if kv_cache_memory is not None:  # the engine's --kv-cache-memory: the budget itself
+        budget = parse_size(kv_cache_memory, "kv_cache_memory")
+        memory_bytes, reserve_bytes, reserve_text, reserve_fraction = \
+            weights + budget, 0, "none (--kv-cache-memory)", None
+    weights_problem = _weights_problem(shape, weights_dtype, weights, memory_bytes,
+                                       reserve_bytes)
+    budget = max(0, memory_bytes - weights - reserve_bytes)
     chosen = short_kv_dtype(kv_cache_dtype)
     rows = list(KV_FORMAT_SHORT_NAMES.values()) + (
         [] if chosen in KV_FORMAT_SHORT_NAMES.values() else [chosen])
@@ -287,22 +299,26 @@ def plan(model: str | ModelShape | None = None, context: int = 4000, concurrency
     mha = shape.hidden_size * shape.num_layers * bits // 8
     problems, suggestions = _verdict(shape, kv, by_dtype, context, concurrency, memory_bytes,
                                      weights, reserve_bytes, reserve_fraction, kept)
+    if weights_problem is not None:
+        problems = (weights_problem[0],) + problems
+        suggestions = weights_problem[1] + suggestions
     return CapacityPlan(shape, context, concurrency, memory_bytes, bs, weights_dtype, weights,
                         reserve_bytes, reserve_text, budget, kv, by_dtype, mha, problems,
                         suggestions, window, kept)
 
 
-def _check_weights_fit(shape: ModelShape, weights_dtype: str, weights: int, memory: int,
-                       reserve: int) -> None:
+def _weights_problem(shape: ModelShape, weights_dtype: str, weights: int, memory: int,
+                    reserve: int) -> tuple[str, tuple[str, ...]] | None:
+    """Weights (and reserve) that take all of the memory: the problem and what would help."""
     if weights + reserve < memory:
-        return
+        return None
     smallest = int(shape.num_params * WEIGHT_BYTES_PER_PARAM["int4"])
     what = "the weights" if weights >= memory else "the weights and the runtime reserve"
-    raise ConfigError(
-        f"{shape.name}: {what} ({gib(weights)} GiB of {weights_dtype} weights"
-        f"{f' + {gib(reserve)} GiB reserve' if weights < memory else ''}) take all of --memory "
-        f"({gib(memory)} GiB), nothing is left for the KV cache: give more memory, or smaller "
-        f"weights (int4: {gib(smallest)} GiB), or a smaller model")
+    problem = (f"{what} ({gib(weights)} GiB of {weights_dtype} weights"
+               f"{f' + {gib(reserve)} GiB reserve' if weights < memory else ''}) take all of "
+               f"the memory ({gib(memory)} GiB): nothing is left for the KV cache")
+    return problem, (f"more memory than {gib(weights + reserve)} GiB",
+                     f"smaller weights (int4: {gib(smallest)} GiB)", "a smaller model")
 
 
 def gib(num_bytes: float) -> str:

@@ -7,6 +7,7 @@ import argparse
 import json
 
 from kvserve.cli_flags import add_setting_flags
+from kvserve.config import SchedulerConfig
 from kvserve.planner.capacity import DEFAULT_RESERVE, WEIGHT_DTYPES, plan
 from kvserve.planner.presets import PRESETS
 
@@ -23,6 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="stored: the sizes of a GGUF file's tensors")
     p.add_argument("--weights-memory", default=None,
                    help="the weights' size if known (overrides --weights-dtype), e.g. 14GB")
+    p.add_argument("--kv-cache-memory", default=None,
+                   help="the KV budget itself, as the engine's flag of that name (instead of "
+                   "--memory less weights and --reserve): the plan the engine logs at start-up")
     add_setting_flags(p, ("kv_cache_dtype", "k_cache_dtype", "v_cache_dtype", "block_size",
                           "kv_residual_tokens", "cache_policy", "sink_tokens",
                           "window_tokens"))  # the engine's own flags
@@ -49,8 +53,12 @@ def add_simulation_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--shared-prefix-fraction", type=float, default=0.0,
                    help="fraction of requests that start with one shared prefix")
     g.add_argument("--shared-prefix-tokens", type=int, default=512)
-    g.add_argument("--max-num-seqs", type=int, default=256)
-    g.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    defaults = SchedulerConfig()  # the engine's own, so a simulation models `kvserve serve`
+    g.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs,
+                   help="as the engine's flag (default %(default)s)")
+    g.add_argument("--max-num-batched-tokens", type=int,
+                   default=defaults.max_num_batched_tokens,
+                   help="as the engine's flag (default %(default)s)")
     g.add_argument("--enable-prefix-caching", default=True,
                    action=argparse.BooleanOptionalAction)
     g.add_argument("--step-ms", type=float, default=20.0, help="assumed cost of one step")
@@ -105,7 +113,7 @@ def main(args: argparse.Namespace) -> int:
                   kv_residual_tokens=args.kv_residual_tokens,
                   reserve=args.reserve, weights_memory=args.weights_memory,
                   cache_policy=args.cache_policy, sink_tokens=args.sink_tokens,
-                  window_tokens=args.window_tokens)
+                  window_tokens=args.window_tokens, kv_cache_memory=args.kv_cache_memory)
     out = result.to_dict()
     sim_text = ""
     if args.simulate:

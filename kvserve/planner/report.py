@@ -49,7 +49,8 @@ def _budget(p: CapacityPlan) -> list[str]:
         f"({_params(p.model.num_params)} parameters, {p.weights_dtype})",
         f"  runtime reserve      {gib(p.reserve_bytes):>12} GiB  "
         + ("(none)" if p.reserve_text == "none" else f"({p.reserve_text}: {why})"),
-        f"  left for KV cache    {gib(p.kv_budget_bytes):>12} GiB",
+        f"  left for KV cache    {gib(p.kv_budget_bytes):>12} GiB  = {p.kv.pool_blocks:,} blocks "
+        f"of {p.block_size} tokens ({p.kv.pool_blocks * p.block_size:,} tokens)",
     ]
 
 

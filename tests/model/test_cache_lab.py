@@ -120,3 +120,16 @@ def test_cli_lists_labs_and_rejects_bad_flags(tiny_hf_dir):
     assert bad.returncode == 1
     assert bad.stderr.strip() == ("kvserve: error: --modes: unknown cache mode(s) fast; "
                                   "choose from none, contiguous, paged")
+
+
+def test_a_lab_without_matplotlib_says_so_on_stderr(monkeypatch, capsys):
+    import sys
+
+    from kvserve.bench import report
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises
+    files: dict[str, str] = {}
+    assert not report._plotting("cache", files)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cache lab: plots skipped" in err and "kvserve[lab]" in err
+    assert "plots_skipped" in files

@@ -216,8 +216,6 @@ def _run_cli(capsys, *argv: str) -> tuple[int, str, str]:
 
 @pytest.mark.parametrize("argv, message", [
     (["--model", "lama-3-8b"], "unknown model preset 'lama-3-8b': did you mean llama-3-8b"),
-    (["--model", "llama-3-70b"], "nothing is left for the KV cache"),
-    (["--model", "llama-3-8b", "--memory", "16GiB"], "weights and the runtime reserve"),
     (["--context", "0"], "context must be a positive integer, got 0"),
     (["--concurrency", "-3"], "concurrency must be a positive integer, got -3"),
     (["--memory=-3GB"], "memory must be a positive size"),
@@ -248,7 +246,34 @@ def test_malformed_config_file_is_one_line(capsys, tmp_path):
 
 def test_planner_errors_are_kvserve_errors():
     with pytest.raises(KVServeError):
-        plan("smollm2-135m", memory="100MB")
+        plan("smollm2-135m", context=0)
+
+
+@pytest.mark.parametrize("argv, problem", [
+    (["--model", "llama-3-70b"], "nothing is left for the KV cache"),
+    (["--model", "llama-3-8b", "--memory", "16GiB"], "the weights and the runtime reserve"),
+])
+def test_a_plan_that_does_not_fit_is_still_a_plan(capsys, argv, problem):
+    """Weights larger than the memory: fits false, the problem named, and the KV figures a
+    script asked for (Llama 3 70B: 327,680 bytes per token in fp16)."""
+    rc, out, err = _run_cli(capsys, *argv, "--json")
+    assert rc == 0 and err == ""
+    got = json.loads(out)
+    assert got["fits"] is False and problem in got["problems"][0]
+    assert got["max_concurrent_requests"] == 0 and got["kv_budget_bytes"] == 0
+    if argv[1] == "llama-3-70b":
+        assert got["bytes_per_token"] == 327_680
+    assert any("more memory" in x for x in got["suggestions"])
+    rc, out, _ = _run_cli(capsys, *argv)
+    assert rc == 0 and problem in out
+
+
+def test_kv_cache_memory_is_the_budget_itself(capsys):
+    rc, out, _ = _run_cli(capsys, "--context", "2048", "--kv-cache-memory", "64MiB",
+                          "--kv-cache-dtype", "fp32", "--json")
+    got = json.loads(out)
+    assert rc == 0 and got["kv_budget_bytes"] == 64 << 20
+    assert got["by_kv_cache_dtype"]["fp32"]["pool_blocks"] == (64 << 20) // got["bytes_per_block"]
 
 
 @pytest.mark.parametrize("command", ["plan", "generate", "serve", "bench"])
