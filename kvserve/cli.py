@@ -26,22 +26,52 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     return {**setting_values(args), "seed": args.seed if args.seed is not None else 0}
 
 
+class HelpWithDefaults(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless it states one already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("default" in text.lower() or default in (None, False, [], argparse.SUPPRESS)
+                or not action.option_strings):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _every_option_helped(parser: argparse.ArgumentParser) -> None:
+    """argparse prints no help line, hence no default, for an option without help text."""
+    parser.formatter_class = HelpWithDefaults
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _every_option_helped(sub)
+        elif action.option_strings and not action.help:
+            action.help = action.dest.replace("_", " ")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvserve", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="kvserve", description=__doc__.splitlines()[0],
+                                     formatter_class=HelpWithDefaults)
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate text for one prompt, streamed to stdout")
     gen.add_argument("prompt")
     gen.add_argument("--chat", action="store_true", help="apply the model's chat template")
     gen.add_argument("--system", default=None, help="system message (with --chat)")
-    gen.add_argument("--max-tokens", type=int, default=128)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--min-p", type=float, default=0.0)
-    gen.add_argument("--repetition-penalty", type=float, default=1.0)
-    gen.add_argument("--presence-penalty", type=float, default=0.0)
-    gen.add_argument("--frequency-penalty", type=float, default=0.0)
-    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--max-tokens", type=int, default=128, help="tokens to generate at most")
+    gen.add_argument("--temperature", type=float, default=0.0,
+                     help="0 = greedy (the default here; the server's default is OpenAI's 1.0 "
+                     "or --generation-config's)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    gen.add_argument("--top-k", type=int, default=0, help="keep the k likeliest (0: all)")
+    gen.add_argument("--min-p", type=float, default=0.0,
+                     help="drop tokens below min_p x the likeliest's probability")
+    gen.add_argument("--repetition-penalty", type=float, default=1.0,
+                     help="divide (multiply, if negative) repeated tokens' logits by it")
+    gen.add_argument("--presence-penalty", type=float, default=0.0,
+                     help="subtracted from the logit of every token already generated")
+    gen.add_argument("--frequency-penalty", type=float, default=0.0,
+                     help="subtracted per occurrence of a token already generated")
+    gen.add_argument("--seed", type=int, default=None, help="seed of this request's sampling")
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--ignore-eos", action="store_true")
     gen.add_argument("--stats", action="store_true",
@@ -50,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
     add_bench_parser(sub)
     add_plan_parser(sub)
+    _every_option_helped(parser)
     return parser
 
 
@@ -65,9 +96,9 @@ def add_plan_parser(sub) -> None:
 def add_serve_parser(sub) -> None:
     serve = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server",
                            description="OpenAI-compatible API: /v1/models, /v1/completions, "
-                           "/v1/chat/completions, /health, /metrics.")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+                           "/v1/chat/completions, /tokenize, /detokenize, /health, /metrics.")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on")
     serve.add_argument("--api-key", action="append", default=[], metavar="KEY",
                        help="require 'Authorization: Bearer KEY' (repeatable: each key is its "
                        "own tenant: prefix-cache salt, fair share, queue limit). Keys on the "
@@ -95,14 +126,27 @@ def add_serve_parser(sub) -> None:
                        help="seconds in-flight requests may finish after SIGTERM")
     serve.add_argument("--seed", type=int, default=None, help="seed of unseeded sampling")
     serve.add_argument("--log-level", default="info",
-                       choices=["critical", "error", "warning", "info", "debug"])
+                       choices=["critical", "error", "warning", "info", "debug"],
+                       help="uvicorn's and kvserve's log level")
+    serve.add_argument("--generation-config", default="auto", metavar="auto|none|FILE",
+                       help="sampling defaults for fields a request leaves out: auto = the "
+                       "model folder's generation_config.json if it has one, else OpenAI's "
+                       "(temperature 1.0, top_p 1.0); none = OpenAI's; or a JSON file of "
+                       "temperature, top_p, top_k, min_p, repetition_penalty, max_tokens")
+    serve.add_argument("--access-log", default=True, action=argparse.BooleanOptionalAction,
+                       help="one log line per request: method, path, status, tokens in/out, "
+                       "cached tokens, TTFT and time (never the text)")
     add_engine_flags(serve)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from kvserve.config import EngineConfig, ServerConfig, parse_size
+    from kvserve.server.defaults import generation_defaults
 
     # Both configs are checked before torch loads: a typo fails in a fraction of a second.
+    engine = EngineConfig.create(**engine_kwargs(args))
+    # the start-up report (model, KV capacity, groups) and the access log at --log-level
+    logging.getLogger("kvserve").setLevel(args.log_level.upper())
     server = ServerConfig(host=args.host, port=args.port, api_keys=api_keys(args),
                           max_queue=args.max_queue,
                           max_queue_per_tenant=args.max_queue_per_tenant,
@@ -111,8 +155,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           max_body_bytes=None if args.max_body_bytes is None else parse_size(
                               args.max_body_bytes, "--max-body-bytes"),
                           served_model_name=args.served_model_name,
-                          shutdown_timeout_s=args.shutdown_timeout)
-    engine = EngineConfig.create(**engine_kwargs(args))
+                          shutdown_timeout_s=args.shutdown_timeout,
+                          generation_defaults=generation_defaults(args.generation_config,
+                                                                  engine.model),
+                          access_log=args.access_log)
     try:
         from kvserve.server.launch import serve
     except ImportError as err:

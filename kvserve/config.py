@@ -433,6 +433,9 @@ class EngineConfig:
         "on cpu with dtype float32, else none. gguf, int8 and int4 run on cpu with dtype "
         "float32", choices=QUANTIZATIONS)
     seed: int = setting(0, "seed of unseeded sampling", kind="int", flag=False)
+    chat_template: str | None = setting(
+        None, "a Jinja chat template file used instead of the model's own (for chat requests "
+        "and --chat)")
     threads: int | None = setting(
         None, "CPU threads for the model's matrix products and kvserve's C kernels (llama.cpp's "
         "-t); default: torch's (OMP_NUM_THREADS, else one per core). Process-wide", kind="int")
@@ -542,6 +545,10 @@ class ServerConfig:
     # Larger request bodies are answered 413 from their headers, before a byte is parsed. None:
     # what the model needs, at least 4 MiB (ServerState.max_body_bytes).
     max_body_bytes: int | None = None
+    # Sampling defaults for fields a request leaves out (server/defaults.py reads
+    # --generation-config): OpenAI's when empty (temperature 1, top_p 1)
+    generation_defaults: tuple[tuple[str, object], ...] = ()
+    access_log: bool = True  # one line per request: status, tokens, TTFT, time (never text)
 
     def __post_init__(self) -> None:
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:

@@ -26,6 +26,7 @@ from kvserve.errors import ConfigError, InvalidRequestError
 from kvserve.kvcache.events import BlockEvent
 from kvserve.kvcache.snapshot import CacheSnapshot, EventCounts, KVQuality
 from kvserve.kvcache.tiers import LoadResult, TierBlock
+from kvserve.model.chat_template import template_syntax_error
 from kvserve.model.llama import LlamaModel
 from kvserve.model.loader import load_checkpoint, model_fingerprint
 from kvserve.request import (
@@ -63,6 +64,22 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def read_chat_template(path: str) -> str:
+    """--chat-template: the file's Jinja text (ConfigError naming the file otherwise)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read --chat-template {path!r}: "
+                          f"{getattr(err, 'strerror', None) or err}") from None
+    if not text.strip():
+        raise ConfigError(f"--chat-template {path!r} is empty")
+    problem = template_syntax_error(text)
+    if problem is not None:
+        raise ConfigError(f"--chat-template {path!r} is not a valid Jinja template: {problem}")
+    return text
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
@@ -76,6 +93,8 @@ class LLMEngine:
         self.model_name = ckpt.spec.name
         self.spec = ckpt.spec
         self.tokenizer = ckpt.tokenizer
+        if config.chat_template is not None:
+            self.tokenizer.chat_template = read_chat_template(config.chat_template)
         self.model = LlamaModel.from_checkpoint(ckpt, self.dtype, self.device)
         del ckpt
         self.load_time_s = time.perf_counter() - t0

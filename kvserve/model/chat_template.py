@@ -38,6 +38,15 @@ def _compile_template(source: str) -> jinja2.Template:
     return env.from_string(source)
 
 
+def template_syntax_error(source: str) -> str | None:
+    """Why a template does not compile (None: it does)."""
+    try:
+        _compile_template(source)
+    except jinja2.exceptions.TemplateSyntaxError as err:
+        return f"line {err.lineno}: {err.message}"
+    return None
+
+
 def _check_messages(messages: Any) -> None:
     if not isinstance(messages, list) or not messages:
         raise InvalidRequestError("messages must be a non-empty list of {role, content} objects")

@@ -14,7 +14,14 @@ from kvserve.server import protocol as P
 from kvserve.server.errors import APIError, param_of
 from kvserve.server.responses import ChoiceState, chat_logprobs, usage_of
 from kvserve.server.state import ServerState
-from kvserve.server.streaming import chunk, collect, json_response, stream, usage_options
+from kvserve.server.streaming import (
+    access_counts,
+    chunk,
+    collect,
+    json_response,
+    stream,
+    usage_options,
+)
 from kvserve.server.submission import (
     cache_salt,
     check_model,
@@ -43,7 +50,7 @@ async def create_chat_completion(state: ServerState, body: P.ChatCompletionReque
             return Response(status_code=499)
         return await json_response(answer.response)
     return stream(state, submission, choices, answer.roles(), answer.render,
-                  answer.usage_chunk)
+                  answer.usage_chunk, access_counts(raw))
 
 
 def _check(state: ServerState, body: P.ChatCompletionRequest) -> None:

@@ -14,7 +14,14 @@ from kvserve.server import protocol as P
 from kvserve.server.errors import APIError
 from kvserve.server.responses import ChoiceState, completion_logprobs, usage_of
 from kvserve.server.state import ServerState
-from kvserve.server.streaming import chunk, collect, json_response, stream, usage_options
+from kvserve.server.streaming import (
+    access_counts,
+    chunk,
+    collect,
+    json_response,
+    stream,
+    usage_options,
+)
 from kvserve.server.submission import (
     cache_salt,
     check_model,
@@ -45,7 +52,8 @@ async def create_completion(state: ServerState, body: P.CompletionRequest, raw: 
         if not await collect(state, raw, submission, choices):
             return Response(status_code=499)  # nobody is left to read it
         return await json_response(answer.response)
-    return stream(state, submission, choices, [], answer.render, answer.usage_chunk)
+    return stream(state, submission, choices, [], answer.render, answer.usage_chunk,
+                  access_counts(raw))
 
 
 def completion_prompts(prompt: Any) -> list[tuple[str | None, Any]]:

@@ -64,6 +64,7 @@ def serve(engine_config: EngineConfig, config: ServerConfig, log_level: str = "i
     import uvicorn
 
     from kvserve.server.app import build_app
+    from kvserve.server.defaults import describe
 
     engine = AsyncLLMEngine.from_config(
         engine_config, config.max_queue,
@@ -78,7 +79,8 @@ def serve(engine_config: EngineConfig, config: ServerConfig, log_level: str = "i
           f"http://{config.host}:{config.port}/v1 "
           f"- loaded in {engine.load_time_s:.1f} s; {engine.weights_description}"
           + (f"; {len(config.api_keys)} API key(s), one cache tenant each"
-             if config.api_keys else ""), file=sys.stderr, flush=True)
+             if config.api_keys else "") + f"; {describe(config.generation_defaults)}",
+          file=sys.stderr, flush=True)
     server = _server_class(engine, config.shutdown_timeout_s)(uvicorn.Config(
         app, host=config.host, port=config.port, log_level=log_level,
         timeout_graceful_shutdown=config.shutdown_timeout_s, access_log=log_level == "debug"))

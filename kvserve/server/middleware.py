@@ -1,8 +1,12 @@
 """The ASGI middleware in front of every route. With API keys, a request to /v1/* or /metrics
 without a valid key is answered 401 from its headers alone, before a byte of its body is read or
 parsed; a body over max_body_bytes is answered 413 before a handler reads it; API responses are
-counted by endpoint and status. Routing is the app's.
+counted by endpoint and status, and (--access-log, on by default) each request gets one log line
+when its response has gone out. Routing is the app's.
 """
+
+import logging
+import time
 
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -15,6 +19,11 @@ UNAUTHORIZED = APIError(401, "missing or incorrect API key (send 'Authorization:
 
 
 TENANT = "kvserve_tenant"  # request.state key: the authenticated caller's tenant salt
+ACCESS = "kvserve_access"  # request.state key: the route's token counts for the access log
+access_log = logging.getLogger("kvserve.access")
+
+
+QUIET_PATHS = ("/health", "/metrics")  # probes: logged by nobody
 
 
 def needs_key(path: str) -> bool:
@@ -38,6 +47,32 @@ class BodyLimitAndCount:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if self.state.config.access_log and scope.get("path", "") not in QUIET_PATHS:
+            return await self._logged(scope, receive, send)
+        return await self._call(scope, receive, send)
+
+    async def _logged(self, scope, receive, send):
+        """One line when the response has gone out (a stream's last chunk included): method,
+        path, status, the route's token counts, TTFT and total time. Never text or keys."""
+        t0, status = time.monotonic(), [None]
+        counts = scope.setdefault("state", {}).setdefault(ACCESS, {})
+
+        async def watch(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self._call(scope, receive, watch)
+        finally:
+            ttft = counts.get("ttft_s")
+            access_log.info(
+                "%s %s %s in=%s out=%s cached=%s ttft=%s time=%.3fs", scope.get("method"),
+                scope.get("path"), status[0] or "-", counts.get("prompt_tokens", "-"),
+                counts.get("completion_tokens", "-"), counts.get("cached_tokens", "-"),
+                "-" if ttft is None else f"{ttft:.3f}s", time.monotonic() - t0)
+
+    async def _call(self, scope, receive, send):
         limit = self.state.max_body_bytes
         path = scope.get("path", "")
         endpoint = path if path in API_PATHS else "other"

@@ -37,11 +37,14 @@ class ChoiceState:
     streamed_chars: int = 0  # completion text already sent as SSE (its logprobs' text_offset)
     echoed: bool = False  # streaming with echo: the prompt chunk has gone out
     _last: StreamOutput | None = None  # last output with tokens (inter-token latency)
+    ttft_s: float | None = None  # arrival to first token, for the access log
 
     def add(self, out: StreamOutput, metrics: ServerMetrics | None = None) -> None:
         if metrics is not None:
             metrics.observe(out, self._last, self.counts_prompt)
         if out.token_ids:
+            if self._last is None:
+                self.ttft_s = out.time - out.arrival_time
             self._last = out
         self.text += out.text
         self.token_ids.extend(out.token_ids)
@@ -69,6 +72,18 @@ def usage_of(choices: Iterable[ChoiceState], score_only: bool = False) -> P.Usag
     return P.Usage(prompt_tokens=prompt, completion_tokens=completion,
                    total_tokens=prompt + completion,
                    prompt_tokens_details=P.PromptTokensDetails(cached_tokens=cached))
+
+
+def record_access(counts: dict | None, choices: Iterable[ChoiceState]) -> None:
+    """The finished response's token counts and TTFT, for its access-log line."""
+    if counts is None:
+        return
+    choices = list(choices)
+    usage = usage_of(choices)
+    ttfts = [c.ttft_s for c in choices if c.ttft_s is not None]
+    counts.update(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+                  cached_tokens=usage.prompt_tokens_details.cached_tokens,
+                  ttft_s=min(ttfts) if ttfts else None)
 
 
 def token_text(tok: Tokenizer, token_id: int) -> str:

@@ -16,7 +16,8 @@ from pydantic import BaseModel
 from kvserve.engine.stream import EngineDeadError, StreamOutput, Submission
 from kvserve.server import protocol as P
 from kvserve.server.errors import APIError, error_body
-from kvserve.server.responses import ChoiceState
+from kvserve.server.middleware import ACCESS
+from kvserve.server.responses import ChoiceState, record_access
 from kvserve.server.state import ServerState
 from kvserve.server.submission import abort
 
@@ -55,10 +56,16 @@ async def collect(state: ServerState, raw: Request, submission: Submission,
         if not task.done():
             task.cancel()
         abort(state, submission)
+    record_access(access_counts(raw), choices.values())
     for c in choices.values():
         if c.error is not None:
             raise APIError(500, c.error, "server_error", code="engine_error")
     return True
+
+
+def access_counts(raw: Request) -> dict | None:
+    """The dict the access log reads this request's counts from (None: no access log)."""
+    return getattr(raw.state, ACCESS, None)
 
 
 async def _finish_unless_disconnected(task: asyncio.Task, raw: Request) -> bool:
@@ -102,7 +109,8 @@ def sse(payload: dict[str, Any] | str) -> str:
 
 def stream(state: ServerState, submission: Submission, choices: dict[str, ChoiceState],
            head: list[dict[str, Any]], render: Render,
-           tail: Callable[[], dict[str, Any] | None]) -> SubmissionStream:
+           tail: Callable[[], dict[str, Any] | None],
+           access: dict | None = None) -> SubmissionStream:
     """The SSE stream both endpoints share: `head` chunks, then each output's chunks from
     render(), then tail()'s chunk (the usage) once every sequence has finished, then [DONE]. A
     failed step or a shutdown ends the stream with an error event (and still [DONE])."""
@@ -126,6 +134,7 @@ def stream(state: ServerState, submission: Submission, choices: dict[str, Choice
                         yield sse(last)
         except EngineDeadError as err:  # shutting down: this stream ends here
             yield sse(error_body(str(err), "service_unavailable"))
+        record_access(access, choices.values())
         yield sse("[DONE]")
 
     return SubmissionStream(events(), state, submission)

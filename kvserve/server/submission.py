@@ -64,6 +64,15 @@ def sampling(body: P._Sampling, max_tokens: int | None, state: ServerState,
     names them (a tool choice's grammar)."""
     if extra.get("structured_outputs") is None:
         extra["structured_outputs"] = structured_of(body)
+    defaults = dict(state.config.generation_defaults)  # --generation-config
+
+    def pick(name: str, neutral: Any) -> Any:
+        value = getattr(body, name)
+        return value if value is not None else defaults.get(name, neutral)
+
+    if not {"max_tokens", "max_completion_tokens"} & body.model_fields_set \
+            and "max_tokens" in defaults:
+        max_tokens = defaults["max_tokens"]
     limit = state.engine.max_output_tokens
     if max_tokens is None and limit is not None:
         max_tokens = limit  # "as many as allowed" under a max_output_tokens limit
@@ -72,12 +81,11 @@ def sampling(body: P._Sampling, max_tokens: int | None, state: ServerState,
         raise APIError(400, f"stop has {len(stop)} strings; at most {MAX_STOP_STRINGS} are "
                        "allowed", param="stop")
     return SamplingParams(
-        n=body.n, temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p,
-        top_k=0 if body.top_k in (None, -1) else body.top_k,
-        min_p=body.min_p or 0.0, presence_penalty=body.presence_penalty or 0.0,
+        n=body.n, temperature=pick("temperature", 1.0), top_p=pick("top_p", 1.0),
+        top_k=0 if pick("top_k", 0) == -1 else pick("top_k", 0), min_p=pick("min_p", 0.0),
+        presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0,
-        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        repetition_penalty=pick("repetition_penalty", 1.0),
         seed=body.seed, stop=tuple(stop), stop_token_ids=tuple(body.stop_token_ids or ()),
         ignore_eos=body.ignore_eos, max_tokens=max_tokens, min_tokens=body.min_tokens,
         skip_special_tokens=body.skip_special_tokens,

@@ -29,7 +29,7 @@ def test_every_setting_is_a_flag_a_keyword_and_a_create_argument():
             s.default, s.name
         if s.flag:
             assert s.flag_name in generate and s.flag_name in serve, s.flag_name
-    assert len(engine_settings()) == 30  # adding one is a field in config.py, nothing else
+    assert len(engine_settings()) == 31  # adding one is a field in config.py, nothing else
 
 
 def test_create_routes_flat_settings_to_their_config():
@@ -99,3 +99,31 @@ def test_quantized_formats_and_their_settings_are_checked_with_one_line():
         with pytest.raises(ConfigError, match="multiple of block_size"):
             CacheConfig(kv_cache_dtype="int4", kv_residual_tokens=bad)
     SchedulerConfig()  # the other half of the settings needs nothing
+
+
+def _parsers(parser):
+    import argparse
+
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _parsers(sub)
+
+
+def test_every_help_shows_every_default():
+    """Each option of every command (bench's labs too) with a default says it in --help."""
+    import argparse
+
+    checked = 0
+    for parser in _parsers(build_parser()):
+        text = parser.format_help()
+        for action in parser._actions:
+            if (not action.option_strings or isinstance(action, argparse._HelpAction)
+                    or action.default in (None, False, [], argparse.SUPPRESS)):
+                continue
+            help_line = parser._get_formatter()._get_help_string(action)
+            assert "default" in help_line.lower(), (parser.prog, action.option_strings)
+            checked += 1
+        assert "usage: kvserve" in text
+    assert checked > 80
