@@ -18,11 +18,13 @@ from __future__ import annotations
 import functools
 import json
 import threading
+from collections import OrderedDict
 
 from kvserve.errors import InvalidRequestError
 from kvserve.request import StructuredOutputs
 
 JSON_OBJECT = '{"type": "object"}'
+MAX_COMPILED = 64  # compiled matchers kept (each a few MB at most for the largest specs)
 # Compiling a grammar is bounded by llguidance's own limits; these cap what one request may ask
 # of its lexer and parser (its defaults are generous for a shared server).
 _LIMITS = dict(max_items_in_row=2000, initial_lexer_fuel=1_000_000, step_lexer_fuel=200_000,
@@ -89,12 +91,16 @@ class Grammar:
 
 class GrammarCompiler:
     """One per engine: the tokenizer llguidance reads (built once, ~0.4 s for a 49k vocabulary)
-    and the compiled grammars of recent specs."""
+    and a compiled, unused matcher for each recent spec. Compiling a large schema takes ~0.1 s
+    (a 58 KB one: 0.57 s the first time, 0.09 s after); copying a compiled matcher 0.1 ms. The
+    server compiles on a worker thread when it validates a request (check()), so the engine
+    thread only copies: a client's big schema, or n = 256 samples of it, never stalls a step."""
 
     def __init__(self, tokenizer_json: str, vocab_size: int, eos_token_ids: tuple[int, ...]):
         self._json, self.vocab_size, self._eos = tokenizer_json, vocab_size, eos_token_ids
         self._tokenizer = None
         self._lock = threading.Lock()  # the server validates on worker threads
+        self._compiled: OrderedDict[StructuredOutputs, object] = OrderedDict()
         self.grammar_text = functools.lru_cache(maxsize=256)(grammar_text)
 
     @property
@@ -107,8 +113,23 @@ class GrammarCompiler:
             return self._tokenizer
 
     def matcher(self, spec: StructuredOutputs) -> Grammar:
-        """A fresh matcher for the spec; InvalidRequestError naming the problem when the spec
-        does not compile (a bad schema, regex or grammar)."""
+        """A fresh matcher for the spec (a copy of its compiled one); InvalidRequestError
+        naming the problem when the spec does not compile (a bad schema, regex or grammar)."""
+        with self._lock:
+            compiled = self._compiled.get(spec)
+            if compiled is not None:
+                self._compiled.move_to_end(spec)
+        if compiled is None:
+            compiled = self._compile(spec)
+            with self._lock:
+                self._compiled[spec] = compiled
+                while len(self._compiled) > MAX_COMPILED:
+                    self._compiled.popitem(last=False)
+        return Grammar(compiled.deep_copy(), -(-self.vocab_size // 8))
+
+    check = matcher  # validation: compile now (off the engine thread), keep it for the engine
+
+    def _compile(self, spec: StructuredOutputs):
         llg = _llguidance()
         try:
             matcher = llg.LLMatcher(self.tokenizer, self.grammar_text(spec), log_level=0,
@@ -117,4 +138,4 @@ class GrammarCompiler:
             raise InvalidRequestError(f"{spec.source} ({spec.kind}): {err}") from None
         if matcher.is_error():
             raise InvalidRequestError(f"{spec.source} ({spec.kind}): {matcher.get_error()}")
-        return Grammar(matcher, -(-self.vocab_size // 8))
+        return matcher

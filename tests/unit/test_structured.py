@@ -127,3 +127,18 @@ def test_a_spec_that_does_not_compile_is_refused_before_queueing(llm, spec):
     with pytest.raises(InvalidRequestError, match="structured outputs"):
         engine.add_request("bad", "the cache", SamplingParams(structured_outputs=spec))
     assert "bad" not in engine.requests and not engine.has_unfinished_requests()
+
+
+def test_a_spec_compiles_once_and_the_engine_thread_only_copies(llm, monkeypatch):
+    """Validation compiles (the server does it on a worker thread); adding the request, and
+    each of its n samples, copies the compiled matcher: a big schema never stalls a step."""
+    grammars = llm.engine.grammars
+    calls = []
+    compile_ = grammars._compile
+    monkeypatch.setattr(grammars, "_compile", lambda spec: calls.append(spec) or compile_(spec))
+    spec = StructuredOutputs(regex=r"[0-9]{2}-compiled-once")
+    params = SamplingParams(n=4, max_tokens=20, temperature=1.0, structured_outputs=spec)
+    llm.engine.check_fits(3, params)  # what validate() runs
+    outs = llm.generate(["the cache"], params, use_tqdm=False)[0].outputs
+    assert len(calls) == 1 and len(outs) == 4
+    assert all(re.fullmatch(r"[0-9]{2}-compiled-once", o.text) for o in outs)
