@@ -260,7 +260,7 @@ def test_10_tenants_take_turns_and_each_has_its_own_queue_limit(server_factory, 
     429 while B still gets in."""
     server = server_factory(*tiny_flags, *KEYS, "--max-num-seqs", "2",
                             "--max-queue-per-tenant", "30")
-    body = {"prompt": TOKENS[:4], "max_tokens": 40, "ignore_eos": True}
+    body = {"prompt": TOKENS[:4], "max_tokens": 150, "ignore_eos": True}
     done: dict[str, float] = {}
 
     def send(name: str, key: str) -> None:
