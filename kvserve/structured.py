@@ -15,7 +15,6 @@ No torch here.
 
 from __future__ import annotations
 
-import functools
 import json
 import threading
 from collections import OrderedDict
@@ -83,11 +82,6 @@ class Grammar:
         """The grammar is complete and allows nothing more (or it failed): the request stops."""
         return self.matcher.is_stopped() or self.matcher.is_error()
 
-    def accepts(self, text_tokens: list[int]) -> bool:
-        """Whether these tokens, consumed from the start, are allowed (tests)."""
-        copy = self.matcher.deep_copy()
-        return copy.try_consume_tokens(list(text_tokens)) == len(text_tokens)
-
 
 class GrammarCompiler:
     """One per engine: the tokenizer llguidance reads (built once, ~0.4 s for a 49k vocabulary)
@@ -101,7 +95,6 @@ class GrammarCompiler:
         self._tokenizer = None
         self._lock = threading.Lock()  # the server validates on worker threads
         self._compiled: OrderedDict[StructuredOutputs, object] = OrderedDict()
-        self.grammar_text = functools.lru_cache(maxsize=256)(grammar_text)
 
     @property
     def tokenizer(self):
@@ -113,26 +106,28 @@ class GrammarCompiler:
             return self._tokenizer
 
     def matcher(self, spec: StructuredOutputs) -> Grammar:
-        """A fresh matcher for the spec (a copy of its compiled one); InvalidRequestError
+        """A fresh matcher for the spec: a copy of its compiled one."""
+        return Grammar(self.check(spec).deep_copy(), -(-self.vocab_size // 8))
+
+    def check(self, spec: StructuredOutputs):
+        """The spec's compiled matcher (compiled now if it is not kept); InvalidRequestError
         naming the problem when the spec does not compile (a bad schema, regex or grammar)."""
         with self._lock:
             compiled = self._compiled.get(spec)
             if compiled is not None:
                 self._compiled.move_to_end(spec)
-        if compiled is None:
-            compiled = self._compile(spec)
-            with self._lock:
-                self._compiled[spec] = compiled
-                while len(self._compiled) > MAX_COMPILED:
-                    self._compiled.popitem(last=False)
-        return Grammar(compiled.deep_copy(), -(-self.vocab_size // 8))
-
-    check = matcher  # validation: compile now (off the engine thread), keep it for the engine
+                return compiled
+        compiled = self._compile(spec)
+        with self._lock:
+            self._compiled[spec] = compiled
+            while len(self._compiled) > MAX_COMPILED:
+                self._compiled.popitem(last=False)
+        return compiled
 
     def _compile(self, spec: StructuredOutputs):
         llg = _llguidance()
         try:
-            matcher = llg.LLMatcher(self.tokenizer, self.grammar_text(spec), log_level=0,
+            matcher = llg.LLMatcher(self.tokenizer, grammar_text(spec), log_level=0,
                                     limits=llg.LLParserLimits(**_LIMITS))
         except (ValueError, RuntimeError) as err:
             raise InvalidRequestError(f"{spec.source} ({spec.kind}): {err}") from None

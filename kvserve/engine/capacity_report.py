@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import shlex
 
-from kvserve.config import EngineConfig
+from kvserve.config import EngineConfig, ModelSpec
 from kvserve.errors import KVServeError
 from kvserve.kvcache.layout import short_kv_dtype
 from kvserve.planner.capacity import plan
+from kvserve.planner.shapes import ModelShape
 
 
 def plan_command(config: EngineConfig, max_model_len: int, kv_cache_dtype: str,
@@ -29,15 +30,17 @@ def plan_command(config: EngineConfig, max_model_len: int, kv_cache_dtype: str,
     return argv
 
 
-def capacity_report(config: EngineConfig, max_model_len: int, kv_cache_dtype: str,
-                    budget_bytes: int, pool_blocks: int, page_layers: int,
-                    num_layers: int) -> str:
+def capacity_report(config: EngineConfig, spec: ModelSpec, max_model_len: int,
+                    kv_cache_dtype: str, budget_bytes: int, pool_blocks: int,
+                    page_layers: int) -> str:
     """One line for the log: the pool's blocks, tokens and bytes per token, how many
-    max_model_len requests fit at once, and the plan command giving the same figures."""
+    max_model_len requests fit at once, and the plan command giving the same figures (the
+    planner's shape of the loaded model: the file is not read again)."""
     c = config.cache
     try:
-        p = plan(config.model, context=max_model_len, concurrency=config.scheduler.max_num_seqs,
-                 kv_cache_memory=budget_bytes, kv_cache_dtype=kv_cache_dtype,
+        p = plan(ModelShape.from_spec(spec, "the loaded model"), context=max_model_len,
+                 concurrency=config.scheduler.max_num_seqs, kv_cache_memory=budget_bytes,
+                 kv_cache_dtype=kv_cache_dtype,
                  block_size=c.block_size, kv_residual_tokens=c.kv_residual_tokens,
                  cache_policy=c.cache_policy, sink_tokens=c.sink_tokens,
                  window_tokens=c.window_tokens)
@@ -51,7 +54,7 @@ def capacity_report(config: EngineConfig, max_model_len: int, kv_cache_dtype: st
             f"{max_model_len:,}-token request takes {kv.blocks_per_request:,} blocks: "
             f"{kv.max_concurrent_requests:,} fit at once (max_num_seqs "
             f"{config.scheduler.max_num_seqs})")
-    if page_layers != num_layers:
+    if page_layers != spec.num_layers:
         line += (f"; this pool: {pool_blocks:,} blocks of {page_layers} layers (a table per "
                  "KV group)")
     return line + "; as " + shlex.join(

@@ -132,8 +132,8 @@ class LLMEngine:
             log.info("KV groups: %s", kv.layout.groups.describe())
         if self.block_manager is not None:
             log.info("%s", capacity_report(
-                config, self.max_model_len, self.kv_cache_dtype, kv.budget_bytes,
-                self.block_manager.pool.num_blocks, kv.layout.page_layers, self.spec.num_layers))
+                config, self.spec, self.max_model_len, self.kv_cache_dtype, kv.budget_bytes,
+                self.block_manager.pool.num_blocks, kv.layout.page_layers))
         self.runner = ModelRunner(self.model, kv.attention, self.tokenizer.eos_token_ids,
                                   kv.kv_store)
         if config.offload.enabled:
@@ -237,7 +237,7 @@ class LLMEngine:
                     f"request needs {need} KV blocks but the whole pool has "
                     f"{self.block_manager.pool.num_blocks} (kv_cache_memory)")
         if params.structured_outputs is not None:  # a spec that does not compile: 400 now
-            self.grammars.matcher(params.structured_outputs)
+            self.grammars.check(params.structured_outputs)
 
     @property
     def grammars(self) -> GrammarCompiler:

@@ -24,6 +24,7 @@ from kvserve.kvcache.policy import (
     Sinks,
     SlidingWindow,
     group_policy,
+    most_blocks_held,
     policy_for,
 )
 from kvserve.kvcache.prefix_index import PrefixIndex
@@ -64,9 +65,14 @@ def build_kv(config: CacheConfig, spec: ModelSpec, dtype: str, device: torch.dev
                       window_tokens=config.residual_window_tokens)
     groups = kv_groups(spec.layer_windows, spec.num_layers)
     step = max_num_batched_tokens or max_model_len
+    group_policies = [(group_policy(w), len(layers))
+                      for w, layers in zip(groups.windows, groups.layers)]
     if (groups.num_groups > 1 and not tiers and not any(layout.window_blocks)
-            and _groups_hold_less(layout, groups, max_model_len, step)):
+            and _groups_hold_less(layout, groups, [p for p, _ in group_policies],
+                                  max_model_len, step)):
         layout = replace(layout, groups=groups)
+    else:
+        group_policies = None  # one table
     if config.cache_mode == "none":
         return KVSetup(NoCacheAttention(spec), kv_dtype, layout)
     if config.cache_mode == "contiguous":
@@ -77,11 +83,8 @@ def build_kv(config: CacheConfig, spec: ModelSpec, dtype: str, device: torch.dev
     num_blocks = layout.num_blocks_for_bytes(num_bytes)
     index = PrefixIndex() if config.enable_prefix_caching else None
     policy = retention_policy(config, spec, max_num_batched_tokens or max_model_len)
-    group_policies = None
-    if layout.groups is not None:  # each group's own window
-        group_policies = [(group_policy(w), len(layers))
-                          for w, layers in zip(layout.groups.windows, layout.groups.layers)]
-        policy = FullHistory()  # what attention releases is each group's table's business
+    if group_policies is not None:  # each group's own window; attention reads each group's
+        policy = FullHistory()  # table, so releasing is the tables' business
     manager = BlockManager(BlockPool(num_blocks), block_size, index, model_key, policy,
                            groups=group_policies)
     # a sliding window: a sequence holds its window's keys and one step's tokens at most
@@ -104,16 +107,14 @@ def build_kv(config: CacheConfig, spec: ModelSpec, dtype: str, device: torch.dev
     return KVSetup(PagedAttention(store, policy), kv_dtype, layout, store, manager, num_bytes)
 
 
-def _groups_hold_less(layout: KVLayout, groups: KVGroups, max_model_len: int,
-                      step_tokens: int) -> bool:
+def _groups_hold_less(layout: KVLayout, groups: KVGroups, policies: list[RetentionPolicy],
+                      max_model_len: int, step_tokens: int) -> bool:
     """Whether a max_model_len request holds fewer bytes with a table per group than with one
     table: the groups' padding rows cost on every block, and a window longer than the
     sequences releases nothing."""
-    bs = layout.block_size
-    pages = sum(-(-group_policy(w).most_tokens_held(max_model_len, step_tokens, bs) // bs)
-                for w in groups.windows)
+    pages = most_blocks_held(policies, max_model_len, step_tokens, layout.block_size)
     return pages * layout.bytes_per_block_per_layer * groups.page_layers \
-        < -(-max_model_len // bs) * layout.bytes_per_block
+        < layout.num_blocks_for_tokens(max_model_len) * layout.bytes_per_block
 
 
 def retention_policy(config: CacheConfig, spec: ModelSpec, step_tokens: int) -> RetentionPolicy:

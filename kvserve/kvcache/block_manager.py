@@ -29,7 +29,7 @@ from itertools import accumulate
 
 from kvserve.kvcache.block_pool import BlockPool
 from kvserve.kvcache.events import BlockEvent, BlockEventKind, EventLog
-from kvserve.kvcache.policy import FullHistory, PerGroup, RetentionPolicy
+from kvserve.kvcache.policy import FullHistory, PerGroup, RetentionPolicy, most_blocks_held
 from kvserve.kvcache.prefix_index import PrefixIndex, chain_keys, root_key
 from kvserve.kvcache.snapshot import EventCounts, PoolSnapshot, PrefixSnapshot, RequestBlocks
 from kvserve.kvcache.tiers import LowerTiers, TierBlock, TierOps
@@ -96,9 +96,8 @@ class BlockManager:
         """The most blocks a sequence of num_tokens tokens holds at once: every one of them
         under full history; under a sliding window, at most its window's keys' and one step's
         (of up to step_tokens) new tokens', however long it grows."""
-        return sum(self.num_blocks_for(
-            g.policy.most_tokens_held(num_tokens, step_tokens, self.block_size))
-            for g in self.groups)
+        return most_blocks_held([g.policy for g in self.groups], num_tokens, step_tokens,
+                                self.block_size)
 
     def num_new_blocks(self, request_id: str, num_tokens: int) -> int:
         """Blocks to add so that the request's tables hold num_tokens tokens."""

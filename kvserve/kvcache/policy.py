@@ -129,6 +129,14 @@ class PerGroup:
         self.description = f"a block table per layer group ({kinds})"
 
 
+def most_blocks_held(policies: list[RetentionPolicy], num_tokens: int, step_tokens: int,
+                     block_size: int) -> int:
+    """The most blocks a sequence of num_tokens holds at once with a table under each policy
+    (one table, or one per KV group), at steps of up to step_tokens new tokens."""
+    return sum(-(-p.most_tokens_held(num_tokens, step_tokens, block_size) // block_size)
+               for p in policies)
+
+
 def group_policy(window: int | None) -> RetentionPolicy:
     return FullHistory() if window is None else SlidingWindow(window)
 

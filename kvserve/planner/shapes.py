@@ -86,6 +86,21 @@ class ModelShape:
         embed += self.max_context * h * self.learned_positions
         return self.num_layers * per_layer + embed + norm
 
+    @classmethod
+    def from_spec(cls, spec: ModelSpec, source: str) -> ModelShape:
+        """The shape of a model already loaded (its KV figures need no second read of the
+        file): every sliding-window layer priced at the largest window."""
+        windows = [w for w in spec.layer_windows if w]
+        return cls(name=spec.name, architecture=spec.architecture, num_layers=spec.num_layers,
+                   hidden_size=spec.hidden_size, num_heads=spec.num_heads,
+                   num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
+                   intermediate_size=spec.intermediate_size, vocab_size=spec.vocab_size,
+                   max_context=spec.max_position_embeddings,
+                   sliding_window=max(windows) if windows else None,
+                   num_sliding_layers=len(windows),
+                   tie_word_embeddings=spec.tie_word_embeddings, qkv_bias=spec.attention_bias,
+                   source=source)
+
     def to_spec(self) -> ModelSpec:
         """The engine's ModelSpec for the same shape: KVLayout (the one memory formula) reads it."""
         return ModelSpec(name=self.name, num_layers=self.num_layers, hidden_size=self.hidden_size,

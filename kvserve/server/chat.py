@@ -98,7 +98,7 @@ async def _submit(state: ServerState, body: P.ChatCompletionRequest, request_id:
         else body.max_tokens
     params = sampling(body, max_tokens, state,
                       logprobs=(body.top_logprobs or 0) if body.logprobs else None,
-                      structured_outputs=plan.grammar() if plan is not None else None)
+                      structured_outputs=plan.grammar if plan is not None else None)
     try:
         return await submit(state, request_id, [(None, prompt_ids)], params, tenant,
                             cache_salt(tenant, body.cache_salt))

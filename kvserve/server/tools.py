@@ -22,6 +22,7 @@ import json
 import re
 import uuid
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from kvserve.errors import InvalidRequestError
@@ -84,7 +85,9 @@ class ToolPlan:
     def parses(self) -> bool:
         return self.mode != "none"
 
+    @cached_property
     def grammar(self) -> StructuredOutputs | None:
+        """The constraint a forced choice puts on the text (None under auto and none)."""
         if self.mode == "named":
             return StructuredOutputs(json=self._parameters(self.name), source="tools")
         if self.mode != "required":
@@ -122,7 +125,7 @@ def tool_plan(body: P.ChatCompletionRequest) -> ToolPlan | None:
         plan = ToolPlan("named", tools, names, choice.function.name, body.parallel_tool_calls)
     else:
         plan = ToolPlan(choice or "auto", tools, names, None, body.parallel_tool_calls)
-    if plan.grammar() is not None and structured_of(body) is not None:
+    if plan.grammar is not None and structured_of(body) is not None:
         raise APIError(400, f"tool_choice {plan.mode} constrains the text already: drop "
                        "response_format / structured_outputs", param="tool_choice")
     return plan
