@@ -136,6 +136,25 @@ def add_serve_parser(sub) -> None:
     serve.add_argument("--access-log", default=True, action=argparse.BooleanOptionalAction,
                        help="one log line per request: method, path, status, tokens in/out, "
                        "cached tokens, TTFT and time (never the text)")
+    cluster = serve.add_argument_group(
+        "replicas (Ray Serve)", "several engine replicas behind this one endpoint, routed by "
+        "what each replica's prefix cache holds; needs the 'cluster' extra (ray[serve])")
+    cluster.add_argument("--replicas", type=int, default=0, metavar="N",
+                         help="run N engine replicas as a Ray Serve deployment (0: one engine "
+                         "in this process)")
+    cluster.add_argument("--ray-address", default=None, metavar="ADDR",
+                         help="an existing Ray cluster (e.g. ray://head:10001, or 'auto'); "
+                         "default: start a local Ray instance")
+    cluster.add_argument("--router", default="cache-aware",
+                         choices=("cache-aware", "pow2", "round-robin"),
+                         help="how requests are placed: where their prefix is cached, Ray "
+                         "Serve's power of two choices, or in turn")
+    cluster.add_argument("--router-max-imbalance", type=int, default=4, metavar="N",
+                         help="cache-aware: go to the least busy replica instead when the one "
+                         "holding the prefix has more than N requests in flight beyond it")
+    cluster.add_argument("--replica-cpus", type=float, default=1.0, metavar="CPUS",
+                         help="Ray CPUs each replica reserves (its torch threads unless "
+                         "--threads is given)")
     add_engine_flags(serve)
 
 
@@ -159,12 +178,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           generation_defaults=generation_defaults(args.generation_config,
                                                                   engine.model),
                           access_log=args.access_log)
+    if args.replicas:
+        return _serve_cluster(args, engine, server)
     try:
         from kvserve.server.launch import serve
     except ImportError as err:
         raise KVServeError(f"the server needs the 'serve' extra ({err.name} is missing): "
                            "pip install 'kvserve[serve]'") from None
     return serve(engine, server, args.log_level)
+
+
+def _serve_cluster(args: argparse.Namespace, engine, server) -> int:
+    from kvserve.config import ClusterConfig
+
+    cluster = ClusterConfig(replicas=args.replicas, ray_address=args.ray_address,
+                            router=args.router, max_imbalance=args.router_max_imbalance,
+                            replica_cpus=args.replica_cpus)
+    try:
+        from kvserve.cluster.deploy import serve_cluster
+    except ImportError as err:
+        raise KVServeError(f"--replicas needs the 'cluster' extra ({err.name} is missing): "
+                           "pip install 'kvserve[cluster]'") from None
+    return serve_cluster(engine, server, cluster)
 
 
 def api_keys(args: argparse.Namespace) -> tuple[str, ...]:

@@ -567,3 +567,40 @@ class ServerConfig:
                                                 or self.max_body_bytes <= 0):
             raise ConfigError(f"max_body_bytes must be a positive integer, "
                               f"got {self.max_body_bytes!r}")
+
+
+CLUSTER_ROUTERS = ("cache-aware", "pow2", "round-robin")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """`kvserve serve --replicas N`: engine replicas as a Ray Serve deployment behind one
+    ingress, and how requests are placed on them."""
+
+    replicas: int = 2
+    ray_address: str | None = None  # None: start a local Ray instance
+    router: str = "cache-aware"  # or Ray Serve's "pow2", or "round-robin"
+    # the cache-aware router sends a request where its prefix is unless that replica has more
+    # than this many requests in flight beyond the least busy one (then: the least busy)
+    max_imbalance: int = 4
+    replica_cpus: float = 1.0  # Ray CPUs each replica reserves (and its torch threads)
+    stats_period_s: float = 0.25  # how often replicas report their cached blocks
+    max_ongoing_per_replica: int = 256  # Ray Serve's cap on one replica's requests in flight
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.replicas, int) or isinstance(self.replicas, bool) \
+                or not 1 <= self.replicas <= 1024:
+            raise ConfigError(f"replicas must be an integer in [1, 1024], got {self.replicas!r}")
+        if self.router not in CLUSTER_ROUTERS:
+            raise ConfigError(f"router must be one of {', '.join(CLUSTER_ROUTERS)}, "
+                              f"got {self.router!r}")
+        if not isinstance(self.max_imbalance, int) or self.max_imbalance < 0:
+            raise ConfigError(f"max_imbalance must be an integer >= 0, "
+                              f"got {self.max_imbalance!r}")
+        if not self.replica_cpus >= 0:
+            raise ConfigError(f"replica_cpus must be >= 0, got {self.replica_cpus!r}")
+        if not self.stats_period_s > 0:
+            raise ConfigError(f"stats_period_s must be > 0, got {self.stats_period_s!r}")
+        if not isinstance(self.max_ongoing_per_replica, int) or self.max_ongoing_per_replica < 1:
+            raise ConfigError(f"max_ongoing_per_replica must be a positive integer, "
+                              f"got {self.max_ongoing_per_replica!r}")

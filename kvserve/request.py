@@ -333,3 +333,16 @@ class RequestOutput:
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
+
+
+def check_text_length(text: str, max_model_len: int, max_token_bytes: int) -> None:
+    """Refuse, without tokenizing it, a text certainly longer than the context: no token spans
+    more than max_token_bytes bytes of text, so a text of more than max_model_len times that
+    many bytes has more tokens than fit (InvalidRequestError)."""
+    limit = max_model_len * max_token_bytes
+    if 4 * len(text) <= limit:  # UTF-8 takes at most 4 bytes a character: no need to count
+        return
+    if len(text) > limit or len(text.encode("utf-8", "surrogatepass")) > limit:
+        raise InvalidRequestError(
+            f"prompt has more than {limit:,} bytes of text, certainly more tokens than the "
+            f"context length (max_model_len) of {max_model_len}")

@@ -11,7 +11,7 @@ PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC-torch==2.13.0}
 extras="[lab,serve]"
 if [ "${1:-}" = "--test" ]; then
-  extras="[test,lab,serve,offload]"
+  extras="[test,lab,serve,offload,cluster]"
   # the offload tests start and stop a real redis-server on loopback
   if ! command -v redis-server >/dev/null; then
     (apt-get install -y -qq redis-server >/dev/null 2>&1 ||

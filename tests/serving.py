@@ -94,8 +94,8 @@ def start_server(tmp_path: Path, *flags: str, prelude: str = "",
         try:
             if requests.get(server.url + "/health", timeout=2).status_code == 200:
                 return server
-        except requests.ConnectionError:
-            pass
+        except (requests.ConnectionError, requests.Timeout):  # not up yet (Ray Serve's proxy
+            pass  # listens before the app is deployed)
         time.sleep(0.25)
     server.stop(signal.SIGKILL)
     raise RuntimeError(f"server did not start in {START_TIMEOUT_S} s:\n{server.log()}")

@@ -19,7 +19,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -36,6 +36,7 @@ from kvserve.engine.stream import (
 from kvserve.request import FinishReason, Request, SamplingParams
 
 if TYPE_CHECKING:
+    from kvserve.kvcache.events import BlockEvent
     from kvserve.kvcache.snapshot import KVQuality
     from kvserve.model.tokenizer import Tokenizer
 
@@ -68,6 +69,7 @@ class AsyncLLMEngine:
         self._submit_lock = threading.Lock()
         self._stats = EngineStats()
         self.dead = False  # no new requests: shutting down, or the loop stopped
+        self._kv_event_sink: Callable[[tuple[BlockEvent, ...]], None] | None = None
 
     @classmethod
     def from_config(cls, config: EngineConfig, max_queue: int | None = None,
@@ -165,6 +167,12 @@ class AsyncLLMEngine:
     @property
     def stats(self) -> EngineStats:
         return self._stats
+
+    def follow_kv_events(self, sink: Callable[[tuple[BlockEvent, ...]], None]) -> None:
+        """Hand every block event to sink, on the engine thread, after each step that made
+        some (a cluster replica keeps the keys it holds this way). Call before start()."""
+        self.engine.record_kv_events()
+        self._kv_event_sink = sink
 
     # -- the caller's side (event loop thread) -------------------------------------------------
     def validate(self, prompt: str | Sequence[int], params: SamplingParams) -> list[int]:
@@ -333,6 +341,10 @@ class AsyncLLMEngine:
 
     def _publish_stats(self) -> None:
         e, old = self.engine, self._stats
+        if self._kv_event_sink is not None:
+            events = e.drain_kv_events()
+            if events:
+                self._kv_event_sink(events)
         self._stats = EngineStats(  # one reference swap: readers never see half an update
             num_running=len(e.scheduler.running), num_waiting=e.scheduler.num_waiting,
             waiting_by_tenant=tuple(e.scheduler.waiting.counts_by_tenant().items()),

@@ -35,6 +35,7 @@ from kvserve.request import (
     Request,
     RequestOutput,
     SamplingParams,
+    check_text_length,
 )
 from kvserve.runner.model_runner import ModelRunner
 from kvserve.scheduler.plan import StepPlan, StepResult, Tier
@@ -175,16 +176,8 @@ class LLMEngine:
         return token_ids
 
     def check_text_length(self, text: str) -> None:
-        """Refuse, without tokenizing it, a text certainly longer than the context: no token
-        spans more than tokenizer.max_token_bytes bytes of text, so a text of more than
-        max_model_len times that many bytes has more tokens than fit."""
-        limit = self.max_model_len * self.tokenizer.max_token_bytes
-        if 4 * len(text) <= limit:  # UTF-8 takes at most 4 bytes a character: no need to count
-            return
-        if len(text) > limit or len(text.encode("utf-8", "surrogatepass")) > limit:
-            raise InvalidRequestError(
-                f"prompt has more than {limit:,} bytes of text, certainly more tokens than the "
-                f"context length (max_model_len) of {self.max_model_len}")
+        """Refuse, without tokenizing it, a text certainly longer than the context."""
+        check_text_length(text, self.max_model_len, self.tokenizer.max_token_bytes)
 
     def add_request(self, request_id: str, prompt: str | Sequence[int],
                     params: SamplingParams, prompt_text: str | None = None,

@@ -5,7 +5,7 @@ engine starts and stops with it), API keys, middleware, error handlers, routes a
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
@@ -27,8 +27,11 @@ from kvserve.server.tokenize import detokenize, tokenize
 Tenant = Callable[..., Any]  # a FastAPI dependency: the caller's cache salt, or None
 
 
-def build_app(engine: AsyncLLMEngine, config: ServerConfig, model_name: str) -> FastAPI:
-    state = ServerState.create(engine, config, model_name)
+def build_app(engine: AsyncLLMEngine, config: ServerConfig, model_name: str,
+              collectors: Sequence[object] = ()) -> FastAPI:
+    """The API over `engine`: an AsyncLLMEngine, or anything with its interface (a cluster's
+    RemoteEngine); `collectors` add to /metrics."""
+    state = ServerState.create(engine, config, model_name, collectors)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -10,7 +10,7 @@ a request with n = 4 adds four TTFT observations, as it holds four sequences' wo
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -144,9 +144,12 @@ def _tier_metrics(tiers, names: list[str], values: list[str]):
 
 
 class ServerMetrics:
-    def __init__(self, stats: Callable[[], EngineStats], model_name: str):
+    def __init__(self, stats: Callable[[], EngineStats], model_name: str,
+                 collectors: Sequence[object] = ()):
         self.registry = CollectorRegistry()
         self.registry.register(_EngineCollector(stats, model_name))
+        for collector in collectors:  # a cluster's replicas and router
+            self.registry.register(collector)
         labels = ["model_name"]
         reg = self.registry
         self.ttft = Histogram("kvserve_time_to_first_token_seconds",

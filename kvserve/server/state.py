@@ -35,9 +35,10 @@ class ServerState:
     tenants: dict[str, str]  # api key -> tenant salt
 
     @classmethod
-    def create(cls, engine: AsyncLLMEngine, config: ServerConfig,
-               model_name: str) -> "ServerState":
-        return cls(engine, config, model_name, ServerMetrics(lambda: engine.stats, model_name),
+    def create(cls, engine: AsyncLLMEngine, config: ServerConfig, model_name: str,
+               collectors: Sequence[object] = ()) -> "ServerState":
+        return cls(engine, config, model_name,
+                   ServerMetrics(lambda: engine.stats, model_name, collectors),
                    {key: tenant_salt(key) for key in config.api_keys})
 
     def __post_init__(self) -> None:
