@@ -39,7 +39,7 @@ from pathlib import Path
 from bench_core import log, machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
-ROUTERS = ("round-robin", "pow2", "cache-aware")
+ROUTERS = ("round-robin", "pow2", "cache-aware", "cache-aware@0")
 TOPICS = ("shipping", "billing", "warranty", "returns", "security", "travel", "insurance",
           "payroll")
 WORDS = ("account order parcel invoice refund policy customer agent ticket delivery address "
@@ -157,11 +157,13 @@ def per_replica(values: dict[str, float], name: str) -> dict[str, float]:
 
 
 def run_router(router: str, args, chats: list[list[dict]]) -> dict:
-    flags = ["--replicas", str(args.replicas), "--router", str(router), "--replica-cpus",
+    name, _, imbalance = router.partition("@")
+    flags = ["--replicas", str(args.replicas), "--router", name, "--replica-cpus",
              str(args.replica_cpus), "--kv-cache-memory", args.kv_cache_memory,
              "--max-model-len", str(args.max_model_len), "--max-num-seqs",
              str(args.max_num_seqs), *(f for t in range(args.tenants)
-                                      for f in ("--api-key", f"tenant-{t}"))]
+                                      for f in ("--api-key", f"tenant-{t}")),
+             *(("--router-max-imbalance", imbalance) if imbalance else ())]
     proc, port = launch(flags)
     try:
         deadline = time.monotonic() + 60  # every replica reported (its pool is empty)
@@ -235,16 +237,18 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--replicas", type=int, default=2)
     p.add_argument("--replica-cpus", type=float, default=1.0)
-    p.add_argument("--routers", default=",".join(ROUTERS))
+    p.add_argument("--routers", default=",".join(ROUTERS),
+                   help="comma-separated; cache-aware@N sets --router-max-imbalance N")
     p.add_argument("--tenants", type=int, default=4)
     p.add_argument("--chats", type=int, default=3, help="conversations per tenant")
     p.add_argument("--turns", type=int, default=3)
-    p.add_argument("--system-tokens", type=int, default=300)
+    p.add_argument("--system-tokens", type=int, default=200)
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--concurrency", type=int, default=4)
-    p.add_argument("--kv-cache-memory", default="34MiB",
-                   help="each replica's pool (48 blocks of the default model)")
-    p.add_argument("--max-model-len", type=int, default=768)
+    p.add_argument("--kv-cache-memory", default="45MiB",
+                   help="each replica's pool (64 blocks of the default model: two tenants' "
+                   "conversations, not four)")
+    p.add_argument("--max-model-len", type=int, default=1024)
     p.add_argument("--max-num-seqs", type=int, default=4)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--out", default=None, help="write the JSON here too")

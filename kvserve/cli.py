@@ -159,13 +159,26 @@ def add_serve_parser(sub) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    # the start-up report (model, KV capacity, groups) and the access log at --log-level
+    logging.getLogger("kvserve").setLevel(args.log_level.upper())
+    engine, server = serve_configs(args)
+    if args.replicas:
+        return _serve_cluster(args, engine, server)
+    try:
+        from kvserve.server.launch import serve
+    except ImportError as err:
+        raise KVServeError(f"the server needs the 'serve' extra ({err.name} is missing): "
+                           "pip install 'kvserve[serve]'") from None
+    return serve(engine, server, args.log_level)
+
+
+def serve_configs(args: argparse.Namespace):
+    """`kvserve serve`'s EngineConfig and ServerConfig. Both are checked before torch loads: a
+    typo fails in a fraction of a second."""
     from kvserve.config import EngineConfig, ServerConfig, parse_size
     from kvserve.server.defaults import generation_defaults
 
-    # Both configs are checked before torch loads: a typo fails in a fraction of a second.
     engine = EngineConfig.create(**engine_kwargs(args))
-    # the start-up report (model, KV capacity, groups) and the access log at --log-level
-    logging.getLogger("kvserve").setLevel(args.log_level.upper())
     server = ServerConfig(host=args.host, port=args.port, api_keys=api_keys(args),
                           max_queue=args.max_queue,
                           max_queue_per_tenant=args.max_queue_per_tenant,
@@ -178,28 +191,40 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           generation_defaults=generation_defaults(args.generation_config,
                                                                   engine.model),
                           access_log=args.access_log)
-    if args.replicas:
-        return _serve_cluster(args, engine, server)
-    try:
-        from kvserve.server.launch import serve
-    except ImportError as err:
-        raise KVServeError(f"the server needs the 'serve' extra ({err.name} is missing): "
-                           "pip install 'kvserve[serve]'") from None
-    return serve(engine, server, args.log_level)
+    return engine, server
+
+
+def _cluster_config(args: argparse.Namespace):
+    from kvserve.config import ClusterConfig
+
+    return ClusterConfig(replicas=args.replicas or 1, ray_address=args.ray_address,
+                         router=args.router, max_imbalance=args.router_max_imbalance,
+                         replica_cpus=args.replica_cpus)
 
 
 def _serve_cluster(args: argparse.Namespace, engine, server) -> int:
-    from kvserve.config import ClusterConfig
-
-    cluster = ClusterConfig(replicas=args.replicas, ray_address=args.ray_address,
-                            router=args.router, max_imbalance=args.router_max_imbalance,
-                            replica_cpus=args.replica_cpus)
+    cluster = _cluster_config(args)
     try:
         from kvserve.cluster.deploy import serve_cluster
     except ImportError as err:
         raise KVServeError(f"--replicas needs the 'cluster' extra ({err.name} is missing): "
                            "pip install 'kvserve[cluster]'") from None
     return serve_cluster(engine, server, cluster)
+
+
+def cluster_application(args: dict):
+    """A Ray Serve application builder, for `serve run`, Serve config files and KubeRay's
+    RayService: `import_path: kvserve.cli:cluster_application` with `args: {flags: "--replicas
+    4 --router cache-aware ..."}` (`kvserve serve` flags; Serve's own config places the HTTP
+    proxy, so --host and --port are ignored)."""
+    import shlex
+
+    flags = shlex.split(str(args.get("flags", "")))
+    parsed = build_parser().parse_args(["serve", *flags])
+    engine, server = serve_configs(parsed)
+    from kvserve.cluster.deploy import build_application
+
+    return build_application(engine, server, _cluster_config(parsed))
 
 
 def api_keys(args: argparse.Namespace) -> tuple[str, ...]:

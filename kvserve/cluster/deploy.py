@@ -67,7 +67,8 @@ def build_application(engine: EngineConfig, server: ServerConfig, cluster: Clust
     replicas = serve.deployment(
         EngineReplica, name=ENGINE_DEPLOYMENT, num_replicas=cluster.replicas,
         max_ongoing_requests=cluster.max_ongoing_per_replica,
-        ray_actor_options={"num_cpus": cluster.replica_cpus},
+        ray_actor_options={"num_cpus": cluster.replica_cpus,  # Ray gives each its own GPU
+                           **({"num_gpus": 1} if engine.device.startswith("cuda") else {})},
         request_router_config=router, health_check_period_s=2.0, health_check_timeout_s=30.0,
         graceful_shutdown_timeout_s=server.shutdown_timeout_s,
         logging_config={"enable_access_log": False})

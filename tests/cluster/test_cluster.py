@@ -307,3 +307,23 @@ def test_a_replica_that_cannot_start_is_one_line_and_a_nonzero_exit(tmp_path):
     log = str(err.value)
     assert "kvserve: error: the replicas failed to start: kv_cache_memory '4MiB'" in log
     assert "Traceback" not in log.split("kvserve: error:")[-1]
+
+
+def test_a_serve_config_builds_the_cli_s_application():
+    """`import_path: kvserve.cli:cluster_application` (Serve config files, KubeRay's
+    RayService) takes `kvserve serve` flags and builds what --replicas deploys; bad flags are
+    refused before anything starts."""
+    from kvserve.cli import cluster_application
+    from kvserve.errors import ConfigError
+
+    app = cluster_application({"flags": "--replicas 3 --router pow2 --kv-cache-memory 32MiB "
+                                        "--router-max-imbalance 2"})
+    ingress = app._bound_deployment
+    engine = ingress.init_args[0]._bound_deployment
+    assert (ingress.name, ingress.num_replicas) == ("kvserve-ingress", 1)
+    assert (engine.name, engine.num_replicas) == ("kvserve-engine", 3)
+    assert engine._deployment_config.request_router_config.request_router_class == \
+        "kvserve.cluster.routers.PowerOfTwoRouter"
+    assert engine.init_args[0].cache.kv_cache_memory == "32MiB"
+    with pytest.raises(ConfigError):
+        cluster_application({"flags": "--replicas 2000"})
