@@ -75,6 +75,7 @@ def build_application(engine: EngineConfig, server: ServerConfig, cluster: Clust
     ingress = serve.deployment(  # kvserve's own access log, as the single-process server's
         Ingress, name=INGRESS_DEPLOYMENT, num_replicas=1,
         max_ongoing_requests=server.max_queue + 1024, ray_actor_options={"num_cpus": 0},
+        graceful_shutdown_timeout_s=server.shutdown_timeout_s,
         logging_config={"enable_access_log": False})
     return ingress.bind(replicas.bind(replica_engine_config(engine, cluster)), server)
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import random
 import threading
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -25,7 +24,9 @@ from kvserve.kvcache.prefix_index import chain_keys, root_key
 
 DIGEST_BYTES = 8
 KEY_BYTES = 32  # a group-0 block key (other KV groups' keys carry a suffix: not routed on)
-PENDING_TTL_S = 120.0  # a routed request's keys count this long at most without a report
+PENDING_TTL_S = 120.0  # a routed request's keys count this long at most without a first output
+REPORT_GRACE_S = 2.0  # after its first output: replicas report every 0.25 s, Serve relays it
+MAX_PENDING = 4096  # requests per replica whose keys are kept unreported (oldest dropped)
 
 
 def route_digests(model_key: str, cache_salt: str | None, token_ids: Sequence[int],
@@ -78,45 +79,60 @@ def unpack(packed: bytes) -> frozenset[bytes]:
 @dataclass
 class Pending:
     digests: list[bytes]
-    routed_at: float
+    routed_at: float  # the router's clock (time.monotonic())
     prefilled_at: float | None = None  # when its first output came back (its blocks stored)
+    weight: int = 1  # sequences it carries (n x prompts)
 
 
 @dataclass
 class ReplicaView:
-    """What one router knows of one replica."""
+    """What one router knows of one replica: the keys it last reported, and the keys of the
+    requests sent there since (kept until reports surely show them: REPORT_GRACE_S after their
+    first output, on the router's own clock; or PENDING_TTL_S; at most MAX_PENDING)."""
 
     reported: frozenset[bytes] = frozenset()
-    reported_at: float = 0.0  # the replica's clock (time.time()) when it reported
+    reported_at: float = 0.0  # the replica's clock when it reported (orders its reports)
     pending: dict[str, Pending] = field(default_factory=dict)  # route id -> its keys
-    in_flight: int = 0  # requests this router sent there that have not completed
+    in_flight: int = 0  # sequences sent there that have not completed
+    _pending_keys: dict[bytes, int] = field(default_factory=dict)  # digest -> pending holders
 
-    def holds(self, digest: bytes) -> bool:
-        return digest in self.reported or any(digest in p.digests for p in self.pending.values())
+    def add_pending(self, route_id: str, p: Pending) -> None:
+        self.drop_pending(route_id)
+        while len(self.pending) >= MAX_PENDING:
+            self.drop_pending(next(iter(self.pending)))
+        self.pending[route_id] = p
+        for d in p.digests:
+            self._pending_keys[d] = self._pending_keys.get(d, 0) + 1
+
+    def drop_pending(self, route_id: str) -> Pending | None:
+        p = self.pending.pop(route_id, None)
+        if p is not None:
+            for d in p.digests:
+                left = self._pending_keys.get(d, 0) - 1
+                if left > 0:
+                    self._pending_keys[d] = left
+                else:
+                    self._pending_keys.pop(d, None)
+        return p
+
+    def expire(self, now: float) -> None:
+        for route_id, p in list(self.pending.items()):
+            if (p.prefilled_at is not None and now - p.prefilled_at > REPORT_GRACE_S) \
+                    or now - p.routed_at > PENDING_TTL_S:
+                self.drop_pending(route_id)
 
     def run_of(self, digests: Sequence[bytes]) -> int:
         """Leading blocks of digests this replica holds (or is computing for us)."""
-        pending = set()
-        for p in self.pending.values():
-            pending.update(p.digests)
         n = 0
         for d in digests:
-            if d not in self.reported and d not in pending:
+            if d not in self.reported and d not in self._pending_keys:
                 break
             n += 1
         return n
 
     def report(self, packed: bytes, at: float) -> None:
-        """A new report: pending requests whose blocks it already shows (prefilled before it
-        was taken) are forgotten, as are very old ones."""
-        if at <= self.reported_at:
-            return
-        self.reported, self.reported_at = unpack(packed), at
-        now = time.time()
-        for route_id, p in list(self.pending.items()):
-            if (p.prefilled_at is not None and p.prefilled_at < at) \
-                    or now - p.routed_at > PENDING_TTL_S:
-                del self.pending[route_id]
+        if at > self.reported_at:
+            self.reported, self.reported_at = unpack(packed), at
 
 
 @dataclass(frozen=True)
@@ -128,11 +144,14 @@ class Choice:
 
 
 def choose(views: dict[str, ReplicaView], candidates: Sequence[str], digests: Sequence[bytes],
-           max_imbalance: int, rng: random.Random | None = None) -> Choice:
+           max_imbalance: int, rng: random.Random | None = None,
+           avoid: Sequence[str] = ()) -> Choice:
     """The replica holding the longest run of the request's blocks, unless it is busier than
-    the least busy candidate by more than max_imbalance requests in flight: then (as when
-    nothing matches) the least busy, ties broken at random. Among equal runs, the least busy."""
+    the least busy candidate by more than max_imbalance sequences in flight: then (as when
+    nothing matches) the least busy, ties broken at random. Among equal runs, the least busy.
+    Replicas in `avoid` (one that just failed this request) only if nothing else is left."""
     rng = rng or random
+    candidates = [r for r in candidates if r not in avoid] or list(candidates)
     runs = {r: views[r].run_of(digests) if r in views else 0 for r in candidates}
     load = {r: views[r].in_flight if r in views else 0 for r in candidates}
     least = min(load.values())

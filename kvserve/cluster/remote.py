@@ -4,7 +4,7 @@ streaming, API keys and metrics are server/'s own code, unchanged: only the engi
 
 A submission becomes one generate call, placed by the deployment's request router from the
 prompt's block keys (RouteInfo). The waiting-queue limits (--max-queue, per tenant) hold for the
-whole cluster here: a sequence counts as pending until a replica has queued it (its Hello).
+whole cluster here: a sequence counts as waiting until its first output comes back.
 
 A replica that dies (or shuts down) before a request's first output: the request goes to another
 replica, up to MAX_ATTEMPTS times. After its first output (tokens may have reached the client):
@@ -14,6 +14,7 @@ every unfinished sequence of it ends with an error output (an SSE error event, o
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -63,6 +64,8 @@ class _Flight:
     last: dict[str, StreamOutput] = field(default_factory=dict)
     task: asyncio.Task | None = None
     replica: str | None = None
+    queued: set[str] = field(default_factory=set)  # counted by the admission: no output yet
+    delivered: bool = False  # some output reached the reader
 
 
 class RemoteEngine:
@@ -150,11 +153,21 @@ class RemoteEngine:
         return False
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
+        """End what is still in flight: its readers get EngineDeadError (an error event and
+        [DONE], or a 503), its replicas' streams are cancelled."""
         self.dead = True
-        if self._loop is not None and not self._loop.is_closed():
+        if self._loop is None or self._loop.is_closed():
+            return
+
+        def end_all() -> None:
             for flight in {id(f): f for f in self._flights.values()}.values():
+                if flight.live:
+                    flight.live.clear()
+                    flight.sink.put_nowait(EngineDeadError("the server is shutting down"))
                 if flight.task is not None:
-                    self._loop.call_soon_threadsafe(flight.task.cancel)
+                    flight.task.cancel()
+
+        self._loop.call_soon_threadsafe(end_all)
 
     # -- the caller's side ---------------------------------------------------------------------
     def validate(self, prompt: str | Sequence[int], params: SamplingParams) -> list[int]:
@@ -168,26 +181,40 @@ class RemoteEngine:
         check_text_length(text, self.max_model_len, self.tokenizer.max_token_bytes)
 
     def check_queue(self, num_new: int, tenant: str | None = None) -> None:
-        self.admission.check(num_new, tenant, self.stats)
+        """The cluster's queue limits: every sequence the ingress sent that has no output yet
+        counts as waiting (the replicas' own reports lag by a report period)."""
+        self.admission.check(num_new, tenant, EngineStats())
 
     def submit(self, seqs: Sequence[SequenceInput]) -> Submission:
         if self.dead:
             raise EngineDeadError("the server is shutting down")
         sink: asyncio.Queue = asyncio.Queue()
-        flight = _Flight(list(seqs), sink, {q.request_id for q in seqs})
+        ids = {q.request_id for q in seqs}
+        flight = _Flight(list(seqs), sink, set(ids), queued=set(ids))
         for q in seqs:
             self.admission.submitted(q.tenant, 1)
             self._flights[q.request_id] = flight
         flight.task = asyncio.get_running_loop().create_task(self._fly(flight))
-        return Submission(sink, set(flight.live))
+        flight.task.add_done_callback(lambda _: self._landed(flight))
+        return Submission(sink, set(ids))
 
     def abort(self, request_id: str) -> None:
         flight = self._flights.get(request_id)
-        if flight is None:
-            return
+        if flight is None or request_id not in flight.live:
+            return  # finished (the server aborts every sequence of a response at its end)
         flight.live.discard(request_id)
         if not flight.live and flight.task is not None:
             flight.task.cancel()  # the replica's stream is cancelled: it aborts what runs
+
+    def _landed(self, flight: _Flight) -> None:
+        """A flight's task ended (finished, failed or cancelled, even before it ran): nothing
+        of it stays counted or tracked."""
+        for q in flight.seqs:
+            if q.request_id in flight.queued:
+                self.admission.taken(q.tenant)
+            self._flights.pop(q.request_id, None)
+        flight.queued.clear()
+        ROUTING.forget(flight.seqs[0].request_id, keys_too=not flight.delivered)
 
     async def outputs(self, submission: Submission) -> AsyncIterator[StreamOutput]:
         unfinished = set(submission.request_ids)
@@ -207,71 +234,66 @@ class RemoteEngine:
     def _route(self, flight: _Flight) -> RouteInfo:
         q = flight.seqs[0]
         info = self.info
+        cacheable = info.prefix_caching and not any(
+            s.params.prompt_logprobs is not None for s in flight.seqs)  # those compute all
         digests = route_digests(info.model_key, q.cache_salt, q.token_ids, info.block_size) \
-            if info.prefix_caching else []
-        return RouteInfo(q.request_id, tuple(digests), info.block_size)
+            if cacheable else []
+        return RouteInfo(q.request_id, tuple(digests), info.block_size, len(flight.seqs))
 
     async def _fly(self, flight: _Flight) -> None:
         route = self._route(flight)
-        pending = True  # counted in the admission until a replica queues it
         gone = _replica_gone_errors()
-        try:
-            for attempt in range(MAX_ATTEMPTS):
-                delivered = False
-                call = self._handle.options(stream=True).generate.remote(route, flight.seqs)
-                try:
-                    async for item in call:
-                        if isinstance(item, Hello):
-                            flight.replica = item.replica
-                            if pending:
-                                for q in flight.seqs:
-                                    self.admission.taken(q.tenant)
-                                pending = False
-                            continue
-                        if not delivered:
-                            ROUTING.prefilled(route.route_id, flight.replica or "",
-                                              item.num_cached_tokens)
-                            delivered = True
-                        self._deliver(flight, item)
-                    if flight.live:  # the stream ended short of some sequence's end
-                        self._fail(flight, RuntimeError("the replica's stream ended early"),
-                                   delivered)
+        for attempt in range(MAX_ATTEMPTS):
+            call = self._handle.options(stream=True).generate.remote(route, flight.seqs)
+            try:
+                async for item in call:
+                    if isinstance(item, Hello):
+                        flight.replica = item.replica
+                        continue
+                    if not flight.delivered:
+                        ROUTING.prefilled(route.route_id, flight.replica or "",
+                                          item.num_cached_tokens)
+                        flight.delivered = True
+                    self._deliver(flight, item)
+                if flight.live:  # the stream ended short of some sequence's end
+                    self._fail(flight, RuntimeError("the replica's stream ended early"))
+                return
+            except asyncio.CancelledError:
+                call.cancel()
+                raise
+            except Exception as err:
+                call.cancel()  # if the replica is still there, it aborts what it runs
+                cause = _cause(err)
+                retryable = isinstance(err, gone) or isinstance(cause, EngineDeadError)
+                if flight.delivered or not retryable or self.dead \
+                        or attempt == MAX_ATTEMPTS - 1:
+                    self._fail(flight, cause)
                     return
-                except asyncio.CancelledError:
-                    call.cancel()
-                    raise
-                except Exception as err:
-                    cause = _cause(err)
-                    retryable = isinstance(err, gone) or isinstance(cause, EngineDeadError)
-                    if delivered or not retryable or self.dead or attempt == MAX_ATTEMPTS - 1:
-                        self._fail(flight, cause, delivered)
-                        return
-                    self.num_retries += 1
-                    log.warning("replica %s failed before the first output of %s (%s); "
-                                "retrying on another replica", flight.replica,
-                                route.route_id, type(cause).__name__)
-                    await asyncio.sleep(RETRY_BACKOFF_S * (attempt + 1))
-        finally:
-            if pending:
-                for q in flight.seqs:
-                    self.admission.taken(q.tenant)
-            for q in flight.seqs:
-                self._flights.pop(q.request_id, None)
-            if flight.live:  # cancelled, or gone without finishing: let readers end
-                flight.live.clear()
+                self.num_retries += 1
+                log.warning("replica %s failed before the first output of %s (%s); "
+                            "retrying on another replica", flight.replica, route.route_id,
+                            type(cause).__name__)
+                if flight.replica is not None:
+                    route = dataclasses.replace(route, avoid=(*route.avoid, flight.replica))
+                await asyncio.sleep(RETRY_BACKOFF_S * (attempt + 1))
 
     def _deliver(self, flight: _Flight, out: StreamOutput) -> None:
         flight.last[out.request_id] = out
+        if out.request_id in flight.queued:  # its first output: no longer waiting
+            flight.queued.discard(out.request_id)
+            self.admission.taken(flight.seqs[0].tenant)
         if out.finished:
             flight.live.discard(out.request_id)
             self.admission.finished(time.monotonic())
         flight.sink.put_nowait(out)
 
-    def _fail(self, flight: _Flight, cause: BaseException, midstream: bool) -> None:
+    def _fail(self, flight: _Flight, cause: BaseException) -> None:
         """End every unfinished sequence with an error output naming what happened."""
+        midstream = flight.delivered
         if midstream:
             self.num_failed_midstream += 1
         if isinstance(cause, EngineDeadError) and not midstream:
+            flight.live.clear()
             flight.sink.put_nowait(cause)  # the server's 503 / error event
             return
         what = f"replica {flight.replica} failed: {type(cause).__name__}: {cause}"
@@ -287,3 +309,4 @@ class RemoteEngine:
                 num_cached_tokens=last.num_cached_tokens if last else 0,
                 num_output_tokens=last.num_output_tokens if last else 0, time=now,
                 arrival_time=last.arrival_time if last else now, error=what[:1000]))
+        flight.live.clear()

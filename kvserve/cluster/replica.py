@@ -100,10 +100,14 @@ class EngineReplica:
             if q.params.structured_outputs is not None:
                 await asyncio.to_thread(self.engine.validate, q.token_ids, q.params)
         submission = self.engine.submit(seqs)
-        yield Hello(self.tag, os.getpid())
-        async with contextlib.aclosing(self.engine.outputs(submission)) as outputs:
-            async for out in outputs:  # leaving early (cancelled) aborts what still runs
-                yield out
+        try:
+            yield Hello(self.tag, os.getpid())
+            async with contextlib.aclosing(self.engine.outputs(submission)) as outputs:
+                async for out in outputs:  # leaving early (cancelled) aborts what still runs
+                    yield out
+        finally:  # cancelled anywhere (even at the Hello): nothing keeps running
+            for request_id in submission.request_ids:
+                self.engine.abort(request_id)
 
     def record_routing_stats(self) -> dict:
         s = self.engine.stats

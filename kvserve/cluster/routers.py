@@ -22,10 +22,8 @@ DEFAULT_MAX_IMBALANCE = 4
 
 
 class _Reporting:
-    """What every router here adds to its Ray base: ROUTING follows the replicas, the requests
-    routed and completed."""
-
-    track_keys = False
+    """What every router here adds to its Ray base: routing.ROUTING follows the replicas, the
+    requests routed and completed."""
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
@@ -36,7 +34,7 @@ class _Reporting:
                           result) -> None:
         routing.ROUTING.on_routed(routing.replica_tag(replica_id),
                                   pending_request.metadata.internal_request_id,
-                                  routing.route_of(pending_request), self.track_keys)
+                                  routing.route_of(pending_request))
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         routing.ROUTING.on_completed(internal_request_id)
@@ -44,7 +42,6 @@ class _Reporting:
 
 class CacheAwareRouter(_Reporting, RequestRouter):
     name = "cache-aware"
-    track_keys = True
 
     def initialize_state(self, max_imbalance: int = DEFAULT_MAX_IMBALANCE, **kwargs) -> None:
         self.max_imbalance = max_imbalance

@@ -286,12 +286,17 @@ def test_replicas_share_a_redis_tier_never_across_tenants(tmp_path, redis_url):
     try:
         system = system_prompt(31)
         chat(server, "First?", system)  # one replica computes it; it is put in Redis
+        first = by_label(metric_values(server), "kvserve_router_requests_total")
         time.sleep(1.0)
         assert redis_hits(server) == {}
-        usage = chat(server, "Second?", system)["usage"]  # round robin: the other replica
+        for turn in range(4):  # round robin: the next lands on the other replica
+            usage = chat(server, f"Again {turn}?", system)["usage"]
+            routed = by_label(metric_values(server), "kvserve_router_requests_total")
+            if not set(routed) <= {r for r, n in first.items() if n}:
+                break
         time.sleep(1.0)
         hits = redis_hits(server)
-        assert len(hits) == 1 and list(hits.values())[0] >= 12, hits  # found in Redis
+        assert len(hits) == 1 and list(hits.values())[0] >= 12, (hits, first, routed)
         assert usage["prompt_tokens_details"]["cached_tokens"] >= 128  # and fetched
         chat(server, "Third?", system, key=KEYS[1])  # another tenant: nothing to find
         time.sleep(1.0)

@@ -3,10 +3,14 @@ route digests are the engine's own block keys, replicas' key sets follow their K
 the choice trades the longest cached run against load. No Ray, no torch."""
 
 import random
-import time
+
+import pytest
 
 from kvserve.cluster.prefix_view import (
     DIGEST_BYTES,
+    MAX_PENDING,
+    PENDING_TTL_S,
+    REPORT_GRACE_S,
     Pending,
     ReplicaKeys,
     ReplicaView,
@@ -91,18 +95,48 @@ def test_equal_runs_go_to_the_least_busy_and_ties_spread():
     assert picks == {"x", "y"}
 
 
-def test_keys_sent_but_not_reported_count_until_a_report_after_their_prefill():
-    t = time.time()
+def test_keys_sent_count_until_reports_surely_show_them():
     v = view([])
-    v.pending["r1"] = Pending(D[:3], routed_at=t)
+    v.add_pending("r1", Pending(D[:3], routed_at=100.0))
     assert v.run_of(D[:3]) == 3
-    v.report(D[0], at=t + 1)  # a report taken before r1 prefilled: r1 still counts
+    v.expire(150.0)  # not prefilled yet, within the TTL: still counts
     assert v.run_of(D[:3]) == 3
-    v.pending["r1"].prefilled_at = t + 2
-    v.report(b"".join(D[:3]), at=t + 2.5)  # its blocks reported: the report alone says
-    assert "r1" not in v.pending and v.run_of(D[:3]) == 3
-    v.report(D[0], at=t + 2.4)  # an older report is ignored
+    v.pending["r1"].prefilled_at = 151.0
+    v.expire(151.0 + REPORT_GRACE_S / 2)  # prefilled, a report may not show it yet
     assert v.run_of(D[:3]) == 3
-    v.pending["r2"] = Pending(D[3:5], routed_at=t - 1000)  # never answered: forgotten
-    v.report(b"".join(D[:3]), at=t + 3)
-    assert "r2" not in v.pending
+    v.expire(151.0 + REPORT_GRACE_S + 0.1)  # reports say it now, alone
+    assert v.run_of(D[:3]) == 0 and not v.pending
+    v.add_pending("r2", Pending(D[:2], routed_at=0.0))
+    v.add_pending("r3", Pending(D[:1], routed_at=0.0))
+    v.drop_pending("r2")
+    assert v.run_of(D[:2]) == 1  # r3 still holds D[0]
+    v.expire(PENDING_TTL_S + 1)  # never answered: forgotten
+    assert not v.pending and v.run_of(D[:1]) == 0
+    for i in range(MAX_PENDING + 5):  # bounded: the oldest go
+        v.add_pending(f"q{i}", Pending(D[:1], routed_at=0.0))
+    assert len(v.pending) == MAX_PENDING and "q0" not in v.pending
+
+
+def test_a_burst_is_placed_as_it_is_chosen_and_the_imbalance_bound_holds():
+    """Concurrent routing tasks see each other's choices: keys and load count from the choice,
+    before Ray's accept round trip; Ray sending it elsewhere moves them; completion ends them."""
+    pytest.importorskip("ray.serve")
+    from kvserve.cluster.routing import RouteInfo, RoutingState
+
+    s = RoutingState()
+    routes = [RouteInfo(f"r{i}", tuple(D[:3]), 16) for i in range(4)]
+    picks = [s.choose(["x", "y"], r, max_imbalance=1) for r in routes]
+    first = picks[0].replica
+    other = "y" if first == "x" else "x"
+    assert [p.replica for p in picks] == [first, first, other, other]
+    assert [p.reason for p in picks] == ["no-match", "prefix", "load", "prefix"]
+    assert s.views[first].in_flight == 2 and s.views[other].in_flight == 2
+    s.on_routed(other, "internal-1", routes[1])  # Ray had to send r1 elsewhere
+    assert s.views[first].in_flight == 1 and s.views[other].in_flight == 3
+    assert "r1" in s.views[other].pending and "r1" not in s.views[first].pending
+    s.on_completed("internal-1")
+    assert s.views[other].in_flight == 2
+    s.forget("r2", keys_too=True)  # ended before any output: its keys were never computed
+    assert "r2" not in s.views[other].pending
+    avoid = RouteInfo("r9", tuple(D[:3]), 16, avoid=(first,))
+    assert s.choose(["x", "y"], avoid, max_imbalance=8).replica == other
