@@ -16,10 +16,10 @@ requests a p99 is the maximum);
 throughput = output tokens / wall time; load balance = the busiest replica's share of requests
 and of prefill tokens (queried - hit, from /metrics), against 1/N for a perfect balance.
 
-Each round starts every router on a fresh cluster (empty caches: checked, the run stops if a
-replica reports a cached token before the trace, after a few warm-up requests of another tenant
-off the record; and if one replica's pool could hold the trace's distinct blocks, from the usage:
-routing could not matter then); routers run in a rotated order each round;
+Each round starts every router on a fresh cluster. The run stops if a replica reports a cached
+token before a few warm-up requests of another tenant (whose blocks the trace cannot hit) run
+off the record, or if one replica's pool could hold the trace's distinct blocks (counted from
+the usage: routing could not matter then). Routers run in a rotated order each round;
 the table shows medians over --rounds.
 """
 
@@ -168,6 +168,7 @@ def run_router(router: str, args, chats: list[list[dict]]) -> dict:
              "--max-model-len", str(args.max_model_len), "--max-num-seqs",
              str(args.max_num_seqs), *(f for t in range(args.tenants)
                                       for f in ("--api-key", f"tenant-{t}")),
+             "--api-key", "warm-up",
              *(("--router-max-imbalance", imbalance) if imbalance else ())]
     proc, port = launch(flags)
     try:
@@ -176,17 +177,18 @@ def run_router(router: str, args, chats: list[list[dict]]) -> dict:
             if time.monotonic() > deadline:
                 raise SystemExit("premise: the replicas never reported")
             time.sleep(0.5)
-        for i in range(2 * args.replicas):  # warm-up: first forward passes, off the record
-            one_request(port, {"key": "warm-up", "body": {
-                "messages": [{"role": "user", "content": f"Warm-up {i}: say hi."}],
-                "max_tokens": 2, "stream": True, "stream_options": {"include_usage": True}}})
-        before = metrics(port)
-        pool = per_replica(before, "kvserve_replica_kv_cache_blocks_total")
-        cached0 = sum(per_replica(before, "kvserve_replica_prefix_cache_hit_tokens_total")
+        cold = metrics(port)
+        cached0 = sum(per_replica(cold, "kvserve_replica_prefix_cache_hit_tokens_total")
                       .values())
         if cached0:
             raise SystemExit(f"premise: {router}'s cluster had {cached0} cached tokens before "
                              "the trace")
+        for i in range(2 * args.replicas):  # warm-up: first forward passes, off the record
+            one_request(port, {"key": "warm-up", "body": {  # (another tenant: no trace hit)
+                "messages": [{"role": "user", "content": f"Warm-up {i}: say hi."}],
+                "max_tokens": 2, "stream": True, "stream_options": {"include_usage": True}}})
+        before = metrics(port)
+        pool = per_replica(before, "kvserve_replica_kv_cache_blocks_total")
         results, lock = [], threading.Lock()
         ready = list(range(len(chats)))  # conversations whose next turn may be sent
         progress = [0] * len(chats)

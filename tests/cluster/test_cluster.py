@@ -193,6 +193,23 @@ def test_a_burst_sharing_a_new_prefix_lands_on_one_replica(cluster):
     assert moved[-1] == 4, (before, after)
 
 
+def test_a_client_that_goes_away_ends_its_request_on_the_replica(cluster):
+    body = {"messages": [{"role": "user", "content": "Write a long story."}],
+            "max_tokens": 400, "ignore_eos": True, "temperature": 0, "stream": True}
+    with requests.post(cluster.base_url + "/chat/completions", json=body, stream=True,
+                       headers={"Authorization": f"Bearer {KEYS[0]}"}, timeout=60) as r:
+        for line in r.iter_lines():  # until its first token
+            if line.startswith(b"data: {") and any(
+                    c["delta"].get("content") for c in json.loads(line[6:])["choices"]):
+                break
+    # gone after a token: 400 tokens would take far longer than this wait
+    def running() -> float:
+        return sum(by_label(metric_values(cluster), "kvserve_replica_num_requests_running")
+                   .values())
+
+    assert cluster.wait_until(lambda: running() == 0, 10), running()
+
+
 def test_a_killed_replica_loses_no_request_that_had_not_started_streaming(cluster):
     values = metric_values(cluster)
     pids = by_label(values, "kvserve_replica_pid")
