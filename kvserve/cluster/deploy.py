@@ -70,6 +70,7 @@ def build_application(engine: EngineConfig, server: ServerConfig, cluster: Clust
         ray_actor_options={"num_cpus": cluster.replica_cpus,  # Ray gives each its own GPU
                            **({"num_gpus": 1} if engine.device.startswith("cuda") else {})},
         request_router_config=router, health_check_period_s=2.0, health_check_timeout_s=30.0,
+        max_constructor_retry_count=3,  # a bad setting fails alike every time: say so soon
         graceful_shutdown_timeout_s=server.shutdown_timeout_s,
         logging_config={"enable_access_log": False})
     ingress = serve.deployment(  # kvserve's own access log, as the single-process server's
