@@ -93,13 +93,17 @@ def start(engine: EngineConfig, server: ServerConfig, cluster: ClusterConfig,
             ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=not quiet,
                      configure_logging=not quiet)
         else:
-            ray.init(address=cluster.ray_address, log_to_driver=not quiet)
+            try:
+                ray.init(address=cluster.ray_address, log_to_driver=not quiet)
+            except (ConnectionError, RuntimeError, ValueError) as err:
+                raise KVServeError(f"cannot join the Ray cluster at --ray-address "
+                                   f"{cluster.ray_address!r}: {str(err).splitlines()[0]}") from None
     serve.start(http_options={"host": server.host, "port": server.port})
     try:
         serve.run(build_application(engine, server, cluster), name=APP_NAME, route_prefix="/")
     except RuntimeError as err:
         problem = _start_failure() or str(err)
-        stop()
+        stop(shared=cluster.ray_address is not None)
         raise KVServeError(f"the replicas failed to start: {problem}") from None
 
 
@@ -122,13 +126,16 @@ def _start_failure() -> str | None:
     return None
 
 
-def stop() -> None:
+def stop(shared: bool = False) -> None:
+    """Delete the application; on a Ray instance of our own (not `shared`, a cluster joined
+    with --ray-address) stop Serve too. Then disconnect."""
     import ray
 
     try:
         serve.delete(APP_NAME)
     finally:
-        serve.shutdown()
+        if not shared:
+            serve.shutdown()
         ray.shutdown()
 
 
@@ -144,5 +151,5 @@ def serve_cluster(engine: EngineConfig, server: ServerConfig, cluster: ClusterCo
         signal.signal(sig, lambda *_: done.set())
     done.wait()
     print("kvserve: stopping the replicas", file=sys.stderr, flush=True)
-    stop()
+    stop(shared=cluster.ray_address is not None)
     return 0
