@@ -31,17 +31,15 @@ import json
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 from bench_core import log, machine_info
+from bench_serve import launch as serve_launch
 
-ROOT = Path(__file__).resolve().parents[1]
 ROUTERS = ("round-robin", "pow2", "cache-aware", "cache-aware@0")
 TOPICS = ("shipping", "billing", "warranty", "returns", "security", "travel", "insurance",
           "payroll")
@@ -49,33 +47,9 @@ WORDS = ("account order parcel invoice refund policy customer agent ticket deliv
          "receipt coupon balance warranty claim courier station schedule route").split()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(flags: list[str]) -> tuple[subprocess.Popen, int]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kvserve.cli", "serve", "--port", str(port), "--log-level",
-         "warning", "--no-access-log", *flags],
-        env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the cluster exited with {proc.returncode}")
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            conn.request("GET", "/health")
-            if conn.getresponse().status == 200:
-                return proc, port
-        except OSError:
-            pass
-        time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)
-    raise SystemExit("the cluster did not start")
+    """`kvserve serve` with these flags (default dtype, no access log), once /health answers."""
+    return serve_launch(["--no-access-log", *flags], dtype=None, quiet=True, timeout_s=300)
 
 
 def stop(proc: subprocess.Popen) -> None:

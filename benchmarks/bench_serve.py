@@ -50,14 +50,18 @@ def start_server(max_num_seqs: int) -> tuple[subprocess.Popen, int]:
 
 
 def launch(flags: list[str], env: dict[str, str] | None = None,
-           log_level: str = "warning") -> tuple[subprocess.Popen, int]:
-    """`kvserve serve` (float32) with these flags on a free port, once /health answers."""
+           log_level: str = "warning", dtype: str | None = "float32", quiet: bool = False,
+           timeout_s: float = 180) -> tuple[subprocess.Popen, int]:
+    """`kvserve serve` (--dtype dtype; None: the default) with these flags on a free port, once
+    /health answers. quiet: stdout too is dropped, and the server gets a process group of its
+    own (a cluster's Ray processes can be ended with it)."""
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "kvserve.cli", "serve", "--port", str(port), "--log-level",
-         log_level, "--dtype", "float32", *flags],
-        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 180
+         log_level, *(("--dtype", dtype) if dtype else ()), *flags],
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL if quiet else None, start_new_session=quiet)
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"server exited with {proc.returncode}")
@@ -69,7 +73,10 @@ def launch(flags: list[str], env: dict[str, str] | None = None,
         except OSError:
             pass
         time.sleep(0.25)
-    proc.kill()
+    if quiet:
+        os.killpg(proc.pid, signal.SIGKILL)
+    else:
+        proc.kill()
     raise SystemExit("server did not start")
 
 

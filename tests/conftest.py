@@ -59,3 +59,41 @@ def server_factory(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_flags(tiny_hf_dir) -> tuple[str, ...]:
     return ("--model", str(tiny_hf_dir), "--block-size", "4", "--kv-cache-memory", "4MiB")
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A real redis-server on a free loopback port (installed by scripts/setup.sh --test);
+    yields (url, restart) and stops it at the end."""
+    import shutil
+    import socket
+    import subprocess
+    import time
+
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.skip("redis-server is not installed (scripts/setup.sh --test installs it)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+
+    def start():
+        procs.append(subprocess.Popen(
+            [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+             "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL))
+        for _ in range(100):
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    return
+            time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop():
+        procs[-1].terminate()
+        procs[-1].wait(10)
+
+    start()
+    yield f"redis://127.0.0.1:{port}/0", start, stop
+    if procs[-1].poll() is None:
+        stop()

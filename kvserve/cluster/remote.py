@@ -30,6 +30,7 @@ from kvserve.engine.stream import (
     SequenceInput,
     StreamOutput,
     Submission,
+    read_outputs,
 )
 from kvserve.errors import InvalidRequestError
 from kvserve.request import SamplingParams, check_text_length
@@ -216,19 +217,8 @@ class RemoteEngine:
         flight.queued.clear()
         ROUTING.forget(flight.seqs[0].request_id, keys_too=not flight.delivered)
 
-    async def outputs(self, submission: Submission) -> AsyncIterator[StreamOutput]:
-        unfinished = set(submission.request_ids)
-        try:
-            while unfinished:
-                out = await submission.sink.get()
-                if isinstance(out, BaseException):
-                    raise out
-                if out.finished:
-                    unfinished.discard(out.request_id)
-                yield out
-        finally:
-            for request_id in unfinished:
-                self.abort(request_id)
+    def outputs(self, submission: Submission) -> AsyncIterator[StreamOutput]:
+        return read_outputs(submission, self.abort)
 
     # -- one submission's life -----------------------------------------------------------------
     def _route(self, flight: _Flight) -> RouteInfo:

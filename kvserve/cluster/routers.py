@@ -52,7 +52,6 @@ class CacheAwareRouter(_Reporting, RequestRouter):
         route = routing.route_of(pending_request)
         if route is None or not candidate_replicas:  # describe / check calls: anyone
             return [list(candidate_replicas)]
-        routing.ROUTING.refresh(list(self.curr_replicas.values()))
         by_tag = {routing.replica_tag(r.replica_id): r for r in candidate_replicas}
         c = routing.ROUTING.choose(list(by_tag), route, getattr(self, "max_imbalance",
                                                           DEFAULT_MAX_IMBALANCE))

@@ -32,6 +32,7 @@ from kvserve.engine.stream import (
     SequenceInput,
     StreamOutput,
     Submission,
+    read_outputs,
 )
 from kvserve.request import FinishReason, Request, SamplingParams
 
@@ -213,22 +214,11 @@ class AsyncLLMEngine:
                 self._commands.put(_Abort(request_id))
         self._wake.set()
 
-    async def outputs(self, submission: Submission) -> AsyncIterator[StreamOutput]:
+    def outputs(self, submission: Submission) -> AsyncIterator[StreamOutput]:
         """The outputs of submitted sequences (the n samples of some prompts), interleaved as
         the engine makes them, until all finish. Leaving early (a client that disconnects, a
         cancelled task) or a refused sequence aborts every one still running."""
-        unfinished = set(submission.request_ids)
-        try:
-            while unfinished:
-                out = await submission.sink.get()
-                if isinstance(out, BaseException):
-                    raise out
-                if out.finished:
-                    unfinished.discard(out.request_id)
-                yield out
-        finally:
-            for request_id in unfinished:
-                self.abort(request_id)
+        return read_outputs(submission, self.abort)
 
     # -- the engine thread ---------------------------------------------------------------------
     def _run(self) -> None:

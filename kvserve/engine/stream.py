@@ -5,6 +5,7 @@ and EngineStats out (all immutable), and the errors a caller can get. No engine 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from kvserve.errors import KVServeError
@@ -73,3 +74,22 @@ class SequenceInput:
 class Submission:
     sink: asyncio.Queue
     request_ids: set[str]
+
+
+async def read_outputs(submission: Submission,
+                       abort: Callable[[str], None]) -> AsyncIterator[StreamOutput]:
+    """A submission's outputs as they come, until every sequence has finished; an exception in
+    the sink is raised. Leaving early (a client that disconnects, a cancelled task) or a refused
+    sequence calls abort for every sequence still running."""
+    unfinished = set(submission.request_ids)
+    try:
+        while unfinished:
+            out = await submission.sink.get()
+            if isinstance(out, BaseException):
+                raise out
+            if out.finished:
+                unfinished.discard(out.request_id)
+            yield out
+    finally:
+        for request_id in unfinished:
+            abort(request_id)

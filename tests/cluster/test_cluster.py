@@ -265,31 +265,6 @@ def test_a_killed_replica_loses_no_request_that_had_not_started_streaming(cluste
     assert chat(cluster, "Still there?")["choices"][0]["finish_reason"] == "length"
 
 
-@pytest.fixture
-def redis_url(tmp_path):
-    import shutil
-    import socket
-    import subprocess
-
-    exe = shutil.which("redis-server")
-    if exe is None:
-        pytest.skip("redis-server is not installed (scripts/setup.sh --test installs it)")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(tmp_path)],
-                            stdout=subprocess.DEVNULL)
-    for _ in range(100):
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        time.sleep(0.05)
-    yield f"redis://127.0.0.1:{port}/0"
-    proc.terminate()
-    proc.wait(10)
-
-
 def redis_hits(server) -> dict[str, float]:
     """Blocks each replica found in the Redis tier (replicas with none left out)."""
     return {k: v for k, v in metric_values(server).items()
@@ -297,9 +272,10 @@ def redis_hits(server) -> dict[str, float]:
             and v > 0}
 
 
-def test_replicas_share_a_redis_tier_never_across_tenants(tmp_path, redis_url):
+def test_replicas_share_a_redis_tier_never_across_tenants(tmp_path, redis_server):
+    url, _, _ = redis_server
     server = start_server(tmp_path, *CLUSTER, "--router", "round-robin",
-                          "--cpu-offload-memory", "32MiB", "--redis-url", redis_url)
+                          "--cpu-offload-memory", "32MiB", "--redis-url", url)
     try:
         system = system_prompt(31)
         chat(server, "First?", system)  # one replica computes it; it is put in Redis

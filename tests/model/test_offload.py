@@ -192,44 +192,6 @@ def test_another_format_never_reads_these_entries(tiny_hf_dir, tmp_path):
     assert not dst.exists()
 
 
-@pytest.fixture
-def redis_server(tmp_path):
-    """A real redis-server on a free loopback port (installed by scripts/setup.sh --test);
-    yields (url, restart) and stops it at the end."""
-    import shutil
-    import socket
-    import subprocess
-    import time
-
-    exe = shutil.which("redis-server")
-    if exe is None:
-        pytest.skip("redis-server is not installed (scripts/setup.sh --test installs it)")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
-
-    def start():
-        procs.append(subprocess.Popen(
-            [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
-             "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL))
-        for _ in range(100):
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    return
-            time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
-
-    def stop():
-        procs[-1].terminate()
-        procs[-1].wait(10)
-
-    start()
-    yield f"redis://127.0.0.1:{port}/0", start, stop
-    if procs[-1].poll() is None:
-        stop()
-
-
 def redis_llm(tiny_hf_dir, url, **kwargs):
     """Host tier of 12 blocks and the shared Redis; recomputing made dear (see disk_llm)."""
     llm = make(tiny_hf_dir, cpu_offload_memory=12 * KVLayout(
