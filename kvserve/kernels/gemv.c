@@ -1757,15 +1757,19 @@ int kv_gemv_q(int fmt, int group, const void *codes, const uint8_t *hbits, const
 
 /* W dequantized into out [n, k] float32 (prefill-sized batches: the product then runs in
  * torch's float32 GEMM over a weight dequantized once per call). */
-void kv_dequantize_q(int fmt, int group, const void *codes, const uint8_t *hbits,
-                     const void *scale_p, const float *scale_sb, const void *mins_p,
-                     const float *mins_sb, int kind, float *out, int n, int k) {
+/* rows: the weight rows to dequantize, out's row i from weight row rows[i] (an embedding's
+ * token rows); NULL: rows 0..n-1 */
+void kv_dequantize_rows_q(int fmt, int group, const void *codes, const uint8_t *hbits,
+                          const void *scale_p, const float *scale_sb, const void *mins_p,
+                          const float *mins_sb, int kind, const int64_t *rows, float *out, int n,
+                          int k) {
   int nb = k / QB;
   sv_t scale = sv_make(scale_p, scale_sb, kind, group), mins = sv_make(mins_p, mins_sb, kind, QB);
-  _Pragma("omp parallel for schedule(static) num_threads(kv_team())")
-  for (int r = 0; r < n; r++)
+  _Pragma("omp parallel for schedule(static) num_threads(kv_team()) if (n > 4)")
+  for (int i = 0; i < n; i++)
     for (int b = 0; b < nb; b++) {
-      float w[QB], *o = out + (size_t)r * k + (size_t)b * QB;
+      size_t r = rows ? (size_t)rows[i] : (size_t)i;
+      float w[QB], *o = out + (size_t)i * k + (size_t)b * QB;
       if (fmt == 4) {
         const uint8_t *c = (const uint8_t *)codes + (size_t)r * (k / 2) + (size_t)b * (QB / 2);
         float d = sv1(scale, (size_t)r * nb + b), mn = sv1(mins, (size_t)r * nb + b);
@@ -1802,6 +1806,12 @@ void kv_dequantize_q(int fmt, int group, const void *codes, const uint8_t *hbits
         for (int j = 0; j < QB; j++) o[j] = w[j] * sv1(scale, s0 + j / group) + mn;
       }
     }
+}
+void kv_dequantize_q(int fmt, int group, const void *codes, const uint8_t *hbits,
+                     const void *scale_p, const float *scale_sb, const void *mins_p,
+                     const float *mins_sb, int kind, float *out, int n, int k) {
+  kv_dequantize_rows_q(fmt, group, codes, hbits, scale_p, scale_sb, mins_p, mins_sb, kind, NULL,
+                       out, n, k);
 }
 
 /* The two halves of a decode layer around attention, one call each (each call from Python costs

@@ -172,7 +172,7 @@ class LlamaModel:
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         """[num_tokens] -> [num_tokens, hidden] in the activation dtype (a fresh tensor)."""
         if isinstance(self.embed, QuantWeight):  # the rows, dequantized in C where it runs
-            h = cpu_kernels.dequantize(self.embed.rows(input_ids)).to(self.act_dtype)
+            h = cpu_kernels.dequantize_rows(self.embed, input_ids).to(self.act_dtype)
         else:
             h = self.embed[input_ids].to(self.act_dtype)
         if self.spec.embed_scale is not None:  # Gemma: times sqrt(hidden), in the weights' dtype

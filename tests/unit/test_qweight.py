@@ -186,6 +186,9 @@ def test_products_accumulate_into_y_and_dequantize_in_c_equals_the_reference(fmt
     assert_within_int16_rounding(y - y0, x.double() @ w.dequantize().double().t(), x, w, True)
     assert_close_to_float32_rounding(y - y0, rounded_activation_linear(x, w), x, w)
     assert torch.equal(cpu.dequantize(w), w.dequantize())
+    ids = torch.tensor([32, 0, 7, 7, 31, 2], dtype=torch.long)  # repeats, any order
+    for pick in (ids, ids[:1], ids[:0]):  # one row (decode), none
+        assert torch.equal(cpu.dequantize_rows(w, pick), w.rows(pick).dequantize())
 
 
 def test_rows_and_cat_keep_blocks_whole():
