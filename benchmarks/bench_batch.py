@@ -139,7 +139,7 @@ def matmul_flops(model, prompts: list[list[int]], new_tokens: int) -> float:
     token through every layer, one LM-head row per sampled token."""
     # shapes, not tensors: matrices may be kept in GGUF blocks (QuantWeight)
     layer = 2 * sum(math.prod(x.shape) for lw in model.layers for x in vars(lw).values()
-                    if len(x.shape) == 2)
+                    if x is not None and len(x.shape) == 2)  # optional parts may be None
     head = 2 * math.prod(model.lm_head.shape)
     tokens = sum(len(p) for p in prompts) + len(prompts) * (new_tokens - 1)
     return tokens * layer + len(prompts) * new_tokens * head
