@@ -1322,17 +1322,17 @@ static void q5_row(const uint8_t *codes, const uint8_t *hb, sv_t scale, const qx
 #endif
 
 #ifdef KV_AVX2
-/* The batch-1 kernels take 4 weight rows per call but read them one after the other, in address
- * order, prefetching PF_BYTES ahead of the row being read. Reading the 4 rows side by side (a
- * block of each in turn, as before 2026-11-28) streamed ~30% slower on this machine: with plain
- * loads alone, 11-13 GB/s against 14-17 for the same bytes in address order. On the default
- * model the LM head (q8, 30 MB) went from 2.2-3.3 ms to 1.4-2.0 ms and its 120 q4 layer products
- * from 3.8-6.0 ms to 3.1-4.8 (interleaved A/B, medians of 21 runs each; 1,024 to 4,096 bytes
- * ahead did about as well). Each row's sums are taken in the same order as before: the results
- * are bit for bit the same. */
+/* The batch-1 kernels take 4 weight rows per call and read them one after the other rather
+ * than side by side (a block of each in turn, the order before d93cdf4), prefetching PF_BYTES
+ * ahead of the row being read: q4/q5 each whole row in turn, q8 each row's 8-block group (256
+ * bytes) in turn. Plain loads in the side-by-side order streamed ~30% slower on this machine
+ * (11-13 GB/s against 14-17 in address order). On the default model the LM head (q8, 30 MB)
+ * went from 2.27 to 1.55 ms and its 120 q4 layer products from 4.50 to 4.10 ms (interleaved A/B,
+ * medians of 21 runs each; 1,024 to 4,096 bytes ahead did about as well). Each row's sums are
+ * taken in the same order as before: the results are bit for bit the same. */
 #define PF_BYTES 2048
-/* q8 at batch 1: one row of X against 4 weight rows (codes_r = codes + r * code_row), read one
- * after the other, the 4 results leaving through one horizontal-add tree. */
+/* q8 at batch 1: one row of X against 4 weight rows (codes_r = codes + r * code_row), each
+ * group of 8 blocks read row after row, the 4 results leaving through one horizontal-add tree. */
 /* Weight row R's blocks of this group of 8: G16 (Q6_K's 16-value scale groups) scales the two
  * 16-code halves of a block apart, else one scale per block. */
 #define Q8ROW_BLOCKS(R, ACC)                                                                      \
@@ -1766,9 +1766,9 @@ void kv_dequantize_rows_q(int fmt, int group, const void *codes, const uint8_t *
   int nb = k / QB;
   sv_t scale = sv_make(scale_p, scale_sb, kind, group), mins = sv_make(mins_p, mins_sb, kind, QB);
   _Pragma("omp parallel for schedule(static) num_threads(kv_team()) if (n > 4)")
-  for (int i = 0; i < n; i++)
+  for (int i = 0; i < n; i++) {
+    size_t r = rows ? (size_t)rows[i] : (size_t)i;
     for (int b = 0; b < nb; b++) {
-      size_t r = rows ? (size_t)rows[i] : (size_t)i;
       float w[QB], *o = out + (size_t)i * k + (size_t)b * QB;
       if (fmt == 4) {
         const uint8_t *c = (const uint8_t *)codes + (size_t)r * (k / 2) + (size_t)b * (QB / 2);
@@ -1806,6 +1806,7 @@ void kv_dequantize_rows_q(int fmt, int group, const void *codes, const uint8_t *
         for (int j = 0; j < QB; j++) o[j] = w[j] * sv1(scale, s0 + j / group) + mn;
       }
     }
+  }
 }
 void kv_dequantize_q(int fmt, int group, const void *codes, const uint8_t *hbits,
                      const void *scale_p, const float *scale_sb, const void *mins_p,
