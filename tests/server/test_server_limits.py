@@ -56,14 +56,33 @@ def _stream(server, body: dict) -> tuple[http.client.HTTPConnection, http.client
     return conn, conn.getresponse()
 
 
+def _fill_the_queue(server, body: dict, tries: int = 3):
+    """One request running (the only slot, its stream left unread) and one waiting (the queue
+    of 1 full). The running one can finish before the waiting one is queued on a slow machine:
+    then both are let go and the pair is tried again. Returns (stream conn, waiting thread)."""
+    for _ in range(tries):
+        conn, resp = _stream(server, body)
+        assert resp.readline().startswith(b"data: ")
+        waiting = threading.Thread(target=_completion, args=(server, None), kwargs=body)
+        waiting.start()
+        def queued(waiting=waiting) -> bool:
+            return (server.metrics()["kvserve_num_requests_waiting"] == 1
+                    or not waiting.is_alive())
+
+        if server.wait_until(queued, timeout_s=60):
+            if waiting.is_alive():
+                return conn, waiting
+        conn.close()
+        waiting.join(60)
+        assert server.wait_until(lambda: server.metrics()["kvserve_num_requests_running"] == 0)
+    pytest.fail(f"no request was ever seen waiting in {tries} tries")
+
+
 def test_full_queue_answers_429_with_retry_after(server_factory, tiny_flags):
     server = server_factory(*tiny_flags, "--max-num-seqs", "1", "--max-queue", "1")
-    long = {"prompt": TOKENS[:4], "max_tokens": 200, "temperature": 0, "ignore_eos": True}
-    conn, resp = _stream(server, long)  # runs (the only slot)
-    assert resp.readline().startswith(b"data: ")
-    waiting = threading.Thread(target=_completion, args=(server, None), kwargs=long)
-    waiting.start()  # waits: the queue is now full
-    assert server.wait_until(lambda: server.metrics()["kvserve_num_requests_waiting"] == 1)
+    # 4 + 250 tokens: as long as the tiny model's 256 positions allow
+    long = {"prompt": TOKENS[:4], "max_tokens": 250, "temperature": 0, "ignore_eos": True}
+    conn, waiting = _fill_the_queue(server, long)
     r = _completion(server, None, prompt=TOKENS[:4])
     assert r.status_code == 429
     assert int(r.headers["Retry-After"]) >= 1
