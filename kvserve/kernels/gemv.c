@@ -1658,6 +1658,190 @@ static void q_row_portable(int fmt, int group, const void *codes, const uint8_t 
 }
 #endif
 
+#ifdef KV_AVX2
+/* Quantized weights against many rows of X (batched decode past a few rows, and prefill): a
+ * GEMM on packed integer panels. X is rounded to int16 per 32-value block exactly as for the
+ * per-row kernels above (qx_init), so the two paths compute the same products; they differ only
+ * in the order their sums are taken. Each thread takes panels of PANEL weight rows; a panel's
+ * codes are widened to int16 once per call and laid out pair-major, [k / 2][PANEL] int32 words
+ * of two adjacent codes, so that one vpmaddwd of a panel word vector and a broadcast pair of X
+ * gives 8 weight rows' partial sums, with no horizontal sums. Integer sums run over one scale
+ * group (32 or 16 values; |sum| < 32 * 32767 * 128 < 2^31), then are scaled into float32
+ * accumulators: out += (w_scale * x_step) * int_sum, plus min * (X's exact float block sum) for
+ * q4/q5. A tile is GEMM_MR rows of X by the PANEL weight rows. */
+#define PANEL 16
+#define GEMM_MR 4
+/* q_gemv hands batches of at least this many rows to q_gemm (measured crossover: 8) */
+#define GEMM_MIN_M 8
+/* and cpu.linear takes batches up to this many rows here rather than to torch's float32 GEMM
+ * over the dequantized weight (measured crossover: ~600 rows) */
+#define GEMM_MAX_M 512
+
+/* 8 rows of 8 int32 (row i at src + i * lds) written transposed: dst + i * ldd gets column i */
+static inline void transpose8_epi32(const int32_t *src, size_t lds, int32_t *dst, size_t ldd) {
+  __m256i r[8], t[8];
+  for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_si256((const __m256i *)(src + i * lds));
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    r[i] = _mm256_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm256_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm256_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int i = 0; i < 4; i++) {
+    _mm256_storeu_si256((__m256i *)(dst + i * ldd), _mm256_permute2x128_si256(r[i], r[i + 4], 0x20));
+    _mm256_storeu_si256((__m256i *)(dst + (i + 4) * ldd),
+                        _mm256_permute2x128_si256(r[i], r[i + 4], 0x31));
+  }
+}
+
+/* Panel of weight rows r0 .. r0 + PANEL - 1 (rows past n: zero codes, zero scales):
+ * rows [PANEL][k] int16 scratch; P [k / 2][PANEL] pairs; S [ng][PANEL] scales; Mn [nb][PANEL]
+ * mins (when mins.p). The 8 x 8 transposes take columns 0-7 of pair-row order to the lanes. */
+static void gemm_pack(int fmt, int group, const void *codes, const uint8_t *hb, sv_t scale,
+                      sv_t mins, int r0, int n, int k, int16_t *rows, int32_t *P, float *S,
+                      float *Mn) {
+  int nb = k / QB, ng = k / group;
+  for (int j = 0; j < PANEL; j++) {
+    int16_t *dst = rows + (size_t)j * k;
+    size_t r = (size_t)(r0 + j);
+    if (r0 + j >= n) {
+      memset(dst, 0, sizeof(int16_t) * (size_t)k);
+      for (int g = 0; g < ng; g++) S[(size_t)g * PANEL + j] = 0.f;
+      if (mins.p)
+        for (int b = 0; b < nb; b++) Mn[(size_t)b * PANEL + j] = 0.f;
+      continue;
+    }
+    for (int b = 0; b < nb; b++) {
+      __m256i w[2];
+      if (fmt == 4)
+        q4_widen16((const uint8_t *)codes + r * (k / 2) + (size_t)b * (QB / 2), w);
+      else if (fmt == 5)
+        q5_widen16((const uint8_t *)codes + r * (k / 2) + (size_t)b * (QB / 2),
+                   hb + r * (k / 8) + (size_t)b * 4, w);
+      else
+        q8_widen16((const int8_t *)codes + r * k + (size_t)b * QB, w);
+      _mm256_storeu_si256((__m256i *)(dst + (size_t)b * QB), w[0]);
+      _mm256_storeu_si256((__m256i *)(dst + (size_t)b * QB + 16), w[1]);
+    }
+    for (int g = 0; g < ng; g++) S[(size_t)g * PANEL + j] = sv1(scale, r * ng + g);
+    if (mins.p)
+      for (int b = 0; b < nb; b++) Mn[(size_t)b * PANEL + j] = sv1(mins, r * nb + b);
+  }
+  int kp = k / 2; /* pairs per row: a multiple of 16 */
+  const int32_t *src = (const int32_t *)rows;
+  for (int j0 = 0; j0 < PANEL; j0 += 8)
+    for (int p0 = 0; p0 < kp; p0 += 8)
+      transpose8_epi32(src + (size_t)j0 * kp + p0, kp, P + (size_t)p0 * PANEL + j0, PANEL);
+}
+
+/* One tile: MR rows of X (xq rows i at xq + i * k; dx, xsum at + i * nb) by a panel; adds the
+ * tile's products into acc [MR][PANEL]. */
+static inline __attribute__((always_inline)) void gemm_tile(
+    const int32_t *P, const float *S, const float *Mn, const int16_t *xq, const float *dx,
+    const float *xs, int k, int group, int MR, float *acc) {
+  int nb = k / QB, ng = k / group, gp = group / 2;
+  __m256 fa[GEMM_MR][2];
+  for (int i = 0; i < MR; i++) fa[i][0] = fa[i][1] = _mm256_setzero_ps();
+  for (int g = 0; g < ng; g++) {
+    __m256i ia[GEMM_MR][2];
+    for (int i = 0; i < MR; i++) ia[i][0] = ia[i][1] = _mm256_setzero_si256();
+    const int32_t *pw = P + (size_t)g * gp * PANEL;
+    const int16_t *xg = xq + (size_t)g * group;
+    for (int p = 0; p < gp; p++) {
+      __m256i w0 = _mm256_loadu_si256((const __m256i *)(pw + p * PANEL));
+      __m256i w1 = _mm256_loadu_si256((const __m256i *)(pw + p * PANEL + 8));
+      for (int i = 0; i < MR; i++) {
+        int32_t pair;
+        memcpy(&pair, xg + (size_t)i * k + 2 * p, 4);
+        __m256i xb = _mm256_set1_epi32(pair);
+        ia[i][0] = _mm256_add_epi32(ia[i][0], _mm256_madd_epi16(w0, xb));
+        ia[i][1] = _mm256_add_epi32(ia[i][1], _mm256_madd_epi16(w1, xb));
+      }
+    }
+    int b = g * group / QB;
+    __m256 s0 = _mm256_loadu_ps(S + (size_t)g * PANEL), s1 = _mm256_loadu_ps(S + (size_t)g * PANEL + 8);
+    for (int i = 0; i < MR; i++) {
+      __m256 d = _mm256_set1_ps(dx[(size_t)i * nb + b]);
+      fa[i][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ia[i][0]), _mm256_mul_ps(s0, d), fa[i][0]);
+      fa[i][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ia[i][1]), _mm256_mul_ps(s1, d), fa[i][1]);
+    }
+    if (Mn && (g + 1) * group % QB == 0) { /* the block's min term, once per 32 values */
+      __m256 m0 = _mm256_loadu_ps(Mn + (size_t)b * PANEL), m1 = _mm256_loadu_ps(Mn + (size_t)b * PANEL + 8);
+      for (int i = 0; i < MR; i++) {
+        __m256 s = _mm256_set1_ps(xs[(size_t)i * nb + b]);
+        fa[i][0] = _mm256_fmadd_ps(m0, s, fa[i][0]);
+        fa[i][1] = _mm256_fmadd_ps(m1, s, fa[i][1]);
+      }
+    }
+  }
+  for (int i = 0; i < MR; i++) {
+    _mm256_storeu_ps(acc + (size_t)i * PANEL, fa[i][0]);
+    _mm256_storeu_ps(acc + (size_t)i * PANEL + 8, fa[i][1]);
+  }
+}
+#define GEMM_TILE_MR(MR)                                                                          \
+  static void gemm_tile##MR(const int32_t *P, const float *S, const float *Mn, const int16_t *xq, \
+                            const float *dx, const float *xs, int k, int group, float *acc) {     \
+    gemm_tile(P, S, Mn, xq, dx, xs, k, group, MR, acc);                                           \
+  }
+GEMM_TILE_MR(1)
+GEMM_TILE_MR(2)
+GEMM_TILE_MR(3)
+GEMM_TILE_MR(4)
+
+
+typedef void (*gemm_tile_fn)(const int32_t *, const float *, const float *, const int16_t *,
+                             const float *, const float *, int, int, float *);
+static const gemm_tile_fn gemm_tiles[GEMM_MR + 1] = {NULL, gemm_tile1, gemm_tile2, gemm_tile3,
+                                                     gemm_tile4};
+
+/* Y [m, n] (+)= X [m, k] @ W^T for any m, X already rounded into q; 0 if scratch failed. */
+static int q_gemm(int fmt, int group, const void *codes, const uint8_t *hb, sv_t scale,
+                  sv_t mins, const qx_t *q, float *Y, int m, int n, int k, int accumulate) {
+  int nb = k / QB, ng = k / group, panels = (n + PANEL - 1) / PANEL, failed = 0;
+  _Pragma("omp parallel num_threads(kv_team())")
+  {
+    size_t bytes = sizeof(int16_t) * PANEL * (size_t)k * 2 + sizeof(float) * PANEL * (ng + nb);
+    char *buf = aligned_alloc(64, (bytes + 63) / 64 * 64);
+    if (!buf) {
+      _Pragma("omp atomic write")
+      failed = 1;
+    }
+    _Pragma("omp barrier")
+    if (!failed) {
+      int16_t *rows = (int16_t *)buf;
+      int32_t *P = (int32_t *)(rows + PANEL * (size_t)k);
+      float *S = (float *)(P + PANEL * (size_t)k / 2), *Mn = S + PANEL * (size_t)ng;
+      _Pragma("omp for schedule(static)")
+      for (int t = 0; t < panels; t++) {
+        int r0 = t * PANEL, cols = n - r0 < PANEL ? n - r0 : PANEL;
+        gemm_pack(fmt, group, codes, hb, scale, mins, r0, n, k, rows, P, S, Mn);
+        for (int i0 = 0; i0 < m; i0 += GEMM_MR) {
+          int mr = m - i0 < GEMM_MR ? m - i0 : GEMM_MR;
+          float acc[GEMM_MR * PANEL];
+          gemm_tiles[mr](P, S, mins.p ? Mn : NULL, q->xq + (size_t)i0 * k, q->dx + (size_t)i0 * nb,
+                         q->xsum + (size_t)i0 * nb, k, group, acc);
+          for (int i = 0; i < mr; i++) {
+            float *y = Y + (size_t)(i0 + i) * n + r0;
+            const float *a = acc + i * PANEL;
+            if (accumulate)
+              for (int j = 0; j < cols; j++) y[j] += a[j];
+            else
+              memcpy(y, a, sizeof(float) * cols);
+          }
+        }
+      }
+    }
+    free(buf);
+  }
+  return !failed;
+}
+#endif
+
 /* Rows of W split across threads; group: values per scale (32, or 16 for q8); mins: NULL or one
  * per block of 32 (required for q4). Returns 0 (Y untouched) if scratch could not be allocated. */
 /* fmt 4 (q4), 5 (q5: hb, its fifth bits [n, k / 8]) or 8 (q8) */
@@ -1672,6 +1856,11 @@ static int q_gemv(int fmt, int group, const void *codes, const uint8_t *hb, sv_t
   int r0 = 0;
   int16_t *xp = NULL;
 #ifdef KV_AVX2
+  if (m >= GEMM_MIN_M) {
+    int ok = q_gemm(fmt, group, codes, hb, scale, mins, &q, Y, m, n, k, accumulate);
+    qx_free(&q);
+    return ok;
+  }
   if (m == 1 && fmt != 8) { /* X in the pair layout of q4_rows4_pair */
     xp = malloc(sizeof(int16_t) * (size_t)(nb + 1) * QB);
     if (!xp) {
@@ -1746,6 +1935,31 @@ static int q_gemv(int fmt, int group, const void *codes, const uint8_t *hb, sv_t
   qx_free(&q);
   return 1;
 }
+/* kv_gemv_q's arguments, any m: the packed-panel GEMM (0 where built without AVX2) */
+int kv_gemm_rows(void) { /* the largest m kv_gemm_q is meant for (0: not built) */
+#ifdef KV_AVX2
+  return GEMM_MAX_M;
+#else
+  return 0;
+#endif
+}
+int kv_gemm_q(int fmt, int group, const void *codes, const uint8_t *hbits, const void *scale,
+              const float *scale_sb, const void *mins, const float *mins_sb, int kind,
+              const float *X, float *Y, int m, int n, int k, int accumulate) {
+#ifdef KV_AVX2
+  int g = fmt == 8 ? group : QB;
+  sv_t s = sv_make(scale, scale_sb, kind, g), mn = sv_make(mins, mins_sb, kind, QB);
+  qx_t q;
+  int ok = qx_init(&q, X, m, k) && q_gemm(fmt, g, codes, hbits, s, mn, &q, Y, m, n, k, accumulate);
+  qx_free(&q);
+  return ok;
+#else
+  (void)fmt; (void)group; (void)codes; (void)hbits; (void)scale; (void)scale_sb; (void)mins;
+  (void)mins_sb; (void)kind; (void)X; (void)Y; (void)m; (void)n; (void)k; (void)accumulate;
+  return 0;
+#endif
+}
+
 /* fmt 4, 5 or 8 (q5: hbits, its fifth bits); scales and mins of kind `kind` (sv_t), with their
  * super-block factors scale_sb / mins_sb for SV_U8 / SV_I8 */
 int kv_gemv_q(int fmt, int group, const void *codes, const uint8_t *hbits, const void *scale,

@@ -137,7 +137,10 @@ def round_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     m, k = x.shape
     blocks = x.float().reshape(m, k // BLOCK, BLOCK)
     amax = blocks.abs().amax(-1)  # [m, k / 32]
-    inv = torch.where(amax > 0, ACTIVATION_LEVELS / amax, torch.zeros_like(amax))
+    # tensor / tensor: rounded once, as C's 32767.f / amax (a Python number / tensor is taken as
+    # a reciprocal times the number, one ulp off at times: a code then differs by one)
+    levels = torch.full_like(amax, ACTIVATION_LEVELS)
+    inv = torch.where(amax > 0, levels / amax, torch.zeros_like(amax))
     codes = torch.round(blocks * inv.unsqueeze(-1))
     return codes, amax / ACTIVATION_LEVELS
 

@@ -11,7 +11,7 @@ from test_engine_tiny import PROMPTS, SHORT_GREEDY, decode_logits, greedy_tokens
 from kvserve import LLM
 from kvserve.errors import ModelLoadError
 from kvserve.kernels import cpu as cpu_kernels
-from kvserve.kernels.qweight import QuantWeight
+from kvserve.kernels.qweight import QuantWeight, rounded_activation_linear
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="C kernels not built")
 
@@ -92,13 +92,17 @@ def test_auto_keeps_blocks_on_cpu_float32_only(gguf_file):
     assert not LLM(model=str(path), dtype="bfloat16").engine.model.weights_as_stored
 
 
-def test_prefill_sized_batches_multiply_dequantized_weights(gguf_file):
-    """Past MAX_M rows the product is torch's GEMM over the C-dequantized weight: the same
-    numbers as the float32 model's."""
+def test_prefill_sized_batches_take_the_panel_gemm_then_dequantized_weights(gguf_file):
+    """Past MAX_M rows, up to kv_gemm_rows(), the product is the int16 panel GEMM (X rounded per
+    block as at decode: rounded_activation_linear); past that, torch's GEMM over the
+    C-dequantized weight: the same numbers as the float32 model's."""
     path, _ = gguf_file
     native = LLM(model=str(path), quantization="gguf")
     w = native.engine.model.layers[0].gate_up
     x = torch.randn(cpu_kernels.MAX_M + 7, w.shape[1])
+    torch.testing.assert_close(cpu_kernels.linear(x, w),
+                               rounded_activation_linear(x, w).float(), rtol=1e-5, atol=1e-5)
+    x = torch.randn(cpu_kernels.load().kv_gemm_rows() + 7, w.shape[1])
     torch.testing.assert_close(cpu_kernels.linear(x, w), x @ w.dequantize().t(),
                                rtol=1e-5, atol=1e-5)
 

@@ -122,7 +122,9 @@ needs_c = pytest.mark.skipif(cpu.load() is None, reason="no C compiler: referenc
 
 
 @needs_c
-@pytest.mark.parametrize("m", [1, 2, 5, 64, 65, 300])  # decode kernel up to MAX_M, then dequantize
+# per-row kernels below 8 rows, the int16 panel GEMM from 8 to kv_gemm_rows() (512), then
+# torch's float32 GEMM over the dequantized weight
+@pytest.mark.parametrize("m", [1, 2, 5, 8, 13, 64, 65, 300, 600])
 # k = 224: 7 blocks, an odd count (the kernel pairs blocks); 1536: 48 blocks, 8 at a time
 @pytest.mark.parametrize("fmt,n,k", [(f, n, k) for f in LAYOUTS for n, k in (
     (1, 32), (7, 96), (5, 224), (130, 576), (9, 1536), (6, 256)) if k % 256 == 0
@@ -133,7 +135,7 @@ def test_products_over_blocks_equal_the_dequantized_reference(fmt, m, n, k):
     x[:, 5] *= 50  # an outlier channel: its blocks get a coarse int16 step
     want = x.double() @ w.dequantize().double().t()
     got = cpu.linear(x, w)
-    decode = m <= cpu.MAX_M
+    decode = m <= cpu.load().kv_gemm_rows()  # X rounded to int16 per block
     assert_within_int16_rounding(got, want, x, w, decode=decode)
     assert_within_int16_rounding(cpu.reference_linear(x, w), want, x, w, decode=False)
     if decode:  # the kernel is its reference's arithmetic: X rounded, then exact products
@@ -150,6 +152,19 @@ def test_activations_round_per_block_to_int16_half_to_even():
     assert codes[0, 0, 0] == -32767 and codes[0, 0, 31] == 32767
     assert torch.equal(codes[1, 0], torch.zeros(32)) and dx[1, 0] == 0
     assert torch.equal(codes[1, 1], torch.full((32,), 32767.0))
+
+
+@needs_c
+@pytest.mark.parametrize("m", [3, 400])  # the per-row kernels, the panel GEMM
+def test_the_kernels_round_activations_exactly_as_the_reference(m):
+    # an identity weight (q8 codes 1 on the diagonal, scale 1) hands back each code times its step
+    w = QuantWeight("q8", torch.eye(32, dtype=torch.int8), torch.ones(32, 1).half(), None, 32)
+    x = torch.randn(m * 8, 32, generator=torch.Generator().manual_seed(m)) * 3
+    codes, dx = round_activations(x)
+    got = torch.cat([cpu.linear(x[i:i + m], w) for i in range(0, x.shape[0], m)])
+    kernel_codes = got.double() / dx.double()  # code * step, rounded once to float32
+    assert float((kernel_codes - kernel_codes.round()).abs().max()) < 0.01
+    assert torch.equal(kernel_codes.round(), codes[:, 0].double())
 
 
 def assert_close_to_float32_rounding(got, want, x, w):
@@ -180,11 +195,13 @@ def assert_within_int16_rounding(got, want, x, w, decode):
 def test_products_accumulate_into_y_and_dequantize_in_c_equals_the_reference(fmt):
     k = 512 if fmt.endswith("_int") else 160
     w = random_weight(fmt, 33, k, seed=3)
-    x, y = torch.randn(4, k), torch.randn(4, 33)
-    y0 = y.clone()
-    cpu.linear_add_(y, x, w)
-    assert_within_int16_rounding(y - y0, x.double() @ w.dequantize().double().t(), x, w, True)
-    assert_close_to_float32_rounding(y - y0, rounded_activation_linear(x, w), x, w)
+    for m in (4, 20):  # the per-row kernels, the panel GEMM
+        x, y = torch.randn(m, k), torch.randn(m, 33)
+        y0 = y.clone()
+        cpu.linear_add_(y, x, w)
+        want = x.double() @ w.dequantize().double().t()
+        assert_within_int16_rounding(y - y0, want, x, w, True)
+        assert_close_to_float32_rounding(y - y0, rounded_activation_linear(x, w), x, w)
     assert torch.equal(cpu.dequantize(w), w.dequantize())
     ids = torch.tensor([32, 0, 7, 7, 31, 2], dtype=torch.long)  # repeats, any order
     for pick in (ids, ids[:1], ids[:0]):  # one row (decode), none
