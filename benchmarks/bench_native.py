@@ -226,9 +226,7 @@ def main(argv: list[str] | None = None) -> None:
 def quality(native: Kvserve, dense: Kvserve, windows: int) -> dict:
     """Perplexity of both kvserve models over `windows` windows of 1,024 tokens of the shipped
     public-domain text (after the KV guardrail's calibration tokens), fed QUALITY_CHUNK positions
-    per forward so every product runs on int16-rounded activations as decode does (64 rows: the
-    panel GEMM batched decode uses; batches past kv_gemm_rows() multiply dequantized weights,
-    identical to the float32 path by construction), plus
+    per forward (64 rows: the int16 panel GEMM that batched decode and short prefills use), plus
     the mean KL divergence of native's next-token distributions from float32's and top-1
     agreement."""
     import math

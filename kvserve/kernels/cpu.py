@@ -300,11 +300,11 @@ def dequantize_rows(weight: QuantWeight, ids: torch.Tensor) -> torch.Tensor:
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """y[m, n] = x[m, k] @ weight[n, k]^T, through gemv.c when m is small on CPU; quantized
-    weights also through its int16 panel GEMM up to kv_gemm_rows() rows (past that, torch's
+    weights through its int16 panel GEMM up to kv_gemm_rows() rows (256; past that, torch's
     float32 GEMM over the weight dequantized into scratch was as fast here)."""
     fn = _gemv_for(weight) if x.device.type == "cpu" and x.dim() == 2 else None
     if fn is _quant_product and MAX_M < x.shape[0] <= _lib.kv_gemm_rows():
-        fn = _quant_gemm  # prefill-sized, but under the crossover to torch's float32 GEMM
+        fn = _quant_gemm  # prefill-sized, under the crossover to torch's float32 GEMM
     elif fn is None or x.shape[0] > MAX_M:
         if isinstance(weight, QuantWeight) and weight.device.type == "cpu":
             return F.linear(x.float(), dequantize(weight, reuse=True)).to(x.dtype)

@@ -1668,14 +1668,26 @@ static void q_row_portable(int fmt, int group, const void *codes, const uint8_t 
  * gives 8 weight rows' partial sums, with no horizontal sums. Integer sums run over one scale
  * group (32 or 16 values; |sum| < 32 * 32767 * 128 < 2^31), then are scaled into float32
  * accumulators: out += (w_scale * x_step) * int_sum, plus min * (X's exact float block sum) for
- * q4/q5. A tile is GEMM_MR rows of X by the PANEL weight rows. */
-#define PANEL 16
-#define GEMM_MR 4
+ * q4/q5. A tile is GEMM_MR rows of X by a panel: 8 integer accumulators. Measured on the default
+ * model's four layer products (2 threads, medians, hand-run harness): 32 x 2 beat 16 x 4,
+ * 24 x 3/4, 32 x 1/3, 40 x 2 and 48/64 x 1 at 32 rows and at 2,048 (137 ms against 175 for
+ * 16 x 4). vpmaddwd ran one a cycle here (a micro-benchmark: 8 vpmaddwd + 8 vpaddd in ~8
+ * cycles, 8 FMAs in ~4), as many products as float32 FMA's two: the gain at batched-decode
+ * sizes comes from reading each weight once per call with no horizontal sums, and past a few
+ * hundred rows torch's float32 GEMM is as fast. */
+#define PANEL 32
+#define GEMM_MR 2
+#define NV (PANEL / 8)
 /* q_gemv hands batches of at least this many rows to q_gemm (measured crossover: 8) */
 #define GEMM_MIN_M 8
-/* and cpu.linear takes batches up to this many rows here rather than to torch's float32 GEMM
- * over the dequantized weight (measured crossover: ~600 rows) */
-#define GEMM_MAX_M 512
+/* cpu.linear takes batches up to GEMM_LINEAR_M rows to kv_gemm_q, larger ones to torch's float32
+ * GEMM over the weight dequantized per call: on ten layers of the default model (2 threads,
+ * interleaved medians, hand-run harness) the GEMM took 5.0 / 10.1 / 17.2 / 36.0 / 134 ms a layer
+ * at 64 / 128 / 256 / 512 / 2,048 rows against torch's 6.8 / 14.2 / 17.5 / 33.8 / 121; a
+ * 2,048-row prefill of the bench_batch mix took 17.0 s against 16.7 */
+#define GEMM_LINEAR_M 256
+/* kv_gemm_q rounds X in chunks of this many rows (the int16 copy's size) */
+#define GEMM_CHUNK_M 2048
 
 /* 8 rows of 8 int32 (row i at src + i * lds) written transposed: dst + i * ldd gets column i */
 static inline void transpose8_epi32(const int32_t *src, size_t lds, int32_t *dst, size_t ldd) {
@@ -1744,44 +1756,41 @@ static inline __attribute__((always_inline)) void gemm_tile(
     const int32_t *P, const float *S, const float *Mn, const int16_t *xq, const float *dx,
     const float *xs, int k, int group, int MR, float *acc) {
   int nb = k / QB, ng = k / group, gp = group / 2;
-  __m256 fa[GEMM_MR][2];
-  for (int i = 0; i < MR; i++) fa[i][0] = fa[i][1] = _mm256_setzero_ps();
+  __m256 fa[GEMM_MR][NV];
+  for (int i = 0; i < MR; i++)
+    for (int v = 0; v < NV; v++) fa[i][v] = _mm256_setzero_ps();
   for (int g = 0; g < ng; g++) {
-    __m256i ia[GEMM_MR][2];
-    for (int i = 0; i < MR; i++) ia[i][0] = ia[i][1] = _mm256_setzero_si256();
+    __m256i ia[GEMM_MR][NV];
+    for (int i = 0; i < MR; i++)
+      for (int v = 0; v < NV; v++) ia[i][v] = _mm256_setzero_si256();
     const int32_t *pw = P + (size_t)g * gp * PANEL;
     const int16_t *xg = xq + (size_t)g * group;
     for (int p = 0; p < gp; p++) {
-      __m256i w0 = _mm256_loadu_si256((const __m256i *)(pw + p * PANEL));
-      __m256i w1 = _mm256_loadu_si256((const __m256i *)(pw + p * PANEL + 8));
+      __m256i w[NV];
+      for (int v = 0; v < NV; v++) w[v] = _mm256_loadu_si256((const __m256i *)(pw + p * PANEL + 8 * v));
       for (int i = 0; i < MR; i++) {
         int32_t pair;
         memcpy(&pair, xg + (size_t)i * k + 2 * p, 4);
         __m256i xb = _mm256_set1_epi32(pair);
-        ia[i][0] = _mm256_add_epi32(ia[i][0], _mm256_madd_epi16(w0, xb));
-        ia[i][1] = _mm256_add_epi32(ia[i][1], _mm256_madd_epi16(w1, xb));
+        for (int v = 0; v < NV; v++) ia[i][v] = _mm256_add_epi32(ia[i][v], _mm256_madd_epi16(w[v], xb));
       }
     }
     int b = g * group / QB;
-    __m256 s0 = _mm256_loadu_ps(S + (size_t)g * PANEL), s1 = _mm256_loadu_ps(S + (size_t)g * PANEL + 8);
-    for (int i = 0; i < MR; i++) {
-      __m256 d = _mm256_set1_ps(dx[(size_t)i * nb + b]);
-      fa[i][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ia[i][0]), _mm256_mul_ps(s0, d), fa[i][0]);
-      fa[i][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ia[i][1]), _mm256_mul_ps(s1, d), fa[i][1]);
+    for (int v = 0; v < NV; v++) {
+      __m256 sv = _mm256_loadu_ps(S + (size_t)g * PANEL + 8 * v);
+      for (int i = 0; i < MR; i++)
+        fa[i][v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ia[i][v]), _mm256_mul_ps(sv, _mm256_set1_ps(dx[(size_t)i * nb + b])), fa[i][v]);
     }
-    if (Mn && (g + 1) * group % QB == 0) { /* the block's min term, once per 32 values */
-      __m256 m0 = _mm256_loadu_ps(Mn + (size_t)b * PANEL), m1 = _mm256_loadu_ps(Mn + (size_t)b * PANEL + 8);
-      for (int i = 0; i < MR; i++) {
-        __m256 s = _mm256_set1_ps(xs[(size_t)i * nb + b]);
-        fa[i][0] = _mm256_fmadd_ps(m0, s, fa[i][0]);
-        fa[i][1] = _mm256_fmadd_ps(m1, s, fa[i][1]);
+    if (Mn && (g + 1) * group % QB == 0) {
+      for (int v = 0; v < NV; v++) {
+        __m256 mv = _mm256_loadu_ps(Mn + (size_t)b * PANEL + 8 * v);
+        for (int i = 0; i < MR; i++)
+          fa[i][v] = _mm256_fmadd_ps(mv, _mm256_set1_ps(xs[(size_t)i * nb + b]), fa[i][v]);
       }
     }
   }
-  for (int i = 0; i < MR; i++) {
-    _mm256_storeu_ps(acc + (size_t)i * PANEL, fa[i][0]);
-    _mm256_storeu_ps(acc + (size_t)i * PANEL + 8, fa[i][1]);
-  }
+  for (int i = 0; i < MR; i++)
+    for (int v = 0; v < NV; v++) _mm256_storeu_ps(acc + (size_t)i * PANEL + 8 * v, fa[i][v]);
 }
 #define GEMM_TILE_MR(MR)                                                                          \
   static void gemm_tile##MR(const int32_t *P, const float *S, const float *Mn, const int16_t *xq, \
@@ -1790,14 +1799,11 @@ static inline __attribute__((always_inline)) void gemm_tile(
   }
 GEMM_TILE_MR(1)
 GEMM_TILE_MR(2)
-GEMM_TILE_MR(3)
-GEMM_TILE_MR(4)
 
 
 typedef void (*gemm_tile_fn)(const int32_t *, const float *, const float *, const int16_t *,
                              const float *, const float *, int, int, float *);
-static const gemm_tile_fn gemm_tiles[GEMM_MR + 1] = {NULL, gemm_tile1, gemm_tile2, gemm_tile3,
-                                                     gemm_tile4};
+static const gemm_tile_fn gemm_tiles[GEMM_MR + 1] = {NULL, gemm_tile1, gemm_tile2};
 
 /* Y [m, n] (+)= X [m, k] @ W^T for any m, X already rounded into q; 0 if scratch failed. */
 static int q_gemm(int fmt, int group, const void *codes, const uint8_t *hb, sv_t scale,
@@ -1935,23 +1941,28 @@ static int q_gemv(int fmt, int group, const void *codes, const uint8_t *hb, sv_t
   qx_free(&q);
   return 1;
 }
-/* kv_gemv_q's arguments, any m: the packed-panel GEMM (0 where built without AVX2) */
-int kv_gemm_rows(void) { /* the largest m kv_gemm_q is meant for (0: not built) */
+int kv_gemm_rows(void) { /* the most rows cpu.linear hands kv_gemm_q (0: not built, no AVX2) */
 #ifdef KV_AVX2
-  return GEMM_MAX_M;
+  return GEMM_LINEAR_M;
 #else
   return 0;
 #endif
 }
+/* kv_gemv_q's arguments, any m: the packed-panel GEMM over chunks of X's rows (returns 0 where
+ * built without AVX2, or when scratch could not be allocated) */
 int kv_gemm_q(int fmt, int group, const void *codes, const uint8_t *hbits, const void *scale,
               const float *scale_sb, const void *mins, const float *mins_sb, int kind,
               const float *X, float *Y, int m, int n, int k, int accumulate) {
 #ifdef KV_AVX2
-  int g = fmt == 8 ? group : QB;
+  int g = fmt == 8 ? group : QB, ok = 1;
   sv_t s = sv_make(scale, scale_sb, kind, g), mn = sv_make(mins, mins_sb, kind, QB);
-  qx_t q;
-  int ok = qx_init(&q, X, m, k) && q_gemm(fmt, g, codes, hbits, s, mn, &q, Y, m, n, k, accumulate);
-  qx_free(&q);
+  for (int i0 = 0; i0 < m && ok; i0 += GEMM_CHUNK_M) {
+    int rows = m - i0 < GEMM_CHUNK_M ? m - i0 : GEMM_CHUNK_M;
+    qx_t q;
+    ok = qx_init(&q, X + (size_t)i0 * k, rows, k) &&
+         q_gemm(fmt, g, codes, hbits, s, mn, &q, Y + (size_t)i0 * n, rows, n, k, accumulate);
+    qx_free(&q);
+  }
   return ok;
 #else
   (void)fmt; (void)group; (void)codes; (void)hbits; (void)scale; (void)scale_sb; (void)mins;

@@ -122,9 +122,9 @@ needs_c = pytest.mark.skipif(cpu.load() is None, reason="no C compiler: referenc
 
 
 @needs_c
-# per-row kernels below 8 rows, the int16 panel GEMM from 8 to kv_gemm_rows() (512), then
-# torch's float32 GEMM over the dequantized weight
-@pytest.mark.parametrize("m", [1, 2, 5, 8, 13, 64, 65, 300, 600])
+# per-row kernels below 8 rows, the int16 panel GEMM from 8 to kv_gemm_rows() (256; past
+# MAX_M without AVX2), then torch's float32 GEMM over the dequantized weight
+@pytest.mark.parametrize("m", [1, 2, 5, 8, 13, 64, 65, 200, 300])
 # k = 224: 7 blocks, an odd count (the kernel pairs blocks); 1536: 48 blocks, 8 at a time
 @pytest.mark.parametrize("fmt,n,k", [(f, n, k) for f in LAYOUTS for n, k in (
     (1, 32), (7, 96), (5, 224), (130, 576), (9, 1536), (6, 256)) if k % 256 == 0
@@ -135,11 +135,25 @@ def test_products_over_blocks_equal_the_dequantized_reference(fmt, m, n, k):
     x[:, 5] *= 50  # an outlier channel: its blocks get a coarse int16 step
     want = x.double() @ w.dequantize().double().t()
     got = cpu.linear(x, w)
-    decode = m <= cpu.load().kv_gemm_rows()  # X rounded to int16 per block
+    decode = m <= max(cpu.MAX_M, cpu.load().kv_gemm_rows())  # X rounded to int16 per block
     assert_within_int16_rounding(got, want, x, w, decode=decode)
     assert_within_int16_rounding(cpu.reference_linear(x, w), want, x, w, decode=False)
     if decode:  # the kernel is its reference's arithmetic: X rounded, then exact products
         assert_close_to_float32_rounding(got, rounded_activation_linear(x, w), x, w)
+
+
+@needs_c
+@pytest.mark.parametrize("fmt", ["q4", "q8_g16_int"])
+def test_the_panel_gemm_takes_rows_in_chunks(fmt):
+    """kv_gemm_q (called directly: linear() takes it only to kv_gemm_rows()) rounds X 2,048 rows
+    at a time: a batch past that equals the reference too."""
+    if not cpu.load().kv_gemm_rows():
+        pytest.skip("built without AVX2")
+    w = random_weight(fmt, 40, 256, seed=5)
+    x = torch.randn(2048 + 37, 256, generator=torch.Generator().manual_seed(5))
+    y = torch.empty(x.shape[0], 40)
+    cpu._quant_gemm(w, x.data_ptr(), y.data_ptr(), x.shape[0], 40, 256, 0)
+    assert_close_to_float32_rounding(y, rounded_activation_linear(x, w), x, w)
 
 
 def test_activations_round_per_block_to_int16_half_to_even():
@@ -155,7 +169,7 @@ def test_activations_round_per_block_to_int16_half_to_even():
 
 
 @needs_c
-@pytest.mark.parametrize("m", [3, 400])  # the per-row kernels, the panel GEMM
+@pytest.mark.parametrize("m", [3, 200])  # the per-row kernels, the panel GEMM
 def test_the_kernels_round_activations_exactly_as_the_reference(m):
     # an identity weight (q8 codes 1 on the diagonal, scale 1) hands back each code times its step
     w = QuantWeight("q8", torch.eye(32, dtype=torch.int8), torch.ones(32, 1).half(), None, 32)
