@@ -135,8 +135,6 @@ def _declare(lib: ctypes.CDLL) -> None:
         "kv_set_fp8_lut": [i32, ptr],
         "kv_gemv_q": [i32, i32, ptr, ptr, ptr, ptr, ptr, ptr, i32, ptr, ptr, i32, i32, i32,
                       i32],  # returns 0: no scratch
-        "kv_gemm_q": [i32, i32, ptr, ptr, ptr, ptr, ptr, ptr, i32, ptr, ptr, i32, i32, i32,
-                      i32],  # returns 0: no scratch (or built without AVX2)
         "kv_dequantize_q": [i32, i32, ptr, ptr, ptr, ptr, ptr, ptr, i32, ptr, i32, i32],
         "kv_dequantize_rows_q": [i32, i32, ptr, ptr, ptr, ptr, ptr, ptr, i32, ptr, ptr, i32, i32],
         "kv_layer_pre": [ptr, ptr, f32, ptr, ptr, ptr, i32, i32, i32, ptr],
@@ -154,7 +152,6 @@ def _declare(lib: ctypes.CDLL) -> None:
         fn = getattr(lib, name)
         fn.argtypes = argtypes
         fn.restype = {"kv_read_sum": ctypes.c_double, "kv_gemv_q": ctypes.c_int,
-                      "kv_gemm_q": ctypes.c_int,
                       "kv_layer_pre": ctypes.c_int,
                       "kv_layer_post": ctypes.c_int, "kv_decode_layers": ctypes.c_int,
                       "kv_paged_decode_attention_f32": ctypes.c_int,
@@ -241,13 +238,6 @@ def _quant_product(w: QuantWeight, x_ptr: int, y_ptr: int, m: int, n: int, k: in
         raise MemoryError("kvserve: no memory for a quantized product's scratch")
 
 
-def _quant_gemm(w: QuantWeight, x_ptr: int, y_ptr: int, m: int, n: int, k: int,
-                accumulate: int) -> None:
-    if not _lib.kv_gemm_q(_FORMATS[w.format], w.group, *_pointers(w), x_ptr, y_ptr, m, n, k,
-                          accumulate):
-        raise MemoryError("kvserve: no memory for a quantized product's scratch")
-
-
 _FORMATS = {"q4": 4, "q5": 5, "q8": 8}  # QuantWeight.format -> gemv.c's fmt / kv_weight kind
 
 
@@ -303,9 +293,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     weights through its int16 panel GEMM up to kv_gemm_rows() rows (256; past that, torch's
     float32 GEMM over the weight dequantized into scratch was as fast here)."""
     fn = _gemv_for(weight) if x.device.type == "cpu" and x.dim() == 2 else None
-    if fn is _quant_product and MAX_M < x.shape[0] <= _lib.kv_gemm_rows():
-        fn = _quant_gemm  # prefill-sized, under the crossover to torch's float32 GEMM
-    elif fn is None or x.shape[0] > MAX_M:
+    # quantized: gemv.c's panel GEMM up to kv_gemm_rows() (under the crossover to torch's GEMM)
+    limit = max(MAX_M, _lib.kv_gemm_rows()) if fn is _quant_product else MAX_M
+    if fn is None or x.shape[0] > limit:
         if isinstance(weight, QuantWeight) and weight.device.type == "cpu":
             return F.linear(x.float(), dequantize(weight, reuse=True)).to(x.dtype)
         return reference_linear(x, weight)

@@ -1680,14 +1680,12 @@ static void q_row_portable(int fmt, int group, const void *codes, const uint8_t 
 #define NV (PANEL / 8)
 /* q_gemv hands batches of at least this many rows to q_gemm (measured crossover: 8) */
 #define GEMM_MIN_M 8
-/* cpu.linear takes batches up to GEMM_LINEAR_M rows to kv_gemm_q, larger ones to torch's float32
+/* cpu.linear takes batches up to GEMM_LINEAR_M rows to kv_gemv_q, larger ones to torch's float32
  * GEMM over the weight dequantized per call: on ten layers of the default model (2 threads,
  * interleaved medians, hand-run harness) the GEMM took 5.0 / 10.1 / 17.2 / 36.0 / 134 ms a layer
  * at 64 / 128 / 256 / 512 / 2,048 rows against torch's 6.8 / 14.2 / 17.5 / 33.8 / 121; a
  * 2,048-row prefill of the bench_batch mix took 17.0 s against 16.7 */
 #define GEMM_LINEAR_M 256
-/* kv_gemm_q rounds X in chunks of this many rows (the int16 copy's size) */
-#define GEMM_CHUNK_M 2048
 
 /* 8 rows of 8 int32 (row i at src + i * lds) written transposed: dst + i * ldd gets column i */
 static inline void transpose8_epi32(const int32_t *src, size_t lds, int32_t *dst, size_t ldd) {
@@ -1792,19 +1790,6 @@ static inline __attribute__((always_inline)) void gemm_tile(
   for (int i = 0; i < MR; i++)
     for (int v = 0; v < NV; v++) _mm256_storeu_ps(acc + (size_t)i * PANEL + 8 * v, fa[i][v]);
 }
-#define GEMM_TILE_MR(MR)                                                                          \
-  static void gemm_tile##MR(const int32_t *P, const float *S, const float *Mn, const int16_t *xq, \
-                            const float *dx, const float *xs, int k, int group, float *acc) {     \
-    gemm_tile(P, S, Mn, xq, dx, xs, k, group, MR, acc);                                           \
-  }
-GEMM_TILE_MR(1)
-GEMM_TILE_MR(2)
-
-
-typedef void (*gemm_tile_fn)(const int32_t *, const float *, const float *, const int16_t *,
-                             const float *, const float *, int, int, float *);
-static const gemm_tile_fn gemm_tiles[GEMM_MR + 1] = {NULL, gemm_tile1, gemm_tile2};
-
 /* Y [m, n] (+)= X [m, k] @ W^T for any m, X already rounded into q; 0 if scratch failed. */
 static int q_gemm(int fmt, int group, const void *codes, const uint8_t *hb, sv_t scale,
                   sv_t mins, const qx_t *q, float *Y, int m, int n, int k, int accumulate) {
@@ -1829,8 +1814,12 @@ static int q_gemm(int fmt, int group, const void *codes, const uint8_t *hb, sv_t
         for (int i0 = 0; i0 < m; i0 += GEMM_MR) {
           int mr = m - i0 < GEMM_MR ? m - i0 : GEMM_MR;
           float acc[GEMM_MR * PANEL];
-          gemm_tiles[mr](P, S, mins.p ? Mn : NULL, q->xq + (size_t)i0 * k, q->dx + (size_t)i0 * nb,
-                         q->xsum + (size_t)i0 * nb, k, group, acc);
+          const int16_t *xq = q->xq + (size_t)i0 * k;
+          const float *dx = q->dx + (size_t)i0 * nb, *xs = q->xsum + (size_t)i0 * nb;
+          if (mr == GEMM_MR) /* a constant MR, so the accumulators stay in registers */
+            gemm_tile(P, S, mins.p ? Mn : NULL, xq, dx, xs, k, group, GEMM_MR, acc);
+          else
+            gemm_tile(P, S, mins.p ? Mn : NULL, xq, dx, xs, k, group, 1, acc);
           for (int i = 0; i < mr; i++) {
             float *y = Y + (size_t)(i0 + i) * n + r0;
             const float *a = acc + i * PANEL;
@@ -1850,7 +1839,8 @@ static int q_gemm(int fmt, int group, const void *codes, const uint8_t *hb, sv_t
 
 /* Rows of W split across threads; group: values per scale (32, or 16 for q8); mins: NULL or one
  * per block of 32 (required for q4). Returns 0 (Y untouched) if scratch could not be allocated. */
-/* fmt 4 (q4), 5 (q5: hb, its fifth bits [n, k / 8]) or 8 (q8) */
+/* fmt 4 (q4), 5 (q5: hb, its fifth bits [n, k / 8]) or 8 (q8). m <= MAX_M; with AVX2 any m,
+ * from GEMM_MIN_M rows on through q_gemm. */
 static int q_gemv(int fmt, int group, const void *codes, const uint8_t *hb, sv_t scale,
                   sv_t mins, const float *X, float *Y, int m, int n, int k, int accumulate) {
   int nb = k / QB, ng = k / group;
@@ -1941,36 +1931,15 @@ static int q_gemv(int fmt, int group, const void *codes, const uint8_t *hb, sv_t
   qx_free(&q);
   return 1;
 }
-int kv_gemm_rows(void) { /* the most rows cpu.linear hands kv_gemm_q (0: not built, no AVX2) */
+/* the most rows cpu.linear hands kv_gemv_q; 0 without AVX2 (no panel GEMM: kv_gemv_q then
+ * takes at most MAX_M rows) */
+int kv_gemm_rows(void) {
 #ifdef KV_AVX2
   return GEMM_LINEAR_M;
 #else
   return 0;
 #endif
 }
-/* kv_gemv_q's arguments, any m: the packed-panel GEMM over chunks of X's rows (returns 0 where
- * built without AVX2, or when scratch could not be allocated) */
-int kv_gemm_q(int fmt, int group, const void *codes, const uint8_t *hbits, const void *scale,
-              const float *scale_sb, const void *mins, const float *mins_sb, int kind,
-              const float *X, float *Y, int m, int n, int k, int accumulate) {
-#ifdef KV_AVX2
-  int g = fmt == 8 ? group : QB, ok = 1;
-  sv_t s = sv_make(scale, scale_sb, kind, g), mn = sv_make(mins, mins_sb, kind, QB);
-  for (int i0 = 0; i0 < m && ok; i0 += GEMM_CHUNK_M) {
-    int rows = m - i0 < GEMM_CHUNK_M ? m - i0 : GEMM_CHUNK_M;
-    qx_t q;
-    ok = qx_init(&q, X + (size_t)i0 * k, rows, k) &&
-         q_gemm(fmt, g, codes, hbits, s, mn, &q, Y + (size_t)i0 * n, rows, n, k, accumulate);
-    qx_free(&q);
-  }
-  return ok;
-#else
-  (void)fmt; (void)group; (void)codes; (void)hbits; (void)scale; (void)scale_sb; (void)mins;
-  (void)mins_sb; (void)kind; (void)X; (void)Y; (void)m; (void)n; (void)k; (void)accumulate;
-  return 0;
-#endif
-}
-
 /* fmt 4, 5 or 8 (q5: hbits, its fifth bits); scales and mins of kind `kind` (sv_t), with their
  * super-block factors scale_sb / mins_sb for SV_U8 / SV_I8 */
 int kv_gemv_q(int fmt, int group, const void *codes, const uint8_t *hbits, const void *scale,

@@ -144,15 +144,15 @@ def test_products_over_blocks_equal_the_dequantized_reference(fmt, m, n, k):
 
 @needs_c
 @pytest.mark.parametrize("fmt", ["q4", "q8_g16_int"])
-def test_the_panel_gemm_takes_rows_in_chunks(fmt):
-    """kv_gemm_q (called directly: linear() takes it only to kv_gemm_rows()) rounds X 2,048 rows
-    at a time: a batch past that equals the reference too."""
+def test_the_panel_gemm_takes_any_number_of_rows(fmt):
+    """kv_gemv_q (called directly: linear() takes it only to kv_gemm_rows()) runs the panel GEMM
+    at any m where built with AVX2: 2,085 rows equal the reference too."""
     if not cpu.load().kv_gemm_rows():
         pytest.skip("built without AVX2")
     w = random_weight(fmt, 40, 256, seed=5)
     x = torch.randn(2048 + 37, 256, generator=torch.Generator().manual_seed(5))
     y = torch.empty(x.shape[0], 40)
-    cpu._quant_gemm(w, x.data_ptr(), y.data_ptr(), x.shape[0], 40, 256, 0)
+    cpu._quant_product(w, x.data_ptr(), y.data_ptr(), x.shape[0], 40, 256, 0)
     assert_close_to_float32_rounding(y, rounded_activation_linear(x, w), x, w)
 
 
