@@ -347,9 +347,15 @@ class SchedulerConfig:
         None, "at most this many requests over --long-context-threshold run at once", kind="int")
     long_context_threshold: int = setting(
         4096, "prompt + max_tokens above which a request counts as long", kind="int")
+    num_scheduler_steps: int = setting(
+        8, "greedy decode steps run back to back between two schedules when every running "
+        "request decodes greedily (no logprobs, penalties or grammar) and none waits: the "
+        "per-step Python runs once for all of them (vLLM's --num-scheduler-steps; 1: off)",
+        kind="int")
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "long_context_threshold"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "long_context_threshold",
+                     "num_scheduler_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")

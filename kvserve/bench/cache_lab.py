@@ -51,7 +51,9 @@ def kv_held(engine, block_bytes: int) -> tuple[int, int | None]:
 def make_llm(mode: str, max_model_len: int, engine_kwargs: dict):
     from kvserve.engine.llm import LLM
 
-    return LLM(cache_mode=mode, max_model_len=max_model_len, **engine_kwargs)
+    # one step per token: the lab times each token's step (multi-step would batch them)
+    return LLM(cache_mode=mode, max_model_len=max_model_len, num_scheduler_steps=1,
+               **engine_kwargs)
 
 
 def run_mode(mode: str, prompt_ids: list[int], new_tokens: int, engine_kwargs: dict,

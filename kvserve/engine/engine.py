@@ -148,6 +148,8 @@ class LLMEngine:
                          t.bytes_per_s / 1e9, lower.prefill.per_token_s * 1e3)
         self.scheduler = Scheduler(config.scheduler, self.max_model_len, kv.attention.retains_kv,
                                    self.tokenizer.eos_token_ids, self.block_manager)
+        if not self.runner.takes_steps:  # one fused call per step is what multi-step saves
+            self.scheduler.max_steps = 1
         self.detokenizer = Detokenizer(self.tokenizer)
         self._grammars: GrammarCompiler | None = None  # built on the first structured request
         self.requests: dict[str, Request] = {}
@@ -268,8 +270,12 @@ class LLMEngine:
             if lower is not None and lower.loading:  # only reads to wait for: sleep on them
                 self.runner.wait_loads(0.005)
             return []
+        if plan.num_steps > 1:
+            return self._multi_step(plan)
         t0 = time.perf_counter()
         result, failed = self._execute(plan)
+        if all(len(s.token_ids) == 1 for s in plan.seqs):  # a decode step: its pace
+            self.scheduler.observe_decode_step(time.perf_counter() - t0)
         if lower is not None and not failed and all(len(s.token_ids) > 1 for s in plan.seqs):
             # a step of prefills only: how fast this model recomputes, now
             lower.prefill.observe_many([(len(s.token_ids), s.start_position) for s in plan.seqs],
@@ -277,6 +283,46 @@ class LLMEngine:
         if failed:
             plan = dataclasses.replace(
                 plan, seqs=tuple(s for s in plan.seqs if s.request_id not in failed))
+        return self._apply(plan, result, failed)
+
+    def _multi_step(self, plan: StepPlan) -> list[RequestDelta]:
+        """A plan of plan.num_steps greedy decode steps (scheduler._lookahead): the runner
+        computes them all, then each is applied as its own step would have been (stops, stop
+        strings, the prefix cache's blocks), a request's tokens after its stop dropped; one
+        delta per request. If the steps raise, the plan runs as a single step instead, which
+        isolates the failure to the request that raises."""
+        try:
+            t0 = time.perf_counter()
+            results = self.runner.execute_steps(plan, self.requests)
+            self.scheduler.observe_decode_step((time.perf_counter() - t0) / plan.num_steps)
+        except Exception:  # noqa: BLE001 - rerun below as one step, isolated per request
+            log.warning("a multi-step decode failed; running it as a single step",
+                        exc_info=True)
+            single = dataclasses.replace(plan, num_steps=1)
+            result, failed = self._execute(single)
+            return self._apply(dataclasses.replace(
+                single, seqs=tuple(s for s in single.seqs if s.request_id not in failed)),
+                result, failed)
+        merged: dict[str, RequestDelta] = {}
+        fed: dict[str, int] = {}
+        for i, result in enumerate(results):
+            running = {s.request_id for s in plan.seqs
+                       if not self.requests[s.request_id].status.finished}
+            if not running:
+                break
+            sub = plan.decode_step(i, fed, running)
+            kept = StepResult(tuple(x for x in result.sampled if x.request_id in running))
+            for d in self._apply(sub, kept, {}):
+                m = merged.get(d.request_id)
+                merged[d.request_id] = d if m is None else dataclasses.replace(
+                    m, new_text=m.new_text + d.new_text,
+                    new_token_ids=m.new_token_ids + d.new_token_ids, finished=d.finished)
+            fed = {x.request_id: x.token_id for x in result.sampled}
+        return list(merged.values())
+
+    def _apply(self, plan: StepPlan, result: StepResult,
+               failed: dict[str, str]) -> list[RequestDelta]:
+        """A step's results into its requests: computed counts and tokens, stops, deltas."""
         self.peak_kv_bytes = max(self.peak_kv_bytes, self.runner.num_kv_bytes_allocated())
         if self.block_manager is not None:
             self.peak_blocks_used = max(self.peak_blocks_used,

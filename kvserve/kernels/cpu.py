@@ -141,6 +141,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         "kv_layer_post": [ptr, ptr, ptr, ptr, f32, ptr, ptr, i32],
         "kv_decode_layers": [ptr, i32, ptr, i32, f32, ptr, ptr, i32, i32, i32, i32, ptr, ptr,
                              ctypes.c_size_t, ptr, ptr, i32, ptr, i32, i32, ptr, ptr, ptr, ptr],
+        "kv_decode_steps": [ptr, ptr, ptr, i32, ptr, i32, ptr, i32, f32, ptr, ptr, i32, i32, i32,
+                            i32, ptr, ptr, ctypes.c_size_t, ptr, i32, i32, ptr, ptr, ptr, ptr],
     }
     signatures["kv_paged_decode_attention_affine"] = [
         i32, i32, ptr, i32, ptr, ptr, ptr, ptr, ptr, ptr, i32, ptr, ptr, ptr, i32, ptr, i32,
@@ -154,6 +156,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         fn.restype = {"kv_read_sum": ctypes.c_double, "kv_gemv_q": ctypes.c_int,
                       "kv_layer_pre": ctypes.c_int,
                       "kv_layer_post": ctypes.c_int, "kv_decode_layers": ctypes.c_int,
+                      "kv_decode_steps": ctypes.c_int,
                       "kv_paged_decode_attention_f32": ctypes.c_int,
                       "kv_paged_decode_attention_bf16": ctypes.c_int}.get(name)
     lib.kv_max_m.restype = i32
@@ -426,6 +429,33 @@ def decode_layers_(h: torch.Tensor, layers, eps: float, cos: torch.Tensor, sin: 
             None if logits is None else logits.data_ptr()):
         raise MemoryError("kvserve: no memory for a decode step's scratch")
     return logits
+
+
+def decode_steps(embed: WeightRef, input_ids: torch.Tensor, positions: torch.Tensor,
+                 num_steps: int, layers, eps: float, cos_table: torch.Tensor,
+                 sin_table: torch.Tensor, num_heads: int, num_kv: int, head_dim: int,
+                 step: PagedDecode, final_norm: torch.Tensor, lm_head: WeightRef) -> torch.Tensor:
+    """num_steps greedy decode steps in one call (gemv.c kv_decode_steps): each embeds its
+    tokens, runs decode_layers_ with logits, and feeds each row's argmax to the next. input_ids,
+    positions [m] int64: step 0's; step: step 0's store, tables (covering every step's slot)
+    and scores scratch (for the last step's context); cos_table/sin_table: RoPE's whole
+    [positions, head_dim] tables, every step's positions inside them. Returns the picks
+    [num_steps, m] int64. Reference: ModelRunner.execute_steps' loop of single steps."""
+    k, v = step.keys, step.values
+    m = input_ids.shape[0]
+    ids = input_ids.to(torch.int64).contiguous()
+    pos = positions.to(torch.int64).contiguous()
+    tokens = torch.empty((num_steps, m), dtype=torch.int64)
+    logits = torch.empty((m, lm_head.n), dtype=torch.float32)
+    if not _lib.kv_decode_steps(
+            ctypes.byref(embed), ids.data_ptr(), pos.data_ptr(), num_steps, tokens.data_ptr(), m,
+            layers, len(layers), eps, cos_table.data_ptr(), sin_table.data_ptr(), num_heads,
+            num_kv, head_dim, 32 if k.dtype == torch.float32 else 16, k.data_ptr(),
+            v.data_ptr(), k[0].numel(), step.block_tables.data_ptr(),
+            step.block_tables.shape[1], k.shape[2], step.scores.data_ptr(),
+            final_norm.data_ptr(), ctypes.byref(lm_head), logits.data_ptr()):
+        raise MemoryError("kvserve: no memory for a decode step's scratch")
+    return tokens
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -2154,3 +2154,95 @@ int kv_decode_layers(float *h, int m, const kv_layer_ref *layers, int num_layers
   free(o);
   return ok;
 }
+
+/* The index of x's first largest value, a NaN counting as largest (numpy's argmax). */
+static int argmax_row(const float *x, int n) {
+  int j = 0;
+#ifdef KV_AVX2
+  __m256 top = _mm256_set1_ps(-INFINITY), unordered = _mm256_setzero_ps();
+  for (; j + 8 <= n; j += 8) {
+    __m256 v = _mm256_loadu_ps(x + j);
+    unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    top = _mm256_max_ps(top, v);
+  }
+  if (!_mm256_movemask_ps(unordered)) { /* no NaN so far: the first lane equal to the max */
+    float lanes[8], best = -INFINITY;
+    _mm256_storeu_ps(lanes, top);
+    for (int l = 0; l < 8; l++) best = lanes[l] > best ? lanes[l] : best;
+    for (int t = j; t < n; t++) best = x[t] > best || x[t] != x[t] ? x[t] : best;
+    if (best == best) {
+      for (int t = 0; t < n; t++)
+        if (x[t] == best) return t;
+    }
+  }
+  j = 0; /* a NaN somewhere: the scalar scan finds the first */
+#endif
+  int best = j;
+  for (; j < n; j++) {
+    if (x[j] != x[j]) return j;
+    if (x[j] > x[best]) best = j;
+  }
+  return best;
+}
+
+/* num_steps greedy decode steps back to back (multi-step scheduling), one call: step s embeds
+ * each row's token (step 0: first_ids; then the token step s - 1 picked) from `embed` (kind 32,
+ * 16 or a quantized layout), runs kv_decode_layers with every row's logits at position
+ * positions[i] + s (its slot from its block table, its context position + 1), and picks each
+ * row's argmax: the first largest, a NaN counting as largest (numpy's argmax, the sampler's
+ * greedy pick). tokens [num_steps, m] int64 receives the picks. cos_table, sin_table: RoPE's
+ * [positions, d] tables, every step's positions inside them; block_tables [m, max_blocks] cover
+ * every step's slot; scores: m * num_heads * (the last step's context) floats; logits: scratch
+ * of m * vocab floats. Reference: ModelRunner.execute_steps' loop of single steps (forward(),
+ * then the sampler). Returns 0 if scratch could not be allocated. */
+int kv_decode_steps(const kv_weight *embed, const int64_t *first_ids, const int64_t *positions,
+                    int num_steps, int64_t *tokens, int m, const kv_layer_ref *layers,
+                    int num_layers, float eps, const float *cos_table, const float *sin_table,
+                    int num_heads, int num_kv, int d, int kv_kind, void *K, void *V,
+                    size_t layer_stride, const int *block_tables, int max_blocks, int block_size,
+                    float *scores, const float *final_norm, const kv_weight *lm_head,
+                    float *logits) {
+  int hidden = embed->k, vocab = lm_head->n;
+  float *h = malloc(sizeof(float) * (size_t)m * hidden);
+  float *cs = malloc(sizeof(float) * (size_t)m * d), *sn = malloc(sizeof(float) * (size_t)m * d);
+  int64_t *slots = malloc(sizeof(int64_t) * (size_t)m);
+  int *ctx = malloc(sizeof(int) * (size_t)m);
+  int ok = h && cs && sn && slots && ctx;
+  for (int s = 0; ok && s < num_steps; s++) {
+    const int64_t *ids = s == 0 ? first_ids : tokens + (size_t)(s - 1) * m;
+    if (embed->kind == 32 || embed->kind == 16) {
+      for (int i = 0; i < m; i++) {
+        float *o = h + (size_t)i * hidden;
+        if (embed->kind == 32)
+          memcpy(o, (const float *)embed->data + (size_t)ids[i] * hidden, sizeof(float) * hidden);
+        else
+          for (int j = 0; j < hidden; j++)
+            o[j] = bf16_to_f32(((const uint16_t *)embed->data)[(size_t)ids[i] * hidden + j]);
+      }
+    } else {
+      kv_dequantize_rows_q(embed->kind, embed->kind == 8 ? embed->group : QB, embed->data,
+                           embed->hbits, embed->scale, embed->scale_sb, embed->mins,
+                           embed->mins_sb, embed->scale_kind, ids, h, m, hidden);
+    }
+    int max_ctx = 0;
+    for (int i = 0; i < m; i++) {
+      int64_t p = positions[i] + s;
+      memcpy(cs + (size_t)i * d, cos_table + (size_t)p * d, sizeof(float) * d);
+      memcpy(sn + (size_t)i * d, sin_table + (size_t)p * d, sizeof(float) * d);
+      slots[i] = (int64_t)block_tables[(size_t)i * max_blocks + p / block_size] * block_size +
+                 p % block_size;
+      ctx[i] = (int)(p + 1);
+      if (ctx[i] > max_ctx) max_ctx = ctx[i];
+    }
+    ok = kv_decode_layers(h, m, layers, num_layers, eps, cs, sn, num_heads, num_kv, d, kv_kind, K,
+                          V, layer_stride, slots, block_tables, max_blocks, ctx, block_size,
+                          max_ctx, scores, final_norm, lm_head, logits);
+    for (int i = 0; ok && i < m; i++) tokens[(size_t)s * m + i] = argmax_row(logits + (size_t)i * vocab, vocab);
+  }
+  free(h);
+  free(cs);
+  free(sn);
+  free(slots);
+  free(ctx);
+  return ok;
+}

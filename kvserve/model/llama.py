@@ -85,6 +85,8 @@ class LlamaModel:
             [(lw.input_norm, lw.post_norm, *refs) for lw, refs in zip(layers, self._refs)]
         ) if self.use_fast_decode else None
         self._lm_head_ref = cpu_kernels.weight_ref(lm_head) if self.use_fast_decode else None
+        # ... and the embedding, for several decode steps in one call (greedy_steps)
+        self._embed_ref = cpu_kernels.weight_ref(embed) if self.use_fast_decode else None
         # K/V projections computed (one per token per layer): the work the cache exists to save.
         self.num_kv_projections = 0
 
@@ -215,6 +217,27 @@ class LlamaModel:
             logits = self._logits(h, logits_rows)
         self.num_kv_projections += input_ids.shape[0] * s.num_layers
         return logits
+
+    @torch.inference_mode()
+    def greedy_steps(self, input_ids: torch.Tensor, positions: torch.Tensor, num_steps: int,
+                     step: cpu_kernels.PagedDecode) -> list[list[int]] | None:
+        """num_steps greedy decode steps back to back, one token per sequence each (input_ids,
+        positions [batch]: the first step's; step: its store, tables covering every step's
+        slot and scratch for the last), each step's argmax fed to the next, all in one C call
+        (kernels/cpu.py decode_steps). Returns each step's tokens, or None when that call
+        cannot take the batch. The reference is forward() and the sampler's greedy pick, step
+        by step (ModelRunner.execute_steps)."""
+        s, batch = self.spec, input_ids.shape[0]
+        if (self._embed_ref is None or self._lm_head_ref is None or batch > cpu_kernels.MAX_M
+                or step.max_context + num_steps - 1 > self.rope.num_positions):
+            return None
+        with cpu_kernels.decode_threads():
+            tokens = cpu_kernels.decode_steps(
+                self._embed_ref, input_ids, positions, num_steps, self._layer_refs,
+                s.rms_norm_eps, self.rope.cos, self.rope.sin, s.num_heads, s.num_kv_heads,
+                s.head_dim, step, self.norm, self._lm_head_ref)
+        self.num_kv_projections += batch * s.num_layers * num_steps
+        return tokens.tolist()
 
     def _logits(self, h: torch.Tensor, logits_rows: torch.Tensor) -> torch.Tensor:
         # Only the rows that sample need the final norm and the (large) LM head.

@@ -183,6 +183,42 @@ class ModelRunner:
         return StepResult(tuple(SampledToken(r.request_id, tok, lp)
                                 for r, tok, lp in zip(reqs, token_ids, logprobs)), prompt_scores)
 
+    def execute_steps(self, plan: StepPlan, requests: dict[str, Request]) -> list[StepResult]:
+        """plan.num_steps greedy decode steps back to back (the scheduler's lookahead gave every
+        seq slots for them): step i feeds the tokens step i - 1 picked. One StepResult per
+        step, every seq in each (the engine drops what follows a request's stop). The fast
+        path runs them through the model's fused C decode with only a gather and an argmax
+        between steps; the reference is one execute() per step."""
+        bs = self.inputs.block_size
+        for s in plan.seqs:
+            if bs is None or len(s.block_ids) * bs < s.start_position + plan.num_steps:
+                raise RuntimeError(f"sequence {s.request_id} has no slots for "
+                                   f"{plan.num_steps} decode steps")
+        step = self.inputs.build(plan)
+        self.attention.prepare(step.meta)
+        fused = self.attention.fused_decode_steps(step.meta, plan.num_steps) \
+            if self.fused_steps else None
+        if fused is not None:
+            tokens = self.model.greedy_steps(step.input_ids, step.positions, plan.num_steps,
+                                             fused)
+            if tokens is not None:
+                return [StepResult(tuple(SampledToken(s.request_id, t)
+                                         for s, t in zip(plan.seqs, row))) for row in tokens]
+        results: list[StepResult] = []
+        fed: dict[str, int] = {}
+        for i in range(plan.num_steps):
+            results.append(self.execute(plan.decode_step(i, fed), requests))
+            fed = {x.request_id: x.token_id for x in results[-1].sampled}
+        return results
+
+    fused_steps = True  # tests switch it off to compare with one execute() per step
+
+    @property
+    def takes_steps(self) -> bool:
+        """Whether execute_steps runs several steps in one fused call here (else the engine
+        gains nothing from them and schedules one at a time)."""
+        return self.attention.fuses_decode_steps() and self.model.use_fast_decode
+
     @staticmethod
     def _prompt_rows(plan: StepPlan, meta: AttentionMetadata, requests: dict[str, Request]
                      ) -> list[tuple[str, int, list[int], list[int]]]:

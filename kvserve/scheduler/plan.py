@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Hashable
 from dataclasses import dataclass
@@ -80,10 +81,23 @@ class StepPlan:
     # run), handed to their workers in this order: Redis puts read the pool before the
     # transfers write it, the rest after the transfers and before host_drops.
     tier_io: tuple = ()
+    # Multi-step decode: every seq feeds one token and samples greedily, with slots for
+    # num_steps tokens; the runner feeds each step's token to the next (decode_step(i) below)
+    num_steps: int = 1
 
     @property
     def num_tokens(self) -> int:
         return sum(len(s.token_ids) for s in self.seqs)
+
+    def decode_step(self, i: int, token_ids: dict[str, int],
+                    running: set[str] | None = None) -> StepPlan:
+        """Step i of a multi-step plan as a plan of its own: each seq (of `running`, if given)
+        feeds token_ids[request id], the token step i - 1 sampled (step 0: the plan's own), at
+        start_position + i, with the same block tables."""
+        return StepPlan(tuple(
+            dataclasses.replace(s, token_ids=(token_ids[s.request_id],) if i else s.token_ids,
+                                start_position=s.start_position + i)
+            for s in self.seqs if running is None or s.request_id in running))
 
 
 @dataclass(frozen=True)

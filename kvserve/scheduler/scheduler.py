@@ -19,6 +19,7 @@ Token-level stops are decided here; stop strings need text, so the engine decide
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import Counter
 
@@ -43,6 +44,19 @@ _FINISH_STATUS = {
 }
 
 
+# A multi-step plan runs at most this long (at the last decode steps' pace): a request that
+# arrives meanwhile is admitted after it.
+MULTI_STEP_MAX_S = 0.1
+
+
+def _greedy_only(r: Request) -> bool:
+    """r's next token is the argmax of the raw logits and nothing else reads them."""
+    p = r.params
+    return (p.greedy and p.logprobs is None and r.grammar is None
+            and len(r.output_token_ids) >= p.min_tokens and p.repetition_penalty == 1.0
+            and p.frequency_penalty == 0.0 and p.presence_penalty == 0.0)
+
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig, max_model_len: int, retains_kv: bool,
                  eos_token_ids: tuple[int, ...], block_manager: BlockManager | None = None):
@@ -61,6 +75,15 @@ class Scheduler:
         self.num_preemptions = 0  # all of them, fair-share ones included
         self._dropped: list[str] = []  # preempted to recompute since the last plan
         self.num_fair_share_preemptions = 0
+        # decode steps a plan may run back to back (config.num_scheduler_steps; the engine sets
+        # 1 when its runner cannot take them in one call)
+        self.max_steps = config.num_scheduler_steps
+        self.decode_step_s: float | None = None  # a decode step's wall time, smoothed
+
+    def observe_decode_step(self, seconds: float) -> None:
+        """The wall time of one decode step just run (of a multi-step plan: its share)."""
+        prev = self.decode_step_s
+        self.decode_step_s = seconds if prev is None else 0.7 * prev + 0.3 * seconds
 
     def add(self, request: Request) -> None:
         self.waiting.add(request)
@@ -132,9 +155,57 @@ class Scheduler:
             self.running.append(r)
             seqs.append(self._scheduled(r, num_new))
             budget = None if budget is None else budget - num_new
+        # before the tier ops: a cached block the lookahead evicts is copied down by this plan,
+        # before the steps overwrite it
+        num_steps = self._lookahead(seqs)
+        if num_steps > 1:  # the tables with the lookahead's blocks
+            seqs = [dataclasses.replace(s, block_ids=tuple(self.blocks.block_ids(s.request_id)))
+                    for s in seqs]
         dropped, self._dropped = tuple(self._dropped), []
         transfers, host_drops, tier_io = self._with_tier_ops(transfers)
-        return StepPlan(tuple(seqs), transfers, dropped, host_drops, tier_io)
+        return StepPlan(tuple(seqs), transfers, dropped, host_drops, tier_io, num_steps)
+
+    def _lookahead(self, seqs: list[ScheduledSeq]) -> int:
+        """How many decode steps this plan runs back to back (multi-step scheduling; 1: this
+        one only). More than one only when every running request feeds its last token and
+        picks the next greedily with nothing else reading its logits (logprobs, penalties,
+        min_tokens pending, a grammar) and no request waits, so that the steps are exactly the
+        single steps they replace and nobody is admitted later for them. Capped by each
+        request's max_tokens and the context length, by MULTI_STEP_MAX_S of steps at the
+        measured pace (observe_decode_step) so that a request arriving meanwhile waits little
+        longer than one step (a large batch's steps run one at a time: their Python share is
+        small anyway), and by the slots each can get: the
+        lookahead's blocks are allocated here, never by preempting (a request that cannot get
+        them caps the count at the slots it holds). Tokens sampled past a request's stop (EOS,
+        a stop string) are dropped by the engine, their K/V with its blocks."""
+        k = self.max_steps
+        if self.decode_step_s is None:
+            return 1  # the first decode step is timed alone
+        k = min(k, max(1, int(MULTI_STEP_MAX_S / max(self.decode_step_s, 1e-6))))
+        if (k <= 1 or self.blocks is None or not self.retains_kv or self.waiting
+                or self.loading or not seqs or len(seqs) != len(self.running)):
+            return 1
+        by_id = {r.request_id: r for r in self.running}
+        for s in seqs:
+            r = by_id[s.request_id]
+            if len(s.token_ids) != 1 or not s.sample or not _greedy_only(r):
+                return 1
+            left = self.max_model_len - r.num_tokens  # new tokens before the context is full
+            if r.params.max_tokens is not None:
+                left = min(left, r.params.max_tokens - len(r.output_token_ids))
+            k = min(k, left)
+        bs = self.blocks.block_size
+        for s in seqs:
+            if k <= 1:
+                return 1
+            r = by_id[s.request_id]
+            if not self.blocks.allocate_slots(r.request_id, r.num_computed_tokens + k):
+                held = len(self.blocks.block_ids(r.request_id)) * bs
+                k = min(k, held - r.num_computed_tokens)
+        for s in seqs:
+            r = by_id[s.request_id]
+            r.max_num_blocks = max(r.max_num_blocks, self.blocks.num_blocks_held(r.request_id))
+        return max(k, 1)
 
     def _with_tier_ops(self, transfers: list[BlockTransfer]) -> tuple[
             tuple[BlockTransfer, ...], tuple[TransferKey, ...], tuple]:

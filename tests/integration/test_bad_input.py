@@ -242,15 +242,21 @@ def test_invalid_prompt_in_a_batch_leaves_nothing_queued(llm):
 def test_failure_mid_run_leaves_nothing_behind(llm, monkeypatch):
     expected = [o.token_ids for o in llm.generate(["first", "second"], GREEDY, use_tqdm=False)]
     runner = llm.engine.runner
-    real_execute, calls = runner.execute, []
+    calls = []
 
-    def failing_execute(plan, requests):  # from the third step on, for every request
-        calls.append(plan)
-        if len(calls) >= 3:
-            raise RuntimeError("simulated device failure")
-        return real_execute(plan, requests)
+    def failing(real):
+        # from the second call on (the first decode, of one step or of several), for every
+        # request
+        def run(plan, requests):
+            calls.append(plan)
+            if len(calls) >= 2:
+                raise RuntimeError("simulated device failure")
+            return real(plan, requests)
+        return run
 
-    monkeypatch.setattr(runner, "execute", failing_execute)
+    # single steps and multi-step plans (num_scheduler_steps) alike
+    monkeypatch.setattr(runner, "execute", failing(runner.execute))
+    monkeypatch.setattr(runner, "execute_steps", failing(runner.execute_steps))
     with pytest.raises(EngineStepError, match="RuntimeError: simulated device failure"):
         llm.generate(["first", "second", "third"], GREEDY, use_tqdm=False)
     monkeypatch.undo()

@@ -29,7 +29,7 @@ def test_every_setting_is_a_flag_a_keyword_and_a_create_argument():
             s.default, s.name
         if s.flag:
             assert s.flag_name in generate and s.flag_name in serve, s.flag_name
-    assert len(engine_settings()) == 31  # adding one is a field in config.py, nothing else
+    assert len(engine_settings()) == 32  # adding one is a field in config.py, nothing else
 
 
 def test_create_routes_flat_settings_to_their_config():

@@ -35,6 +35,17 @@ class AttentionBackend(Protocol):
         per layer). Called after prepare()."""
         ...
 
+    def fuses_decode_steps(self) -> bool:
+        """Whether fused_decode_steps can serve this backend's decode steps (its formats and
+        options allow it; a given step may still get None)."""
+        ...
+
+    def fused_decode_steps(self, meta: AttentionMetadata, num_steps: int):
+        """fused_decode for num_steps decode steps back to back from this one (a multi-step
+        plan: each sequence holds slots for them): one PagedDecode per step, each sequence a
+        token further, or None as fused_decode. Called after prepare()."""
+        ...
+
     def release(self, seq_id: str) -> None:
         """Forget K/V the backend keeps per sequence (paged blocks are the block manager's)."""
         ...

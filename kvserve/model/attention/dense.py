@@ -44,6 +44,12 @@ class NoCacheAttention:
     def fused_decode(self, meta: AttentionMetadata) -> None:
         return None  # per layer: forward()
 
+    def fuses_decode_steps(self) -> bool:
+        return False
+
+    def fused_decode_steps(self, meta: AttentionMetadata, num_steps: int) -> None:
+        return None
+
     def release(self, seq_id: str) -> None:
         """Nothing is held."""
 
@@ -128,6 +134,12 @@ class ContiguousAttention:
 
     def fused_decode(self, meta: AttentionMetadata) -> None:
         return None  # per layer: forward()
+
+    def fuses_decode_steps(self) -> bool:
+        return False
+
+    def fused_decode_steps(self, meta: AttentionMetadata, num_steps: int) -> None:
+        return None
 
     def release(self, seq_id: str) -> None:
         self.store.pop(seq_id, None)

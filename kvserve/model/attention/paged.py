@@ -13,6 +13,8 @@ own attention: prepare() plans the step's writes once for every layer.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from kvserve.kernels import cpu as cpu_kernels
@@ -103,6 +105,28 @@ class PagedAttention:
             decode.block_tables, decode.context_lens, decode.max_context_len, self._scores)
 
     fused_decode_enabled = True  # tests switch it off to compare with the per-layer calls
+
+    def fuses_decode_steps(self) -> bool:
+        st = self.store
+        return (self._fast_ok() and st.dtype is not None and not st.has_residual
+                and self.fused_decode_enabled and not st.layout.spec.has_windows
+                and st.layout.kv_groups.num_groups == 1
+                and isinstance(self.policy, FullHistory))
+
+    def fused_decode_steps(self, meta: AttentionMetadata,
+                           num_steps: int) -> cpu_kernels.PagedDecode | None:
+        step = self.fused_decode(meta)
+        if step is None:
+            return None
+        bs = self.store.layout.block_size
+        last = int(step.context_lens.max()) + num_steps - 2  # the last step's furthest position
+        if last // bs >= step.block_tables.shape[1]:
+            raise RuntimeError(f"block tables too short for {num_steps} decode steps")
+        need = step.context_lens.numel() * self.store.layout.spec.num_heads * \
+            (step.max_context + num_steps - 1)
+        if self._scores.numel() < need:
+            self._scores = torch.empty(need, dtype=torch.float32)
+        return dataclasses.replace(step, scores=self._scores)
 
     def forward(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
