@@ -181,6 +181,11 @@ class ServerMetrics:
                     self.prompt_tokens.inc(out.num_prompt_tokens)
             else:
                 self.itl.observe(max(0.0, out.time - previous.time))
+            # an output of several tokens (a multi-step plan's): they reached the client
+            # together, one gap of zero each after the first, so the histogram holds one sample
+            # per token after the first and its mean stays the time per output token
+            for _ in range(len(out.token_ids) - 1):
+                self.itl.observe(0.0)
             self.generation_tokens.inc(len(out.token_ids))
         if out.finished and out.error is None:
             self.e2e.observe(max(0.0, out.time - out.arrival_time))

@@ -358,6 +358,10 @@ def test_metrics_report_latencies_tokens_and_prefix_hits(server, client, model_n
                  "kvserve_generation_tokens_total", "kvserve_prefix_cache_queried_tokens_total",
                  "kvserve_prefix_cache_hit_tokens_total", "kvserve_request_success_total"):
         assert m[name] > 0, name
+    # one inter-token sample per token after each sequence's first, however many tokens an
+    # output carried (a multi-step plan's come in one)
+    assert m["kvserve_inter_token_latency_seconds_count"] == \
+        m["kvserve_generation_tokens_total"] - m["kvserve_time_to_first_token_seconds_count"]
     hits = m["kvserve_prefix_cache_hit_tokens_total"]
     assert 0 < hits <= m["kvserve_prefix_cache_queried_tokens_total"]
     for name in ("kvserve_num_requests_running", "kvserve_num_requests_waiting",
