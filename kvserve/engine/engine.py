@@ -148,7 +148,9 @@ class LLMEngine:
                          t.bytes_per_s / 1e9, lower.prefill.per_token_s * 1e3)
         self.scheduler = Scheduler(config.scheduler, self.max_model_len, kv.attention.retains_kv,
                                    self.tokenizer.eos_token_ids, self.block_manager)
-        if not self.runner.takes_steps:  # one fused call per step is what multi-step saves
+        # multi-step plans: what one fused call per plan saves; none where the runner has none
+        self.scheduler.max_steps_batch = self.runner.max_steps_batch
+        if not self.scheduler.max_steps_batch:
             self.scheduler.max_steps = 1
         self.detokenizer = Detokenizer(self.tokenizer)
         self._grammars: GrammarCompiler | None = None  # built on the first structured request
@@ -296,8 +298,10 @@ class LLMEngine:
             results = self.runner.execute_steps(plan, self.requests)
             self.scheduler.observe_decode_step((time.perf_counter() - t0) / plan.num_steps)
         except Exception:  # noqa: BLE001 - rerun below as one step, isolated per request
-            log.warning("a multi-step decode failed; running it as a single step",
-                        exc_info=True)
+            # off for good: a failure that repeats would otherwise cost every plan a try
+            log.warning("a multi-step decode failed: running it as a single step, and one step "
+                        "per plan from now on", exc_info=True)
+            self.scheduler.max_steps = 1
             single = dataclasses.replace(plan, num_steps=1)
             result, failed = self._execute(single)
             return self._apply(dataclasses.replace(

@@ -107,6 +107,16 @@ class BlockManager:
     def can_allocate(self, request_id: str, num_tokens: int) -> bool:
         return self.pool.can_allocate(self.num_new_blocks(request_id, num_tokens))
 
+    def uncached_free_blocks(self, limit: int) -> int:
+        """Free blocks the next allocations would take without evicting a cached prefix (the
+        run at the free queue's head that holds none), counted up to limit."""
+        index, n = self.prefix_index, 0
+        for b in self.pool.free_queue:
+            if n >= limit or (index is not None and index.key_of_block(b) is not None):
+                break
+            n += 1
+        return n
+
     def allocate_slots(self, request_id: str, num_tokens: int) -> bool:
         """Grow the table to hold num_tokens tokens; False (and nothing taken) if blocks are short.
         """

@@ -218,6 +218,11 @@ class LlamaModel:
         self.num_kv_projections += input_ids.shape[0] * s.num_layers
         return logits
 
+    @property
+    def fuses_decode_steps(self) -> bool:
+        """Whether greedy_steps can run here (batches up to kernels/cpu.py MAX_M rows)."""
+        return self._embed_ref is not None and self._lm_head_ref is not None
+
     @torch.inference_mode()
     def greedy_steps(self, input_ids: torch.Tensor, positions: torch.Tensor, num_steps: int,
                      step: cpu_kernels.PagedDecode) -> list[list[int]] | None:
@@ -228,7 +233,7 @@ class LlamaModel:
         cannot take the batch. The reference is forward() and the sampler's greedy pick, step
         by step (ModelRunner.execute_steps)."""
         s, batch = self.spec, input_ids.shape[0]
-        if (self._embed_ref is None or self._lm_head_ref is None or batch > cpu_kernels.MAX_M
+        if (not self.fuses_decode_steps or batch > cpu_kernels.MAX_M
                 or step.max_context + num_steps - 1 > self.rope.num_positions):
             return None
         with cpu_kernels.decode_threads():

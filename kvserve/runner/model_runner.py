@@ -214,10 +214,13 @@ class ModelRunner:
     fused_steps = True  # tests switch it off to compare with one execute() per step
 
     @property
-    def takes_steps(self) -> bool:
-        """Whether execute_steps runs several steps in one fused call here (else the engine
-        gains nothing from them and schedules one at a time)."""
-        return self.attention.fuses_decode_steps() and self.model.use_fast_decode
+    def max_steps_batch(self) -> int:
+        """The most sequences execute_steps runs in one fused call here, 0 if none (a bigger
+        batch would gain nothing from a multi-step plan: the engine schedules it step by
+        step)."""
+        if self.attention.fuses_decode_steps() and self.model.fuses_decode_steps:
+            return cpu_kernels.MAX_M
+        return 0
 
     @staticmethod
     def _prompt_rows(plan: StepPlan, meta: AttentionMetadata, requests: dict[str, Request]

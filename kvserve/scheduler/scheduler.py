@@ -79,6 +79,7 @@ class Scheduler:
         # 1 when its runner cannot take them in one call)
         self.max_steps = config.num_scheduler_steps
         self.decode_step_s: float | None = None  # a decode step's wall time, smoothed
+        self.max_steps_batch = 1 << 30  # the most sequences a multi-step plan may have
 
     def observe_decode_step(self, seconds: float) -> None:
         """The wall time of one decode step just run (of a multi-step plan: its share)."""
@@ -129,6 +130,7 @@ class Scheduler:
                 continue
             seqs.append(self._scheduled(r, num_new))
             budget = None if budget is None else budget - num_new
+        num_running = len(seqs)
         # Admit only when nobody had to be preempted: a request just pushed out must not lose
         # its blocks to one that arrived after it.
         while (not preempted and self.waiting and len(self.running) < self.config.max_num_seqs
@@ -155,9 +157,8 @@ class Scheduler:
             self.running.append(r)
             seqs.append(self._scheduled(r, num_new))
             budget = None if budget is None else budget - num_new
-        # before the tier ops: a cached block the lookahead evicts is copied down by this plan,
-        # before the steps overwrite it
-        num_steps = self._lookahead(seqs)
+        # a request admitted now delivers its first token after this step alone
+        num_steps = self._lookahead(seqs) if len(seqs) == num_running else 1
         if num_steps > 1:  # the tables with the lookahead's blocks
             seqs = [dataclasses.replace(s, block_ids=tuple(self.blocks.block_ids(s.request_id)))
                     for s in seqs]
@@ -167,45 +168,51 @@ class Scheduler:
 
     def _lookahead(self, seqs: list[ScheduledSeq]) -> int:
         """How many decode steps this plan runs back to back (multi-step scheduling; 1: this
-        one only). More than one only when every running request feeds its last token and
-        picks the next greedily with nothing else reading its logits (logprobs, penalties,
-        min_tokens pending, a grammar) and no request waits, so that the steps are exactly the
-        single steps they replace and nobody is admitted later for them. Capped by each
-        request's max_tokens and the context length, by MULTI_STEP_MAX_S of steps at the
-        measured pace (observe_decode_step) so that a request arriving meanwhile waits little
-        longer than one step (a large batch's steps run one at a time: their Python share is
-        small anyway), and by the slots each can get: the
-        lookahead's blocks are allocated here, never by preempting (a request that cannot get
-        them caps the count at the slots it holds). Tokens sampled past a request's stop (EOS,
-        a stop string) are dropped by the engine, their K/V with its blocks."""
+        one only). More than one only when every running request feeds its last token after a
+        first one already delivered, and picks the next greedily with nothing else reading its
+        logits (logprobs, penalties, min_tokens pending, a grammar), no request waits or was
+        admitted by this plan, and the batch is one the runner fuses (max_steps_batch): then
+        the steps are exactly the single steps they replace, and nobody is admitted later for
+        them. Capped by each request's max_tokens and the context length, by MULTI_STEP_MAX_S
+        of steps at the measured pace (observe_decode_step), so that a request arriving
+        meanwhile waits little longer than one step (a large batch's long steps run one at a
+        time: their Python share is small anyway), and by the blocks the lookahead can take:
+        only free blocks that hold no cached prefix (the prefix cache and the lower tiers see
+        what single steps would), never by preempting. Tokens sampled past a request's stop
+        (EOS, a stop string) are dropped by the engine; their slots go with its blocks."""
         k = self.max_steps
         if self.decode_step_s is None:
             return 1  # the first decode step is timed alone
         k = min(k, max(1, int(MULTI_STEP_MAX_S / max(self.decode_step_s, 1e-6))))
         if (k <= 1 or self.blocks is None or not self.retains_kv or self.waiting
-                or self.loading or not seqs or len(seqs) != len(self.running)):
+                or self.loading or not seqs or len(seqs) != len(self.running)
+                or len(seqs) > self.max_steps_batch):
             return 1
         by_id = {r.request_id: r for r in self.running}
-        for s in seqs:
-            r = by_id[s.request_id]
-            if len(s.token_ids) != 1 or not s.sample or not _greedy_only(r):
+        reqs = [by_id[s.request_id] for s in seqs]
+        for s, r in zip(seqs, reqs):
+            if len(s.token_ids) != 1 or not s.sample or not r.output_token_ids \
+                    or not _greedy_only(r):
                 return 1
             left = self.max_model_len - r.num_tokens  # new tokens before the context is full
             if r.params.max_tokens is not None:
                 left = min(left, r.params.max_tokens - len(r.output_token_ids))
             k = min(k, left)
-        bs = self.blocks.block_size
-        for s in seqs:
-            if k <= 1:
-                return 1
-            r = by_id[s.request_id]
-            if not self.blocks.allocate_slots(r.request_id, r.num_computed_tokens + k):
-                held = len(self.blocks.block_ids(r.request_id)) * bs
-                k = min(k, held - r.num_computed_tokens)
-        for s in seqs:
-            r = by_id[s.request_id]
-            r.max_num_blocks = max(r.max_num_blocks, self.blocks.num_blocks_held(r.request_id))
-        return max(k, 1)
+        blocks = self.blocks
+
+        def need(k: int) -> int:  # blocks the requests' tables lack for k steps
+            return sum(blocks.num_new_blocks(r.request_id, r.num_computed_tokens + k)
+                       for r in reqs)
+
+        free = blocks.uncached_free_blocks(need(k))
+        while k > 1 and need(k) > free:
+            k -= 1
+        if k <= 1:
+            return 1
+        for r in reqs:
+            blocks.allocate_slots(r.request_id, r.num_computed_tokens + k)
+            r.max_num_blocks = max(r.max_num_blocks, blocks.num_blocks_held(r.request_id))
+        return k
 
     def _with_tier_ops(self, transfers: list[BlockTransfer]) -> tuple[
             tuple[BlockTransfer, ...], tuple[TransferKey, ...], tuple]:

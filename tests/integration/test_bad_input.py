@@ -240,16 +240,16 @@ def test_invalid_prompt_in_a_batch_leaves_nothing_queued(llm):
 
 
 def test_failure_mid_run_leaves_nothing_behind(llm, monkeypatch):
-    expected = [o.token_ids for o in llm.generate(["first", "second"], GREEDY, use_tqdm=False)]
+    # long enough for a prefill and at least two decode calls (one step or several each)
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    expected = [o.token_ids for o in llm.generate(["first", "second"], params, use_tqdm=False)]
     runner = llm.engine.runner
     calls = []
 
     def failing(real):
-        # from the second call on (the first decode, of one step or of several), for every
-        # request
-        def run(plan, requests):
+        def run(plan, requests):  # from the third call on (decode has run), for every request
             calls.append(plan)
-            if len(calls) >= 2:
+            if len(calls) >= 3:
                 raise RuntimeError("simulated device failure")
             return real(plan, requests)
         return run
@@ -258,9 +258,12 @@ def test_failure_mid_run_leaves_nothing_behind(llm, monkeypatch):
     monkeypatch.setattr(runner, "execute", failing(runner.execute))
     monkeypatch.setattr(runner, "execute_steps", failing(runner.execute_steps))
     with pytest.raises(EngineStepError, match="RuntimeError: simulated device failure"):
-        llm.generate(["first", "second", "third"], GREEDY, use_tqdm=False)
+        llm.generate(["first", "second", "third"], params, use_tqdm=False)
     monkeypatch.undo()
+    scheduler = llm.engine.scheduler
+    assert scheduler.max_steps == 1  # a failed multi-step plan turns them off for the engine
+    scheduler.max_steps = scheduler.config.num_scheduler_steps  # on again for the next tests
     _assert_clean(llm)
-    assert [o.token_ids for o in llm.generate(["first", "second"], GREEDY,
+    assert [o.token_ids for o in llm.generate(["first", "second"], params,
                                               use_tqdm=False)] == expected
     _assert_clean(llm)

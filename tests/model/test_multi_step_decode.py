@@ -136,3 +136,5 @@ def test_a_failing_multi_step_plan_reruns_as_one_step(tiny_hf_dir, monkeypatch):
     got = multi.generate(PROMPTS[1], params, use_tqdm=False)[0]
     want = single.generate(PROMPTS[1], params, use_tqdm=False)[0]
     assert failures and got.outputs[0].token_ids == want.outputs[0].token_ids
+    # tried once: one step per plan from then on
+    assert len(failures) == 1 and multi.engine.scheduler.max_steps == 1

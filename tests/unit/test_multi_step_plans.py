@@ -7,6 +7,7 @@ from kvserve.config import SchedulerConfig
 from kvserve.errors import ConfigError
 from kvserve.kvcache.block_manager import BlockManager
 from kvserve.kvcache.block_pool import BlockPool
+from kvserve.kvcache.prefix_index import PrefixIndex
 from kvserve.request import Request, SamplingParams
 from kvserve.scheduler.plan import SampledToken, StepResult
 from kvserve.scheduler.scheduler import MULTI_STEP_MAX_S, Scheduler
@@ -15,8 +16,8 @@ BS = 4
 EOS = 0
 
 
-def make(num_blocks=32, steps=8, max_model_len=64, max_num_seqs=4, pace=0.001):
-    manager = BlockManager(BlockPool(num_blocks), BS)
+def make(num_blocks=32, steps=8, max_model_len=64, max_num_seqs=4, pace=0.001, index=None):
+    manager = BlockManager(BlockPool(num_blocks), BS, prefix_index=index)
     s = Scheduler(SchedulerConfig(max_num_seqs=max_num_seqs, num_scheduler_steps=steps),
                   max_model_len, True, (EOS,), manager)
     if pace is not None:
@@ -114,3 +115,63 @@ def test_num_scheduler_steps_one_turns_it_off_and_is_checked():
     assert s.schedule().num_steps == 1
     with pytest.raises(ConfigError, match="num_scheduler_steps"):
         SchedulerConfig(num_scheduler_steps=0)
+
+
+def step_all(s, plan, token=9):
+    """Apply a plan's steps as the engine does, every request picking `token`."""
+    for i in range(plan.num_steps):
+        running = {r.request_id for r in s.running}
+        sub = plan.decode_step(i, {q.request_id: token for q in plan.seqs}, running) \
+            if plan.num_steps > 1 else plan
+        if not sub.seqs:
+            break
+        s.update(sub, StepResult(tuple(SampledToken(q.request_id, token) for q in sub.seqs
+                                       if q.sample)))
+
+
+def test_lookahead_never_evicts_a_cached_prefix():
+    """The lookahead takes only free blocks that hold no cached prefix: a request that stops
+    early must not have cost the cache a block single steps would have kept."""
+    s = make(num_blocks=4, index=PrefixIndex())
+    cached = req("c", prompt=(1, 2, 3, 4, 5), max_tokens=1)  # fills one block, then ends
+    prefill(s, cached)
+    assert s.blocks.prefix_index.index and not s.running
+    # the cached block sits free in the queue, behind the never-used ones
+    a = req("a", prompt=(7, 8, 9), max_tokens=40)
+    prefill(s, a)
+    uncached = s.blocks.uncached_free_blocks(10)
+    assert uncached == s.blocks.pool.num_free_blocks - 1 < 10
+    held = len(s.blocks.block_ids("a"))
+    plan = s.schedule()
+    # it could take the uncached blocks, no more: 4 slots each, and a's own spare slot
+    assert plan.num_steps == min(8, (held + uncached) * BS - a.num_computed_tokens)
+    assert len(s.blocks.prefix_index.index) == 1  # nothing evicted
+
+
+def test_the_count_is_what_every_request_can_get_and_nothing_more_is_taken():
+    s = make(num_blocks=5)
+    a, b = req("a", prompt=(1, 2, 3)), req("b", prompt=(1, 2, 3, 4, 5, 6, 7))
+    prefill(s, a, b)  # a: 1 block, b: 2, 2 free
+    plan = s.schedule()
+    # 8 steps would need 2 more blocks each; 5 need one each (a: positions 3-7, b: 7-11)
+    assert plan.num_steps == 5
+    assert [len(q.block_ids) for q in plan.seqs] == [2, 3]
+    assert s.blocks.pool.num_free_blocks == 0
+    s = make(num_blocks=3)
+    prefill(s, req("a", prompt=(1, 2, 3)), req("b", prompt=(1, 2, 3, 4, 5, 6, 7)))
+    plan = s.schedule()  # no free block: each runs in the slots it holds, a 1 more, b none
+    assert plan.num_steps == 1 and [len(q.block_ids) for q in plan.seqs] == [1, 2]
+
+
+def test_no_lookahead_for_a_request_admitted_by_this_plan_or_past_the_fused_batch():
+    s = make()
+    prefill(s, req("a"))
+    s.add(req("b", prompt=(5,)))  # a one-token prompt: a one-token "decode" on admission
+    plan = s.schedule()
+    assert [q.request_id for q in plan.seqs] == ["a", "b"] and plan.num_steps == 1
+    step_all(s, plan)
+    assert s.schedule().num_steps == 8  # b has its first token: both may now run ahead
+    s = make()
+    s.max_steps_batch = 1  # the runner fuses one sequence at most
+    prefill(s, req("a"), req("b"))
+    assert s.schedule().num_steps == 1
