@@ -194,6 +194,14 @@ class SamplingParams:
         """Temperature 0, or so close to it that dividing by it would overflow."""
         return self.temperature < SAMPLING_EPS
 
+    def plain(self, num_output: int) -> bool:
+        """Nothing but top-k/p, min-p and temperature acts on the logits after num_output
+        tokens: no penalty, no min_tokens mask pending, no logprobs (the sampler's fast path;
+        greedy too, the scheduler's multi-step plans)."""
+        return (self.repetition_penalty == 1.0 and self.frequency_penalty == 0.0
+                and self.presence_penalty == 0.0 and self.logprobs is None
+                and num_output >= self.min_tokens)
+
 
 def derive_seed(seed: int, sample_index: int) -> int:
     """The seed of sample i of a seeded request with n > 1: sample 0 keeps the user's seed."""

@@ -187,8 +187,8 @@ class ModelRunner:
         """plan.num_steps greedy decode steps back to back (the scheduler's lookahead gave every
         seq slots for them): step i feeds the tokens step i - 1 picked. One StepResult per
         step, every seq in each (the engine drops what follows a request's stop). The fast
-        path runs them through the model's fused C decode with only a gather and an argmax
-        between steps; the reference is one execute() per step."""
+        path runs them all in one C call (LlamaModel.greedy_steps); the reference is one
+        execute() per step."""
         bs = self.inputs.block_size
         for s in plan.seqs:
             if bs is None or len(s.block_ids) * bs < s.start_position + plan.num_steps:

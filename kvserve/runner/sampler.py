@@ -53,12 +53,6 @@ def apply_token_masks(logits: torch.Tensor, masks: Sequence[tuple[int, bytes]]
                                                                               float("-inf")))
 
 
-def _plain(p: SamplingParams, num_output: int) -> bool:
-    """No penalty, no min_tokens mask pending, no logprobs: only top-k/p, min-p, temperature."""
-    return (p.repetition_penalty == 1.0 and p.frequency_penalty == 0.0
-            and p.presence_penalty == 0.0 and p.logprobs is None and num_output >= p.min_tokens)
-
-
 def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     """logits [num_seqs, vocab] -> [num_seqs] long, the first largest of each row (NaN counts as
     largest), as torch.argmax(dim=-1). On the CPU through numpy, whose argmax is vectorized:
@@ -104,7 +98,7 @@ class SamplingBatch:
         if len(lengths) > 1:
             raise ValueError("params, prompt ids, output ids and generators differ in length")
         greedy = [p.greedy for p in params_list]
-        if all(greedy) and all(_plain(p, len(out)) for p, out in zip(params_list,
+        if all(greedy) and all(p.plain(len(out)) for p, out in zip(params_list,
                                                                       output_token_ids)):
             return cls._plain_greedy(list(generators), device)
 

@@ -51,10 +51,7 @@ MULTI_STEP_MAX_S = 0.1
 
 def _greedy_only(r: Request) -> bool:
     """r's next token is the argmax of the raw logits and nothing else reads them."""
-    p = r.params
-    return (p.greedy and p.logprobs is None and r.grammar is None
-            and len(r.output_token_ids) >= p.min_tokens and p.repetition_penalty == 1.0
-            and p.frequency_penalty == 0.0 and p.presence_penalty == 0.0)
+    return r.params.greedy and r.grammar is None and r.params.plain(len(r.output_token_ids))
 
 
 class Scheduler:

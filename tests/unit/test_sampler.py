@@ -83,12 +83,10 @@ def test_argmax_rows_equals_torch_argmax_with_ties_nan_and_infinities():
 def test_plain_greedy_batches_skip_the_columns_and_equal_the_full_build(monkeypatch):
     """All rows greedy with no penalty, logprobs or pending min_tokens: build() returns the same
     batch without building its per-row columns."""
-    import kvserve.runner.sampler as sampler_module
-
     params = [SamplingParams(temperature=0.0, top_k=5, top_p=0.5, min_tokens=2)] * 3
     outputs = [[1, 2], [3, 4, 5], [6, 7]]  # every row past min_tokens
     fast = make_batch(params, outputs=outputs)
-    monkeypatch.setattr(sampler_module, "_plain", lambda *a: False)
+    monkeypatch.setattr(SamplingParams, "plain", lambda *a: False)
     full = make_batch(params, outputs=outputs)
     for name in SamplingBatch.__dataclass_fields__:
         a, b = getattr(fast, name), getattr(full, name)

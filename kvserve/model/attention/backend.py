@@ -42,8 +42,9 @@ class AttentionBackend(Protocol):
 
     def fused_decode_steps(self, meta: AttentionMetadata, num_steps: int):
         """fused_decode for num_steps decode steps back to back from this one (a multi-step
-        plan: each sequence holds slots for them): one PagedDecode per step, each sequence a
-        token further, or None as fused_decode. Called after prepare()."""
+        plan: each sequence's table holds slots for them): this step's PagedDecode with scores
+        scratch for the last step's context, or None as fused_decode. Called after
+        prepare()."""
         ...
 
     def release(self, seq_id: str) -> None:

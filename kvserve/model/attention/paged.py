@@ -95,9 +95,8 @@ class PagedAttention:
         when this step needs forward() per layer (prefill or mixed rows, a quantized format,
         residual windows, CUDA). Call after prepare()."""
         st, decode = self.store, meta.paged.decode
-        if (not self._fast or decode is None or decode.rows is not None or st.dtype is None
-                or st.has_residual or not self.fused_decode_enabled or meta.paged_groups
-                or st.layout.spec.has_windows):
+        if (not self._fast or decode is None or decode.rows is not None or meta.paged_groups
+                or not self._store_fuses()):
             return None
         keys, values = st.float_kv()
         return cpu_kernels.PagedDecode(
@@ -106,22 +105,23 @@ class PagedAttention:
 
     fused_decode_enabled = True  # tests switch it off to compare with the per-layer calls
 
-    def fuses_decode_steps(self) -> bool:
+    def _store_fuses(self) -> bool:
+        """What fused_decode needs of the store whatever the step: float K/V, no residual
+        windows, no sliding-window layers, and the fused path switched on."""
         st = self.store
-        return (self._fast_ok() and st.dtype is not None and not st.has_residual
-                and self.fused_decode_enabled and not st.layout.spec.has_windows
-                and st.layout.kv_groups.num_groups == 1
+        return (st.dtype is not None and not st.has_residual and self.fused_decode_enabled
+                and not st.layout.spec.has_windows)
+
+    def fuses_decode_steps(self) -> bool:
+        return (self._fast_ok() and self._store_fuses()
+                and self.store.layout.kv_groups.num_groups == 1
                 and isinstance(self.policy, FullHistory))
 
     def fused_decode_steps(self, meta: AttentionMetadata,
                            num_steps: int) -> cpu_kernels.PagedDecode | None:
-        step = self.fused_decode(meta)
+        step = self.fused_decode(meta)  # the runner checked the tables cover every step
         if step is None:
             return None
-        bs = self.store.layout.block_size
-        last = int(step.context_lens.max()) + num_steps - 2  # the last step's furthest position
-        if last // bs >= step.block_tables.shape[1]:
-            raise RuntimeError(f"block tables too short for {num_steps} decode steps")
         need = step.context_lens.numel() * self.store.layout.spec.num_heads * \
             (step.max_context + num_steps - 1)
         if self._scores.numel() < need:
